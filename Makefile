@@ -1,0 +1,36 @@
+# One-command set-up, tests, the demo training run and the benchmarks.
+# Every target installs what it needs first, so a fresh clone only ever needs `make <target>`.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test train bench bench-gpu experiment clean
+
+setup: $(STAMP)
+
+# DS_BUILD_OPS=0: DeepSpeed's CUDA ops are compiled just in time where a GPU exists, never at install.
+$(STAMP): setup.py constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+# Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests.
+test: setup
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
+
+train: setup
+	$(PYTHON) -m degla_fast.demo
+
+experiment: setup
+	$(PYTHON) -m degla_fast experiment --output runs/experiment
+
+bench: setup
+	$(PYTHON) -m pytest -q benchmarks --benchmark-json=benchmarks/results/bench-$$(hostname).json
+	$(PYTHON) benchmarks/report.py benchmarks/results
+
+clean:
+	rm -rf build *.egg-info .pytest_cache runs

@@ -1,0 +1,26 @@
+"""degla-fast: fused DeGLA losses, EMA teacher, data and trainer for open_clip models.
+
+Public surface (imported lazily so that ``import degla_fast`` stays cheap)::
+
+    from degla_fast import DeGLALoss, LossOutput, EMATeacher, ema_update_
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DeGLALoss": "degla_fast.losses",
+    "LossOutput": "degla_fast.losses",
+    "EMATeacher": "degla_fast.ema",
+    "ema_update_": "degla_fast.ema",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'degla_fast' has no attribute {name!r}")

@@ -1,0 +1,51 @@
+"""``degla-fast`` command line: one sub-command per job.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only routes to it. Only the chosen command's module is
+imported, so ``degla-fast negatives`` never pays for DeepSpeed or DALI.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DeglaError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "synth": ("degla_fast.data.synthetic", "render the synthetic compositional dataset"),
+    "train": ("degla_fast.train.main", "fine-tune a CLIP model with DeGLA"),
+    "eval": ("degla_fast.evaluate.cli", "evaluate a model on a compositional or zero-shot benchmark"),
+    "negatives": ("degla_fast.negatives.cli", "generate hard-negative captions"),
+    "export": ("degla_fast.train.export", "export a checkpoint's student as a plain open_clip state dict"),
+    "experiment": ("degla_fast.experiment", "run the local DeGLA ablation on the synthetic dataset"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s flags are loaded (all names are listed)."""
+    parser = argparse.ArgumentParser(prog="degla-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    try:
+        args = build_parser(command).parse_args(argv)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DeglaError as err:
+        print(f"degla-fast: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

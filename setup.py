@@ -1,0 +1,43 @@
+"""degla-fast: fused DeGLA losses, EMA teacher and trainer for open_clip models."""
+from setuptools import find_packages, setup
+
+# The Triton kernels live in the top-level ``kernels/`` folder but are installed as
+# ``degla_fast.kernels``: a top-level module named ``kernels`` already exists on PyPI.
+packages = find_packages(include=["degla_fast", "degla_fast.*"]) + ["degla_fast.kernels"]
+
+extras = {
+    "dali": ["nvidia-dali-cuda130"],
+    "deepspeed": ["deepspeed>=0.16"],
+    "eval": ["clip-benchmark>=1.6", "matplotlib>=3.7"],
+    "logging": ["tensorboard>=2.14"],
+    "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+}
+extras["test"] = sorted(
+    {"pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.2"}
+    | set(extras["dali"]) | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"])
+)
+extras["all"] = sorted({dep for group in extras.values() for dep in group})
+
+setup(
+    name="degla-fast",
+    version="0.1.0",
+    description="Fast, trustworthy DeGLA fine-tuning for CLIP: fused Triton losses, EMA teacher, DeepSpeed ZeRO.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"degla_fast.kernels": "kernels"},
+    package_data={"degla_fast": ["py.typed"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "open_clip_torch>=2.24",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "pillow>=10.0",
+        "webdataset>=0.2.86",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["degla-fast=degla_fast.cli:main"]},
+)
