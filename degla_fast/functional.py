@@ -1,0 +1,258 @@
+"""Functional form of the DeGLA loss and its pieces (method doc, section 3).
+
+Inputs are features as the model returns them (L2-normalised; nothing is renormalised):
+
+* ``image_features`` [B, D]
+* ``text_features`` [B*(1+K), D]: B positive captions, then B*K negatives, sample-major
+  (rows ``B + i*K .. B + i*K + K-1`` are the negatives of sample i)
+* ``logit_scale``: scalar tensor, the multiplier with ``exp`` already applied (open_clip)
+* teacher features: same shapes, from the EMA teacher; they never receive gradients.
+
+Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
+recomputed in backward), ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1),
+``auto`` (triton on CUDA tensors, torch otherwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import reference
+from .errors import ConfigError, NonFiniteError, ShapeError
+from .loss_ops import (GlobalContrast, acc_dtype, TorchGlobalImpl, TritonGlobalImpl, TritonLocalTerms, distill_sum, group_columns,
+                       torch_local_terms, triton_usable)
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+@dataclass
+class LossOutput:
+    """The weighted total and its unweighted parts, all scalar tensors."""
+
+    total: torch.Tensor
+    clip: torch.Tensor
+    igc: torch.Tensor
+    tgc: torch.Tensor
+    distill: torch.Tensor
+
+    def items(self) -> dict[str, float]:
+        """Plain floats for logging (synchronises with the device)."""
+        return {name: float(getattr(self, name).detach()) for name in ("total", "clip", "igc", "tgc", "distill")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device`` ("auto" picks triton on CUDA)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and not triton_usable(device):
+        raise ConfigError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device} tensors")
+    return backend
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negatives: int, need_teacher: bool,
+              check_finite: bool) -> None:
+    if num_negatives < 1:
+        raise ShapeError(f"num_negatives (K) must be >= 1, got {num_negatives}")
+    if image.dim() != 2:
+        raise ShapeError(f"image_features must be [B, D], got {_shape(image)}")
+    if text.dim() != 2:
+        raise ShapeError(f"text_features must be [B*(1+K), D], got {_shape(text)}")
+    batch, width = image.shape
+    expected_rows = batch * (1 + num_negatives)
+    if text.shape[0] != expected_rows:
+        raise ShapeError(
+            f"text_features must have B*(1+K) = {batch}*(1+{num_negatives}) = {expected_rows} rows "
+            f"(B positives, then B*K negatives), got {_shape(text)}")
+    if text.shape[1] != width:
+        raise ShapeError(f"feature widths differ: image_features {_shape(image)}, text_features {_shape(text)}")
+    if logit_scale.numel() != 1:
+        raise ShapeError(f"logit_scale must be a scalar tensor, got {_shape(logit_scale)}")
+    named = {"image_features": image, "text_features": text, "logit_scale": logit_scale}
+    if need_teacher:
+        if teacher_image is None or teacher_text is None:
+            raise ShapeError("teacher_image_features and teacher_text_features are required when tgc_weight or "
+                             "distill_weight is non-zero")
+        for name, student, teacher in (("image", image, teacher_image), ("text", text, teacher_text)):
+            if teacher.shape != student.shape:
+                raise ShapeError(f"teacher_{name}_features {_shape(teacher)} must match {name}_features {_shape(student)}")
+        named.update(teacher_image_features=teacher_image, teacher_text_features=teacher_text)
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ShapeError("inputs are on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    if check_finite:
+        for name, t in named.items():
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{name} {_shape(t)} contains NaN or Inf")
+
+
+def _gather(t: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> torch.Tensor:
+    """All ranks' ``t`` concatenated along dim 0. Without grad, the local slice keeps its graph."""
+    if world_size == 1:
+        return t
+    if with_grad:
+        from torch.distributed.nn import functional as dist_nn
+
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[rank] = t
+    return torch.cat(parts, dim=0)
+
+
+def _gather_text(text, batch, rank, world_size, with_grad):
+    """Gather [T; N] from every rank as [T_all; N_all], the layout of one big batch."""
+    positives = _gather(text[:batch], rank, world_size, with_grad)
+    negatives = _gather(text[batch:], rank, world_size, with_grad)
+    return torch.cat([positives, negatives], dim=0)
+
+
+def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives, row_offset,
+                  with_igc):
+    """(clip, igc) for anchor rows against all columns, with the chosen backend."""
+    if backend == "reference":
+        clip = reference.global_loss(image_rows, text_all, image_all, text_rows, logit_scale,
+                                     num_negatives=num_negatives, row_offset=row_offset)
+        igc = (reference.igc_loss(image_rows, text_all, logit_scale, num_negatives=num_negatives, row_offset=row_offset)
+               if with_igc else clip.new_zeros(()))
+        return clip, igc
+    impl = TritonGlobalImpl if backend == "triton" else TorchGlobalImpl
+    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc, impl)
+    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl)
+    return (i2t + t2i) / 2, igc
+
+
+def _local_terms(backend, text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
+                 with_distill):
+    """(tgc, distill) on one batch of samples, with the chosen backend."""
+    if backend == "reference":
+        zero = text.new_zeros((), dtype=torch.float32)
+        tgc = (reference.tgc_loss(text, teacher_text.detach(), num_negatives=num_negatives, tgc_scale=tgc_scale,
+                                  official_indexing=official) if with_tgc else zero)
+        distill = (reference.distill_loss(image, text, teacher_image.detach(), teacher_text.detach())
+                   if with_distill else zero)
+        return tgc, distill
+    if backend == "triton" and not official and (with_tgc or with_distill):
+        # One kernel computes both; an unused term costs O(B*K*D), noise next to the global term.
+        return TritonLocalTerms.apply(text, teacher_text.detach(), image, teacher_image.detach(), num_negatives,
+                                      float(tgc_scale))
+    teacher_text = teacher_text.detach() if teacher_text is not None else None
+    teacher_image = teacher_image.detach() if teacher_image is not None else None
+    return torch_local_terms(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
+                             with_distill)
+
+
+def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+               teacher_image_features: torch.Tensor | None = None, teacher_text_features: torch.Tensor | None = None,
+               *, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
+               distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
+               official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
+               rank: int = 0, world_size: int = 1) -> LossOutput:
+    """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
+
+    Distributed (open_clip's ClipLoss semantics): features of all ranks are gathered. With
+    ``local_loss`` each rank's images (and positive captions) are anchors against every rank's
+    captions, negatives (and images), labels offset by rank, and TGC/distillation use the
+    local batch; without it every term is computed on the whole gathered batch, so each rank
+    gets the single-process loss of the concatenated batch. ``gather_with_grad`` gathers with
+    autograd (gradients reach the rank that owns each feature).
+    """
+    need_teacher = tgc_weight != 0 or distill_weight != 0
+    device = image_features.device
+    backend = resolve_backend(backend, device)
+    _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+              num_negatives, need_teacher, check_finite=backend != "triton")
+    batch = image_features.shape[0]
+    with_igc = igc_weight != 0
+
+    image_all = _gather(image_features, rank, world_size, gather_with_grad)
+    text_all = _gather_text(text_features, batch, rank, world_size, gather_with_grad)
+    if local_loss or world_size == 1:
+        image_rows, text_rows, row_offset = image_features, text_features[:batch], rank * batch
+        local = (text_features, teacher_text_features, image_features, teacher_image_features)
+    else:
+        image_rows, text_rows, row_offset = image_all, text_all[: batch * world_size], 0
+        teachers = [None, None]
+        if need_teacher:  # teacher features carry no gradient: a plain gather suffices
+            teachers = [_gather(teacher_image_features.detach(), rank, world_size, False),
+                        _gather_text(teacher_text_features.detach(), batch, rank, world_size, False)]
+        local = (text_all, teachers[1], image_all, teachers[0])
+
+    clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
+                              row_offset, with_igc)
+    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing,
+                                tgc_weight != 0, distill_weight != 0)
+    total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
+    return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+              num_negatives: int = 0, backend: str = "auto", local_loss: bool = False, gather_with_grad: bool = False,
+              rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The global contrastive loss alone (NegCLIP when K >= 1, plain CLIP when K = 0).
+
+    image_features [B, D], text_features [B*(1+K), D] -> scalar ``(CE_i2t + CE_t2i) / 2``.
+    """
+    if num_negatives == 0:
+        # Plain CLIP: the same kernels with an empty negative block.
+        backend = resolve_backend(backend, image_features.device)
+        if image_features.shape != text_features.shape:
+            raise ShapeError(f"plain CLIP needs image_features and text_features of one shape, got "
+                             f"{_shape(image_features)} and {_shape(text_features)}")
+        batch = image_features.shape[0]
+        image_all = _gather(image_features, rank, world_size, gather_with_grad)
+        text_all = _gather(text_features, rank, world_size, gather_with_grad)
+        if local_loss or world_size == 1:
+            rows, text_rows, offset = image_features, text_features, rank * batch
+        else:
+            rows, text_rows, offset = image_all, text_all, 0
+        return _global_terms(backend, rows, text_all, image_all, text_rows, logit_scale, 0, offset, False)[0]
+    return degla_loss(image_features, text_features, logit_scale, num_negatives=num_negatives, igc_weight=0.0,
+                      tgc_weight=0.0, distill_weight=0.0, backend=backend, local_loss=local_loss,
+                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size).clip
+
+
+def igc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+             num_negatives: int) -> torch.Tensor:
+    """Image-grounded contrast alone: each image over its own caption and K negatives (mean CE).
+
+    O(B*K*D) with ordinary autograd ops; inside :func:`degla_loss` the fused backends get it
+    from the global logits for free.
+    """
+    _validate(image_features, text_features, logit_scale, None, None, num_negatives, False, check_finite=True)
+    batch = image_features.shape[0]
+    columns = group_columns(batch, 0, num_negatives, batch, image_features.device)
+    acc = acc_dtype(text_features)
+    candidates = text_features[columns].to(acc)                       # [B, 1+K, D]
+    logits = logit_scale.to(acc) * torch.einsum("bd,bkd->bk", image_features.to(acc), candidates)
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def tgc_loss(text_features: torch.Tensor, teacher_text_features: torch.Tensor, *, num_negatives: int,
+             tgc_scale: float = 10.0, official_indexing: bool = False) -> torch.Tensor:
+    """Text-grounded contrast alone: student caption vs teacher caption and its K negatives (mean CE)."""
+    if num_negatives < 1 or text_features.shape[0] % (1 + num_negatives):
+        raise ShapeError(f"text_features rows must be B*(1+K) with K >= 1; got {_shape(text_features)} and K={num_negatives}")
+    if teacher_text_features.shape != text_features.shape:
+        raise ShapeError(f"teacher_text_features {_shape(teacher_text_features)} must match text_features {_shape(text_features)}")
+    batch = text_features.shape[0] // (1 + num_negatives)
+    dummy = text_features.new_zeros(batch, text_features.shape[1])
+    return torch_local_terms(text_features, teacher_text_features.detach(), dummy, dummy, num_negatives, tgc_scale,
+                             official_indexing, True, False)[0]
+
+
+def distill_loss(image_features: torch.Tensor, text_features: torch.Tensor, teacher_image_features: torch.Tensor,
+                 teacher_text_features: torch.Tensor) -> torch.Tensor:
+    """Self-distillation alone: sum of squared differences to the teacher over images and all captions."""
+    for name, student, teacher in (("image", image_features, teacher_image_features),
+                                   ("text", text_features, teacher_text_features)):
+        if student.shape != teacher.shape:
+            raise ShapeError(f"teacher_{name}_features {_shape(teacher)} must match {name}_features {_shape(student)}")
+    return distill_sum(image_features, text_features, teacher_image_features.detach(), teacher_text_features.detach())

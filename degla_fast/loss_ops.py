@@ -1,0 +1,192 @@
+"""Autograd wiring of the memory-lean DeGLA loss backends (``torch`` and ``triton``).
+
+Both backends share one structure: the forward keeps only per-row log-sum-exps, the
+backward recomputes logits block by block. ``torch`` does it with row blocks of ordinary
+matmuls (peak extra memory O(block * C)); ``triton`` with the fused kernels of
+``degla_fast.kernels.degla_loss`` (no R x C tensor at all).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Elements of one row block of logits in the torch backend (fp32: 16 MB).
+_TORCH_BLOCK_ELEMENTS = 1 << 22
+
+
+def group_columns(rows: int, row_offset: int, num_negatives: int, num_groups: int, device) -> torch.Tensor:
+    """[rows, 1+K] columns of each row's IGC group; column 0 is the target."""
+    target = torch.arange(rows, device=device) + row_offset
+    negatives = num_groups + target[:, None] * num_negatives + torch.arange(num_negatives, device=device)
+    return torch.cat([target[:, None], negatives], dim=1)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32 for half/bf16/fp32 inputs, fp64 for fp64 (exact gradchecks)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class TorchGlobalImpl:
+    """Row-blocked PyTorch implementation of the global-term primitives."""
+
+    @staticmethod
+    def _blocks(q: torch.Tensor, x: torch.Tensor):
+        size = max(8, _TORCH_BLOCK_ELEMENTS // max(1, x.shape[0]))
+        return range(0, q.shape[0], size), size
+
+    @staticmethod
+    def forward(q, x, scale, row_offset, num_negatives, with_igc):
+        rows, cols = q.shape[0], x.shape[0]
+        num_groups = cols // (1 + num_negatives)
+        acc = acc_dtype(q)
+        xf, s = x.to(acc), scale.to(acc)
+        lse = torch.empty(rows, device=q.device, dtype=acc)
+        lse_igc, pos = torch.empty_like(lse), torch.empty_like(lse)
+        starts, size = TorchGlobalImpl._blocks(q, x)
+        for start in starts:
+            stop = min(start + size, rows)
+            logits = (q[start:stop].to(acc) @ xf.T) * s
+            group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device))
+            lse[start:stop] = torch.logsumexp(logits, dim=1)
+            pos[start:stop] = group[:, 0]
+            if with_igc:
+                lse_igc[start:stop] = torch.logsumexp(group, dim=1)
+        return lse, lse_igc, pos
+
+    @staticmethod
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out):
+        rows, cols = q.shape[0], x.shape[0]
+        num_groups = cols // (1 + num_negatives)
+        acc = acc_dtype(q)
+        xf, s = x.to(acc), scale.to(acc)
+        g_ce, g_igc = (grad_out.to(acc) / rows).unbind()
+        dq = torch.empty(q.shape, device=q.device, dtype=acc)
+        dx = torch.zeros(x.shape, device=q.device, dtype=acc)
+        dscale = torch.zeros((), device=q.device, dtype=acc)
+        starts, size = TorchGlobalImpl._blocks(q, x)
+        for start in starts:
+            stop = min(start + size, rows)
+            qb = q[start:stop].to(acc)
+            dots = qb @ xf.T
+            dlogits = torch.exp(dots * s - lse[start:stop, None]).mul_(g_ce)
+            group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
+            d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
+            d_group[:, 0] = -g_ce
+            if with_igc:
+                group = dots.gather(1, group_cols) * s
+                d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
+                d_group[:, 0] -= g_igc
+            dlogits.scatter_add_(1, group_cols, d_group)
+            dscale += (dlogits * dots).sum()
+            dq[start:stop] = (dlogits @ xf) * s
+            dx.addmm_(dlogits.T, qb, alpha=float(s))
+        return dq, dx, dscale
+
+
+class TritonGlobalImpl:
+    """The fused Triton kernels (imported on first use so the CPU path never needs triton)."""
+
+    @staticmethod
+    def forward(q, x, scale, row_offset, num_negatives, with_igc):
+        from .kernels import degla_loss as k
+
+        return k.global_forward(q, x, scale, row_offset, num_negatives, with_igc)
+
+    @staticmethod
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out):
+        from .kernels import degla_loss as k
+
+        return k.global_backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out)
+
+
+class GlobalContrast(torch.autograd.Function):
+    """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC.
+
+    q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
+    With ``with_igc=False`` the second output is zero.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl):
+        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc)
+        ctx.save_for_backward(q, x, scale, lse, lse_igc)
+        ctx.args = (row_offset, num_negatives, with_igc, impl)
+        ce = (lse - pos).mean()
+        igc = (lse_igc - pos).mean() if with_igc else torch.zeros_like(ce)
+        return ce, igc
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_igc):
+        q, x, scale, lse, lse_igc = ctx.saved_tensors
+        row_offset, num_negatives, with_igc, impl = ctx.args
+        grad_out = torch.stack([grad_ce, grad_igc])
+        dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out)
+        return dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype), None, None, None, None
+
+
+class TritonLocalTerms(torch.autograd.Function):
+    """TGC (own negatives) and self-distillation in one Triton kernel per direction.
+
+    text/teacher_text [B(1+K), D], image/teacher_image [B, D] -> (tgc mean, distill sum).
+    Teacher features receive no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float):
+        from .kernels import degla_loss as k
+
+        tgc, lse, dist = k.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale)
+        ctx.save_for_backward(text, teacher_text, image, teacher_image, lse)
+        ctx.args = (num_negatives, tgc_scale)
+        return tgc.mean(), dist.sum()
+
+    @staticmethod
+    def backward(ctx, grad_tgc, grad_dist):
+        from .kernels import degla_loss as k
+
+        text, teacher_text, image, teacher_image, lse = ctx.saved_tensors
+        num_negatives, tgc_scale = ctx.args
+        grad_out = torch.stack([grad_tgc, grad_dist]).float()
+        dtext, dimage = k.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, lse, grad_out)
+        return dtext.to(text.dtype), None, dimage.to(image.dtype), None, None, None
+
+
+def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
+                      official_indexing: bool, with_tgc: bool, with_distill: bool):
+    """TGC and distillation with ordinary autograd ops: O(B*K*D) memory, fp32 arithmetic.
+
+    Returns (tgc mean, distill sum); a term that is not asked for is a zero scalar.
+    """
+    acc = acc_dtype(text)
+    zero = text.new_zeros((), dtype=acc)
+    batch, dim = image.shape
+    tgc = distill = zero
+    if with_tgc:
+        positives = text[:batch].to(acc)
+        negatives = text[batch:].to(acc)
+        if official_indexing:
+            # The release's repeat(1, K) mask: anchor i meets negative rows i + B*m.
+            negatives = negatives.view(num_negatives, batch, dim).transpose(0, 1)
+        else:
+            negatives = negatives.view(batch, num_negatives, dim)
+        pos = tgc_scale * (positives * teacher_text[:batch].to(acc)).sum(-1, keepdim=True)
+        neg = tgc_scale * torch.einsum("bd,bkd->bk", positives, negatives)
+        logits = torch.cat([pos, neg], dim=1)
+        tgc = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    if with_distill:
+        distill = distill_sum(image, text, teacher_image, teacher_text)
+    return tgc, distill
+
+
+def distill_sum(image, text, teacher_image, teacher_text) -> torch.Tensor:
+    """Sum of squared differences of images and all captions to the teacher (fp32, or fp64 for fp64)."""
+    acc = acc_dtype(text)
+    return (image.to(acc) - teacher_image.to(acc)).square().sum() + (text.to(acc) - teacher_text.to(acc)).square().sum()
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device`` (CUDA, or the CPU interpreter)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,61 @@
+"""``DeGLALoss``: the drop-in module form of :func:`degla_fast.functional.degla_loss`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .functional import BACKENDS, LossOutput, degla_loss
+
+__all__ = ["DeGLALoss", "LossOutput"]
+
+
+class DeGLALoss(nn.Module):
+    """DeGLA loss with open_clip's ClipLoss distribution arguments.
+
+    ``forward(image_features [B, D], text_features [B*(1+K), D], logit_scale,
+    teacher_image_features [B, D], teacher_text_features [B*(1+K), D]) -> LossOutput``.
+    Text rows are B positives then B*K negatives, sample-major; ``logit_scale`` has ``exp``
+    applied. Teacher features may be None only when ``tgc_weight`` and ``distill_weight`` are 0.
+    """
+
+    def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
+                 distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
+                 official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if num_negatives < 1:
+            raise ConfigError(f"num_negatives must be >= 1 (use functional.clip_loss for plain CLIP), got {num_negatives}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        for name, weight in (("igc_weight", igc_weight), ("tgc_weight", tgc_weight), ("distill_weight", distill_weight)):
+            if weight < 0:
+                raise ConfigError(f"{name} must be >= 0, got {weight}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_negatives = num_negatives
+        self.igc_weight = igc_weight
+        self.tgc_weight = tgc_weight
+        self.distill_weight = distill_weight
+        self.tgc_scale = tgc_scale
+        self.backend = backend
+        self.official_tgc_indexing = official_tgc_indexing
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                teacher_image_features: torch.Tensor | None = None,
+                teacher_text_features: torch.Tensor | None = None) -> LossOutput:
+        return degla_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                          num_negatives=self.num_negatives, igc_weight=self.igc_weight, tgc_weight=self.tgc_weight,
+                          distill_weight=self.distill_weight, tgc_scale=self.tgc_scale, backend=self.backend,
+                          official_tgc_indexing=self.official_tgc_indexing, local_loss=self.local_loss,
+                          gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size)
+
+    def extra_repr(self) -> str:
+        return (f"num_negatives={self.num_negatives}, igc_weight={self.igc_weight}, tgc_weight={self.tgc_weight}, "
+                f"distill_weight={self.distill_weight}, tgc_scale={self.tgc_scale}, backend={self.backend!r}, "
+                f"official_tgc_indexing={self.official_tgc_indexing}, local_loss={self.local_loss}, "
+                f"gather_with_grad={self.gather_with_grad}, rank={self.rank}, world_size={self.world_size}")

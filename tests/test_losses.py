@@ -1,0 +1,187 @@
+"""DeGLA loss: every backend against the float64 oracle, odd shapes, dtypes, gradients, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from degla_fast import DeGLALoss, LossOutput
+from degla_fast import functional as Fn
+from degla_fast.errors import ConfigError, NonFiniteError, ShapeError
+from loss_oracle import oracle_terms, oracle_total
+
+BACKENDS = ["reference", "torch", "triton"]
+# (value rtol, value atol, grad atol relative to the largest gradient entry) per dtype
+TOLERANCE = {torch.float32: (1e-5, 1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2, 4e-2)}
+# B=1; B not a multiple of any block (70 > 64); K from 1 to 8; D not a power of two
+SHAPES = [(1, 1, 8), (3, 2, 16), (5, 3, 24), (70, 2, 33), (6, 8, 20), (4, 5, 48)]
+
+
+def make_inputs(batch, k, dim, dtype=torch.float64, seed=0, scale=14.3):
+    gen = torch.Generator().manual_seed(seed)
+
+    def feats(rows):
+        return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=-1)
+
+    image, text = feats(batch), feats(batch * (1 + k))
+    # A teacher close to the student, as after EMA warm-up.
+    t_image = F.normalize(image + 0.1 * torch.randn(image.shape, generator=gen, dtype=torch.float64), dim=-1)
+    t_text = F.normalize(text + 0.1 * torch.randn(text.shape, generator=gen, dtype=torch.float64), dim=-1)
+    return [t.to(dtype) for t in (image, text, torch.tensor(scale, dtype=torch.float64), t_image, t_text)]
+
+
+def leaf(t, dtype):
+    return t.detach().to(dtype).requires_grad_(True)
+
+
+def oracle_with_grads(inputs, k, **kw):
+    image, text, scale, t_image, t_text = [leaf(t, torch.float64) for t in inputs]
+    terms = oracle_terms(image, text, scale, t_image, t_text, k, **kw)
+    total = terms[0] + 0.1 * terms[1] + 0.1 * terms[2] + 0.005 * terms[3]
+    total.backward()
+    return total.detach(), [t.detach() for t in terms], (image.grad, text.grad, scale.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,k,dim", SHAPES)
+def test_matches_float64_oracle(backend, dtype, batch, k, dim):
+    inputs = make_inputs(batch, k, dim)
+    # The oracle sees exactly the rounded inputs the backend sees.
+    inputs = [t.to(dtype).double() for t in inputs]
+    total_ref, terms_ref, grads_ref = oracle_with_grads(inputs, k)
+    image, text, scale, t_image, t_text = [leaf(t, dtype) for t in inputs]
+    out = DeGLALoss(num_negatives=k, backend=backend)(image, text, scale, t_image, t_text)
+    out.total.backward()
+    rtol, atol, gtol = TOLERANCE[dtype]
+    for got, want in zip((out.clip, out.igc, out.tgc, out.distill), terms_ref):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(1.0, float(want.abs())))
+    torch.testing.assert_close(out.total.double(), total_ref, rtol=rtol, atol=atol * max(1.0, float(total_ref.abs())))
+    for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
+        assert got is not None and got.dtype == dtype, name
+        bound = gtol * max(float(want.abs().max()), 1e-3)
+        err = float((got.double() - want).abs().max())
+        assert err <= bound, f"{name} grad error {err:.3g} > {bound:.3g}"
+    assert t_image.grad is None and t_text.grad is None  # the teacher is never trained by gradients
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(backend):
+    image, text, scale, t_image, t_text = make_inputs(3, 2, 6, scale=3.0)
+    fn = lambda i, x, s: Fn.degla_loss(i, x, s, t_image, t_text, num_negatives=2, backend=backend).total
+    assert torch.autograd.gradcheck(fn, (leaf(image, torch.float64), leaf(text, torch.float64), leaf(scale, torch.float64)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_official_tgc_indexing(backend):
+    batch, k = 8, 4
+    inputs = make_inputs(batch, k, 16)
+    out = Fn.degla_loss(*[t.float() for t in inputs], num_negatives=k, backend=backend, official_tgc_indexing=True)
+    want = oracle_terms(*inputs, k, official=True)[2]
+    paper = oracle_terms(*inputs, k, official=False)[2]
+    torch.testing.assert_close(out.tgc.double(), want, rtol=1e-5, atol=1e-5)
+    assert abs(float(want - paper)) > 1e-3  # the release's indexing really is a different loss
+
+
+def test_official_indexing_mask_matches_the_release_description():
+    # Method doc: for B=32, K=4 the release contrasts row i with negatives of samples i//K + 8m.
+    from degla_fast.reference import _own_negative_mask
+
+    mask = _own_negative_mask(32, 4, 0, 128, official=True, device="cpu")
+    for i in (0, 5, 31):
+        samples = sorted({int(c) // 4 for c in mask[i].nonzero().flatten()})
+        assert samples == [i // 4 + 8 * m for m in range(4)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weights_and_missing_teacher(backend):
+    image, text, scale, _, _ = [t.float() for t in make_inputs(4, 2, 16)]
+    out = Fn.degla_loss(image, text, scale, num_negatives=2, tgc_weight=0.0, distill_weight=0.0, backend=backend)
+    clip, igc, _, _ = oracle_terms(*make_inputs(4, 2, 16), 2)
+    torch.testing.assert_close(out.total.double(), clip + 0.1 * igc, rtol=1e-5, atol=1e-5)
+    assert float(out.tgc) == 0.0 and float(out.distill) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_loss_plain_matches_open_clip(backend):
+    from open_clip.loss import ClipLoss
+
+    image, text, scale, _, _ = [t.float() for t in make_inputs(7, 1, 20)]
+    positives = text[:7]
+    want = ClipLoss()(image, positives, scale)
+    got = Fn.clip_loss(image, positives, scale, num_negatives=0, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pieces_match_the_oracle():
+    inputs = make_inputs(5, 3, 24)
+    image, text, scale, t_image, t_text = inputs
+    clip, igc, tgc, distill = oracle_terms(*inputs, 3)
+    torch.testing.assert_close(Fn.clip_loss(image, text, scale, num_negatives=3), clip)
+    torch.testing.assert_close(Fn.igc_loss(image, text, scale, num_negatives=3), igc)
+    torch.testing.assert_close(Fn.tgc_loss(text, t_text, num_negatives=3), tgc)
+    torch.testing.assert_close(Fn.distill_loss(image, text, t_image, t_text), distill)
+
+
+def test_torch_backend_row_blocks_give_the_same_result(monkeypatch):
+    import degla_fast.loss_ops as ops
+
+    inputs = [leaf(t, torch.float64) for t in make_inputs(37, 3, 16)]
+    whole = Fn.degla_loss(*inputs, num_negatives=3, backend="torch").total
+    grads_whole = torch.autograd.grad(whole, inputs[:3])
+    monkeypatch.setattr(ops, "_TORCH_BLOCK_ELEMENTS", 8 * 148)  # 8-row blocks: 5 blocks, the last one partial
+    blocked = Fn.degla_loss(*inputs, num_negatives=3, backend="torch").total
+    grads_blocked = torch.autograd.grad(blocked, inputs[:3])
+    torch.testing.assert_close(blocked, whole)
+    for a, b in zip(grads_blocked, grads_whole):
+        torch.testing.assert_close(a, b)
+
+
+def test_loss_output_items_and_auto_backend():
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(3, 2, 8)]
+    out = DeGLALoss(num_negatives=2)(image, text, scale, t_image, t_text)  # auto -> torch on the CPU
+    assert isinstance(out, LossOutput)
+    items = out.items()
+    assert set(items) == {"total", "clip", "igc", "tgc", "distill"}
+    assert items["total"] == pytest.approx(float(oracle_total(*make_inputs(3, 2, 8), 2)), rel=1e-5)
+    assert Fn.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(2, 1, 8)]
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        DeGLALoss(num_negatives=1, backend="triton")(image, text, scale, t_image, t_text)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_shapes_name_expected_and_actual(backend):
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(4, 2, 16)]
+    loss = DeGLALoss(num_negatives=2, backend=backend)
+    with pytest.raises(ShapeError, match=r"4\*\(1\+2\) = 12 rows.*\[11, 16\]"):
+        loss(image, text[:11], scale, t_image, t_text[:11])
+    with pytest.raises(ShapeError, match=r"widths differ.*\[4, 16\].*\[12, 15\]"):
+        loss(image, text[:, :15], scale, t_image, t_text)
+    with pytest.raises(ShapeError, match=r"teacher_image_features \[3, 16\] must match image_features \[4, 16\]"):
+        loss(image, text, scale, t_image[:3], t_text)
+    with pytest.raises(ShapeError, match="teacher_image_features and teacher_text_features are required"):
+        loss(image, text, scale)
+    with pytest.raises(ShapeError, match="different devices"):
+        loss(image, text.to("meta"), scale, t_image, t_text)
+    with pytest.raises(ValueError):  # ShapeError is a ValueError, as users of other trainers expect
+        loss(image, text[:11], scale, t_image, t_text)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="num_negatives"):
+        DeGLALoss(num_negatives=0)
+    with pytest.raises(ShapeError, match="num_negatives"):
+        Fn.degla_loss(*[t.float() for t in make_inputs(2, 1, 8)], num_negatives=0)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        DeGLALoss(backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_non_finite_inputs_are_reported(backend):
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(3, 2, 8)]
+    text[4, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"text_features \[9, 8\]"):
+        DeGLALoss(num_negatives=2, backend=backend)(image, text, scale, t_image, t_text)

@@ -1,0 +1,85 @@
+"""Two gloo processes on the CPU give the single-process loss and gradients of the concatenated batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from degla_fast import functional as Fn
+from test_losses import make_inputs
+
+WORLD, B, K, D = 2, 3, 2, 16
+WEIGHTS = dict(igc_weight=0.1, tgc_weight=0.1, distill_weight=0.005)
+CASES = [(backend, local, with_grad) for backend in ("reference", "torch", "triton")
+         for local, with_grad in ((False, False), (True, True))]
+
+
+def _rank_slice(inputs, rank):
+    image, text, scale, t_image, t_text = inputs
+    total = B * WORLD
+
+    def text_slice(t):
+        return torch.cat([t[rank * B:(rank + 1) * B], t[total + rank * B * K: total + (rank + 1) * B * K]])
+
+    return image[rank * B:(rank + 1) * B], text_slice(text), scale, t_image[rank * B:(rank + 1) * B], text_slice(t_text)
+
+
+def _worker(rank, init_file, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    inputs = make_inputs(B * WORLD, K, D, dtype=torch.float64)
+    results = {}
+    for backend, local, with_grad in CASES:
+        image, text, scale, t_image, t_text = [t.clone().requires_grad_(i in (0, 1, 2))
+                                              for i, t in enumerate(_rank_slice(inputs, rank))]
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (image, text, scale)]
+        out = Fn.degla_loss(*leaves, t_image.to(dtype), t_text.to(dtype), num_negatives=K, backend=backend,
+                            local_loss=local, gather_with_grad=with_grad, rank=rank, world_size=WORLD, **WEIGHTS)
+        out.total.backward()
+        results[(backend, local, with_grad)] = {
+            "terms": [float(t.detach()) for t in (out.clip, out.igc, out.tgc, out.distill, out.total)],
+            "grads": [t.grad.double() for t in leaves]}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _single(backend, scale_local_terms):
+    """Single-process loss on the concatenated batch and gradients of ``objective``."""
+    inputs = make_inputs(B * WORLD, K, D, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+    out = Fn.degla_loss(*leaves, *inputs[3:], num_negatives=K, backend="reference", **WEIGHTS)
+    objective = out.total if not scale_local_terms else (
+        WORLD * (out.clip + 0.1 * out.igc + 0.1 * out.tgc) + 0.005 * out.distill)
+    objective.backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend,local,with_grad", CASES)
+def test_two_processes_match_one(rank_results, backend, local, with_grad):
+    tol = dict(rtol=2e-5, atol=2e-5) if backend == "triton" else dict(rtol=1e-9, atol=1e-10)
+    ranks = [r[(backend, local, with_grad)] for r in rank_results]
+    out, grads = _single(backend, scale_local_terms=local)
+    single = [float(t.detach()) for t in (out.clip, out.igc, out.tgc, out.distill, out.total)]
+    if not local:
+        # Every rank computes the whole gathered batch: the single-process loss exactly.
+        for r in ranks:
+            assert r["terms"] == pytest.approx(single, **{"rel": tol["rtol"], "abs": tol["atol"]})
+    else:
+        clip, igc, tgc, distill = (sum(r["terms"][i] for r in ranks) for i in range(4))
+        assert [clip / WORLD, igc / WORLD, tgc / WORLD, distill] == pytest.approx(single[:4], rel=tol["rtol"], abs=tol["atol"])
+    for rank, r in enumerate(ranks):
+        image_g, text_g, _ = _rank_slice([grads[0], grads[1], None, grads[0], grads[1]], rank)[:3]
+        torch.testing.assert_close(r["grads"][0], image_g, **tol)
+        torch.testing.assert_close(r["grads"][1], text_g, **tol)
+    # logit_scale is replicated: gradient contributions of the ranks add up (non-local: each rank has it all)
+    scale_grad = ranks[0]["grads"][2] if not local else sum(r["grads"][2] for r in ranks)
+    torch.testing.assert_close(scale_grad, grads[2], **tol)
