@@ -109,6 +109,8 @@ def _gather(t: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> tor
 
 def _gather_text(text, batch, rank, world_size, with_grad):
     """Gather [T; N] from every rank as [T_all; N_all], the layout of one big batch."""
+    if world_size == 1:
+        return text
     positives = _gather(text[:batch], rank, world_size, with_grad)
     negatives = _gather(text[batch:], rank, world_size, with_grad)
     return torch.cat([positives, negatives], dim=0)

@@ -11,8 +11,9 @@ import os
 
 import torch
 
-# Elements of one row block of logits in the torch backend (fp32: 16 MB).
-_TORCH_BLOCK_ELEMENTS = 1 << 22
+# Elements of one row block of logits in the torch backend (fp32: 8 MB; about three such
+# buffers are alive at once).
+_TORCH_BLOCK_ELEMENTS = 1 << 21
 
 
 def group_columns(rows: int, row_offset: int, num_negatives: int, num_groups: int, device) -> torch.Tensor:
@@ -46,7 +47,7 @@ class TorchGlobalImpl:
         starts, size = TorchGlobalImpl._blocks(q, x)
         for start in starts:
             stop = min(start + size, rows)
-            logits = (q[start:stop].to(acc) @ xf.T) * s
+            logits = (q[start:stop].to(acc) @ xf.T).mul_(s)
             group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device))
             lse[start:stop] = torch.logsumexp(logits, dim=1)
             pos[start:stop] = group[:, 0]
@@ -69,7 +70,7 @@ class TorchGlobalImpl:
             stop = min(start + size, rows)
             qb = q[start:stop].to(acc)
             dots = qb @ xf.T
-            dlogits = torch.exp(dots * s - lse[start:stop, None]).mul_(g_ce)
+            dlogits = dots.mul(s).sub_(lse[start:stop, None]).exp_().mul_(g_ce)
             group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
             d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
             d_group[:, 0] = -g_ce
@@ -78,7 +79,7 @@ class TorchGlobalImpl:
                 d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
                 d_group[:, 0] -= g_igc
             dlogits.scatter_add_(1, group_cols, d_group)
-            dscale += (dlogits * dots).sum()
+            dscale += torch.vdot(dlogits.reshape(-1), dots.reshape(-1))
             dq[start:stop] = (dlogits @ xf) * s
             dx.addmm_(dlogits.T, qb, alpha=float(s))
         return dq, dx, dscale
@@ -179,10 +180,24 @@ def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: i
     return tgc, distill
 
 
+class _SquaredDistance(torch.autograd.Function):
+    """sum((a - b)^2) without keeping a - b alive until backward (b receives no gradient)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        acc = acc_dtype(a)
+        return (a.to(acc) - b.to(acc)).square_().sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return ((a.to(grad.dtype) - b.to(grad.dtype)).mul_(2 * grad)).to(a.dtype), None
+
+
 def distill_sum(image, text, teacher_image, teacher_text) -> torch.Tensor:
     """Sum of squared differences of images and all captions to the teacher (fp32, or fp64 for fp64)."""
-    acc = acc_dtype(text)
-    return (image.to(acc) - teacher_image.to(acc)).square().sum() + (text.to(acc) - teacher_text.to(acc)).square().sum()
+    return _SquaredDistance.apply(image, teacher_image.detach()) + _SquaredDistance.apply(text, teacher_text.detach())
 
 
 def triton_usable(device: torch.device) -> bool:
