@@ -157,14 +157,15 @@ def _f32_dot(q: torch.Tensor) -> bool:
     return q.dtype == torch.float32 or q.device.type == "cpu"
 
 
-def _global_blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): whole feature rows per tile; smaller tiles for wide features."""
+def _global_blocks(D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): whole feature rows per tile, so the backward's
+    [BLOCK, D] fp32 accumulators stay in registers; narrower tiles and more warps for wide D."""
     block_d = max(16, triton.next_power_of_2(D))
     if block_d <= 128:
-        return 64, 64, block_d
+        return 64, 64, block_d, 4
     if block_d <= 512:
-        return 32, 64, block_d
-    return 16, 32, block_d
+        return 32, 64, block_d, 8
+    return 16, 32, block_d, 8
 
 
 def _check_global(q: torch.Tensor, x: torch.Tensor, num_negatives: int, row_offset: int) -> int:
@@ -190,11 +191,11 @@ def global_forward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_of
     lse = torch.empty(R, device=q.device, dtype=torch.float32)
     lse_igc = torch.empty_like(lse) if with_igc else lse
     pos = torch.empty_like(lse)
-    block_m, block_n, block_d = _global_blocks(D)
+    block_m, block_n, block_d, num_warps = _global_blocks(D)
     _global_fwd_kernel[(triton.cdiv(R, block_m),)](
         q, x, scale.reshape(1).float(), lse, lse_igc, pos, R, C, D, num_groups, row_offset, num_negatives,
         q.stride(0), x.stride(0), WITH_IGC=with_igc, F32_DOT=_f32_dot(q),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     return lse, lse_igc, pos
 
 
@@ -212,8 +213,9 @@ def global_backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_o
     dx = torch.empty(C, D, device=q.device, dtype=torch.float32)
     dscale_rows = torch.empty(R, device=q.device, dtype=torch.float32)
     grad_out = grad_out.to(torch.float32).contiguous()
-    block_m, block_n, block_d = _global_blocks(D)
-    common = dict(WITH_IGC=with_igc, F32_DOT=_f32_dot(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    block_m, block_n, block_d, num_warps = _global_blocks(D)
+    common = dict(WITH_IGC=with_igc, F32_DOT=_f32_dot(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  num_warps=num_warps)
     scale = scale.reshape(1).float()
     _global_bwd_dq_kernel[(triton.cdiv(R, block_m),)](
         q, x, scale, lse, lse_igc, grad_out, dq, dscale_rows, R, C, D, num_groups, row_offset, num_negatives,
