@@ -12,13 +12,14 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from degla_fast.io import atomic_path, write_json_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -133,15 +134,8 @@ def add_ratios(rows: list[dict], baseline_impl: str, key: str = "p50_ms", group_
 
 def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR, device=None) -> Path:
     """Write ``{"env": ..., "rows": ...}`` to ``out_dir/<name>.json`` atomically; returns the path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
     payload = {"benchmark": name, "env": env_info(device), "rows": rows}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(out_dir) / f"{name}.json", payload)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -152,3 +146,115 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# --- peaks, subprocess cases, profiling -------------------------------------------------------
+
+# Dense bf16 tensor-core FLOP/s and memory bandwidth (bytes/s) from the vendors' data sheets.
+# Matched by substring of the device name, most specific first; anything else is "unknown".
+KNOWN_PEAKS = (
+    ("H200", {"peak_flops": 989e12, "peak_bytes_per_s": 4.8e12}),
+    ("H100 PCIe", {"peak_flops": 756e12, "peak_bytes_per_s": 2.0e12}),
+    ("H100 NVL", {"peak_flops": 835e12, "peak_bytes_per_s": 3.9e12}),
+    ("H100", {"peak_flops": 989e12, "peak_bytes_per_s": 3.35e12}),
+    ("A100-SXM4-80GB", {"peak_flops": 312e12, "peak_bytes_per_s": 2.04e12}),
+    ("A100", {"peak_flops": 312e12, "peak_bytes_per_s": 1.56e12}),
+)
+
+
+def device_peaks(name: str) -> dict | None:
+    """``{"peak_flops", "peak_bytes_per_s"}`` of a known GPU by its name, else None ("unknown")."""
+    for key, peaks in KNOWN_PEAKS:
+        if key in name:
+            return dict(peaks)
+    return None
+
+
+def roofline(row: dict, *, flops: float | None = None, bytes_moved: float | None = None,
+             device: str | None = None) -> dict:
+    """Add achieved TFLOP/s and/or GB/s to ``row`` (from its ``p50_ms``) and, on a known GPU,
+    the percentage of that device's peak; ``peak`` is "unknown" elsewhere. Returns ``row``."""
+    seconds = row.get("p50_ms", 0) * 1e-3
+    if not seconds:
+        return row
+    peaks = device_peaks(device or device_name())
+    row["peak"] = "known" if peaks else "unknown"
+    if flops is not None:
+        row["flops"] = flops
+        row["achieved_tflops"] = flops / seconds / 1e12
+        if peaks:
+            row["pct_of_peak_flops"] = 100.0 * flops / seconds / peaks["peak_flops"]
+    if bytes_moved is not None:
+        row["bytes_moved"] = bytes_moved
+        row["achieved_gb_per_s"] = bytes_moved / seconds / 1e9
+        if peaks:
+            row["pct_of_peak_bw"] = 100.0 * bytes_moved / seconds / peaks["peak_bytes_per_s"]
+    return row
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_case_in_subprocess(script: Path | str, case: dict, timeout: float = 1800) -> dict:
+    """Run ``python script --case JSON`` in a fresh process and return the row it prints as its
+    last stdout line; a fresh process is what makes a CPU peak-RSS figure mean something.
+    A failing case comes back as ``{**case, "skipped": "<reason>"}``, never an exception."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(script), "--case", json.dumps(case)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "skipped": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**case, "skipped": f"case failed (exit {done.returncode}): {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def profile_trace(fn: Callable[[], object], path: Path | str, *, device: torch.device | str = "cpu",
+                  warmup: int = 2, steps: int = 3) -> Path:
+    """Run ``fn`` ``warmup`` times, then ``steps`` times under ``torch.profiler``, and write the
+    Chrome/Perfetto trace (open in chrome://tracing or ui.perfetto.dev) atomically to ``path``.
+    ``record_function`` ranges inside ``fn`` show up as named spans (and as NVTX ranges when
+    the run is wrapped in ``nsys profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    with atomic_path(path, suffix=".json") as tmp:
+        prof.export_chrome_trace(str(tmp))
+    return path
+
+
+def nvtx_range(name: str):
+    """A ``record_function`` range that is also an NVTX range on CUDA (seen by Nsight Systems)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.profiler.record_function(name))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.cuda.nvtx.range(name))
+    return stack
+
+
+def report_run(name: str, rows: list[dict], columns: list[str], *, quick: bool, out_dir: Path | str | None = None) -> Path:
+    """A bench's ``main`` ending: print the markdown table of ``rows`` and write
+    ``<name>[_quick].json`` (to ``out_dir`` or :data:`RESULTS_DIR`); returns the JSON path."""
+    print(markdown_table(rows, columns))
+    path = write_results(name + ("_quick" if quick else ""), rows, out_dir or RESULTS_DIR)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,59 @@
+"""Atomic file writes: every file the project writes goes through here.
+
+A crash or a preemption in the middle of a write must never leave a half-written checkpoint,
+dataset index or results file behind a name that readers trust. Each writer fills a temporary
+file in the destination's folder (same file system, so the rename is atomic), syncs it, gives
+it ordinary permissions (``mkstemp`` creates files readable by the owner only) and renames it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+FILE_MODE = 0o644
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on a clean exit it is renamed onto ``path``,
+    on an exception it is removed. For writers that want a file name (``savefig``, profilers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], object]) -> Path:
+    """Call ``write(binary_file)`` on a temporary file, fsync it, then rename it onto ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
+    """Write ``data`` as indented UTF-8 JSON (non-ASCII kept as is) to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
