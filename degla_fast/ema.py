@@ -1,0 +1,405 @@
+"""EMA teacher of the DeGLA self-distillation: ``teacher += (1 - decay) * (student - teacher)``.
+
+:func:`ema_update_` updates lists of tensors in place in one pass over memory; :class:`EMATeacher`
+keeps a teacher copy of a student module whose parameters are views of one flat buffer;
+:meth:`EMATeacher.from_deepspeed` builds the teacher for a DeepSpeed engine (a full replica for
+ZeRO-0/1/2, a :class:`ShardedEMATeacher` partitioned like the student for ZeRO-3).
+
+Backends: ``triton`` (one kernel launch for all tensors, ``degla_fast.kernels.ema``; CUDA, or
+CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (``torch._foreach_lerp_``), ``auto``
+(triton on CUDA when Triton is importable, torch otherwise). Arithmetic is fp32 in both.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import weakref
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import ConfigError, ShapeError
+
+BACKENDS = ("auto", "torch", "triton")
+#: Teacher parameters start on multiples of this many elements in the flat buffer (128 bytes
+#: in fp32): every view is aligned for vector loads whatever the preceding tensor's size.
+_FLAT_ALIGN = 32
+_PLAN_CACHE_SIZE = 4
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_decay(decay: float) -> float:
+    decay = float(decay)
+    if not 0.0 <= decay <= 1.0:  # also rejects NaN
+        raise ConfigError(f"decay must be in [0, 1]; got {decay}")
+    return decay
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def _teacher_settings(decay: float, backend: str, dtype: torch.dtype | None) -> tuple[float, str, torch.dtype]:
+    """Checked (decay, backend, teacher dtype; fp32 when None) of a teacher."""
+    dtype = dtype or torch.float32
+    if not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating dtype; got {dtype}")
+    return _check_decay(decay), _check_backend(backend), dtype
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``torch`` or ``triton``) for ``backend`` on ``device``."""
+    if _check_backend(backend) == "auto":
+        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if backend == "triton":
+        interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if not (device.type == "cuda" or interpret) or not _triton_importable():
+            raise ConfigError(f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                              f"tensors); got {device} tensors")
+    return backend
+
+
+def _validate(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
+    if len(teacher) != len(student):
+        raise ShapeError(f"ema_update_: {len(teacher)} teacher tensors but {len(student)} student tensors")
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        if t.shape != s.shape:
+            raise ShapeError(f"ema_update_: tensor {i}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
+        if t.device != s.device:
+            raise ShapeError(f"ema_update_: tensor {i}: teacher on {t.device} but student on {s.device}")
+        if not (t.is_floating_point() and s.is_floating_point()):
+            raise ShapeError(f"ema_update_: tensor {i}: needs floating dtypes; got teacher {t.dtype}, student {s.dtype}")
+
+
+def _group(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> dict:
+    """{(device, teacher dtype, student dtype): ([teacher tensors], [student tensors])}, empty tensors left out."""
+    groups: dict = {}
+    for t, s in zip(teacher, student):
+        if t.numel():
+            ts, ss = groups.setdefault((t.device, t.dtype, s.dtype), ([], []))
+            ts.append(t)
+            ss.append(s.detach())
+    return groups
+
+
+def _torch_lerp_(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float) -> None:
+    """One group through ``torch._foreach_lerp_`` (same dtype: lerp computes in fp32 internally)."""
+    t_dtype, s_dtype = teacher[0].dtype, student[0].dtype
+    if t_dtype == s_dtype:
+        torch._foreach_lerp_(teacher, student, weight)
+    elif t_dtype == torch.float32:
+        torch._foreach_lerp_(teacher, [s.float() for s in student], weight)
+    else:
+        # A 16-bit teacher of a different-dtype student: fp32 arithmetic, one rounding at the end.
+        work = [t.float() for t in teacher]
+        torch._foreach_lerp_(work, [s.float() for s in student], weight)
+        torch._foreach_copy_(teacher, work)
+
+
+class _Updater:
+    """Grouped updates with one backend: :meth:`prepare` sorts pairs into launches once (Triton
+    block tables cached by tensor addresses), :meth:`run` replays them with no Python per tensor."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._plans: dict = {}
+
+    def prepare(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                copy_of: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple]:
+        """[(plan or None, teacher tensors, student tensors, copies or None)] per (device, dtypes)
+        group; plan None = torch path.
+
+        copy_of: optional (flat, copy_flat): the teacher tensors are views of ``flat`` and each
+        also gets its new values written, in ``copy_flat``'s dtype, at the same offset of ``copy_flat``.
+        """
+        jobs = []
+        for (device, _, _), (ts, ss) in _group(teacher, student).items():
+            plan = self._plan(ts, ss) if resolve_backend(self.backend, device) == "triton" else None
+            copies = None
+            if copy_of is not None:
+                flat, copy_flat = copy_of
+                copies = [copy_flat.narrow(0, (t.data_ptr() - flat.data_ptr()) // t.element_size(), t.numel()).view_as(t)
+                          for t in ts]
+            jobs.append((plan, ts, ss, copies))
+        return jobs
+
+    def _plan(self, ts: list[torch.Tensor], ss: list[torch.Tensor]):
+        from .kernels import ema as kernel
+
+        if not kernel.can_plan(ts, ss):
+            return None  # non-contiguous tensors: the torch path handles any layout
+        key = ((ts[0].dtype, ss[0].dtype) + tuple(t.data_ptr() for t in ts) + tuple(s.data_ptr() for s in ss)
+               + tuple(t.numel() for t in ts))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = kernel.build_plan(ts, ss)
+        return plan
+
+    @staticmethod
+    def run(jobs: list[tuple], weight: float) -> None:
+        """``t += weight * (s - t)`` for every prepared pair."""
+        from .kernels import ema as kernel
+
+        with torch.no_grad():
+            for plan, ts, ss, copies in jobs:
+                if plan is None:
+                    _torch_lerp_(ts, ss, weight)
+                    if copies is not None:
+                        torch._foreach_copy_(copies, ts)
+                else:
+                    kernel.launch(plan, ts[0], ss[0], weight, copy_base=None if copies is None else copies[0])
+
+
+_UPDATERS = {name: _Updater(name) for name in BACKENDS}
+
+
+def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterable[torch.Tensor], decay: float,
+                backend: str = "auto") -> None:
+    """In place, for every pair: ``t += (1 - decay) * (s - t)`` with fp32 arithmetic.
+
+    teacher_tensors: floating tensors (fp32, bf16 or fp16) updated in place; student_tensors:
+    floating tensors of the same shapes and devices (any floating dtype). decay in [0, 1].
+    backend: ``auto``, ``torch`` or ``triton``. Raises ShapeError (a ValueError) on lists of
+    different lengths or a shape/device mismatch (naming the tensor index), ConfigError (a
+    ValueError) on a bad decay or backend.
+    """
+    teacher, student = list(teacher_tensors), list(student_tensors)
+    decay, backend = _check_decay(decay), _check_backend(backend)
+    _validate(teacher, student)
+    updater = _UPDATERS[backend]
+    updater.run(updater.prepare(teacher, student), 1.0 - decay)
+
+
+def _flat_views(shapes: Sequence[torch.Size], dtype: torch.dtype, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One zeroed buffer and a view of it per shape, each starting on a multiple of ``_FLAT_ALIGN``."""
+    starts, total = [], 0
+    for shape in shapes:
+        starts.append(total)
+        total += -(-shape.numel() // _FLAT_ALIGN) * _FLAT_ALIGN
+    flat = torch.zeros(total, dtype=dtype, device=device)
+    return flat, [flat.narrow(0, start, shape.numel()).view(shape) for start, shape in zip(starts, shapes)]
+
+
+class EMATeacher:
+    """An EMA copy of ``student_module`` (a full replica on this process).
+
+    ``module``: a copy of the student in eval mode whose parameters (requires_grad False, never
+    in an optimiser) are views of one flat buffer of ``dtype`` (fp32 when None; bf16 halves
+    it); buffers are copied once here and never averaged. ``update(student_module)`` moves
+    every parameter toward the student's: ``t += (1 - decay) * (s - t)``, one pass over memory.
+
+    ``forward_dtype`` (e.g. ``torch.bfloat16`` with an fp32 teacher): ``module``'s parameters
+    become a second flat buffer of that dtype, written by the same pass that updates the fp32
+    EMA state, so a teacher forward under autocast casts no weight. ``state_dict`` and
+    ``load_state_dict`` still hold the EMA state in ``dtype``.
+    """
+
+    def __init__(self, student_module: torch.nn.Module, decay: float = 0.9996, backend: str = "auto",
+                 dtype: torch.dtype | None = None, *, forward_dtype: torch.dtype | None = None):
+        self.decay, self.backend, self.dtype = _teacher_settings(decay, backend, dtype)
+        params = list(student_module.parameters())
+        if any(hasattr(p, "ds_tensor") for p in params):
+            raise ConfigError("EMATeacher: the student's parameters are ZeRO-3 partitions; use "
+                              "EMATeacher.from_deepspeed(engine, teacher_module)")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ConfigError(f"EMATeacher needs a student on one device; got {sorted(map(str, devices))}")
+        device = devices.pop() if devices else torch.device("cpu")
+        self._flat, views = _flat_views([p.shape for p in params], self.dtype, device)
+        if params:
+            with torch.no_grad():
+                torch._foreach_copy_(views, [p.detach() for p in params])
+        self._forward_flat, module_views = self._flat, views
+        if forward_dtype is not None and forward_dtype != self.dtype:
+            # Same shapes, so the same element offsets: the kernel writes both with one table.
+            self._forward_flat, module_views = _flat_views([p.shape for p in params], forward_dtype, device)
+            self._forward_flat.copy_(self._flat)
+        # Deep-copy the structure with the teacher's own parameters pre-seeded, so the
+        # student's parameters (and their gradients or hooks) are never copied.
+        memo = {id(p): torch.nn.Parameter(v, requires_grad=False) for p, v in zip(params, module_views)}
+        self.module = copy.deepcopy(student_module, memo)
+        for sub in self.module.modules():
+            # An in-place ``Module.compile()`` stores a callable bound to the *student*.
+            if getattr(sub, "_compiled_call_impl", None) is not None:
+                sub._compiled_call_impl = None
+        self.module.eval()
+        self._params = views
+        self._names = [name for name, _ in student_module.named_parameters()]
+        self._updater = _Updater(backend)
+        self._student = None
+        self._student_params: list[torch.Tensor] = []
+        self._student_ptrs: list[int] = []
+        self._jobs: list[tuple] = []
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The 1-D buffer all teacher parameters are views of (padding between them)."""
+        return self._flat
+
+    def _prepared(self, student_module: torch.nn.Module) -> list[tuple]:
+        """The update's launches, re-planned (and re-checked) only when the module or its storage changed."""
+        cached = self._student() if self._student is not None else None
+        if cached is student_module and [p.data_ptr() for p in self._student_params] == self._student_ptrs:
+            return self._jobs
+        params = list(student_module.parameters())
+        if len(params) != len(self._params):
+            raise ShapeError(f"EMATeacher.update: student has {len(params)} parameters, teacher {len(self._params)}")
+        _validate(self._params, params)
+        self._student = weakref.ref(student_module)
+        self._student_params = params
+        self._student_ptrs = [p.data_ptr() for p in params]
+        copy_of = (self._flat, self._forward_flat) if self._forward_flat is not self._flat else None
+        self._jobs = self._updater.prepare(self._params, params, copy_of=copy_of)
+        return self._jobs
+
+    def update(self, student_module: torch.nn.Module) -> None:
+        """Move every teacher parameter toward ``student_module``'s (same architecture) in place."""
+        self._updater.run(self._prepared(student_module), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        """The teacher module's state dict: parameters from the EMA state (``dtype``), buffers as copied."""
+        state = self.module.state_dict()
+        state.update({name: view for name, view in zip(self._names, self._params)})
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict written by :meth:`state_dict` (copied into the flat buffers' views)."""
+        self.module.load_state_dict(state_dict)  # checks the keys and shapes, loads the buffers
+        with torch.no_grad():
+            for name, view in zip(self._names, self._params):
+                view.copy_(state_dict[name])
+            if self._forward_flat is not self._flat:
+                self._forward_flat.copy_(self._flat)
+
+    @staticmethod
+    def from_deepspeed(engine, teacher_module: torch.nn.Module | None = None, *, decay: float = 0.9996,
+                       backend: str = "auto", dtype: torch.dtype | None = None):
+        """The teacher of a DeepSpeed engine's model.
+
+        ZeRO-0/1/2: an :class:`EMATeacher` replica of ``engine.module`` (``teacher_module`` unused).
+        ZeRO-3: a :class:`ShardedEMATeacher`; ``teacher_module`` is required: a freshly built,
+        unpartitioned model of the same architecture (its weights are overwritten). Every rank calls this.
+        """
+        if engine.zero_optimization_stage() < 3:
+            return EMATeacher(engine.module, decay=decay, backend=backend, dtype=dtype)
+        if teacher_module is None:
+            raise ConfigError("EMATeacher.from_deepspeed: ZeRO-3 needs teacher_module= (a freshly built model of the "
+                              "student's architecture, not partitioned)")
+        return ShardedEMATeacher(engine, teacher_module, decay=decay, backend=backend, dtype=dtype)
+
+
+class ShardedEMATeacher:
+    """ZeRO-3 EMA teacher: partitioned exactly like the student, updated with no communication.
+
+    Each rank keeps, per optimiser parameter group, a flat teacher shard laid out like the
+    engine's fp32 master partition of that group; ``update()`` lerps the one toward the other
+    (one launch, no gather). The teacher parameters' ZeRO-3 shards (``param.ds_tensor``) are
+    views of those flat shards, and DeepSpeed's hooks gather them for the teacher's forward the
+    way they gather the student's. ``state_dict()`` (a collective) returns full tensors on every rank.
+    """
+
+    def __init__(self, engine, teacher_module: torch.nn.Module, *, decay: float = 0.9996, backend: str = "auto",
+                 dtype: torch.dtype | None = None):
+        from deepspeed import comm
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+        from deepspeed.utils.timer import NoopTimer
+
+        self.decay, self.backend, self.dtype = _teacher_settings(decay, backend, dtype)
+        optimizer = getattr(engine, "optimizer", None)
+        masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        if masters is None:
+            raise ConfigError("ShardedEMATeacher needs a ZeRO-3 engine with an optimizer (fp32 master partitions)")
+        if any(m.numel() == 0 for m in masters) or getattr(optimizer, "offload_optimizer", False):
+            raise ConfigError("ShardedEMATeacher: optimizer offload (cpu/nvme) is not supported; the fp32 master "
+                              "partitions must live on the model's device")
+        student = engine.module
+        names = {id(p): n for n, p in student.named_parameters()}
+        student_params = dict(student.named_parameters())
+        teacher_params = dict(teacher_module.named_parameters())
+        if set(teacher_params) != set(student_params):
+            raise ShapeError(f"ShardedEMATeacher: teacher_module parameters differ from the student's: "
+                             f"{sorted(set(teacher_params) ^ set(student_params))[:5]}")
+        for name, p in teacher_params.items():
+            if tuple(p.shape) != tuple(student_params[name].ds_shape):
+                raise ShapeError(f"ShardedEMATeacher: {name}: teacher shape {tuple(p.shape)} != student shape "
+                                 f"{tuple(student_params[name].ds_shape)}")
+        device = masters[0].device
+        teacher_module.to(device=device, dtype=self.dtype).requires_grad_(False).eval()
+        with torch.no_grad():
+            for (_, t_buf), (_, s_buf) in zip(teacher_module.named_buffers(), student.named_buffers()):
+                t_buf.copy_(s_buf)
+        # Partition the teacher like the student (same world size and shapes give the same
+        # shards) and register DeepSpeed's gather/release hooks for its forward. Persistence is
+        # off: a persisted (kept-gathered) parameter would go stale as the shards move.
+        self._offload = DeepSpeedZeRoOffload(
+            teacher_module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=False,
+            param_persistence_threshold=0, model_persistence_threshold=0, mpu=engine.mpu)
+        self.module = teacher_module
+        self.rank = comm.get_rank()
+
+        self._shards = []
+        with torch.no_grad():
+            for group, master in zip(optimizer.fp16_groups, masters):
+                shard = master.detach().to(self.dtype, copy=True)
+                offset = 0
+                for p in group:
+                    t = teacher_params[names[id(p)]]
+                    n = p.partition_numel()
+                    if t.ds_tensor.numel() != n:
+                        raise ShapeError(f"ShardedEMATeacher: {names[id(p)]}: teacher shard {t.ds_tensor.numel()} "
+                                         f"elements, student shard {n}")
+                    t.ds_tensor.data = shard.narrow(0, offset, n)
+                    offset += n
+                self._shards.append(shard)
+            grouped = {id(p) for group in optimizer.fp16_groups for p in group}
+            for name, p in student_params.items():  # frozen student parameters: a constant EMA
+                if id(p) not in grouped:
+                    teacher_params[name].ds_tensor.copy_(p.ds_tensor)
+        self._optimizer, self._updater = optimizer, _Updater(backend)
+        self._jobs = self._prepare()
+
+    def _prepare(self) -> list[tuple]:
+        # Re-read each step: a checkpoint load may swap the engine's master tensors.
+        self._masters = list(self._optimizer.fp32_partitioned_groups_flat)
+        self._master_ptrs = [m.data_ptr() for m in self._masters]
+        _validate(self._shards, self._masters)
+        return self._updater.prepare(self._shards, self._masters)
+
+    def update(self, student_module: torch.nn.Module | None = None) -> None:
+        """Lerp this rank's teacher shards toward its fp32 master shards (``student_module`` is not read)."""
+        if [m.data_ptr() for m in self._optimizer.fp32_partitioned_groups_flat] != self._master_ptrs:
+            self._jobs = self._prepare()
+        _Updater.run(self._jobs, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        """Full (gathered) teacher parameters and buffers on every rank; a collective: every rank calls it."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in self.module.named_parameters()}
+        state.update({k: v.detach().clone() for k, v in self.module.named_buffers()})
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load full tensors (as :meth:`state_dict` writes): each rank keeps its own slice, no communication."""
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                full = state_dict[name].reshape(-1).to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype)
+                n = p.ds_tensor.numel()
+                part = full[self.rank * n: (self.rank + 1) * n]
+                p.ds_tensor.zero_()
+                p.ds_tensor[: part.numel()].copy_(part)
+            for name, buf in self.module.named_buffers():
+                buf.copy_(state_dict[name])

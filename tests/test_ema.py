@@ -1,0 +1,263 @@
+"""EMA update and teacher: float64 expectations for both backends (Triton through its CPU
+interpreter), in-place semantics, input errors and the EMATeacher contract."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from degla_fast import EMATeacher, ema_update_
+from degla_fast.errors import ConfigError, ShapeError
+from degla_fast.kernels import ema as kernel
+from degla_fast.reference import ema_update_loop_
+
+BACKENDS = ["torch", "triton"]
+SHAPES = [(1,), (7,), (1023,), (4097,), (6, 3, 5, 5), (2, 3, 7, 11)]
+
+
+def _expected(teacher, student, decay):
+    """t + (1 - decay) (s - t) in float64 from the inputs as stored."""
+    return [t.double() + (1.0 - decay) * (s.double() - t.double()) for t, s in zip(teacher, student)]
+
+
+def _assert_matches(actual, expected, dtype):
+    # fp32 teacher: fp32 arithmetic; 16-bit teacher: one rounding (1 ulp covers the CPU
+    # interpreter's truncating cast as well as round-to-nearest on a GPU).
+    rel = {torch.float32: 2e-7, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == dtype
+        err = (a.double() - e).abs()
+        assert bool((err <= rel * e.abs() + 1e-6).all()), (i, float(err.max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t_dtype,s_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_matches_float64_expectation(backend, t_dtype, s_dtype):
+    teacher = [torch.randn(s).to(t_dtype) for s in SHAPES]
+    student = [torch.randn(s).to(s_dtype) for s in SHAPES]
+    expected = _expected(teacher, student, 0.9)
+    ema_update_(teacher, student, 0.9, backend=backend)
+    _assert_matches(teacher, expected, t_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_and_student_untouched(backend):
+    teacher = [torch.randn(s) for s in SHAPES]
+    student = [torch.randn(s, dtype=torch.bfloat16) for s in SHAPES]
+    ptrs, objects = [t.data_ptr() for t in teacher], [id(t) for t in teacher]
+    student_before = [s.clone() for s in student]
+    assert ema_update_(teacher, student, 0.5, backend=backend) is None
+    assert [t.data_ptr() for t in teacher] == ptrs and [id(t) for t in teacher] == objects
+    assert all(torch.equal(a, b) for a, b in zip(student, student_before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decay_edges_and_release_loop(backend):
+    teacher = [torch.randn(s) for s in SHAPES]
+    student = [torch.randn(s) for s in SHAPES]
+    kept = [t.clone() for t in teacher]
+    ema_update_(kept, student, 1.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(kept, teacher))
+    copied = [t.clone() for t in teacher]
+    ema_update_(copied, student, 0.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(copied, student))
+    ours, loop = [t.clone() for t in teacher], [t.clone() for t in teacher]
+    ema_update_(ours, student, 0.9996, backend=backend)
+    ema_update_loop_(loop, student, 0.9996)
+    for a, b in zip(ours, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_at_odd_offsets_and_non_contiguous(backend):
+    # Views at odd element offsets defeat the 16-byte alignment; a transposed tensor is not dense.
+    buf_t, buf_s = torch.randn(200), torch.randn(200, dtype=torch.bfloat16)
+    teacher = [buf_t[1:8], buf_t[9:42], buf_t[43:43], torch.randn(5, 9).t()]
+    student = [buf_s[3:10], buf_s[11:44], buf_s[50:50], torch.randn(9, 5, dtype=torch.bfloat16)]
+    expected = _expected(teacher, student, 0.75)
+    ema_update_(teacher, student, 0.75, backend=backend)
+    _assert_matches(teacher, expected, torch.float32)
+
+
+def test_kernel_block_boundaries_and_alignment():
+    # A small block makes every tensor span several full blocks plus a masked tail.
+    flat = torch.zeros(4 * 64 + 40)
+    teacher = [flat[0:33], flat[64:64 + 128], flat[256:256 + 17]]
+    student = [torch.randn(33), torch.randn(128), torch.randn(17)]
+    expected = _expected(teacher, student, 0.3)
+    plan = kernel.build_plan(teacher, student, block=16)
+    assert plan.t_align == 4  # views on 64-element boundaries: 16-byte vector loads are provable
+    assert plan.count.tolist() == [16, 16, 1] + [16] * 8 + [16, 1]
+    kernel.launch(plan, teacher[0], student[0], 0.7)
+    _assert_matches(teacher, expected, torch.float32)
+    # Offsets are relative to the first tensor (the base pointer's own alignment the compiler sees).
+    odd = kernel.build_plan([flat[1:8], flat[10:21]], [torch.randn(7), torch.randn(11)], block=16)
+    assert odd.t_align == 1
+
+
+def test_plan_cache_follows_new_tensors():
+    for _ in range(3):  # same shapes, fresh tensors each time (cache keys are addresses)
+        teacher = [torch.randn(s) for s in SHAPES]
+        student = [torch.randn(s) for s in SHAPES]
+        expected = _expected(teacher, student, 0.8)
+        ema_update_(teacher, student, 0.8, backend="triton")
+        _assert_matches(teacher, expected, torch.float32)
+    # Same addresses and sizes, but a transposed (non-dense) view: a cached table must not be reused.
+    base = torch.randn(5, 9)
+    ema_update_([base], [torch.randn(5, 9)], 0.8, backend="triton")
+    teacher, student = [base.t()], [torch.randn(9, 5)]
+    expected = _expected(teacher, student, 0.8)
+    ema_update_(teacher, student, 0.8, backend="triton")
+    _assert_matches(teacher, expected, torch.float32)
+
+
+def test_errors_are_value_errors_naming_the_culprit():
+    t, s = [torch.zeros(3), torch.zeros(4)], [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(ShapeError, match="2 teacher tensors but 1 student"):
+        ema_update_(t, s[:1], 0.9)
+    with pytest.raises(ShapeError, match=r"tensor 1: teacher shape \(4,\) != student shape \(5,\)"):
+        ema_update_(t, [torch.zeros(3), torch.zeros(5)], 0.9)
+    with pytest.raises(ShapeError, match="tensor 0: teacher on cpu but student on meta"):
+        ema_update_(t, [torch.zeros(3, device="meta"), torch.zeros(4)], 0.9)
+    for decay in (-0.1, 1.5, math.nan):
+        with pytest.raises(ConfigError, match="decay must be in"):
+            ema_update_(t, s, decay)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        ema_update_(t, s, 0.9, backend="cuda")
+    for err in (ShapeError, ConfigError):
+        assert issubclass(err, ValueError)
+    assert torch.equal(t[0], torch.zeros(3))  # nothing was written by a rejected call
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        ema_update_([torch.zeros(3)], [torch.ones(3)], 0.9, backend="triton")
+    ema_update_([torch.zeros(3)], [torch.ones(3)], 0.9, backend="auto")  # auto on the CPU: torch
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 5)
+        self.scale = torch.nn.Parameter(torch.tensor(2.5))
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).mean((2, 3))) * self.scale
+
+
+def _step(student: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_semantics(backend):
+    student = _Net()
+    student(torch.randn(2, 3, 6, 6))  # moves the BatchNorm running statistics
+    teacher = EMATeacher(student, decay=0.9, backend=backend)
+    t_params, s_params = list(teacher.module.parameters()), list(student.parameters())
+    assert not teacher.module.training and student.training
+    assert all(not p.requires_grad for p in t_params)
+    assert all(tp is not sp and tp.data_ptr() != sp.data_ptr() for tp, sp in zip(t_params, s_params))
+    for (k, a), (_, b) in zip(teacher.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), k  # an exact copy, buffers included
+    # Parameters are views of one flat fp32 buffer.
+    lo, hi = teacher.flat.data_ptr(), teacher.flat.data_ptr() + teacher.flat.numel() * 4
+    assert all(lo <= p.data_ptr() < hi and p.dtype == torch.float32 for p in t_params)
+
+    expected = [p.detach().double().clone() for p in s_params]
+    buffers = {k: v.clone() for k, v in teacher.module.named_buffers()}
+    for _ in range(3):
+        _step(student)
+        student(torch.randn(2, 3, 6, 6))
+        teacher.update(student)
+        expected = [e + 0.1 * (p.detach().double() - e) for e, p in zip(expected, s_params)]
+    for tp, e in zip(teacher.module.parameters(), expected):
+        torch.testing.assert_close(tp.double(), e, rtol=1e-6, atol=1e-6)
+    for k, v in teacher.module.named_buffers():  # buffers are copied once, never averaged
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_teacher_follows_replaced_student_storage():
+    student = _Net()
+    teacher = EMATeacher(student, decay=0.5, backend="triton")
+    teacher.update(student)
+    # Re-assigning .data (what Module.to does) moves the storage: the cached table must not be reused.
+    student.head.weight.data = torch.full_like(student.head.weight, 3.0)
+    before = teacher.module.head.weight.detach().clone()
+    teacher.update(student)
+    torch.testing.assert_close(teacher.module.head.weight, before + 0.5 * (3.0 - before))
+    with pytest.raises(ShapeError, match="student has"):
+        teacher.update(torch.nn.Linear(2, 2))
+
+
+def test_bf16_teacher_and_bf16_student():
+    student = _Net().to(torch.bfloat16)
+    teacher = EMATeacher(student, decay=0.75, backend="triton", dtype=torch.bfloat16)
+    assert teacher.flat.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in teacher.module.parameters())
+    fp32 = EMATeacher(student, decay=0.75, backend="triton")
+    assert fp32.flat.dtype == torch.float32 and fp32.flat.numel() == teacher.flat.numel()
+    start = [p.detach().clone() for p in teacher.module.parameters()]
+    _step(student)
+    teacher.update(student)
+    fp32.update(student)
+    s_params = list(student.parameters())
+    _assert_matches(list(teacher.module.parameters()), _expected(start, s_params, 0.75), torch.bfloat16)
+    _assert_matches(list(fp32.module.parameters()), _expected(start, s_params, 0.75), torch.float32)
+
+
+def test_state_dict_round_trip_and_bad_arguments():
+    student = _Net()
+    teacher = EMATeacher(student, decay=0.5, backend="torch")
+    _step(student)
+    teacher.update(student)
+    other = EMATeacher(_Net(), decay=0.5, backend="torch")
+    other.load_state_dict(teacher.state_dict())
+    for (k, a), (_, b) in zip(other.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(a, b), k
+    lo, hi = other.flat.data_ptr(), other.flat.data_ptr() + other.flat.numel() * 4
+    assert all(lo <= p.data_ptr() < hi for p in other.module.parameters())  # still views of the flat buffer
+    with pytest.raises(ConfigError, match="decay"):
+        EMATeacher(student, decay=2.0)
+    with pytest.raises(ConfigError, match="backend"):
+        EMATeacher(student, backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_copy_written_in_the_same_pass(backend):
+    student = _Net()
+    teacher = EMATeacher(student, decay=0.75, backend=backend, forward_dtype=torch.bfloat16)
+    reference = EMATeacher(student, decay=0.75, backend=backend)
+    assert all(p.dtype == torch.bfloat16 for p in teacher.module.parameters())
+    for _ in range(2):
+        _step(student)
+        teacher.update(student)
+        reference.update(student)
+    state, expected = teacher.state_dict(), reference.state_dict()
+    for k, v in expected.items():  # the EMA state itself stays fp32
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+    for (name, p), ref in zip(teacher.module.named_parameters(), reference.module.parameters()):
+        _assert_matches([p], [ref.detach().double()], torch.bfloat16)
+    # Under autocast the bf16 weights are used as they are (a layer autocast leaves in fp32,
+    # LayerNorm, casts them up): same output as the fp32 teacher's autocast forward.
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    fast = EMATeacher(mlp, backend=backend, forward_dtype=torch.bfloat16).module
+    slow = EMATeacher(mlp, backend=backend).module
+    x = torch.randn(3, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fast(x), slow(x), rtol=0.02, atol=0.02)
+
+    fresh = EMATeacher(_Net(), decay=0.75, backend=backend, forward_dtype=torch.bfloat16)
+    fresh.load_state_dict(state)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k  # fp32 precision survives the round trip
+    for p, q in zip(fresh.module.parameters(), teacher.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=2 ** -7, atol=0)
