@@ -27,7 +27,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"degla_fast.kernels": "kernels"},
-    package_data={"degla_fast": ["py.typed"]},
+    package_data={"degla_fast": ["py.typed", "model_configs/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

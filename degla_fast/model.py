@@ -1,0 +1,314 @@
+"""open_clip models for DeGLA: creation, checkpoint loading and feature extraction.
+
+Importing this module registers :data:`TINY_MODEL` (``"degla-tiny"``, a 64x64-pixel CLIP small
+enough to train on a CPU in minutes) with open_clip, so it can be named anywhere an open_clip
+model name is accepted.
+
+Text is encoded *trimmed*: a token batch ``[N, L]`` with ``L`` shorter than the model's context
+length (77 for CLIP) runs the text transformer on ``L`` positions only. This is exact for CLIP's
+causal text tower with end-of-text pooling: a position never attends to later ones, so padding
+after the end-of-text token cannot change the pooled feature. open_clip's own ``encode_text``
+adds the full-length positional embedding and so refuses such inputs; the models returned here
+use :func:`encode_text`'s path from their ``forward`` too, which keeps DeepSpeed (ZeRO-3
+gathers a module's parameters around its ``forward``) and ``model(images, tokens)`` working.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+
+from .errors import ConfigError, DataError, ShapeError
+
+TINY_MODEL = "degla-tiny"
+PRECISIONS = ("fp32", "bf16", "amp")
+CHECKPOINT_FORMAT = "degla-fast/checkpoint"
+CHECKPOINT_VERSION = 1
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+# fp32: fp32 weights, no autocast. bf16: open_clip's OpenAI-style low precision (linear and
+# attention weights in bf16, layer norms in fp32). amp: fp32 weights; the caller runs the forward
+# under :func:`autocast` (bf16 on the CPU, fp16 or bf16 on the GPU).
+_OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "bf16", "amp": "fp32"}
+# Pooling types that read a position at or before the end-of-text token: trimming is exact.
+_TRIM_SAFE_POOLING = ("argmax", "eos", "first")
+
+open_clip.add_model_config(_CONFIG_DIR / f"{TINY_MODEL}.json")
+
+
+class TrimmedTextCLIP(CLIP):
+    """open_clip's ``CLIP`` whose ``encode_text`` accepts token batches shorter than the context.
+
+    Same parameters, buffers and state-dict keys as ``CLIP``; models from :func:`create_model`
+    get this class so that ``model(images, tokens)`` (and a DeepSpeed engine around it) takes
+    trimmed batches.
+    """
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """tokens ``[N, L]`` with ``L <= context_length`` -> features ``[N, D]``."""
+        return _encode_text_trimmed(self, text, normalize=normalize)
+
+
+@dataclass
+class ModelBundle:
+    """A model and everything needed to feed it.
+
+    ``tokenizer``: ``list[str] -> LongTensor[N, context_length]`` (zero-padded);
+    ``preprocess_train`` / ``preprocess_val``: ``PIL.Image -> FloatTensor[3, image_size, image_size]``
+    (normalised with ``mean`` / ``std``); ``pretrained``: where the weights came from (an open_clip
+    tag, a state-dict file or a degla-fast checkpoint file), ``None`` for a random initialisation.
+    """
+
+    model: torch.nn.Module
+    name: str
+    pretrained: str | None
+    tokenizer: Callable
+    preprocess_train: Callable
+    preprocess_val: Callable
+    image_size: int
+    mean: tuple
+    std: tuple
+    context_length: int
+    precision: str = "fp32"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def create_model(name: str, pretrained: str | None = None, *, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> ModelBundle:
+    """Build an open_clip model with its tokenizer and image transforms.
+
+    ``name``: an open_clip model name (``"ViT-B-32"``, :data:`TINY_MODEL`, ``"hf-hub:..."``);
+    ``pretrained``: an open_clip tag (``"openai"``), a local state-dict file, or ``None`` for random
+    weights; ``precision`` in :data:`PRECISIONS`. Raises :class:`ConfigError` for unknown names,
+    tags or precisions and :class:`DataError` when the weights cannot be read.
+    """
+    _check_precision(precision)
+    schema, _ = open_clip.factory.parse_model_name(name)
+    if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
+        raise ConfigError(f"model: unknown open_clip model {name!r} (e.g. {TINY_MODEL!r}, 'ViT-B-32'; "
+                          "see open_clip.list_models())")
+    if pretrained is not None and schema is None and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
+        if pretrained not in tags:
+            raise ConfigError(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
+                              f"(tags: {', '.join(tags) or 'none'})")
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[precision], device=device)
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {_first_line(err)}") from err
+    return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision) -> ModelBundle:
+    if type(model) is CLIP:
+        # Same state, one overridden method: see TrimmedTextCLIP.
+        model.__class__ = TrimmedTextCLIP
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    image_size = int(size if isinstance(size, int) else size[0])
+    return ModelBundle(
+        model=model, name=name, pretrained=pretrained, tokenizer=open_clip.get_tokenizer(name),
+        preprocess_train=preprocess_train, preprocess_val=preprocess_val, image_size=image_size,
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), context_length=context_length(model),
+        precision=precision)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint path as users give it -> the checkpoint file.
+
+    Accepts the file itself, a ``checkpoints/`` folder or a training output folder (both read
+    ``checkpoints/latest``), or the ``latest`` file. Raises :class:`DataError` when nothing is found.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for latest in (path / "latest", path / "checkpoints" / "latest"):
+            if latest.is_file():
+                return resolve_checkpoint(latest)
+        raise DataError(f"{path}: folder holds no 'latest' or 'checkpoints/latest' file")
+    if path.name == "latest" and path.is_file():
+        target = path.parent / path.read_text(encoding="utf-8").strip()
+        if not target.is_file():
+            raise DataError(f"{path}: names {target.name!r}, which does not exist in {path.parent}")
+        return target
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file or folder")
+    return path
+
+
+def _read_checkpoint(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights_only" not in str(err):
+                raise
+            # Training checkpoints may carry RNG states and configs that the safe loader refuses;
+            # they are the user's own files.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from err
+
+
+def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *,
+               device: str | torch.device = "cpu", precision: str = "fp32") -> ModelBundle:
+    """Like :func:`create_model`, and ``pretrained`` may also be a degla-fast training checkpoint.
+
+    A checkpoint (file, ``checkpoints/`` folder, training output folder or ``latest`` file, see
+    :func:`resolve_checkpoint`) loads its ``student`` weights; ``model`` may then be ``None`` to use
+    the checkpoint's ``model_name`` (a different name is a :class:`ConfigError`). Anything else goes
+    to :func:`create_model`.
+    """
+    _check_precision(precision)
+    # open_clip tags are bare words; anything else names a file or folder.
+    if pretrained is not None and (Path(pretrained).exists() or Path(pretrained).suffix or os.sep in str(pretrained)):
+        path = resolve_checkpoint(pretrained)
+        state = None if path.suffix == ".safetensors" else _read_checkpoint(path)
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            return _from_checkpoint(model, path, state, device, precision)
+        if model is None:
+            raise ConfigError(f"model: needed to load the plain state dict {path}")
+        return create_model(model, str(path), device=device, precision=precision)
+    if model is None:
+        raise ConfigError("model: needed unless pretrained names a degla-fast checkpoint")
+    return create_model(model, None if pretrained is None else str(pretrained), device=device, precision=precision)
+
+
+def _from_checkpoint(model: str | None, path: Path, state: dict, device, precision) -> ModelBundle:
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    for key in ("model_name", "student"):
+        if key not in state:
+            raise DataError(f"{path}: checkpoint lacks the {key!r} field")
+    if model is not None and model != state["model_name"]:
+        raise ConfigError(f"model: {model!r} given but {path} holds a {state['model_name']!r} model")
+    bundle = create_model(state["model_name"], None, device="cpu", precision="fp32")
+    student = {k.removeprefix("module."): v for k, v in state["student"].items()}
+    missing, unexpected = bundle.model.load_state_dict(student, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{path}: student weights do not fit {state['model_name']!r} "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    if precision == "bf16":
+        open_clip.model.convert_weights_to_lp(bundle.model, dtype=torch.bfloat16)
+    bundle.model.to(device)
+    bundle.pretrained, bundle.precision = str(path), precision
+    return bundle
+
+
+def autocast(precision: str, device: str | torch.device = "cpu"):
+    """Context for a forward pass at ``precision``: autocast for ``"amp"`` (fp16 on CUDA, bf16 on
+    other devices), nothing otherwise."""
+    _check_precision(precision)
+    device_type = torch.device(device).type
+    if precision != "amp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DeepSpeed engines and DistributedDataParallel keep the model as ``.module``.
+    while not isinstance(model, (CLIP, open_clip.CustomTextCLIP)) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The longest token sequence ``model``'s text tower accepts."""
+    net = _unwrap(model)
+    if isinstance(net, CLIP):
+        return int(net.positional_embedding.shape[0])
+    return int(getattr(getattr(net, "text", net), "context_length"))
+
+
+def trim_tokens(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """``[N, L]`` -> ``[N, L']``: drop the trailing columns that are padding in every row (``L' >= 1``).
+
+    Reads the tokens on the host: call it where they still live on the CPU.
+    """
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if used.numel() else 1
+    return tokens[:, :length]
+
+
+def pad_tokens(tokens: torch.Tensor, length: int, pad_id: int = 0) -> torch.Tensor:
+    """``[N, L]`` -> ``[N, length]`` padded on the right with ``pad_id`` (``L <= length``)."""
+    if tokens.shape[1] > length:
+        raise ShapeError(f"tokens: {tokens.shape[1]} positions, the model's context length is {length}")
+    return F.pad(tokens, (0, length - tokens.shape[1]), value=pad_id)
+
+
+def _encode_text_trimmed(net: CLIP, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if tokens.dim() != 2:
+        raise ShapeError(f"tokens: expected [N, L], got {tuple(tokens.shape)}")
+    full = int(net.positional_embedding.shape[0])
+    if tokens.shape[1] > full:
+        raise ShapeError(f"tokens: {tokens.shape[1]} positions, the model's context length is {full}")
+    if tokens.device.type == "cpu":
+        # Free on the host; on an accelerator it would cost a device sync, and the data
+        # pipeline already trims each batch to its longest caption.
+        tokens = trim_tokens(tokens)
+    if net.attn_mask is None or net.text_pool_type not in _TRIM_SAFE_POOLING:
+        # Non-causal towers or last-position pooling see the padding: run them at full length.
+        return CLIP.encode_text(net, pad_tokens(tokens, full), normalize=normalize)
+    length = tokens.shape[1]
+    cast_dtype = net.transformer.get_cast_dtype()
+    x = net.token_embedding(tokens).to(cast_dtype) + net.positional_embedding[:length].to(cast_dtype)
+    # open_clip's Transformer takes [N, L, D] whatever its batch_first setting and transposes
+    # internally when it runs sequence-first.
+    x = net.transformer(x, attn_mask=net.attn_mask[:length, :length])
+    x = net.ln_final(x)
+    x = open_clip.transformer.text_global_pool(x, tokens, net.text_pool_type,
+                                               eos_token_id=getattr(net, "text_eos_id", None))
+    if net.text_projection is not None:
+        x = net.text_projection(x) if isinstance(net.text_projection, torch.nn.Linear) else x @ net.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def encode_image(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images ``[B, 3, H, W]`` (normalised) -> L2-normalised features ``[B, D]``."""
+    return _unwrap(model).encode_image(images, normalize=True)
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens ``[N, L]``, ``L <= context_length`` -> L2-normalised features ``[N, D]``.
+
+    CLIP models with the built-in text tower run on ``L`` positions (the same features as
+    padding to the context length, to float rounding); other model types are padded.
+    Under DeepSpeed ZeRO-3 use :func:`clip_features`, which goes through the engine's forward.
+    """
+    net = _unwrap(model)
+    if isinstance(net, CLIP):
+        return _encode_text_trimmed(net, tokens, normalize=True)
+    return net.encode_text(pad_tokens(tokens, context_length(net)), normalize=True)
+
+
+def clip_features(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """One forward of both towers through ``model`` (an open_clip model or a wrapper of one).
+
+    images ``[B, 3, H, W]``, tokens ``[N, L]`` -> ``(image_features [B, D], text_features [N, D],
+    logit_scale_exp)``, features L2-normalised, ``logit_scale_exp`` a scalar tensor (exp applied).
+    """
+    net = _unwrap(model)
+    if not isinstance(net, TrimmedTextCLIP):
+        tokens = pad_tokens(tokens, context_length(net))
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
