@@ -1,0 +1,142 @@
+"""``build_train_data``: records + epoch order + image pipeline -> an iterable of :class:`Batch`."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .dali import DaliBatches, dali_available, text_pool
+from .sampling import check_negatives, epoch_batches
+from .sources import load_records
+from .torch_pipeline import BatchDataset, torch_batches, train_transform
+
+PIPELINES = ("auto", "dali", "torch")
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    images: float32 ``[B,3,H,W]``, normalised with the model's mean/std.
+    tokens: int64 ``[B*(1+K), L]``: ``B`` positives then ``B*K`` negatives, sample-major; ``L`` is the
+        longest caption of this batch incl. end-of-text (``context_length`` when not trimming).
+    indices: int64 ``[B]``, the records' positions in the data file.
+    """
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    indices: torch.Tensor
+
+
+class TrainData:
+    """This rank's training batches; ``len()`` = batches per epoch (the last partial one dropped).
+
+    Call :meth:`set_epoch` before iterating; order, negatives and (torch pipeline) augmentations are
+    a pure function of (seed, epoch), so ``set_epoch(e, start_batch=n)`` resumes exactly.
+    ``bad_images`` counts images skipped in the current epoch (``skip_bad_images``).
+    """
+
+    def __init__(self, records, *, source, tokenizer, image_size, mean, std, batch_size, num_negatives, seed,
+                 rank, world_size, num_workers, pipeline, device, skip_bad_images, sample_with_replacement,
+                 trim_text, text_workers=2):
+        self.records, self.source = records, source
+        self.tokenizer, self.image_size, self.mean, self.std = tokenizer, image_size, tuple(mean), tuple(std)
+        self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.pipeline, self.device = pipeline, torch.device(device)
+        self.skip_bad_images, self.sample_with_replacement, self.trim_text = (
+            skip_bad_images, sample_with_replacement, trim_text)
+        self.epoch, self.start_batch, self.bad_images = 0, 0, 0
+        self.text_workers, self._pool = text_workers, None
+        self._transform = train_transform(image_size, mean, std) if pipeline == "torch" else None
+
+    @property
+    def num_samples(self) -> int:
+        """Number of records in the data source (all ranks)."""
+        return len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records) // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate next, starting at batch ``start_batch`` of it."""
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def _batches(self):
+        batches = epoch_batches(len(self.records), self.batch_size, seed=self.seed, epoch=self.epoch,
+                                rank=self.rank, world_size=self.world_size)
+        common = dict(tokenizer=self.tokenizer, num_negatives=self.num_negatives, seed=self.seed, epoch=self.epoch,
+                      skip_bad_images=self.skip_bad_images, sample_with_replacement=self.sample_with_replacement,
+                      trim_text=self.trim_text)
+        if self.pipeline == "dali":
+            device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+            threads = max(1, self.num_workers)
+            if self._pool is None and self.text_workers > 0:
+                self._pool = text_pool(self.records, self.tokenizer, self.num_negatives,
+                                       self.sample_with_replacement, self.trim_text, self.text_workers)
+            for images, tokens, indices, bad in DaliBatches(
+                    self.records, batches, image_size=self.image_size, mean=self.mean, std=self.std,
+                    rank=self.rank, start_batch=self.start_batch, device_id=device_id, num_threads=threads,
+                    pool=self._pool, **common):
+                yield images, tokens, indices, bad
+            return
+        dataset = BatchDataset(self.records, batches, transform=self._transform, **common)
+        for item in torch_batches(dataset, self.start_batch, self.num_workers, self.device.type == "cuda"):
+            yield item.images, item.tokens, item.indices, item.bad
+
+    def close(self) -> None:
+        """Stop the text-tokenising processes of the DALI pipeline (also done at garbage collection)."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        self.close()
+
+    def __iter__(self):
+        self.bad_images = 0
+        for images, tokens, indices, bad in self._batches():
+            self.bad_images += len(bad)
+            if len(indices) == 0:
+                continue
+            yield Batch(images, tokens, indices)
+        if self.bad_images:
+            warnings.warn(f"epoch {self.epoch}: skipped {self.bad_images} unreadable image(s) in {self.source}",
+                          stacklevel=2)
+
+
+def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_negatives, image_root=None, seed=0,
+                     rank=0, world_size=1, num_workers=2, pipeline="auto", device="cpu", skip_bad_images=False,
+                     sample_with_replacement=False, trim_text=True, text_workers=2, **source_options) -> TrainData:
+    """Training data of a DeGLA ``.json``, a ``.csv``/``.tsv`` or WebDataset shards (``a-{000..009}.tar``).
+
+    ``tokenizer``: ``list[str] -> LongTensor[N, context_length]``; ``image_size``/``mean``/``std``: the
+    model's preprocessing. ``num_negatives`` = K (0: plain CLIP, ``B`` text rows). ``pipeline``:
+    ``"dali"`` (GPU decode when ``device`` is CUDA, CPU threads otherwise; ``num_workers`` threads),
+    ``"torch"`` (DataLoader with ``num_workers`` processes) or ``"auto"`` (DALI on CUDA when installed,
+    else torch). ``text_workers``: processes tokenising ahead for DALI (0: in the loop). ``source_options`` go to :func:`.sources.load_records` (``image_pattern``, ``csv_*``).
+    Raises :class:`DataError` on malformed files or records short of negatives.
+    """
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"pipeline {pipeline!r} not in {PIPELINES}")
+    if batch_size < 1 or num_negatives < 0:
+        raise ConfigError(f"batch_size must be >= 1 and num_negatives >= 0 (got {batch_size}, {num_negatives})")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} outside [0, world_size={world_size})")
+    cuda = torch.device(device).type == "cuda"
+    if pipeline == "auto":
+        pipeline = "dali" if cuda and dali_available() else "torch"
+    elif pipeline == "dali" and not dali_available():
+        raise ConfigError("pipeline 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); use 'torch' or 'auto'")
+    records = load_records(path, image_root=image_root, **source_options)
+    check_negatives(records, num_negatives, source=os.fspath(path), with_replacement=sample_with_replacement)
+    return TrainData(records, source=os.fspath(path), tokenizer=tokenizer, image_size=image_size, mean=mean,
+                     std=std, batch_size=batch_size, num_negatives=num_negatives, seed=seed, rank=rank,
+                     world_size=world_size, num_workers=num_workers, pipeline=pipeline, device=device,
+                     skip_bad_images=skip_bad_images, sample_with_replacement=sample_with_replacement,
+                     trim_text=trim_text, text_workers=text_workers)

@@ -1,0 +1,57 @@
+"""Epoch order, rank split and K-negative choice: pure functions of (seed, epoch, sample index)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DataError
+from .sources import Record
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])))
+
+
+def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """This rank's batches of record indices for one epoch.
+
+    One permutation of all samples per (seed, epoch), shared by every rank; the tail that does not
+    fill ``batch_size * world_size`` is dropped, and global batch ``b`` gives rank ``r`` the slice
+    ``[r*B, (r+1)*B)``. Returns ``num_samples // (B*world_size)`` lists of ``B`` indices.
+    """
+    order = _rng(seed, epoch, 0x5EED).permutation(num_samples)
+    step = batch_size * world_size
+    batches = []
+    for start in range(0, num_samples - step + 1, step):
+        lo = start + rank * batch_size
+        batches.append(order[lo:lo + batch_size].tolist())
+    return batches
+
+
+def check_negatives(records: list[Record], num_negatives: int, *, source: str, with_replacement: bool) -> None:
+    """Raise one :class:`DataError` counting the records with fewer than ``num_negatives`` negatives.
+
+    With ``with_replacement`` only records with no negative at all are errors.
+    """
+    if num_negatives <= 0:
+        return
+    need = 1 if with_replacement else num_negatives
+    short = [r for r in records if len(r.negatives) < need]
+    if short:
+        hint = "" if with_replacement else "; sample_with_replacement=True reuses negatives"
+        raise DataError(f"{source}: {len(short)} of {len(records)} records have fewer than {need} negatives "
+                        f"(num_negatives={num_negatives}; first: {short[0].where} with {len(short[0].negatives)})"
+                        f"{hint}")
+
+
+def choose_negatives(record: Record, index: int, num_negatives: int, *, seed: int, epoch: int,
+                     with_replacement: bool = False) -> list[str]:
+    """``num_negatives`` of the record's negatives, drawn without replacement (with, if asked)
+    from a generator keyed by (seed, epoch, index); so the same sample gets the same ones on resume."""
+    if num_negatives <= 0:
+        return []
+    pool = record.negatives
+    rng = _rng(seed, epoch, index, 0xBEE)
+    replace = with_replacement and len(pool) < num_negatives
+    picks = rng.choice(len(pool), size=num_negatives, replace=replace)
+    return [pool[i] for i in picks]

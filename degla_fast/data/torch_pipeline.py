@@ -1,0 +1,93 @@
+"""Torch DataLoader pipeline: PIL decode and open_clip's training transforms, one batch per worker task.
+
+Each sample's augmentation runs under a torch generator seeded from (seed, epoch, index), so a
+batch is the same whichever worker builds it and whether or not the epoch was resumed midway.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DataError
+from .sampling import _rng
+from .sources import Record, image_name, read_image_bytes
+from .text import batch_tokens
+
+
+def open_image(record: Record):
+    """The record's image as an RGB PIL image; raises :class:`DataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(read_image_bytes(record))) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{image_name(record)}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def train_transform(image_size: int, mean, std):
+    """open_clip's training transform (random resized crop, to tensor, normalise) for the model."""
+    from open_clip import image_transform
+
+    return image_transform(image_size, is_train=True, mean=tuple(mean), std=tuple(std))
+
+
+@dataclass
+class _Loaded:
+    images: torch.Tensor
+    tokens: torch.Tensor
+    indices: torch.Tensor
+    bad: list[str]
+
+    def pin_memory(self):
+        # DataLoader's pin_memory thread calls this on custom batch types.
+        return _Loaded(self.images.pin_memory(), self.tokens.pin_memory(), self.indices, self.bad)
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item ``b`` = batch ``b`` of this epoch: images ``[B',3,S,S]``, tokens, indices and the names of
+    images skipped as unreadable (``B' < B`` only when ``skip_bad_images``)."""
+
+    def __init__(self, records, batches, *, tokenizer, transform, num_negatives, seed, epoch,
+                 skip_bad_images=False, sample_with_replacement=False, trim_text=True):
+        self.records, self.batches, self.tokenizer, self.transform = records, batches, tokenizer, transform
+        self.num_negatives, self.seed, self.epoch = num_negatives, seed, epoch
+        self.skip_bad_images, self.with_replacement, self.trim = skip_bad_images, sample_with_replacement, trim_text
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> _Loaded:
+        images, kept, bad = [], [], []
+        for i in self.batches[b]:
+            try:
+                pil = open_image(self.records[i])
+            except DataError:
+                if not self.skip_bad_images:
+                    raise
+                bad.append(image_name(self.records[i]))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(_rng(self.seed, self.epoch, i, 0xC0B).integers(2**62)))
+                images.append(self.transform(pil))
+            kept.append(i)
+        tokens = batch_tokens(self.records, kept, self.tokenizer, self.num_negatives, seed=self.seed,
+                              epoch=self.epoch, with_replacement=self.with_replacement, trim=self.trim)
+        stacked = torch.stack(images) if images else torch.empty(0)
+        return _Loaded(stacked, tokens, torch.tensor(kept, dtype=torch.long), bad)
+
+
+def torch_batches(dataset: BatchDataset, start_batch: int, num_workers: int, pin_memory: bool):
+    """Iterate ``dataset`` from ``start_batch`` with a DataLoader of ``num_workers`` processes."""
+    import sys
+
+    subset = torch.utils.data.Subset(dataset, range(start_batch, len(dataset)))
+    # Forking a process in which DALI has run threads can hang the child: spawn workers then.
+    context = "spawn" if num_workers > 0 and "nvidia.dali.backend" in sys.modules else None
+    loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         multiprocessing_context=context,
+                                         pin_memory=pin_memory, persistent_workers=False,
+                                         prefetch_factor=2 if num_workers > 0 else None)
+    yield from loader
