@@ -1,0 +1,304 @@
+"""LLM backend: hard negatives from any OpenAI-compatible chat-completions server.
+
+Works with vLLM, SGLang, TGI or a hosted API. One prompt per type (``configs/negatives/
+<type>.yaml``) with in-context examples; requests run in a thread pool under a concurrency
+limit, retry with exponential backoff and jitter on 429, 5xx, timeouts, connection errors
+and malformed bodies; every candidate is validated (:func:`validate.check_negative`) and
+each finished request is appended to the JSONL cache, so a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .cache import NegativeCache
+from .summary import Summary
+from .tagger import words_of
+from .validate import check_negative
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "negatives"
+_RETRY_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+_FATAL_STATUS = frozenset({401, 403, 404})
+_BULLET_RE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.):]|\(\d+\))\s*")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One type's prompt: ``system`` text, ``instruction`` template with ``{caption}`` and
+    ``{n}``, and ``examples`` as (caption, negatives) pairs shown before the real caption."""
+
+    system: str
+    instruction: str
+    examples: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def load_prompts(directory: str | os.PathLike, types: tuple[str, ...]) -> dict[str, Prompt]:
+    """Read ``<directory>/<type>.yaml`` for every type -> {type: Prompt}; ConfigError names
+    the file and field when one is missing or malformed."""
+    import yaml
+
+    prompts = {}
+    for neg_type in types:
+        path = Path(directory) / f"{neg_type}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{path}: prompt file missing for type {neg_type!r} (set --prompts DIR)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping with system, instruction and examples")
+        for key in ("system", "instruction"):
+            if not isinstance(data.get(key), str) or not data[key].strip():
+                raise ConfigError(f"{path}: field {key!r} must be a non-empty string")
+        if "{caption}" not in data["instruction"]:
+            raise ConfigError(f"{path}: field 'instruction' must contain {{caption}}")
+        examples = []
+        for index, example in enumerate(data.get("examples") or []):
+            ok = isinstance(example, dict) and isinstance(example.get("caption"), str)
+            negatives = example.get("negatives") if ok else None
+            if not ok or not isinstance(negatives, list) or not negatives or not all(isinstance(n, str) for n in negatives):
+                raise ConfigError(f"{path}: examples[{index}] needs 'caption' (string) and 'negatives' (list of strings)")
+            examples.append((example["caption"], tuple(negatives)))
+        prompts[neg_type] = Prompt(data["system"].strip(), data["instruction"].strip(), tuple(examples))
+    return prompts
+
+
+def _instruction(prompt: Prompt, caption: str, n: int) -> str:
+    return prompt.instruction.replace("{caption}", caption).replace("{n}", str(n))
+
+
+def build_messages(prompt: Prompt, caption: str, n: int = 1) -> list[dict]:
+    """Chat messages asking for ``n`` negatives of ``caption``: system, one user/assistant
+    pair per example, then the caption."""
+    messages = [{"role": "system", "content": prompt.system}]
+    for example, negatives in prompt.examples:
+        messages.append({"role": "user", "content": _instruction(prompt, example, len(negatives))})
+        messages.append({"role": "assistant", "content": "\n".join(negatives)})
+    messages.append({"role": "user", "content": _instruction(prompt, caption, n)})
+    return messages
+
+
+def parse_candidates(text: str) -> list[str]:
+    """Candidate captions from a reply: one per non-empty line, list markers and quotes removed."""
+    out = []
+    for line in text.splitlines():
+        line = _BULLET_RE.sub("", line).strip().strip("\"'\u201c\u201d`").strip()
+        if line:
+            out.append(line)
+    return out
+
+
+class RequestFailed(Exception):
+    """A request that gave up: non-retryable status, or retries exhausted. ``args[0]`` is the reason."""
+
+
+@dataclass(frozen=True)
+class ChatClient:
+    """Client of ``url`` (a base such as ``http://host:8000/v1`` or the full
+    ``.../chat/completions`` address) for ``model``; the API key is read from the
+    environment variable ``key_env`` (no Authorization header when unset)."""
+
+    url: str
+    model: str
+    key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    temperature: float = 0.7
+    max_tokens: int = 256
+
+    @property
+    def endpoint(self) -> str:
+        """The chat-completions address requests go to."""
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
+        if retry_after:
+            try:
+                delay = max(delay, min(self.max_backoff, float(retry_after)))
+            except ValueError:
+                pass  # an HTTP date: keep our own delay
+        return delay
+
+    def _send(self, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            payload = response.read()
+        try:
+            content = json.loads(payload)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError("malformed response") from None
+        if not isinstance(content, str):
+            raise ValueError("malformed response")
+        return content
+
+    def complete(self, messages: list[dict]) -> str:
+        """The assistant reply to ``messages``. Retries 429/5xx, timeouts, connection errors
+        and malformed bodies; raises ConfigError on 401/403/404 (bad key, URL or model) and
+        RequestFailed when it gives up."""
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        ).encode()
+        reason = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                return self._send(body)
+            except urllib.error.HTTPError as err:
+                detail = err.read(300).decode("utf-8", "replace").replace("\n", " ")
+                if err.code in _FATAL_STATUS:
+                    raise ConfigError(
+                        f"{self.endpoint}: HTTP {err.code} for model {self.model!r} "
+                        f"(check --llm-url, --llm-model and ${self.key_env}): {detail}"
+                    ) from None
+                reason = f"HTTP {err.code}"
+                if err.code not in _RETRY_STATUS:
+                    raise RequestFailed(f"{reason}: {detail}") from None
+                retry_after = err.headers.get("Retry-After") if err.headers else None
+            except (TimeoutError, socket.timeout):
+                reason = "timeout"
+            except urllib.error.URLError as err:
+                reason = "timeout" if isinstance(err.reason, (TimeoutError, socket.timeout)) else f"connection: {err.reason}"
+            except (ConnectionError, http.client.HTTPException) as err:
+                reason = f"connection: {type(err).__name__}"
+            except ValueError as err:
+                reason = str(err)
+            if attempt < self.max_retries:
+                time.sleep(self._delay(attempt, retry_after))
+        raise RequestFailed(f"{reason} after {self.max_retries + 1} attempts")
+
+
+def _request(client: ChatClient, prompt: Prompt, caption, neg_type: str, n: int) -> dict:
+    """One (caption, type) request -> its cache entry (status "ok" or "failed")."""
+    entry = {"id": caption.id, "type": neg_type, "caption": caption.caption}
+    try:
+        reply = client.complete(build_messages(prompt, caption.caption, n))
+    except RequestFailed as err:
+        return {**entry, "status": "failed", "reason": str(err)}
+    kept, rejected, seen = [], [], set()
+    for candidate in parse_candidates(reply) or [""]:
+        reason = check_negative(caption.caption, candidate, neg_type)
+        key = " ".join(words_of(candidate))
+        if reason is None and key in seen:
+            reason = "duplicate"
+        if reason is None and len(kept) == n:
+            reason = "surplus"
+        if reason:
+            rejected.append([candidate, reason])
+        else:
+            seen.add(key)
+            kept.append(candidate)
+    return {**entry, "status": "ok", "kept": kept, "rejected": rejected}
+
+
+def generate_llm(
+    captions: list,
+    types: tuple[str, ...],
+    *,
+    client: ChatClient,
+    prompts: dict[str, Prompt],
+    cache_path: str | os.PathLike,
+    per_type: int = 1,
+    concurrency: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, list[str]], Summary]:
+    """LLM negatives for every caption (``list[io.Caption]``) and type.
+
+    Requests whose (caption id, type) already has an "ok" cache entry for the same caption
+    text are not sent again. Returns (caption id -> negatives in ``types`` order; summary),
+    built from the cache so that a resumed run returns the same as an uninterrupted one.
+    """
+    from tqdm import tqdm
+
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
+    cache = NegativeCache(cache_path)
+    done = cache.load()
+    pending = [
+        (caption, neg_type)
+        for caption in captions
+        for neg_type in types
+        if done.get((caption.id, neg_type), {}).get("caption") != caption.caption
+    ]
+    failed: list[dict] = []
+    bar = tqdm(total=len(pending), desc="negatives", unit="req", disable=None if progress else True)
+    jobs = iter(pending)
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    finished_cleanly = False
+    with cache:
+        in_flight: set = set()
+        try:
+            while True:
+                # Keep a bounded queue: millions of captions must not become millions of futures.
+                for caption, neg_type in jobs:
+                    in_flight.add(pool.submit(_request, client, prompts[neg_type], caption, neg_type, per_type))
+                    if len(in_flight) >= 2 * concurrency:
+                        break
+                if not in_flight:
+                    break
+                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    entry = future.result()
+                    cache.append(entry)
+                    if entry["status"] == "ok":
+                        done[(entry["id"], entry["type"])] = entry
+                    else:
+                        failed.append(entry)
+                    bar.update(1)
+            finished_cleanly = True
+        finally:
+            # On Ctrl-C or a fatal error, do not sit through the retries of requests in flight.
+            pool.shutdown(wait=finished_cleanly, cancel_futures=True)
+            bar.close()
+    return _assemble(captions, types, done, failed)
+
+
+def _assemble(captions, types, done: dict, failed: list[dict]) -> tuple[dict[str, list[str]], Summary]:
+    summary = Summary(types, captions=len(captions))
+    for entry in failed:
+        summary.failed[entry["type"]] += 1
+        summary.reasons[f"failed: {entry['reason'].split(' after ')[0]}"] += 1
+    negatives: dict[str, list[str]] = {}
+    for caption in captions:
+        produced, seen = [], set()
+        for neg_type in types:
+            entry = done.get((caption.id, neg_type))
+            if entry is None or entry.get("caption") != caption.caption:
+                summary.missing[neg_type] += 1
+                continue
+            for _, reason in entry["rejected"]:
+                summary.reject(neg_type, reason)
+            kept = 0
+            for text in entry["kept"]:
+                key = " ".join(words_of(text))
+                if key in seen:
+                    summary.reject(neg_type, "duplicate")  # same text as another type's negative
+                    continue
+                seen.add(key)
+                produced.append(text)
+                kept += 1
+            summary.kept[neg_type] += kept
+            summary.missing[neg_type] += not kept
+        if produced:
+            negatives[caption.id] = produced
+    summary.records = len(negatives)
+    return negatives, summary

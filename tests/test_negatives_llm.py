@@ -1,0 +1,274 @@
+"""LLM backend against a fake OpenAI-compatible server on 127.0.0.1 started by each test."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from degla_fast.cli import main as cli_main
+from degla_fast.errors import ConfigError
+from degla_fast.negatives import cache as cache_module
+from degla_fast.negatives.io import Caption
+from degla_fast.negatives.llm import ChatClient, build_messages, generate_llm, load_prompts, parse_candidates
+
+TYPES = ("swap_nouns", "replace_adjective")
+CAPTIONS = [
+    Caption("0", "A black dog next to a white cat.", image="0.jpg"),
+    Caption("1", "A red bus behind a small car.", image="1.jpg"),
+    Caption("2", "An old man holding a cup.", image="2.jpg"),
+]
+# What a well-behaved model answers, per (caption, type); a few bad lines to be rejected.
+ANSWERS = {
+    (CAPTIONS[0].caption, "swap_nouns"): "1. A black cat next to a white dog.\n2. A black cat next to a white dog.",
+    (CAPTIONS[0].caption, "replace_adjective"): "A brown dog next to a white cat.",
+    (CAPTIONS[1].caption, "swap_nouns"): "A red car behind a small bus.",
+    (CAPTIONS[1].caption, "replace_adjective"): "A red bus behind a small car.\nA red bus behind a large car.",
+    (CAPTIONS[2].caption, "swap_nouns"): "- A man holding a cup.",  # not a swap: a word was dropped
+    (CAPTIONS[2].caption, "replace_adjective"): "A young man holding a cup.",
+}
+EXPECTED = {
+    "0": ["A black cat next to a white dog.", "A brown dog next to a white cat."],
+    "1": ["A red car behind a small bus.", "A red bus behind a large car."],
+    "2": ["A young man holding a cup."],
+}
+
+
+class FakeServer:
+    """Chat-completions server; ``script`` is a list of behaviours used by successive
+    requests ("ok", "500", "429", "malformed", "slow", "401", "400"); then "ok" forever."""
+
+    def __init__(self, script=(), delay=0.0):
+        self.script, self.delay = list(script), delay
+        self.requests, self.headers = [], []
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                    behaviour = server.script.pop(0) if server.script else "ok"
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    server.respond(self, body, behaviour)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on a slow reply
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def respond(self, handler, body, behaviour):
+        time.sleep(self.delay)
+        if behaviour == "slow":
+            time.sleep(0.6)
+        if behaviour in ("500", "429", "401", "400"):
+            return self._send(handler, int(behaviour), b'{"error": "scripted"}')
+        if behaviour == "malformed":
+            return self._send(handler, 200, b'{"choices": [{"message": ')
+        neg_type = body["messages"][0]["content"]  # the test prompts put the type in "system"
+        caption = body["messages"][-1]["content"].split("Caption: ", 1)[1]
+        reply = {"choices": [{"message": {"role": "assistant", "content": ANSWERS[(caption, neg_type)]}}]}
+        self._send(handler, 200, json.dumps(reply).encode())
+
+    @staticmethod
+    def _send(handler, status, payload):
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for neg_type in TYPES:
+        (folder / f"{neg_type}.yaml").write_text(yaml.safe_dump({
+            "system": neg_type,
+            "instruction": "Give {n} rewrite(s).\nCaption: {caption}",
+            "examples": [{"caption": "A cat on a mat.", "negatives": ["A mat on a cat."]}],
+        }))
+    return folder
+
+
+def _client(server, **overrides):
+    settings = dict(url=server.url, model="fake", timeout=0.3, max_retries=2, backoff=0.001)
+    settings.update(overrides)
+    return ChatClient(**settings)
+
+
+def _run(server, prompts, tmp_path, captions=CAPTIONS, concurrency=2, **overrides):
+    return generate_llm(
+        captions, TYPES, client=_client(server, **overrides), prompts=load_prompts(prompts, TYPES),
+        cache_path=tmp_path / "cache.jsonl", concurrency=concurrency, progress=False,
+    )
+
+
+def _cache_lines(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+
+
+def test_success_keeps_valid_answers_and_counts_rejects(prompts, tmp_path):
+    with FakeServer() as server:
+        negatives, summary = _run(server, prompts, tmp_path)
+    assert negatives == EXPECTED
+    assert len(server.requests) == 6
+    assert summary.kept == {"swap_nouns": 2, "replace_adjective": 3}
+    # duplicate line (caption 0), not a swap (caption 2), identical to the caption (caption 1)
+    assert summary.rejected == {"swap_nouns": 2, "replace_adjective": 1}
+    assert summary.reasons == {"duplicate": 1, "not_a_swap": 1, "identical": 1}
+    assert +summary.missing == {"swap_nouns": 1} and summary.records == 3
+    assert {(e["id"], e["type"]) for e in _cache_lines(tmp_path)} == {(c.id, t) for c in CAPTIONS for t in TYPES}
+    request = server.requests[0]
+    assert request["model"] == "fake" and request["messages"][1]["content"].endswith("Caption: A cat on a mat.")
+    assert request["messages"][2] == {"role": "assistant", "content": "A mat on a cat."}
+
+
+def test_server_error_then_success_is_retried(prompts, tmp_path):
+    with FakeServer(script=["500", "429"]) as server:
+        negatives, summary = _run(server, prompts, tmp_path)
+    assert negatives == EXPECTED
+    assert len(server.requests) == 8 and sum(summary.failed.values()) == 0
+
+
+def test_malformed_json_is_retried_then_counted_as_failed(prompts, tmp_path):
+    with FakeServer(script=["malformed"]) as server:
+        negatives, _ = _run(server, prompts, tmp_path)
+    assert negatives == EXPECTED and len(server.requests) == 7
+    # Always malformed: the pair gives up after 1 + max_retries attempts and is not cached as done.
+    one = [CAPTIONS[0]]
+    with FakeServer(script=["malformed"] * 3) as server:
+        negatives, summary = _run(server, prompts, tmp_path / "b", captions=one, concurrency=1, max_retries=2)
+    assert len(server.requests) == 3 + 1
+    assert sum(summary.failed.values()) == 1 and "failed: malformed response" in summary.reasons
+    failed = [e for e in _cache_lines(tmp_path / "b") if e["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["reason"].startswith("malformed response after 3 attempts")
+    assert len(negatives["0"]) == 1  # only the type that answered
+    # The next run asks again for the failed pair only.
+    with FakeServer() as server:
+        negatives, summary = _run(server, prompts, tmp_path / "b", captions=one)
+    assert len(server.requests) == 1 and negatives == {"0": EXPECTED["0"]}
+
+
+def test_timeout_is_retried(prompts, tmp_path):
+    with FakeServer(script=["slow"]) as server:
+        negatives, summary = _run(server, prompts, tmp_path, timeout=0.2)
+    assert negatives == EXPECTED and len(server.requests) == 7 and sum(summary.failed.values()) == 0
+
+
+def test_resume_after_interruption_never_asks_twice(prompts, tmp_path, monkeypatch):
+    original_append = cache_module.NegativeCache.append
+    calls = []
+
+    def dying_append(self, entry):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C after two results
+        calls.append(entry)
+        original_append(self, entry)
+
+    monkeypatch.setattr(cache_module.NegativeCache, "append", dying_append)
+    with FakeServer() as server, pytest.raises(KeyboardInterrupt):
+        _run(server, prompts, tmp_path, concurrency=1)
+    monkeypatch.setattr(cache_module.NegativeCache, "append", original_append)
+    done_first = {(e["id"], e["type"]) for e in _cache_lines(tmp_path)}
+    assert len(done_first) == 2
+    with (tmp_path / "cache.jsonl").open("a") as handle:
+        handle.write('{"id": "2", "type": "swap_')  # a line cut short by a kill
+    with FakeServer() as server:
+        negatives, _ = _run(server, prompts, tmp_path)
+    asked = {(c.id, t) for c in CAPTIONS for t in TYPES
+             if any(r["messages"][-1]["content"].endswith(c.caption) and r["messages"][0]["content"] == t
+                    for r in server.requests)}
+    assert len(server.requests) == 4 and asked.isdisjoint(done_first)
+    assert negatives == EXPECTED
+    with FakeServer() as server:  # a third run has nothing left to ask
+        assert _run(server, prompts, tmp_path)[0] == EXPECTED and server.requests == []
+
+
+def test_changed_caption_is_asked_again(prompts, tmp_path):
+    with FakeServer() as server:
+        _run(server, prompts, tmp_path)
+    edited = [CAPTIONS[0], CAPTIONS[1], Caption("2", CAPTIONS[0].caption, image="2.jpg")]
+    with FakeServer() as server:
+        negatives, _ = _run(server, prompts, tmp_path, captions=edited)
+    assert len(server.requests) == 2 and negatives["2"] == EXPECTED["0"]
+
+
+def test_auth_errors_stop_the_run_and_bad_requests_are_not_retried(prompts, tmp_path):
+    with FakeServer(script=["401"]) as server, pytest.raises(ConfigError, match="HTTP 401 for model 'fake'"):
+        _run(server, prompts, tmp_path, max_retries=3)
+    with FakeServer(script=["400"]) as server:
+        _, summary = _run(server, prompts, tmp_path / "b", max_retries=3)
+    assert len(server.requests) == 6 and sum(summary.failed.values()) == 1
+
+
+def test_key_header_and_concurrency_limit(prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "secret")
+    with FakeServer(delay=0.05) as server:
+        _run(server, prompts, tmp_path, key_env="MY_KEY")
+    assert all(h.get("Authorization") == "Bearer secret" for h in server.headers)
+    assert 1 <= server.max_in_flight <= 2
+
+
+def test_messages_and_reply_parsing(prompts):
+    prompt = load_prompts(prompts, TYPES)["swap_nouns"]
+    messages = build_messages(prompt, "A dog on a bed.", 2)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1]["content"] == "Give 2 rewrite(s).\nCaption: A dog on a bed."
+    assert parse_candidates('1. "A bed on a dog."\n\n- A dog on a bed\n(3) x') == ["A bed on a dog.", "A dog on a bed", "x"]
+
+
+def test_shipped_prompts_load_and_their_examples_pass_validation():
+    from degla_fast.negatives import NEGATIVE_TYPES
+    from degla_fast.negatives.llm import DEFAULT_PROMPTS
+    from degla_fast.negatives.validate import check_negative
+
+    loaded = load_prompts(DEFAULT_PROMPTS, NEGATIVE_TYPES)
+    for neg_type, prompt in loaded.items():
+        assert len(prompt.examples) >= 3
+        for caption, negatives in prompt.examples:
+            assert all(check_negative(caption, n, neg_type) is None for n in negatives), (neg_type, caption)
+
+
+def test_cli_llm_end_to_end_and_resume(prompts, tmp_path, capsys):
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"annotations": [
+        {"image_id": 100 + i, "id": i, "caption": c.caption} for i, c in enumerate(CAPTIONS)
+    ]}))
+    out = tmp_path / "neg.json"
+    argv = ["negatives", "--input", str(coco), "--output", str(out), "--method", "llm", "--types", *TYPES,
+            "--llm-model", "fake", "--prompts", str(prompts), "--timeout", "0.5", "--no-progress"]
+    with FakeServer() as server:
+        assert cli_main(argv + ["--llm-url", server.url + "/chat/completions"]) == 0
+    records = json.loads(out.read_text())
+    assert records == [{"image_id": 100 + int(k), "original": CAPTIONS[int(k)].caption, "enhanced": v}
+                       for k, v in EXPECTED.items()]
+    assert (tmp_path / "neg.json.cache.jsonl").exists()
+    err = capsys.readouterr().err
+    assert "swap_nouns" in err and "records written: 3 of 3" in err
+    with FakeServer() as server:
+        assert cli_main(argv + ["--llm-url", server.url]) == 0
+    assert server.requests == [] and json.loads(out.read_text()) == records
