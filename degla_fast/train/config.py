@@ -1,0 +1,276 @@
+"""The training configuration: one dataclass tree, read from YAML and overridden by flags.
+
+Every field carries a one-line doc (``metadata["doc"]``) that ``degla-fast train --help-config``
+prints. :func:`load_config` is the only place a configuration is built and validated; the rest
+of the trainer reads the resulting :class:`TrainConfig` and passes plain values further down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "amp")
+REPORTERS = ("none", "tensorboard", "wandb")
+PIPELINES = ("auto", "dali", "torch")
+LOSS_BACKENDS = ("auto", "reference", "torch", "triton")
+EMA_BACKENDS = ("auto", "torch", "triton")
+EMA_DTYPES = ("same", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None):
+    """A dataclass field with its one-line doc and optional allowed values / lower bound."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the training pairs come from and how they are batched."""
+
+    path: str = _f("", "training data: a DeGLA .json, a .csv/.tsv, or WebDataset shards ('shards-{000..009}.tar')")
+    image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)")
+    batch_size: int = _f(32, "images per process per step (the global batch is this times the number of processes)",
+                         minimum=1)
+    num_workers: int = _f(2, "data-loading worker processes per training process", minimum=0)
+    pipeline: str = _f("auto", "image pipeline: DALI on the GPU or torch", PIPELINES)
+    skip_bad_images: bool = _f(False, "skip unreadable images (counted) instead of stopping with an error")
+    sample_with_replacement: bool = _f(False, "pick negatives with replacement when a caption has fewer than K")
+    trim_text: bool = _f(True, "trim each token batch to its longest caption (exact for CLIP's text tower)")
+
+
+@dataclass
+class ModelConfig:
+    """The CLIP model being fine-tuned."""
+
+    name: str = _f("ViT-B-32-quickgelu", "open_clip model name, e.g. 'ViT-B-32-quickgelu' or 'degla-tiny'")
+    pretrained: str | None = _f("openai", "open_clip pretrained tag, a state-dict file or a degla-fast checkpoint; "
+                                          "null for random weights")
+    compile: bool = _f(False, "torch.compile the student's towers (GPU; first steps are slow while it compiles)")
+    grad_checkpointing: bool = _f(False, "activation checkpointing in both towers: less memory, one more forward")
+
+
+@dataclass
+class LossConfig:
+    """DeGLA loss settings (num_negatives 0 gives the plain CLIP loss)."""
+
+    num_negatives: int = _f(4, "hard negatives per caption, K; 0 trains with the plain CLIP loss", minimum=0)
+    igc_weight: float = _f(0.1, "weight of the image-grounded contrast (IGC)", minimum=0.0)
+    tgc_weight: float = _f(0.1, "weight of the text-grounded contrast (TGC)", minimum=0.0)
+    distill_weight: float = _f(0.005, "weight of the self-distillation toward the EMA teacher", minimum=0.0)
+    tgc_scale: float = _f(10.0, "fixed logit scale of TGC (1 / temperature)", minimum=0.0)
+    backend: str = _f("auto", "loss implementation", LOSS_BACKENDS)
+    official_tgc_indexing: bool = _f(False, "reproduce the released code's TGC negative indexing (comparison only)")
+    local_loss: bool = _f(True, "each process's samples are the anchors against all gathered features")
+    gather_with_grad: bool = _f(True, "gather features across processes with autograd (exact global gradient)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = _f(1e-6, "peak learning rate", minimum=0.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (never applied to gains, biases or logit_scale)", minimum=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", minimum=0.0)
+    beta2: float = _f(0.98, "AdamW beta2", minimum=0.0)
+    eps: float = _f(1e-6, "AdamW epsilon", minimum=0.0)
+    warmup_steps: int = _f(50, "linear warm-up steps before the cosine decay", minimum=0)
+    min_lr_ratio: float = _f(0.0, "learning rate at the end of the cosine, as a fraction of lr", minimum=0.0)
+    max_grad_norm: float = _f(0.0, "clip the gradient norm to this value; 0 disables clipping", minimum=0.0)
+    fused: bool = _f(True, "fused AdamW kernel where the device supports it")
+
+
+@dataclass
+class EMAConfig:
+    """The EMA teacher."""
+
+    decay: float = _f(0.9996, "teacher = decay * teacher + (1 - decay) * student after every step", minimum=0.0)
+    backend: str = _f("auto", "EMA update implementation", EMA_BACKENDS)
+    dtype: str = _f("same", "teacher weight dtype: 'same' as the student's fp32 weights, 'fp32' or 'bf16' (half the "
+                            "memory and EMA traffic)", EMA_DTYPES)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML sections map to the nested dataclasses."""
+
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "training data"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the model"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "the loss"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "optimiser and schedule"})
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata={"doc": "the EMA teacher"})
+    output: str = _f("runs/train", "output folder: metrics.jsonl, checkpoints/, tensorboard/")
+    epochs: int = _f(5, "passes over the data; the run length unless max_steps is set", minimum=1)
+    max_steps: int = _f(0, "run length in optimiser steps (overrides epochs; the schedule spans it); 0 = epochs",
+                        minimum=0)
+    seed: int = _f(42, "seed of the model-independent randomness: data order, negatives, augmentation")
+    precision: str = _f("amp", "fp32; bf16 = bf16 autocast, fp32 weights; amp = fp16 autocast + loss scaling on "
+                               "CUDA (bf16 autocast elsewhere)", PRECISIONS)
+    device: str = _f("auto", "cuda when available, else cpu", DEVICES)
+    resume: str | None = _f(None, "'latest' (this output's newest checkpoint, or a fresh start) or a checkpoint path")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config (ZeRO stage, offload); null trains without DeepSpeed")
+    report_to: str = _f("none", "where metrics also go besides metrics.jsonl", REPORTERS)
+    progress: bool = _f(True, "progress bar on rank 0 (also off when stderr is not a terminal)")
+    log_every: int = _f(1, "write a metrics row every this many steps", minimum=1)
+    save_every: int = _f(500, "checkpoint every this many steps (and always at the end); 0 = only at the end",
+                         minimum=0)
+    keep_last: int = _f(3, "checkpoints kept on disk (older ones are deleted)", minimum=1)
+    max_nonfinite_steps: int = _f(5, "consecutive non-finite losses tolerated before saving and stopping",
+                                  minimum=1)
+    time_phases: bool = _f(True, "synchronise the device between phases to report data/forward/backward/EMA times")
+
+
+# ---------------------------------------------------------------- building and validating
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _base_type(tp):
+    """(python type, allows None) of a field annotation such as ``str | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp, meta: dict) -> Any:
+    """``value`` as the field's type, or a ConfigError naming the field and what it accepts."""
+    base, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must be a {base.__name__}, got null")
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            value = value.lower() in ("true", "yes", "1", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    elif base is int:
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
+    elif base is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+    elif base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: must be a string, got {value!r}")
+        value = str(value)
+    choices, minimum = meta.get("choices"), meta.get("minimum")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _fill(obj, values: dict, prefix: str = "") -> None:
+    """Set ``obj``'s fields from a nested dict, checking every key and value."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {values!r}")
+    hints = _hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown configuration key (allowed here: {', '.join(fields)})")
+        if _is_section(hints[key]):
+            _fill(getattr(obj, key), value if value is not None else {}, f"{name}.")
+        else:
+            setattr(obj, key, _coerce(name, value, hints[key], fields[key].metadata))
+
+
+def set_field(config: TrainConfig, dotted: str, value: Any) -> None:
+    """Set ``config``'s field named ``dotted`` (``"loss.igc_weight"``) from a string or value."""
+    head, *rest = dotted.split(".")
+    nested: Any = value
+    for part in reversed(rest):
+        nested = {part: nested}
+    _fill(config, {head: nested})
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig`: defaults, then the YAML file ``path``, then ``overrides``.
+
+    ``overrides`` maps dotted field names (``"data.batch_size"``) to values; ``None`` values are
+    skipped (a flag that was not given). Raises :class:`ConfigError` naming the field for unknown
+    keys and bad values, and for a missing or unreadable YAML file.
+    """
+    import yaml
+
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        try:
+            _fill(config, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_field(config, dotted, value)
+    _check(config)
+    return config
+
+
+def _check(config: TrainConfig) -> None:
+    """Cross-field rules that no single field can express."""
+    if not config.data.path:
+        raise ConfigError("data.path: required (a training .json/.csv/.tsv file or WebDataset shards; flag --data)")
+    if config.ema.decay > 1.0:
+        raise ConfigError(f"ema.decay: must be in [0, 1], got {config.ema.decay}")
+    if not 0 <= config.optim.beta1 < 1 or not 0 <= config.optim.beta2 < 1:
+        raise ConfigError(f"optim.beta1/beta2: must be in [0, 1), got {config.optim.beta1}, {config.optim.beta2}")
+    if config.optim.min_lr_ratio > 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {config.optim.min_lr_ratio}")
+
+
+def to_dict(config: TrainConfig) -> dict:
+    """The configuration as a plain nested dict (what checkpoints and ``config.yaml`` hold)."""
+    return dataclasses.asdict(config)
+
+
+def describe(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """One line per field: ``dotted.name (default): doc [allowed values]``."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_section(hints[f.name]):
+            lines.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        allowed = f" [{', '.join(choices)}]" if choices else ""
+        lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata['doc']}{allowed}")
+    return lines

@@ -1,0 +1,254 @@
+"""Process-group set-up for ``torchrun`` and the DeepSpeed launcher, and the few collectives
+the trainer needs. A single process (no ``WORLD_SIZE`` in the environment) needs none of it.
+
+Both launchers export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; the backend is NCCL on CUDA and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its node, its ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' asked but no CUDA device is available (use auto or cpu)")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_choice: str = "auto", use_deepspeed: bool = False) -> DistInfo:
+    """Join the process group the launcher describes (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_choice, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    """Leave the process group (if joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_true(flag: bool, info: DistInfo, device: torch.device | None = None) -> bool:
+    """True when ``flag`` holds on every rank (one tiny all-reduce; no-op on one process)."""
+    if not info.distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def any_true(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` holds on some rank."""
+    return not all_true(not flag, info)
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list:
+    """Every rank's ``obj`` in rank order (each rank gets the list)."""
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise mean of ``values`` over ranks (for logging)."""
+    if not info.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / info.world_size
+
+
+def read_deepspeed_config(path: str, *, micro_batch: int, world_size: int, max_grad_norm: float) -> dict:
+    """The DeepSpeed JSON config at ``path`` with the trainer-owned keys filled in.
+
+    Batch-size keys are set from the trainer's batch size (``"auto"`` or absent; a different
+    explicit value is an error, one source of truth); ``gradient_clipping`` comes from
+    ``optim.max_grad_norm`` (0 = off) where the file says ``"auto"`` or nothing (DeepSpeed's
+    own default would clip at 1.0). The forward's autocast is
+    the trainer's (``precision``); the file's ``fp16``/``bf16`` sections choose the engine's weights.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"deepspeed: no such DeepSpeed config file {path}")
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed: {path}: must hold a JSON object")
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": micro_batch * world_size}
+    for key, value in wanted.items():
+        if cfg.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"deepspeed: {path}: {key} is {cfg[key]!r} but the trainer needs {value} "
+                              "(set the batch size with data.batch_size / --batch-size; use \"auto\" here)")
+        cfg[key] = value
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
+    if cfg.get("gradient_clipping", "auto") == "auto":
+        # Always explicit: DeepSpeed's own default clips at norm 1.0.
+        cfg["gradient_clipping"] = float(max_grad_norm)
+    cfg.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
+    return cfg
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without DeepSpeed)."""
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def wrap_deepspeed(student: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """The DeepSpeed engine around ``student`` with the trainer's AdamW (every rank calls this).
+
+    The learning-rate schedule stays with the trainer (stepped once per applied step), so the
+    engine gets none. Under ZeRO-3 the engine partitions ``student``'s parameters in place.
+    """
+    import deepspeed
+
+    if zero_stage(ds_config) == 3:
+        mark_zero3_leaves(student)
+    with zero_dim_safe_broadcasts():
+        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def mark_zero3_leaves(module: torch.nn.Module) -> None:
+    """Make ZeRO-3 gather each ``nn.MultiheadAttention`` whole around its forward.
+
+    Its forward reads ``out_proj.weight`` directly instead of calling ``out_proj``, so ZeRO-3's
+    per-module hooks would leave that weight partitioned; a leaf module's hooks gather every
+    parameter below it.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules()):
+        set_z3_leaf_modules(module, [torch.nn.MultiheadAttention])
+
+
+@contextlib.contextmanager
+def zero_dim_safe_broadcasts():
+    """Within: DeepSpeed's start-up parameter broadcasts work for 0-d parameters.
+
+    DeepSpeed broadcasts each parameter as a byte view (``p.data.view(torch.uint8)``), which
+    fails for 0-d tensors such as open_clip's ``logit_scale``; the same broadcast of a 1-d view
+    of the parameter works. Patches the two places that do it (engine start-up, ZeRO-3
+    partitioning, which the EMA teacher's partitioning goes through too) and restores them.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    saved = DeepSpeedEngine._broadcast_model, Init._zero_init_param
+    DeepSpeedEngine._broadcast_model, Init._zero_init_param = _broadcast_model, _zero_init_param
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model, Init._zero_init_param = saved
+
+
+def _broadcast_model(engine) -> None:
+    """Rank 0's replicated parameters to every rank (stands in for ``DeepSpeedEngine._broadcast_model``)."""
+    from deepspeed import comm
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import groups
+
+    if engine.dist_backend is None:
+        return
+    for param in engine.module.parameters():
+        if hasattr(param, "ds_status") and param.ds_status is not ZeroParamStatus.AVAILABLE:
+            continue  # a ZeRO-3 partition: nothing replicated to broadcast
+        comm.broadcast(param.data.view(-1), groups._get_broadcast_src_rank(), group=engine.seq_data_parallel_group)
+
+
+def _zero_init_param(self, param) -> None:
+    """``Init._zero_init_param`` with a 1-d view in the broadcast: rank 0's values, then partition."""
+    from deepspeed import comm
+
+    self._convert_to_deepspeed_param(param)
+    group = self.get_partition_dp_group(param)
+    src = 0 if comm.get_world_group() == group else comm.get_global_rank(group, 0)
+    comm.broadcast(param.data.view(-1), src, group)
+    param.partition()
+
+
+def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> None:
+    """``student.logit_scale <= maximum`` in the engine's fp32 master copy and in the model's own
+    (possibly partitioned, possibly 16-bit) copy. A collective under ZeRO-3: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    param = student.logit_scale
+    with torch.no_grad():
+        master = safe_get_full_fp32_param(param)
+        if master is not None and float(master.max()) > maximum:
+            safe_set_full_fp32_param(param, master.clamp(max=maximum))
+        # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is harmless).
+        (param.ds_tensor if hasattr(param, "ds_tensor") else param.data).clamp_(max=maximum)
+
+
+def full_state_dict(module: torch.nn.Module, info: DistInfo) -> dict | None:
+    """``module``'s complete state dict on CPU on rank 0 (None elsewhere), parameters from the
+    engine's fp32 master copy where it keeps one. A collective: every rank calls it."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(module.named_parameters())
+    # GatheredParameters only gathers ZeRO-3 partitions; it is a no-op for other stages.
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if info.is_main else None
+    for name, param in params.items():
+        master = safe_get_full_fp32_param(param)
+        if master is not None and state is not None:
+            state[name] = master.detach().reshape(state[name].shape).to("cpu", copy=True)
+    return state

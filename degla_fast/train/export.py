@@ -1,0 +1,47 @@
+"""``degla-fast export CHECKPOINT OUT.pt``: a training checkpoint's student (or teacher) as a
+plain open_clip state dict, which ``open_clip.create_model_and_transforms(name, pretrained=OUT.pt)``
+and clip_benchmark (``--pretrained OUT.pt``) load directly.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from ..model import resolve_checkpoint
+from ..io import atomic_write
+from .checkpoint import load_checkpoint
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "student") -> tuple[Path, str]:
+    """Write ``which`` ("student" or "teacher") weights of ``checkpoint`` (a file, a checkpoints or
+    output folder, or a ``latest`` file) to ``out`` as a plain state dict of CPU fp32 tensors.
+
+    Returns ``(out path, open_clip model name)``.
+    """
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    weights = state.get(which)
+    if weights is None:
+        raise DataError(f"{path}: holds no {which} weights (a plain CLIP run has no teacher)")
+    plain = {k.removeprefix("module."): (v.detach().float() if v.is_floating_point() else v).cpu()
+             for k, v in weights.items()}
+    out = Path(out)
+    atomic_write(out, lambda handle: torch.save(plain, handle))
+    return out, state["model_name"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``degla-fast export`` flags."""
+    parser.add_argument("checkpoint", help="training checkpoint file, its checkpoints/ or output folder, or 'latest'")
+    parser.add_argument("out", help="output .pt file (a plain open_clip state dict)")
+    parser.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export and print where the weights went and how to load them."""
+    out, name = export_checkpoint(args.checkpoint, args.out, which="teacher" if args.teacher else "student")
+    print(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
+    return 0

@@ -1,0 +1,50 @@
+"""AdamW with the CLIP parameter groups and the cosine-with-warm-up learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices, and undecayed gains, biases, embeddings' scale.
+
+    Following open_clip, tensors with fewer than 2 dimensions (LayerNorm gains and biases, all
+    biases, ``logit_scale``) and anything named ``bias`` or ``logit_scale`` get no
+    weight decay. Frozen parameters are left out.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exclude = param.ndim < 2 or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; the fused kernel when asked and every parameter is on CUDA."""
+    groups = param_groups(model, weight_decay)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused and on_cuda) or None)
+
+
+def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``.
+
+    Warm-up follows open_clip: step ``s < warmup`` gets ``(s + 1) / warmup``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` applying :func:`cosine_with_warmup` (step it once per optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, warmup_steps=warmup_steps, total_steps=total_steps,
+                                                min_ratio=min_ratio))

@@ -1,0 +1,328 @@
+"""The trainer on the CPU: an end-to-end run, exact resume, preemption, non-finite losses,
+export, and the one-line user errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from degla_fast.errors import ConfigError
+from degla_fast.train import main as train_main
+from degla_fast.train.config import load_config
+from degla_fast.train.metrics import read_metrics
+from degla_fast.train.optim import cosine_with_warmup, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("step", "epoch", "loss", "clip", "igc", "tgc", "distill", "lr", "logit_scale", "samples_per_s",
+            "time_data", "time_forward", "time_backward", "time_ema")
+LOSS_KEYS = ("loss", "clip", "igc", "tgc", "distill", "lr", "logit_scale")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from degla_fast.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), num_images=48, seed=0, eval_items=2, zeroshot_items=1,
+                    progress=False)
+
+
+def base_args(data: Path, output: Path, *extra: str) -> list[str]:
+    """A tiny DeGLA run: 8 images x (1 + 4) captions per step, random tiny CLIP, fp32 on the CPU."""
+    return ["--data", str(data), "--output", str(output), "--model", "degla-tiny", "--pretrained", "none",
+            "--batch-size", "8", "--num-negatives", "4", "--precision", "fp32", "--device", "cpu",
+            "--num-workers", "0", "--lr", "1e-3", "--seed", "3", "--no-progress",
+            "--set", "optim.warmup_steps=2", "--set", "ema.decay=0.9", "--set", "data.pipeline=torch", *extra]
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_exports(synth, tmp_path):
+    import open_clip
+
+    from degla_fast.model import load_model
+
+    out = tmp_path / "run"
+    assert train_main.main(base_args(synth, out, "--max-steps", "4", "--save-every", "2",
+                                     "--report-to", "tensorboard")) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert set(REQUIRED) <= set(row)
+        assert all(math.isfinite(row[k]) for k in LOSS_KEYS)
+        # DeGLA's four terms are all live: K=4 negatives, a teacher, nonzero weights.
+        assert row["igc"] > 0 and row["tgc"] > 0
+    assert rows[0]["lr"] == pytest.approx(1e-3 / 2)  # warm-up step 1 of 2
+    assert rows[0]["distill"] < 1e-6 < rows[-1]["distill"]  # teacher starts as a copy, then lags
+
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    assert (folder / "latest").read_text().strip() == "step_00000004.pt"
+    state = torch.load(folder / "step_00000004.pt", map_location="cpu", weights_only=False)
+    assert state["format"] == "degla-fast/checkpoint" and state["version"] == 1
+    assert state["step"] == 4 and state["model_name"] == "degla-tiny"
+    # The teacher is an EMA of the student: close to it but not equal after 4 steps.
+    student, teacher = state["student"], state["teacher"]
+    assert not torch.equal(student["visual.conv1.weight"], teacher["visual.conv1.weight"])
+    # logit_scale has no weight decay and stays clamped
+    assert float(student["logit_scale"]) <= math.log(100) + 1e-6
+
+    # The model layer reads the checkpoint contract.
+    bundle = load_model(None, out)
+    assert torch.equal(bundle.model.state_dict()["visual.conv1.weight"], student["visual.conv1.weight"])
+
+    # Export -> a plain open_clip state dict that open_clip itself loads.
+    exported = tmp_path / "student.pt"
+    assert subprocess.run([sys.executable, "-m", "degla_fast", "export", str(out), str(exported)],
+                          cwd=REPO, capture_output=True, text=True, env=_env()).returncode == 0
+    plain = torch.load(exported, map_location="cpu", weights_only=True)
+    assert all(not k.startswith("module.") for k in plain)
+    model, _, _ = open_clip.create_model_and_transforms("degla-tiny", pretrained=str(exported))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, student[key].to(value.dtype), rtol=0, atol=0)
+
+
+def test_resume_gives_the_same_metrics_as_a_straight_run(synth, tmp_path):
+    straight = tmp_path / "straight"
+    assert train_main.main(base_args(synth, straight, "--max-steps", "6", "--save-every", "3")) == 0
+
+    # Simulate a crash after step 5: checkpoint 6 never written, rows 4-5 logged past the
+    # last checkpoint (poisoned here, so that only a real re-run can restore them).
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step_00000003.pt").write_bytes(
+        (straight / "checkpoints" / "step_00000003.pt").read_bytes())
+    (resumed / "checkpoints" / "latest").write_text("step_00000003.pt\n")
+    rows = read_metrics(straight / "metrics.jsonl")
+    poisoned = [dict(r, loss=-1.0) if r["step"] > 3 else r for r in rows[:5]]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in poisoned))
+
+    assert train_main.main(base_args(synth, resumed, "--max-steps", "6", "--save-every", "3",
+                                     "--resume", "latest")) == 0
+    again = read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(rows, again):
+        assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}, a["step"]
+    final_a = torch.load(straight / "checkpoints" / "step_00000006.pt", map_location="cpu", weights_only=False)
+    final_b = torch.load(resumed / "checkpoints" / "step_00000006.pt", map_location="cpu", weights_only=False)
+    for part in ("student", "teacher"):
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)
+    assert (final_a["epoch"], final_a["batch"]) == (final_b["epoch"], final_b["batch"])
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(synth, tmp_path):
+    out = tmp_path / "fresh"
+    assert train_main.main(base_args(synth, out, "--max-steps", "2", "--resume", "latest")) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "degla_fast", "train", *base_args(synth, out, "--max-steps", "10000",
+                                                                                    "--save-every", "0")],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_metrics(out / "metrics.jsonl")) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "training never logged two steps"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stop signal received" in err
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip(),
+                       map_location="cpu", weights_only=False)
+    assert 2 <= state["step"] < 10000
+    assert steps == list(range(1, state["step"] + 1))  # every finished step logged, the saved one last
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_path, monkeypatch, capsys):
+    from degla_fast.train import step as step_module
+
+    real_make_loss = step_module.make_loss
+    calls = {"n": 0}
+
+    def flaky_make_loss(**kwargs):
+        loss_fn = real_make_loss(**kwargs)
+
+        def loss(*args):
+            out = loss_fn(*args)
+            calls["n"] += 1
+            if calls["n"] >= 3:  # steps 1-2 train, every later loss is NaN
+                out.total = out.total * float("nan")
+            return out
+
+        return loss
+
+    monkeypatch.setattr(train_main, "make_loss", flaky_make_loss)
+    out = tmp_path / "nan"
+    status = train_main.main(base_args(synth, out, "--max-steps", "50", "--set", "max_nonfinite_steps=3"))
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("non-finite loss") >= 3 and "max_nonfinite_steps=3" in err
+    assert "Traceback" not in err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    state = torch.load(out / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 2 and state["batch"] == 5  # 2 applied + 3 skipped batches consumed
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--data", "missing/train.json"], "data.path: no such file missing/train.json"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--deepspeed", "missing_ds.json"], "missing_ds.json"),
+    (["--precision", "fp8"], "precision: 'fp8' is not one of fp32, bf16, amp"),
+    (["--set", "loss.igc_wieght=1"], "loss.igc_wieght: unknown configuration key"),
+    (["--batch-size", "0"], "data.batch_size: must be >= 1"),
+])
+def test_user_errors_are_one_line(synth, tmp_path, capsys, extra, culprit):
+    args = base_args(synth, tmp_path / "err", "--max-steps", "1")
+    status = train_main.main(args + extra)
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert culprit in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("degla-fast: error:")]) == 1
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "degla_fast", "train", "--data", str(tmp_path / "nope.json")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"degla-fast: error: data.path: no such file {tmp_path / 'nope.json'}"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_config_lists_every_field_with_its_doc(capsys):
+    assert train_main.main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "loss.igc_weight (0.1): weight of the image-grounded contrast (IGC)" in out
+    assert "precision ('amp'):" in out and "[fp32, bf16, amp]" in out
+
+
+def test_yaml_unknown_key_and_bad_value_name_the_field(tmp_path):
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("data:\n  path: x.json\noptim:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match=r"optim.learning_rate: unknown configuration key \(allowed here: lr,"):
+        load_config(bad_key)
+    bad_value = tmp_path / "bad_value.yaml"
+    bad_value.write_text("data:\n  path: x.json\nreport_to: mlflow\n")
+    with pytest.raises(ConfigError, match="report_to: 'mlflow' is not one of none, tensorboard, wandb"):
+        load_config(bad_value)
+    with pytest.raises(ConfigError, match="epochs: must be an integer"):
+        load_config(None, {"data.path": "x.json", "epochs": "many"})
+
+
+@pytest.mark.parametrize("name", ["demo-cpu.yaml", "vit-b-32-coco.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert config.loss.num_negatives == 4 and config.data.path
+
+
+def test_param_groups_exclude_gains_biases_and_logit_scale():
+    from degla_fast.model import TINY_MODEL, create_model
+
+    model = create_model(TINY_MODEL).model
+    no_decay, decay = param_groups(model, 0.1)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in undecayed and "ln_final.weight" in undecayed and "visual.ln_pre.bias" in undecayed
+    assert all(names[id(p)].endswith("weight") or "embedding" in names[id(p)] or "proj" in names[id(p)]
+               for p in decay["params"])
+    assert "visual.conv1.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_with_warmup():
+    lrs = [cosine_with_warmup(s, warmup_steps=4, total_steps=12) for s in range(12)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0
+    assert lrs[8] == pytest.approx(0.5)  # halfway through the 8 decay steps
+    assert lrs[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def test_train_step_updates_student_clamps_logit_scale_and_moves_teacher():
+    from degla_fast import EMATeacher
+    from degla_fast.model import TINY_MODEL, create_model
+    from degla_fast.train.optim import build_optimizer, build_scheduler
+    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, make_loss, train_step
+
+    bundle = create_model(TINY_MODEL)
+    model = bundle.model
+    with torch.no_grad():
+        model.logit_scale.fill_(MAX_LOGIT_SCALE + 0.5)  # above the cap: the step must clamp it
+    teacher = EMATeacher(model, decay=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
+                      clamp_logit_scale=lambda: clamp_logit_scale_(model), teacher=teacher)
+    images = torch.randn(4, 3, bundle.image_size, bundle.image_size)
+    tokens = bundle.tokenizer([f"a photo of {i} things" for i in range(12)])[:, :10]
+    result = train_step(parts, images, tokens)
+
+    assert result.applied and set(result.times) == {"forward", "backward", "optim", "ema"}
+    assert float(model.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE)
+    assert float(result.logit_scale) == pytest.approx(math.exp(MAX_LOGIT_SCALE + 0.5), rel=1e-5)
+    w = "visual.conv1.weight"
+    assert not torch.equal(model.state_dict()[w], before[w])
+    # decay 0.5: the teacher sits halfway between the old and the new student weights
+    torch.testing.assert_close(teacher.module.state_dict()[w], (before[w] + model.state_dict()[w]) / 2)
+
+
+def test_demo_quick_prints_before_after_table_and_reuses_finished_stages(tmp_path, capsys):
+    from degla_fast import demo
+
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert table.strip() in printed
+    assert "| compositional: average |" in table and "| zero-shot: average |" in table
+    pre = out / "pretrain" / "checkpoints" / "step_00000004.pt"
+    post = out / "degla" / "checkpoints" / "step_00000003.pt"
+    stamps = (pre.stat().st_mtime_ns, post.stat().st_mtime_ns)
+    state = torch.load(post, map_location="cpu", weights_only=False)
+    assert state["config"]["loss"]["num_negatives"] == 4 and state["pretrained"] == str(out / "pretrain")
+
+    assert demo.main(["--quick", "--output", str(out), "--no-progress"]) == 0
+    assert (pre.stat().st_mtime_ns, post.stat().st_mtime_ns) == stamps  # nothing retrained
+    assert capsys.readouterr().out.count("| compositional: swap |") == 1
+
+
+def test_deepspeed_config_is_completed_and_checked(tmp_path):
+    from degla_fast.train.distributed import read_deepspeed_config
+
+    cfg = read_deepspeed_config(str(REPO / "configs" / "ds_zero3.json"), micro_batch=32, world_size=4,
+                                max_grad_norm=0.0)
+    assert cfg["train_micro_batch_size_per_gpu"] == 32 and cfg["train_batch_size"] == 128
+    assert cfg["gradient_accumulation_steps"] == 1 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["gradient_clipping"] == 0.0  # explicit: DeepSpeed's default would clip at 1.0
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 16 but the trainer needs 32"):
+        read_deepspeed_config(str(fixed), micro_batch=32, world_size=1, max_grad_norm=0.0)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2},\n}')
+    with pytest.raises(ConfigError, match=r"broken.json:2: not valid JSON"):
+        read_deepspeed_config(str(broken), micro_batch=32, world_size=1, max_grad_norm=0.0)
