@@ -38,15 +38,22 @@ def _tile_logits(q, x_ptrs, col_ok, dim_ok, scale, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _global_fwd_kernel(Q, X, Scale, Lse, LseIgc, Pos, R, C, D, Bg, row_offset, K,
-                       stride_q, stride_x,
-                       WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _load_rows(Q, first, R, D, stride_q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``first .. first + BLOCK_M`` of the ``[R, D]`` query matrix, zero outside, with their masks."""
+    rows = first + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return rows, row_ok, dims, dim_ok, q
+
+
+@triton.jit
+def _global_fwd_kernel(Q, X, Scale, Lse, LseIgc, Pos, R, C, D, Bg, row_offset, K,
+                       stride_q, stride_x,
+                       WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, row_ok, dims, dim_ok, q = _load_rows(Q, tl.program_id(0) * BLOCK_M, R, D, stride_q, BLOCK_M, BLOCK_D)
     scale = tl.load(Scale).to(tl.float32)
     target = rows + row_offset
     neg_lo = Bg + target * K
@@ -97,11 +104,7 @@ def _global_bwd_dq_kernel(Q, X, Scale, Lse, LseIgc, GradOut, DQ, DScale, R, C, D
                           stride_q, stride_x, stride_dq,
                           WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    rows, row_ok, dims, dim_ok, q = _load_rows(Q, tl.program_id(0) * BLOCK_M, R, D, stride_q, BLOCK_M, BLOCK_D)
     scale = tl.load(Scale).to(tl.float32)
     g_ce = tl.load(GradOut).to(tl.float32) / R
     g_igc = tl.load(GradOut + 1).to(tl.float32) / R
@@ -137,9 +140,7 @@ def _global_bwd_dx_kernel(Q, X, Scale, Lse, LseIgc, GradOut, DX, R, C, D, Bg, ro
     g_igc = tl.load(GradOut + 1).to(tl.float32) / R
     dx = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, R, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < R
-        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        rows, row_ok, _, _, q = _load_rows(Q, start, R, D, stride_q, BLOCK_M, BLOCK_D)
         lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
         lse_igc = tl.load(LseIgc + rows, mask=row_ok, other=0.0)
         target = rows + row_offset
