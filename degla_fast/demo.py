@@ -44,10 +44,10 @@ QUICK = DemoSettings(images=64, eval_items=4, zeroshot_items=2, batch_size=8, pr
 
 def _synth(folder: Path, s: DemoSettings, progress: bool) -> Path:
     """The dataset in ``folder``, rendered unless the same one is already there."""
-    from .data.synthetic import generate
+    from .data.synthetic import VERSION, generate
     from .io import write_text_atomic
 
-    stamp = {"images": s.images, "eval_items": s.eval_items, "zeroshot_items": s.zeroshot_items, "seed": s.seed}
+    stamp = {"version": VERSION, "images": s.images, "eval_items": s.eval_items, "zeroshot_items": s.zeroshot_items, "seed": s.seed}
     stamp_file = folder / "demo-stamp.json"
     if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
         generate(folder, s.images, s.seed, eval_items=s.eval_items, zeroshot_items=s.zeroshot_items,

@@ -38,7 +38,7 @@ BASELINE = "pretrained"
 METRICS = ("swap", "replace", "add", "compositional_avg", "zeroshot_shape", "zeroshot_colour", "zeroshot_avg")
 COMPOSITIONAL = ("swap", "replace", "add", "compositional_avg")
 ZEROSHOT = ("zeroshot_shape", "zeroshot_colour", "zeroshot_avg")
-PRETRAIN_KEYS = ("images", "eval_items", "zeroshot_items", "data_seed", "batch_size", "pretrain_steps", "pretrain_lr",
+PRETRAIN_KEYS = ("synthetic_version", "images", "eval_items", "zeroshot_items", "data_seed", "batch_size", "pretrain_steps", "pretrain_lr",
                  "warmup_steps", "device", "model")
 
 
@@ -90,9 +90,10 @@ def _stamp_matches(folder: Path, stamp: dict) -> bool:
 
 def prepare_data(settings: Settings, folder: Path, progress: bool) -> Path:
     """The synthetic dataset in ``folder`` (rendered unless an identical one is already there)."""
-    from .data.synthetic import generate
+    from .data.synthetic import VERSION as SYNTHETIC_VERSION, generate
 
-    stamp = {k: getattr(settings, k) for k in ("images", "eval_items", "zeroshot_items", "data_seed")}
+    stamp = {**{k: getattr(settings, k) for k in ("images", "eval_items", "zeroshot_items", "data_seed")},
+             "synthetic_version": SYNTHETIC_VERSION}
     if not _stamp_matches(folder, stamp):
         generate(folder, settings.images, settings.data_seed, eval_items=settings.eval_items,
                  zeroshot_items=settings.zeroshot_items, progress=progress)
@@ -243,7 +244,11 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     data = prepare_data(settings, output / "data", progress)
     timings["data_s"] = time.perf_counter() - t0
 
-    common = {k: v for k, v in asdict(settings).items() if k not in ("seeds", "variants", "threads")}
+    from .data.synthetic import VERSION as SYNTHETIC_VERSION
+
+    # A new renderer version changes the data, so every run stamped with it is redone.
+    common = {**{k: v for k, v in asdict(settings).items() if k not in ("seeds", "variants", "threads")},
+              "synthetic_version": SYNTHETIC_VERSION}
     pre_folder = output / "runs" / BASELINE
     # the start point does not depend on the fine-tuning settings: changing those reuses it
     pre_stamp = {"kind": BASELINE, **{k: common[k] for k in PRETRAIN_KEYS}}
