@@ -4,6 +4,9 @@ from setuptools import find_packages, setup
 # The Triton kernels live in the top-level ``kernels/`` folder but are installed as
 # ``degla_fast.kernels``: a top-level module named ``kernels`` already exists on PyPI.
 packages = find_packages(include=["degla_fast", "degla_fast.*"]) + ["degla_fast.kernels"]
+# The LLM prompts stay in configs/negatives/ where users edit them; a non-editable install
+# carries a copy as degla_fast/negatives/prompts/.
+packages.append("degla_fast.negatives.prompts")
 
 extras = {
     "dali": ["nvidia-dali-cuda130"],
@@ -26,8 +29,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"degla_fast.kernels": "kernels"},
-    package_data={"degla_fast": ["py.typed", "model_configs/*.json"]},
+    package_dir={"degla_fast.kernels": "kernels", "degla_fast.negatives.prompts": "configs/negatives"},
+    package_data={"degla_fast": ["model_configs/*.json"], "degla_fast.negatives.prompts": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -15,6 +15,7 @@ gathers a module's parameters around its ``forward``) and ``model(images, tokens
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -104,12 +105,31 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
         if pretrained not in tags:
             raise ConfigError(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
                               f"(tags: {', '.join(tags) or 'none'})")
+    quiet = _without_random_init_warning() if pretrained is None else contextlib.nullcontext()
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[precision], device=device)
+        with quiet:
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[precision], device=device)
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {_first_line(err)}") from err
     return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """Drop open_clip's "No pretrained weights loaded" warning: random weights were asked for
+    (or a checkpoint's weights are loaded right after), so it would only mislead."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    loggers = [logging.getLogger(), logging.getLogger("open_clip")]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 def _first_line(err: BaseException) -> str:

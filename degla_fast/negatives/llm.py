@@ -27,7 +27,10 @@ from .summary import Summary
 from .tagger import words_of
 from .validate import check_negative
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "negatives"
+# The repository's configs/negatives/ (editable installs, where users edit them), else the
+# copy a regular install carries inside the package.
+_REPO_PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "negatives"
+DEFAULT_PROMPTS = _REPO_PROMPTS if _REPO_PROMPTS.is_dir() else Path(__file__).resolve().parent / "prompts"
 _RETRY_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 _FATAL_STATUS = frozenset({401, 403, 404})
 _BULLET_RE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.):]|\(\d+\))\s*")
