@@ -3,6 +3,7 @@ processes, gloo): a sharded teacher, updated with no communication, gathered bac
 few optimiser steps equals the replicated float64 computation from the gathered masters."""
 from __future__ import annotations
 
+import os
 import sys
 
 import deepspeed
@@ -100,4 +101,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave deterministically: with DeepSpeed's CPU backend, threads torn down during interpreter
+    # shutdown occasionally end a finished rank in std::terminate (SIGABRT) after its work is done.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
