@@ -326,3 +326,118 @@ def test_deepspeed_config_is_completed_and_checked(tmp_path):
     broken.write_text('{"zero_optimization": {"stage": 2},\n}')
     with pytest.raises(ConfigError, match=r"broken.json:2: not valid JSON"):
         read_deepspeed_config(str(broken), micro_batch=32, world_size=1, max_grad_norm=0.0)
+
+
+# ---------------------------------------------------------------- optim.fused_ema (AdamWEMA)
+
+
+def _final(out: Path) -> dict:
+    name = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def test_fused_ema_gives_the_same_metrics_and_weights_as_adamw_plus_update(synth, tmp_path):
+    # On the CPU AdamWEMA's torch backend is AdamW(foreach) + EMATeacher.update op for op: equal bits.
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    assert train_main.main(base_args(synth, plain, "--max-steps", "3")) == 0
+    assert train_main.main(base_args(synth, fused, "--max-steps", "3", "--fused-ema")) == 0
+    rows_a, rows_b = read_metrics(plain / "metrics.jsonl"), read_metrics(fused / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    for a, b in zip(rows_a, rows_b):
+        assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}, a["step"]
+        assert "time_ema" in b
+    assert rows_b[-1]["distill"] > 0  # the fused step did move the teacher away from the student
+    state_a, state_b = _final(plain), _final(fused)
+    assert state_b["config"]["optim"]["fused_ema"] is True
+    for part in ("student", "teacher"):
+        assert state_a[part].keys() == state_b[part].keys()
+        for key, value in state_a[part].items():
+            assert torch.equal(value, state_b[part][key]), (part, key)
+    # The optimiser state is AdamW's (plus each group's names and EMA decay).
+    opt_a, opt_b = state_a["optimizer"], state_b["optimizer"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for i, s in opt_a["state"].items():
+        assert all(torch.equal(s[k], opt_b["state"][i][k]) for k in ("step", "exp_avg", "exp_avg_sq")), i
+    assert [g["decay"] for g in opt_b["param_groups"]] == [0.9, 0.9]
+    assert "logit_scale" in opt_b["param_groups"][0]["param_names"]
+
+
+def test_fused_ema_resume_gives_the_same_metrics_as_a_straight_run(synth, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_main.main(base_args(synth, straight, "--max-steps", "4", "--save-every", "2", "--fused-ema")) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step_00000002.pt").write_bytes(
+        (straight / "checkpoints" / "step_00000002.pt").read_bytes())
+    (resumed / "checkpoints" / "latest").write_text("step_00000002.pt\n")
+    rows = read_metrics(straight / "metrics.jsonl")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+
+    assert train_main.main(base_args(synth, resumed, "--max-steps", "4", "--save-every", "2", "--fused-ema",
+                                     "--resume", "latest")) == 0
+    again = read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(rows, again):
+        assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}, a["step"]
+    final_a, final_b = _final(straight), _final(resumed)
+    assert final_a["step"] == final_b["step"] == 4
+    for part in ("student", "teacher"):
+        for key, value in final_a[part].items():
+            assert torch.equal(value, final_b[part][key]), (part, key)
+
+
+@pytest.mark.parametrize("extra, culprit", [
+    (["--deepspeed", "missing_ds.json"], "optim.fused_ema: not available with deepspeed"),
+    (["--num-negatives", "0"], "optim.fused_ema: this run has no EMA teacher"),
+    (["--tgc-weight", "0", "--distill-weight", "0"], "optim.fused_ema: this run has no EMA teacher"),
+])
+def test_fused_ema_user_errors_are_one_line(synth, tmp_path, capsys, extra, culprit):
+    status = train_main.main(base_args(synth, tmp_path / "err", "--max-steps", "1", "--fused-ema") + extra)
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert culprit in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("degla-fast: error:")
+    assert not (tmp_path / "err").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("teacher_dtype, scaler", [(None, False), (torch.bfloat16, False), (None, True)])
+def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dtype, scaler):
+    # AdamWEMA moves the teacher inside the step, before the clamp; the step redoes the teacher's
+    # logit_scale toward the clamped value, so the numbers are those of AdamW, clamp, update().
+    # A step the loss scaler skips (inf gradients) moves the teacher as update() would.
+    from degla_fast import EMATeacher
+    from degla_fast.model import TINY_MODEL, create_model
+    from degla_fast.train.optim import build_optimizer, build_scheduler
+    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, make_loss, train_step
+
+    bundle = create_model(TINY_MODEL)
+    with torch.no_grad():
+        bundle.model.logit_scale.fill_(MAX_LOGIT_SCALE + 0.5)  # above the cap: the first step clamps it
+    images = torch.randn(4, 3, bundle.image_size, bundle.image_size, generator=torch.Generator().manual_seed(0))
+    tokens = bundle.tokenizer([f"a photo of {i} things" for i in range(12)])[:, :10]
+    finals, scales = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = create_model(TINY_MODEL).model
+        model.load_state_dict(bundle.model.state_dict())
+        teacher = EMATeacher(model, decay=0.5, dtype=teacher_dtype)
+        optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
+                                    teacher=teacher if fused else None)
+        parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
+                          scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
+                          clamp_logit_scale=lambda m=model: clamp_logit_scale_(m), teacher=teacher,
+                          teacher_autocast_dtype=teacher_dtype, optimizer_moves_teacher=fused,
+                          scaler=torch.amp.GradScaler("cpu") if scaler else None)
+        for i in range(3):
+            if scaler and i == 1:  # 2**127 overflows the gradients: the step is skipped and the scale backs off
+                parts.scaler.update(2.0 ** 127)
+            assert train_step(parts, images, tokens).applied
+        finals.append((model.state_dict(), teacher.state_dict()))
+        scales.append(parts.scaler.get_scale() if scaler else None)
+    if scaler:
+        assert scales[0] == scales[1] < 2.0 ** 127
+    (student_a, teacher_a), (student_b, teacher_b) = finals
+    # decay 0.5: the teacher followed the clamped value (the unclamped one was ~ln 100 + 0.49)
+    assert float(teacher_b["logit_scale"]) < MAX_LOGIT_SCALE + 0.1
+    for a, b in ((student_a, student_b), (teacher_a, teacher_b)):
+        for key, value in a.items():
+            assert torch.equal(value, b[key]), key

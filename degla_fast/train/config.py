@@ -87,6 +87,8 @@ class OptimConfig:
     min_lr_ratio: float = _f(0.0, "learning rate at the end of the cosine, as a fraction of lr", minimum=0.0)
     max_grad_norm: float = _f(0.0, "clip the gradient norm to this value; 0 disables clipping", minimum=0.0)
     fused: bool = _f(True, "fused AdamW kernel where the device supports it")
+    fused_ema: bool = _f(False, "one pass for AdamW and the EMA teacher update (AdamWEMA, backend ema.backend); "
+                                "not with DeepSpeed or without a teacher")
 
 
 @dataclass
@@ -254,6 +256,15 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(f"optim.beta1/beta2: must be in [0, 1), got {config.optim.beta1}, {config.optim.beta2}")
     if config.optim.min_lr_ratio > 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {config.optim.min_lr_ratio}")
+    if config.optim.fused_ema:
+        from .step import needs_teacher
+
+        if config.deepspeed is not None:
+            raise ConfigError("optim.fused_ema: not available with deepspeed (ZeRO steps its own flat partitions, "
+                              "which AdamWEMA cannot map to the teacher); drop --fused-ema or --deepspeed")
+        if not needs_teacher(config.loss.num_negatives, config.loss.tgc_weight, config.loss.distill_weight):
+            raise ConfigError("optim.fused_ema: this run has no EMA teacher to move (loss.num_negatives is 0, or "
+                              "loss.tgc_weight and loss.distill_weight are both 0); drop --fused-ema")
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -36,7 +36,7 @@ FLAG_FIELDS = {
     "precision": "precision", "report_to": "report_to", "igc_weight": "loss.igc_weight",
     "tgc_weight": "loss.tgc_weight", "distill_weight": "loss.distill_weight", "lr": "optim.lr",
     "device": "device", "num_workers": "data.num_workers", "save_every": "save_every",
-    "compile": "model.compile", "grad_checkpointing": "model.grad_checkpointing",
+    "compile": "model.compile", "grad_checkpointing": "model.grad_checkpointing", "fused_ema": "optim.fused_ema",
 }
 
 
@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_const", const=True, help="torch.compile the towers (model.compile)")
     parser.add_argument("--grad-checkpointing", action="store_const", const=True,
                         help="activation checkpointing in both towers (model.grad_checkpointing)")
+    parser.add_argument("--fused-ema", action="store_const", const=True,
+                        help="AdamW and the EMA teacher update in one pass (optim.fused_ema)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any configuration field, e.g. --set loss.tgc_weight=0 (repeatable)")
@@ -219,9 +221,13 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
                         f"({data.num_samples} samples, batch {config.data.batch_size} x {info.world_size} processes)")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
+    use_teacher = needs_teacher(config.loss.num_negatives, config.loss.tgc_weight, config.loss.distill_weight)
+    teacher = None
+    if config.optim.fused_ema:  # the optimiser moves the teacher, so it exists first (never DeepSpeed: see config)
+        teacher = _make_teacher(student, config, None)
     optimizer = build_optimizer(student, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                 betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
-                                fused=config.optim.fused)
+                                fused=config.optim.fused, teacher=teacher, ema_backend=config.ema.backend)
     scheduler = build_scheduler(optimizer, warmup_steps=config.optim.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.optim.min_lr_ratio)
     engine = None
@@ -233,9 +239,9 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
 
-    teacher = None
-    if needs_teacher(config.loss.num_negatives, config.loss.tgc_weight, config.loss.distill_weight):
-        teacher = _make_teacher(engine.module if engine is not None else student, config, engine)
+    if use_teacher:
+        if teacher is None:
+            teacher = _make_teacher(engine.module if engine is not None else student, config, engine)
         if state is not None and state.get("teacher") is not None:
             saved = state["teacher"]
             if _sharded(engine):  # its loader also wants the non-persistent buffers, which are not saved
@@ -280,7 +286,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
         autocast_dtype=amp_dtype,
         # A bf16 teacher needs autocast even in an fp32 run (its inputs are fp32).
         teacher_autocast_dtype=amp_dtype or (torch.bfloat16 if config.ema.dtype == "bf16" else None),
-        max_grad_norm=config.optim.max_grad_norm, sync=sync,
+        max_grad_norm=config.optim.max_grad_norm, sync=sync, optimizer_moves_teacher=config.optim.fused_ema,
         all_finite=lambda t: dist_utils.all_true(bool(torch.isfinite(t)), info))
 
     step = int(state["step"]) if state else 0

@@ -2,29 +2,44 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, *, named: bool = False) -> list[dict]:
     """Two AdamW groups: decayed weight matrices, and undecayed gains, biases, embeddings' scale.
 
     Following open_clip, tensors with fewer than 2 dimensions (LayerNorm gains and biases, all
     biases, ``logit_scale``) and anything named ``bias`` or ``logit_scale`` get no
-    weight decay. Frozen parameters are left out.
+    weight decay. Frozen parameters are left out. ``named``: the groups hold ``(name, param)``
+    pairs (torch keeps the names as the group's ``param_names``), as AdamWEMA needs to find
+    each parameter's teacher by name.
     """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exclude = param.ndim < 2 or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(param)
+        (no_decay if exclude else decay).append((name, param) if named else param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; the fused kernel when asked and every parameter is on CUDA."""
+                    eps: float, fused: bool = True, teacher: Any = None, ema_backend: str = "auto"
+                    ) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; the fused kernel when asked and every parameter is on CUDA.
+
+    With ``teacher`` (an :class:`~degla_fast.ema.EMATeacher` of ``model``): an
+    :class:`~degla_fast.optim_ema.AdamWEMA` over the same groups (mapped to the teacher by
+    name), whose ``step()`` also moves the teacher with its own decay; ``fused`` does not apply
+    and ``ema_backend`` picks its implementation.
+    """
+    if teacher is not None:
+        from ..optim_ema import AdamWEMA
+
+        return AdamWEMA(param_groups(model, weight_decay, named=True), teacher, lr=lr, betas=betas, eps=eps,
+                        decay=teacher.decay, backend=ema_backend)
     groups = param_groups(model, weight_decay)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused and on_cuda) or None)

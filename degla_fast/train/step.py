@@ -2,8 +2,9 @@
 
 ``train_step`` is the whole step on one screen: student forward on images and
 ``[positives; negatives]``, teacher forward without grad, the loss, backward, optimiser and
-schedule, ``logit_scale`` clamp, EMA update. The trainer and ``benchmarks/bench_step.py`` both
-call it, so what is benchmarked is what trains.
+schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an optimiser whose
+step moves the teacher). The trainer and ``benchmarks/bench_step.py`` both call it, so what is
+benchmarked is what trains.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..ema import ema_update_
 from ..functional import LossOutput, clip_loss
 from ..losses import DeGLALoss
 from ..model import clip_features
@@ -68,7 +70,8 @@ class StepParts:
     ``scaler`` a ``torch.amp.GradScaler`` for fp16 or None; ``clamp_logit_scale`` a callable
     that keeps the student's ``logit_scale <= ln 100`` (see :func:`clamp_logit_scale_`);
     ``autocast_dtype`` / ``teacher_autocast_dtype``: the forwards' autocast (None: off);
-    ``all_finite(loss) -> bool`` agrees across ranks."""
+    ``all_finite(loss) -> bool`` agrees across ranks; ``optimizer_moves_teacher``: the
+    optimiser is an ``AdamWEMA`` of ``teacher`` (its step is the EMA update)."""
 
     model: torch.nn.Module
     loss_fn: Callable[..., LossOutput]
@@ -83,6 +86,7 @@ class StepParts:
     max_grad_norm: float = 0.0
     sync: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], bool] = field(default=lambda t: bool(torch.isfinite(t)))
+    optimizer_moves_teacher: bool = False
 
 
 @dataclass
@@ -114,6 +118,8 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
         # Every rank skips together (all_finite agrees across ranks): no collective is left hanging.
         parts.optimizer.zero_grad(set_to_none=True)
         return StepResult(_detach(out), False, scale.detach(), times)
+    fused = parts.teacher is not None and parts.optimizer_moves_teacher
+    teacher_moved = False
     if parts.engine is not None:
         parts.engine.backward(out.total)
         times["backward"] = clock.lap()
@@ -125,16 +131,24 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
             if parts.scaler is not None:
                 parts.scaler.unscale_(parts.optimizer)
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
+        scale_fix = _TeacherLogitScale(parts.teacher, _student_module(parts)) if fused else None
         if parts.scaler is not None:
+            loss_scale = parts.scaler.get_scale() if fused else 0.0
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
+            # The scaler skips the optimiser step on inf/NaN gradients, then lowers its scale.
+            teacher_moved = fused and parts.scaler.get_scale() >= loss_scale
         else:
             parts.optimizer.step()
+            teacher_moved = fused
         parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
     parts.clamp_logit_scale()
     times["optim"] = clock.lap()
-    if parts.teacher is not None:
+    if teacher_moved:
+        # The fused step moved the teacher toward the unclamped logit_scale: redo that one value.
+        scale_fix.follow_clamped()
+    elif parts.teacher is not None:
         parts.teacher.update(_student_module(parts))
     times["ema"] = clock.lap()
     return StepResult(_detach(out), True, scale.detach(), times)
@@ -144,6 +158,31 @@ def clamp_logit_scale_(model: torch.nn.Module) -> None:
     """``model.logit_scale <= ln 100`` in place (a plain, non-DeepSpeed model)."""
     with torch.no_grad():
         model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+
+
+class _TeacherLogitScale:
+    """The teacher's ``logit_scale`` before a fused step, to redo its EMA toward the clamped value.
+
+    Unfused, the EMA follows the clamp (optimiser step, clamp, ``teacher.update``); AdamWEMA moves
+    the teacher inside the step, before the clamp. Restoring this one value and averaging it
+    toward the clamped student (the update's own lerp and backend) gives the unfused numbers.
+    """
+
+    def __init__(self, teacher, student: torch.nn.Module):
+        self.teacher = teacher
+        self.student = getattr(student, "module", student)  # DDP wraps the student
+        # The module's parameter is the EMA state itself, unless a forward_dtype copy is separate.
+        self.forward = teacher.module.logit_scale
+        self.state = self.forward if self.forward.dtype == teacher.dtype else teacher.state_dict()["logit_scale"]
+        self.saved = self.state.detach().clone()
+
+    def follow_clamped(self) -> None:
+        with torch.no_grad():
+            self.state.copy_(self.saved)
+            ema_update_([self.state], [self.student.logit_scale.detach()], self.teacher.decay,
+                        backend=self.teacher.backend)
+            if self.forward is not self.state:
+                self.forward.copy_(self.state)
 
 
 def _student_module(parts: StepParts) -> torch.nn.Module:
