@@ -1,4 +1,6 @@
-"""Atomic file writes: every file the project writes goes through here.
+"""File I/O shared by every command: atomic writes and configuration-file reads.
+
+Atomic writes: every file the project writes goes through here.
 
 A crash or a preemption in the middle of a write must never leave a half-written checkpoint,
 dataset index or results file behind a name that readers trust. Each writer fills a temporary
@@ -13,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import ConfigError
 
 FILE_MODE = 0o644
 
@@ -57,3 +61,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
     """Write ``data`` as indented UTF-8 JSON (non-ASCII kept as is) to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The mapping held by a configuration file: JSON for ``.json``, YAML otherwise (an empty
+    YAML file is ``{}``). ``what`` names the setting that pointed at the file. Raises
+    :class:`ConfigError`: ``WHAT: no such file PATH``, ``PATH:LINE: not valid JSON (why)`` (or
+    YAML), ``PATH: expected a JSON object`` (or a YAML mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return data
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping")
+    return data

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import read_config_mapping
 from .cache import NegativeCache
 from .summary import Summary
 from .tagger import words_of
@@ -49,19 +50,12 @@ class Prompt:
 def load_prompts(directory: str | os.PathLike, types: tuple[str, ...]) -> dict[str, Prompt]:
     """Read ``<directory>/<type>.yaml`` for every type -> {type: Prompt}; ConfigError names
     the file and field when one is missing or malformed."""
-    import yaml
-
     prompts = {}
     for neg_type in types:
         path = Path(directory) / f"{neg_type}.yaml"
         if not path.is_file():
             raise ConfigError(f"{path}: prompt file missing for type {neg_type!r} (set --prompts DIR)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping with system, instruction and examples")
+        data = read_config_mapping(path, "--prompts")
         for key in ("system", "instruction"):
             if not isinstance(data.get(key), str) or not data[key].strip():
                 raise ConfigError(f"{path}: field {key!r} must be a non-empty string")

@@ -11,10 +11,10 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..io import read_config_mapping
 
 PRECISIONS = ("fp32", "bf16", "amp")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -222,19 +222,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     skipped (a flag that was not given). Raises :class:`ConfigError` naming the field for unknown
     keys and bad values, and for a missing or unreadable YAML file.
     """
-    import yaml
-
     config = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        values = read_config_mapping(path, "--config")
         try:
             _fill(config, values)
         except ConfigError as err:

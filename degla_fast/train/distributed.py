@@ -7,16 +7,15 @@ Both launchers export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..io import read_config_mapping
 
 
 @dataclass
@@ -116,15 +115,7 @@ def read_deepspeed_config(path: str, *, micro_batch: int, world_size: int, max_g
     own default would clip at 1.0). The forward's autocast is
     the trainer's (``precision``); the file's ``fp16``/``bf16`` sections choose the engine's weights.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"deepspeed: no such DeepSpeed config file {path}")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"deepspeed: {path}: must hold a JSON object")
+    cfg = read_config_mapping(path, "deepspeed")
     wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
               "train_batch_size": micro_batch * world_size}
     for key, value in wanted.items():
