@@ -42,7 +42,7 @@ def base_args(data: Path, output: Path, *extra: str) -> list[str]:
             "--set", "optim.warmup_steps=2", "--set", "ema.decay=0.9", "--set", "data.pipeline=torch", *extra]
 
 
-def test_end_to_end_run_writes_metrics_checkpoints_and_exports(synth, tmp_path):
+def test_end_to_end_run_writes_metrics_checkpoints_and_exports(synth, tmp_path, capsys):
     import open_clip
 
     from degla_fast.model import load_model
@@ -50,6 +50,9 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_exports(synth, tmp_path):
     out = tmp_path / "run"
     assert train_main.main(base_args(synth, out, "--max-steps", "4", "--save-every", "2",
                                      "--report-to", "tensorboard")) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("degla-fast train: finished at step 4 in ")
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000004.pt'};" in closing
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     rows = read_metrics(out / "metrics.jsonl")
@@ -136,12 +139,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
             assert time.monotonic() < deadline, "training never logged two steps"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        stdout, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert "stop signal received" in err
+    assert "degla-fast train: stopped by a signal at step" in stdout
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
     state = torch.load(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip(),
                        map_location="cpu", weights_only=False)

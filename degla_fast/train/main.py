@@ -95,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "help_config", False):
         print("\n".join(describe()))
         return 0
-    train(config_from_args(args))
+    started = time.perf_counter()
+    config = config_from_args(args)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        # One closing line: where the run ended and what to resume or export from.
+        what = "stopped by a signal" if result.reason == "signal" else "finished"
+        print(f"degla-fast train: {what} at step {result.step} in {time.perf_counter() - started:.0f} s; "
+              f"checkpoint {result.checkpoint}; metrics {Path(config.output) / 'metrics.jsonl'}", flush=True)
     return 0
 
 
