@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test train bench bench-quick experiment clean
+.PHONY: setup test test-gpu train bench bench-quick experiment clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): setup.py constraints.txt
 # Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests.
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
+
+# On a GPU machine: the kernel tests against their float64 expectations with the compiled
+# kernels on CUDA tensors (TRITON_INTERPRET=0), not through the interpreter.
+KERNEL_TESTS = tests/test_losses.py tests/test_ema.py tests/test_adamw_ema.py
+test-gpu: setup
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q $(KERNEL_TESTS) -k "float64"
 
 train: setup
 	$(PYTHON) -m degla_fast.demo

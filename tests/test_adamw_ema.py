@@ -42,18 +42,18 @@ def _state(shapes, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_functional_matches_float64_over_steps_and_groups(backend):
+def test_functional_matches_float64_over_steps_and_groups(backend, kernel_device):
     # Two "groups" (different lr / weight decay), as AdamWEMA calls the function once per group.
     groups = []
     for hyper, shapes in zip(GROUPS, (SHAPES, SHAPES[:3])):
-        params, teachers = _state(shapes, seed=len(groups))
+        params, teachers = ([x.to(kernel_device) for x in xs] for xs in _state(shapes, seed=len(groups)))
         zeros = [[torch.zeros_like(p) for p in params] for _ in range(2)]
         exp = [[x.double() for x in xs] for xs in (params, *zeros, teachers)]
         groups.append((hyper, [params, *zeros, teachers], exp))
     gen = torch.Generator().manual_seed(1)
     for step in (1, 2, 3):
         for hyper, (params, m, v, teachers), exp in groups:
-            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            grads = [torch.randn(p.shape, generator=gen).to(kernel_device) for p in params]
             adamw_ema_step_(params, grads, m, v, teachers, step=step, decay=DECAY, backend=backend, **hyper, **HYPER)
             new = [_expected_step(p, g.double(), m_, v_, t, step=step, decay=DECAY, **hyper, **HYPER)
                    for p, m_, v_, t, g in zip(*exp, grads)]

@@ -35,9 +35,9 @@ def _assert_matches(actual, expected, dtype):
 @pytest.mark.parametrize("t_dtype,s_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                              (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
                                              (torch.bfloat16, torch.float32)])
-def test_matches_float64_expectation(backend, t_dtype, s_dtype):
-    teacher = [torch.randn(s).to(t_dtype) for s in SHAPES]
-    student = [torch.randn(s).to(s_dtype) for s in SHAPES]
+def test_matches_float64_expectation(backend, t_dtype, s_dtype, kernel_device):
+    teacher = [torch.randn(s).to(kernel_device, t_dtype) for s in SHAPES]
+    student = [torch.randn(s).to(kernel_device, s_dtype) for s in SHAPES]
     expected = _expected(teacher, student, 0.9)
     ema_update_(teacher, student, 0.9, backend=backend)
     _assert_matches(teacher, expected, t_dtype)

@@ -43,22 +43,23 @@ def oracle_with_grads(inputs, k, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("batch,k,dim", SHAPES)
-def test_matches_float64_oracle(backend, dtype, batch, k, dim):
+def test_matches_float64_oracle(backend, dtype, batch, k, dim, kernel_device):
     inputs = make_inputs(batch, k, dim)
     # The oracle sees exactly the rounded inputs the backend sees.
     inputs = [t.to(dtype).double() for t in inputs]
     total_ref, terms_ref, grads_ref = oracle_with_grads(inputs, k)
-    image, text, scale, t_image, t_text = [leaf(t, dtype) for t in inputs]
+    image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), dtype) for t in inputs]
     out = DeGLALoss(num_negatives=k, backend=backend)(image, text, scale, t_image, t_text)
     out.total.backward()
     rtol, atol, gtol = TOLERANCE[dtype]
     for got, want in zip((out.clip, out.igc, out.tgc, out.distill), terms_ref):
-        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(1.0, float(want.abs())))
-    torch.testing.assert_close(out.total.double(), total_ref, rtol=rtol, atol=atol * max(1.0, float(total_ref.abs())))
+        torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol * max(1.0, float(want.abs())))
+    torch.testing.assert_close(out.total.double().cpu(), total_ref, rtol=rtol,
+                               atol=atol * max(1.0, float(total_ref.abs())))
     for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
         assert got is not None and got.dtype == dtype, name
         bound = gtol * max(float(want.abs().max()), 1e-3)
-        err = float((got.double() - want).abs().max())
+        err = float((got.double().cpu() - want).abs().max())
         assert err <= bound, f"{name} grad error {err:.3g} > {bound:.3g}"
     assert t_image.grad is None and t_text.grad is None  # the teacher is never trained by gradients
 
