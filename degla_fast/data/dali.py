@@ -1,12 +1,14 @@
-"""DALI image pipeline: encoded bytes from an external source -> decode with random crop -> resize ->
-normalise, on the GPU (``mixed`` decoder) or on CPU threads (``device_id=None``).
+"""DALI image pipeline: encoded bytes from an external source -> decode the random resized crop
+window -> resize -> normalise, on the GPU (``mixed`` decoder) or on CPU threads (``device_id=None``).
 
 The external source feeds this rank's batches in the epoch order of :mod:`.sampling`, so files and
 tar-shard members are read the same way and captions stay aligned by sample index; the caption and
-negative tokens of each batch are built in step with its images. The random resized crop draws
-from DALI's generator seeded by (seed, epoch, rank, start_batch): a run is reproducible and the
-order, negatives and text are exact on resume, but a resumed epoch's crops differ from the crops
-the uninterrupted run would have drawn (DALI cannot skip its generator ahead).
+negative tokens of each batch are built in step with its images. The crop's random numbers are drawn
+in Python per sample from a generator keyed by (seed, epoch, sample index) (:func:`crop_draws`) and
+fed with the encoded bytes; the graph turns them into a pixel window once it knows the image size
+(:func:`crop_windows`) and decodes only that window. So the crops, like the order, negatives and
+text, are a pure function of (seed, epoch, index): ``start_batch`` resumes an epoch exactly, whatever
+the rank or batch a sample lands in.
 """
 from __future__ import annotations
 
@@ -30,17 +32,62 @@ def dali_available() -> bool:
     return True
 
 
-def _build_pipeline(source, *, batch_size, image_size, mean, std, device_id, num_threads, seed):
+# open_clip's training transform (RandomResizedCrop, scale (0.9, 1.0)): both pipelines augment alike.
+CROP_SCALE = (0.9, 1.0)           # area fraction of the random resized crop
+CROP_RATIO = (3 / 4, 4 / 3)       # its width / height
+CROP_ATTEMPTS = 10                # candidates per sample; the first one that fits the image is used
+
+
+def crop_draws(seed: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random numbers of sample ``index``'s random resized crop in ``epoch``, as quantities that do
+    not depend on the image size: for each of ``CROP_ATTEMPTS`` candidates an area fraction
+    ``s ~ U(CROP_SCALE)`` and an aspect ratio ``r`` (width/height, log-uniform in ``CROP_RATIO``),
+    passed as ``candidates`` float32 ``[CROP_ATTEMPTS, 2]`` = ``(s/r, s*r)`` (the squared height and
+    width of the window relative to ``sqrt(H*W)``), and ``position`` float32 ``[2]`` (y, x in ``[0, 1)``).
+    A pure function of (seed, epoch, index), so a resumed epoch crops each sample as the full one."""
+    rng = _rng(seed, epoch, index, 0xDA11)
+    area = rng.uniform(*CROP_SCALE, size=CROP_ATTEMPTS)
+    ratio = np.exp(rng.uniform(np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1]), size=CROP_ATTEMPTS))
+    return np.stack([area / ratio, area * ratio], axis=1).astype(np.float32), rng.random(2, dtype=np.float32)
+
+
+def crop_windows(image_shapes, candidates, positions) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The crop windows ``(anchors, shapes)`` (float32 pixels, HW order) of a batch, as torchvision's
+    RandomResizedCrop places them, from each decoded image's ``H x W`` (``image_shapes``: HWC) and the
+    draws of :func:`crop_draws`: the first candidate whose window ``h, w = round(sqrt((s/r)*H*W)),
+    round(sqrt((s*r)*H*W))`` fits in the image, at ``floor(v*(H-h+1)), floor(u*(W-w+1))``; when none
+    fits, the centred window ``min(H, round(W/CROP_RATIO[0])) x min(W, round(H*CROP_RATIO[1]))``.
+    Runs inside the DALI graph (``fn.python_function``, once per batch)."""
+    hw = np.stack([np.asarray(x)[:2] for x in image_shapes]).astype(np.float32)        # [B, 2]
+    cand, pos = np.stack(candidates), np.stack(positions)                              # [B, T, 2], [B, 2]
+    dims = np.floor(np.sqrt(cand * (hw[:, 0] * hw[:, 1])[:, None, None]) + np.float32(0.5))
+    fits = ((dims <= hw[:, None]) & (dims >= 1)).all(-1)                               # [B, T]
+    found = fits.any(1)[:, None]
+    shape = dims[np.arange(len(hw)), fits.argmax(1)]
+    limits = np.float32([1 / CROP_RATIO[0], CROP_RATIO[1]])            # h <= W/min_ratio, w <= H*max_ratio
+    fallback = np.minimum(hw, np.floor(hw[:, ::-1] * limits + np.float32(0.5)))
+    shape = np.where(found, shape, fallback)
+    free = hw - shape
+    anchor = np.where(found, np.minimum(np.floor(pos * (free + 1)), free), np.floor(free * np.float32(0.5)))
+    return list(anchor.astype(np.float32)), list(shape.astype(np.float32))
+
+
+def _build_pipeline(source, *, batch_size, image_size, mean, std, device_id, num_threads):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    # No random operator in the graph: the crop draws come with each sample from the external source.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        encoded = fn.external_source(source=source, dtype=types.UINT8, batch=True, no_copy=False, name="jpegs")
+        encoded, candidates, position = fn.external_source(
+            source=source, num_outputs=3, dtype=[types.UINT8, types.FLOAT, types.FLOAT], batch=True,
+            no_copy=False)
+        # The window needs the decoded size (EXIF orientation applied); one numpy call per batch.
+        anchor, shape = fn.python_function(fn.peek_image_shape(encoded), candidates, position,
+                                           function=crop_windows, batch_processing=True, num_outputs=2)
         decoder = "mixed" if device_id is not None else "cpu"
-        images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
-                                               random_area=[0.08, 1.0],
-                                               random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+                                         axis_names="HW", normalized_anchor=False, normalized_shape=False)
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                         mean=[255 * m for m in mean], std=[255 * s for s in std])
@@ -111,7 +158,7 @@ class DaliBatches:
     """
 
     def __init__(self, records, batches, *, tokenizer, image_size, mean, std, num_negatives, seed, epoch,
-                 rank, start_batch=0, device_id=None, num_threads=4, skip_bad_images=False,
+                 start_batch=0, device_id=None, num_threads=4, skip_bad_images=False,
                  sample_with_replacement=False, trim_text=True, pool=None):
         self.records, self.batches = records, batches[start_batch:]
         self.num_negatives = num_negatives
@@ -119,11 +166,9 @@ class DaliBatches:
         self.device_id, self._pending = device_id, []
         self.batch_size = max((len(b) for b in batches), default=1)
         self.tokenizer, self.seed, self.epoch, self.pool = tokenizer, seed, epoch, pool
-        dali_seed = int(_rng(seed, epoch, rank, start_batch, 0xDA11).integers(2**31 - 1))
         self._source_iter = iter(self.batches)
         self.pipe = _build_pipeline(self._next_encoded, batch_size=self.batch_size, image_size=image_size,
-                                    mean=mean, std=std, device_id=device_id, num_threads=num_threads,
-                                    seed=dali_seed)
+                                    mean=mean, std=std, device_id=device_id, num_threads=num_threads)
         self.pipe.build()
 
     def _next_encoded(self):
@@ -132,7 +177,7 @@ class DaliBatches:
             indices = next(self._source_iter)
         except StopIteration:
             raise StopIteration from None
-        data, kept, bad = [], [], []
+        data, candidates, positions, kept, bad = [], [], [], [], []
         for i in indices:
             record = self.records[i]
             try:
@@ -149,11 +194,14 @@ class DaliBatches:
                 bad.append(image_name(record))
                 continue
             data.append(np.frombuffer(raw, dtype=np.uint8))
+            cand, pos = crop_draws(self.seed, self.epoch, i)
+            candidates.append(cand)
+            positions.append(pos)
             kept.append(i)
         if not data:
             raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
         self._pending.append((kept, bad))
-        return data
+        return data, candidates, positions
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -34,8 +34,8 @@ class Batch:
 class TrainData:
     """This rank's training batches; ``len()`` = batches per epoch (the last partial one dropped).
 
-    Call :meth:`set_epoch` before iterating; order, negatives and (torch pipeline) augmentations are
-    a pure function of (seed, epoch), so ``set_epoch(e, start_batch=n)`` resumes exactly.
+    Call :meth:`set_epoch` before iterating; order, negatives and each sample's crop (both pipelines)
+    are a pure function of (seed, epoch, index), so ``set_epoch(e, start_batch=n)`` resumes exactly.
     ``bad_images`` counts images skipped in the current epoch (``skip_bad_images``).
     """
 
@@ -81,7 +81,7 @@ class TrainData:
                                        self.sample_with_replacement, self.trim_text, self.text_workers)
             for images, tokens, indices, bad in DaliBatches(
                     self.records, batches, image_size=self.image_size, mean=self.mean, std=self.std,
-                    rank=self.rank, start_batch=self.start_batch, device_id=device_id, num_threads=threads,
+                    start_batch=self.start_batch, device_id=device_id, num_threads=threads,
                     pool=self._pool, **common):
                 yield images, tokens, indices, bad
             return

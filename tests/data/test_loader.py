@@ -1,6 +1,7 @@
 """build_train_data end to end with the torch and the DALI CPU pipelines on small JPEG fixtures."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -51,28 +52,78 @@ def test_batches_contract(degla_json, tokenizer, pipeline):
     assert len(set(seen)) == 8
 
 
-@pytest.mark.parametrize("pipeline", PIPES)
-def test_resume_mid_epoch_is_exact(tmp_path, tokenizer, pipeline):
-    # Textured images so that crops differ between draws.
+def _noise_json(tmp_path, n=12):
+    # Textured images of a few shapes (one far outside the aspect range) so that crops differ between draws.
     (tmp_path / "img").mkdir()
-    names = [f"{i}.jpg" for i in range(12)]
-    for n in names:
-        Image.effect_noise((40, 30), 60).convert("RGB").save(tmp_path / "img" / n)
+    names = [f"{i}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        Image.effect_noise([(40, 30), (30, 40), (64, 12)][i % 3], 60).convert("RGB").save(tmp_path / "img" / name)
     items = [{"image": f"img/{n}", "original": f"c {i}", "enhanced": ["a", "b", "c", "d"]} for i, n in enumerate(names)]
     (tmp_path / "t.json").write_text(json.dumps(items))
-    data = _data(tmp_path / "t.json", tokenizer, pipeline)
+    return tmp_path / "t.json"
+
+
+def _by_index(batches):
+    return {i: b.images[row] for b in batches for row, i in enumerate(b.indices.tolist())}
+
+
+@pytest.mark.parametrize("pipeline", PIPES)
+def test_resume_mid_epoch_is_exact(tmp_path, tokenizer, pipeline):
+    # Both pipelines crop each sample from (seed, epoch, index) alone: resuming is bit-exact.
+    data = _data(_noise_json(tmp_path), tokenizer, pipeline)
     full = _epoch(data, 1)
     resumed = _epoch(data, 1, start=1)
     assert len(full) == 3 and len(resumed) == 2
     for a, b in zip(full[1:], resumed):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens)
-        if pipeline == "torch":  # DALI's crops are seeded per (seed, epoch, rank, start_batch) instead
-            assert torch.equal(a.images, b.images)
+        assert torch.equal(a.images, b.images)
+    assert len(_epoch(data, 1, start=3)) == 0
     again = _epoch(data, 1)
     for a, b in zip(full, again):
         assert torch.equal(a.images, b.images)
     other = _epoch(data, 2)
     assert not all(torch.equal(a.indices, b.indices) for a, b in zip(full, other))
+    # A sample seen in both epochs gets a different crop in each (except the 64x12 images: the
+    # fallback window of an aspect far outside the range is the same centred crop every time).
+    mine, theirs = _by_index(full), _by_index(other)
+    common = sorted(i for i in set(mine) & set(theirs) if i % 3 != 2)
+    assert common and all(not torch.equal(mine[i], theirs[i]) for i in common)
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_crop_independent_of_batch_and_rank(tmp_path, tokenizer):
+    # Same (seed, epoch, index) -> same pixels, whichever batch size or rank the sample lands in.
+    path = _noise_json(tmp_path)
+    whole = _by_index(_epoch(_data(path, tokenizer, "dali", batch_size=6), 0))
+    for rank in range(2):
+        part = _by_index(_epoch(_data(path, tokenizer, "dali", batch_size=2, rank=rank, world_size=2), 0))
+        assert part and all(torch.equal(img, whole[i]) for i, img in part.items() if i in whole)
+        assert set(part) & set(whole)
+
+
+def test_dali_crop_windows():
+    from degla_fast.data.dali import CROP_ATTEMPTS, crop_draws, crop_windows
+
+    shapes = [(30, 40, 3), (40, 30, 3), (480, 640, 3), (20, 300, 3), (300, 20, 1), (1, 1, 3)]
+    draws = [crop_draws(5, 0, i) for i in range(60)]
+    assert all(c.shape == (CROP_ATTEMPTS, 2) and c.dtype == np.float32 and 0 <= p.min() and p.max() < 1
+               for c, p in draws)
+    assert not np.array_equal(crop_draws(5, 0, 1)[0], crop_draws(5, 1, 1)[0])
+    hwc = [np.array(shapes[i % len(shapes)]) for i in range(60)]
+    anchors, sizes = crop_windows(hwc, [c for c, _ in draws], [p for _, p in draws])
+    for (c, p), shape, anchor, size in zip(draws, hwc, anchors, sizes):
+        hw = shape[:2].astype(np.float32)
+        assert np.all(anchor >= 0) and np.all(size >= 1) and np.all(anchor + size <= hw)
+        assert np.array_equal(anchor, np.round(anchor)) and np.array_equal(size, np.round(size))
+        dims = np.floor(np.sqrt(c * hw.prod()) + np.float32(0.5))
+        fits = [k for k in range(CROP_ATTEMPTS) if np.all(dims[k] <= hw) and np.all(dims[k] >= 1)]
+        if fits:  # the first candidate that fits, placed by the drawn position
+            assert np.array_equal(size, dims[fits[0]])
+            assert np.array_equal(anchor, np.floor(p * (hw - size + 1)))
+        else:  # torchvision's fallback: centred, aspect clamped to [3/4, 4/3]
+            assert size[0] == hw[0] or size[1] == hw[1]  # it spans the image one way
+            assert 3 / 4 - 0.05 <= size[1] / size[0] <= 4 / 3 + 0.05 or tuple(shape[:2]) == (1, 1)
+            assert np.array_equal(anchor, np.floor((hw - size) / 2))
 
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
