@@ -242,6 +242,13 @@ class EMATeacher:
         self._student_ptrs: list[int] = []
         self._jobs: list[tuple] = []
 
+    def parameter_views(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None]:
+        """``(names, states, forwards)`` in parameter order: the EMA state of each parameter (views
+        of :attr:`flat`, ``dtype``) and, with a separate ``forward_dtype`` buffer, the module's
+        parameters that mirror it (else None: the module's parameters are the states)."""
+        forwards = [p.detach() for p in self.module.parameters()] if self._forward_flat is not self._flat else None
+        return list(self._names), list(self._params), forwards
+
     @property
     def flat(self) -> torch.Tensor:
         """The 1-D buffer all teacher parameters are views of (padding between them)."""

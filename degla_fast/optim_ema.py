@@ -204,23 +204,10 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
 
 # --- optimiser --------------------------------------------------------------------------------
 
-def _teacher_tensors(teacher: EMATeacher) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None]:
-    """(names, EMA-state views, forward copies or None) of an EMATeacher, in parameter order.
-
-    The EMA state (``dtype``) is what the kernel averages; with ``forward_dtype`` the module's
-    parameters are a second buffer the same pass writes (as EMATeacher.update does).
-    """
-    names = [name for name, _ in teacher.module.named_parameters()]
-    module_params = [p.detach() for p in teacher.module.parameters()]
-    views = list(teacher._params)
-    has_copy = teacher._forward_flat is not teacher._flat
-    return names, views, module_params if has_copy else None
-
-
 def _map_to_teacher(groups: list[dict], teacher: EMATeacher) -> dict:
     """{id(student param): (teacher view, copy or None)}: by name when every group carries
     ``param_names`` (``AdamWEMA(model.named_parameters(), ...)``), by position otherwise."""
-    names, views, copies = _teacher_tensors(teacher)
+    names, views, copies = teacher.parameter_views()
     copies = copies or [None] * len(views)
     if all("param_names" in g for g in groups):
         index = {name: i for i, name in enumerate(names)}
@@ -353,10 +340,7 @@ class AdamWEMA(torch.optim.Optimizer):
         for value, idx in by_step.items():
             hyper = _check_hyper(step=value, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                  weight_decay=group["weight_decay"], decay=group["decay"])
-            if len(idx) < len(trained):
-                _run(self._jobs([trained[i] for i in idx], [states[i] for i in idx]), hyper)
-            else:
-                _run(self._jobs(trained, states), hyper)
+            _run(self._jobs([trained[i] for i in idx], [states[i] for i in idx]), hyper)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

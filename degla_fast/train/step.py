@@ -171,9 +171,10 @@ class _TeacherLogitScale:
     def __init__(self, teacher, student: torch.nn.Module):
         self.teacher = teacher
         self.student = getattr(student, "module", student)  # DDP wraps the student
-        # The module's parameter is the EMA state itself, unless a forward_dtype copy is separate.
-        self.forward = teacher.module.logit_scale
-        self.state = self.forward if self.forward.dtype == teacher.dtype else teacher.state_dict()["logit_scale"]
+        names, states, forwards = teacher.parameter_views()
+        index = names.index("logit_scale")
+        self.state = states[index]
+        self.forward = forwards[index] if forwards is not None else None  # a separate forward_dtype copy
         self.saved = self.state.detach().clone()
 
     def follow_clamped(self) -> None:
@@ -181,7 +182,7 @@ class _TeacherLogitScale:
             self.state.copy_(self.saved)
             ema_update_([self.state], [self.student.logit_scale.detach()], self.teacher.decay,
                         backend=self.teacher.backend)
-            if self.forward is not self.state:
+            if self.forward is not None:
                 self.forward.copy_(self.state)
 
 
