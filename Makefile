@@ -18,9 +18,24 @@ $(STAMP): setup.py constraints.txt
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests.
-test: setup
+# Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests,
+# after the compile gate (check-kernels) has compiled them with the real compiler.
+test: setup check-kernels
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q tests
+
+# The kernel compile gate (docs/kernels.md, "Compile gate"): every configuration a launcher can
+# pick, compiled by Triton's real compiler for sm_80 and sm_90 without a GPU, once with the
+# pinned Triton and once with Triton 3.6 (installed once into $(TRITON_36)); fails on compile
+# errors, shared memory above the block limit and register spills.
+TRITON_36 := $(VENV)/triton-3.6
+.PHONY: check-kernels
+check-kernels: setup $(TRITON_36)/.installed-stamp
+	TRITON_INTERPRET=0 $(PYTHON) -m degla_fast.compile_gate
+	TRITON_INTERPRET=0 PYTHONPATH=$(TRITON_36)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m degla_fast.compile_gate --expect-triton 3.6.0
+
+$(TRITON_36)/.installed-stamp: | $(STAMP)
+	$(PYTHON) -m pip install -q --no-deps --target $(TRITON_36) triton==3.6.0
+	touch $@
 
 # On a GPU machine: the kernel tests against their float64 expectations with the compiled
 # kernels on CUDA tensors (TRITON_INTERPRET=0), not through the interpreter.

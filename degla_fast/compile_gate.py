@@ -51,6 +51,7 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _STACK = re.compile(r"(\d+) bytes stack frame")
 _STATIC_SMEM = re.compile(r"(\d+) bytes smem")
+_PTXAS_TIME = re.compile(r"Compile time = ([\d.]+) ms")
 
 #: Variants of the current run, by index; set before the worker processes fork.
 _VARIANTS: list = []
@@ -75,6 +76,7 @@ def parse_ptxas(log: str) -> dict | None:
         "spill_loads": sum(l for _, l in spills),
         "stack_frame": max([int(n) for n in _STACK.findall(log)] or [0]),
         "static_shared": sum(int(n) for n in _STATIC_SMEM.findall(log)),
+        "ptxas_ms": round(sum(float(t) for t in _PTXAS_TIME.findall(log)), 1),
     }
 
 

@@ -116,7 +116,7 @@ ptxas info    : Compile time = 21.0 ms
 
 def test_parse_ptxas_and_tensor_cores():
     assert gate.parse_ptxas(PTXAS_LOG) == {"registers": 255, "spill_stores": 640, "spill_loads": 552,
-                                           "stack_frame": 464, "static_shared": 0}
+                                           "stack_frame": 464, "static_shared": 0, "ptxas_ms": 21.0}
     assert gate.parse_ptxas("ptxas info    : Used 40 registers, 1024 bytes smem, 400 bytes cmem[0]")["static_shared"] == 1024
     assert gate.parse_ptxas("") is None
     assert gate.tensor_cores("wgmma.mma_async.sync.aligned.m64n64k16") == "wgmma"
