@@ -29,9 +29,12 @@ test: setup check-kernels
 # errors, shared memory above the block limit and register spills.
 TRITON_36 := $(VENV)/triton-3.6
 .PHONY: check-kernels
+# Both runs always run; the target fails if either did.
 check-kernels: setup $(TRITON_36)/.installed-stamp
-	TRITON_INTERPRET=0 $(PYTHON) -m degla_fast.compile_gate
-	TRITON_INTERPRET=0 PYTHONPATH=$(TRITON_36)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m degla_fast.compile_gate --expect-triton 3.6.0
+	status=0; \
+	TRITON_INTERPRET=0 $(PYTHON) -m degla_fast.compile_gate || status=1; \
+	TRITON_INTERPRET=0 PYTHONPATH=$(TRITON_36)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m degla_fast.compile_gate --expect-triton 3.6.0 || status=1; \
+	exit $$status
 
 $(TRITON_36)/.installed-stamp: | $(STAMP)
 	$(PYTHON) -m pip install -q --no-deps --target $(TRITON_36) triton==3.6.0

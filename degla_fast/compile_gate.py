@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -425,11 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             for failure in row["failures"]:
                 failures.append(f"{describe(row)}: {failure}")
         elapsed = time.perf_counter() - start
+        cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for f in ("ru_utime", "ru_stime"))
         path = args.json or os.path.join("benchmarks", "results", f"compile_gate-triton{triton.__version__}.json")
         report = {"triton_version": triton.__version__, "triton_file": triton.__file__, "ptxas": ptxas,
                   "ptxas_version": ptxas_version, "archs": args.arch, "modules": args.modules,
                   "shared_limit": {str(a): SHARED_LIMIT.get(a) for a in args.arch}, "configs": len(configs),
-                  "variants": len(rows), "elapsed_s": round(elapsed, 2), "ok": not failures,
+                  "variants": len(rows), "elapsed_s": round(elapsed, 2), "cpu_s": round(cpu, 1), "jobs": args.jobs,
+                  "ok": not failures,
                   "failures": failures, "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -437,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         for failure in failures:
             print(f"FAIL: {failure}")
         print(f"compile gate: triton {triton.__version__}: {len(rows)} variants, {len(failures)} failures, "
-              f"{elapsed:.1f} s; table in {path}")
+              f"{elapsed:.1f} s ({cpu:.0f} CPU s in all processes); table in {path}")
         return 1 if failures else 0
     finally:
         shutil.rmtree(cache, ignore_errors=True)
