@@ -68,9 +68,13 @@ def _validate(lists: Sequence[Sequence[torch.Tensor]], copies: Sequence[torch.Te
             if t.dtype != torch.float32:
                 raise ShapeError(f"adamw_ema_step_: tensor {i}: {name} must be float32 (fp32 master weights and "
                                  f"optimiser state); got {t.dtype}")
-        for name, t in zip(_LISTS[4:] + ("teacher_copies",), others[3:]):
-            if not t.is_floating_point():
-                raise ShapeError(f"adamw_ema_step_: tensor {i}: {name} must be floating; got {t.dtype}")
+        if others[3].dtype != torch.float32:
+            raise ShapeError(f"adamw_ema_step_: tensor {i}: teachers must be float32 (the EMA state: a 16-bit state "
+                             f"does not move at decay near 1; pass 16-bit weights as teacher_copies); got "
+                             f"{others[3].dtype}")
+        if copies is not None and others[4].dtype not in (torch.bfloat16, torch.float16):
+            raise ShapeError(f"adamw_ema_step_: tensor {i}: teacher_copies must be bfloat16 or float16; got "
+                             f"{others[4].dtype}")
 
 
 # --- torch backend ----------------------------------------------------------------------------
@@ -117,19 +121,21 @@ class _PlanCache:
         cache.move_to_end(key)
         return value
 
-    def plan(self, streams: Sequence[Sequence[torch.Tensor]]):
-        """(layout, table) for six lists (params, grads, exp_avgs, exp_avg_sqs, teachers, copies),
-        or None when a tensor is not addressable by the kernel (non-contiguous)."""
+    def plan(self, streams: Sequence[Sequence[torch.Tensor]], copies: bool):
+        """(layout, table) for six lists (params, grads, exp_avgs, exp_avg_sqs, teachers, copies;
+        ``copies`` False: the sixth list is the teachers), or None when a tensor is not
+        addressable by the kernel (non-contiguous) or of dtypes it is not compiled for."""
         from .kernels import adamw_ema as kernel
 
-        if not kernel.can_plan(*streams):
+        copy_dtype = streams[5][0].dtype if copies else None
+        if not kernel.supported(streams[4][0].dtype, copy_dtype) or not kernel.can_plan(*streams):
             return None
         params = streams[0]
         numels = tuple(p.numel() for p in params)
         layout = self._get(self._layouts, (params[0].device, numels),
                            lambda: kernel.build_layout(numels, params[0].device))
         key = (numels,) + tuple((ts[0].dtype,) + tuple(t.data_ptr() for t in ts) for ts in streams)
-        table = self._get(self._tables, key, lambda: kernel.build_table(*streams[:5], streams[5]))
+        table = self._get(self._tables, key, lambda: kernel.build_table(*streams[:5], streams[5] if copies else None))
         return layout, table
 
 
@@ -156,7 +162,7 @@ def _prepare(lists, copies, backend: str) -> list[tuple]:
     for (device, _, _), (five, cs) in groups.items():
         plan = None
         if resolve_backend(backend, device) == "triton":
-            plan = _PLANS.plan(five + [cs if cs is not None else five[4]])
+            plan = _PLANS.plan(five + [cs if cs is not None else five[4]], copies=cs is not None)
         jobs.append((plan, five, cs))
     return jobs
 
@@ -188,9 +194,10 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
 
     params, grads, exp_avgs, exp_avg_sqs: float32 tensors, equal shapes per index (e.g. a
     model's parameters, or DeepSpeed flat partitions: one 1-D tensor per group); teachers:
-    same shapes, fp32, bf16 or fp16. ``step``: the step count including this step (>= 1), as
-    torch's ``state["step"]`` after its increment. ``teacher_copies``: optional tensors of the
-    teachers' shapes (e.g. bf16 forward weights) that receive the new teacher values too.
+    same shapes, float32 (the EMA state is always fp32). ``step``: the step count including
+    this step (>= 1), as torch's ``state["step"]`` after its increment. ``teacher_copies``:
+    optional bf16 or fp16 tensors of the teachers' shapes (the forward weights) that receive
+    the new teacher values too.
     Raises ShapeError (a ValueError) on mismatched lists, naming the tensor index, ConfigError
     (a ValueError) on a bad hyperparameter or backend.
     """

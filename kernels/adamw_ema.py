@@ -12,12 +12,18 @@ Each of g, m, v, p, t is read once and p, m, v, t written once, so the teacher u
 one read and one write of the teacher instead of a second pass over the parameter.
 
 Addressing follows :mod:`degla_fast.kernels.ema` (every tensor is ``base + element offset``
-from the first tensor of its list, offsets stored divided by their common 16-byte alignment so
-the compiler can prove vector loads), with the table split in two levels: a per-block table
+from the first tensor of its list; when every tensor of every stream starts on 16 bytes the
+offsets are stored divided by the 16-byte vector of their dtype so the compiler can prove vector
+loads, otherwise all streams use element offsets), with the table split in two levels: a per-block table
 (tensor index, block index within the tensor) that depends only on the tensor sizes, and a
 small per-tensor table of offsets and sizes. Gradients are often reallocated between steps
 (``zero_grad(set_to_none=True)``); then only the per-tensor table (7 integers per tensor) is
 rebuilt, never the per-block one (tens of thousands of rows for a CLIP model).
+
+Dtypes: params, grads and moments fp32; the teacher (EMA state) fp32 too (a 16-bit state
+would not move at decay 0.9996); the optional copy bf16 or fp16. Block size and warps come from
+:data:`TILES` (at most 128 registers, no spills: docs/ema.md), and :func:`gate_configs` lists
+every variant :func:`launch` can compile.
 """
 from __future__ import annotations
 
@@ -28,23 +34,61 @@ import torch
 import triton
 import triton.language as tl
 
-from .ema import DEFAULT_BLOCK, _common_alignment, _element_offsets, _lerp
+from .configs import KernelConfig, make_config
+from .ema import _TYPE_NAMES, _VECTOR_BYTES, _element_offsets, _lerp, arch_for
+
+#: (elements per program, warps) by architecture: 4 fp32 per thread and stream (one 16-byte
+#: vector each of g, m, v, p, t). ptxas -v: at most 56 registers, no spills, no shared memory
+#: on sm_80/sm_90 with Triton 3.6 and 3.8; BLOCK=4096 with 8 warps took 127-194 (docs/ema.md).
+TILES = {80: (1024, 8), 90: (1024, 8)}
+#: Kept for callers that name the block size: the tile of the default architecture.
+DEFAULT_BLOCK = TILES[90][0]
+#: What the kernel is compiled for: everything fp32 but the optional forward copy.
+TEACHER_DTYPES = (torch.float32,)
+COPY_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
-@triton.jit
-def _load(ptrs, inside, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    else:
-        return tl.load(ptrs).to(tl.float32)
+def tile(arch: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) the launcher uses on ``arch`` (80 or 90): what the gate compiles."""
+    return TILES[arch]
 
 
-@triton.jit
-def _store(ptrs, value, inside, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=inside)
-    else:
-        tl.store(ptrs, value.to(ptrs.dtype.element_ty))
+def supported(teacher_dtype: torch.dtype, copy_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernel is compiled (and gated) for this teacher and copy dtype (params fp32)."""
+    return teacher_dtype in TEACHER_DTYPES and copy_dtype in COPY_DTYPES
+
+
+def _vector(dtype: torch.dtype) -> int:
+    return _VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def _aligns(aligned: bool, copy_dtype: torch.dtype | None) -> tuple[int, int, int, int, int, int]:
+    """(P, G, M, V, T, C)_ALIGN of an aligned or unaligned table (no copy: C is the teacher)."""
+    if not aligned:
+        return (1,) * 6
+    return (4,) * 5 + (_vector(copy_dtype or torch.float32),)
+
+
+def gate_configs(arch: int) -> list[KernelConfig]:
+    """Every variant of ``_adamw_ema_kernel`` :func:`launch` can compile on ``arch``: forward copy
+    (none, bf16, fp16) x aligned or not, at ``tile(arch)``."""
+    block, num_warps = tile(arch)
+    configs = []
+    for c_dtype in COPY_DTYPES:
+        for aligned in (True, False):
+            aligns = _aligns(aligned, c_dtype)
+            types = {name: "*fp32" for name in ("P", "G", "M", "V", "T")}
+            types.update(C="*" + _TYPE_NAMES[c_dtype or torch.float32], Blocks="*i32", Table="*i64")
+            types.update({name: "fp32" for name in ("wd_factor", "avg_weight", "beta2", "sq_weight", "step_size",
+                                                    "bc2_sqrt", "eps", "ema_weight")})
+            constexprs = dict(zip(("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN", "T_ALIGN", "C_ALIGN"), aligns))
+            constexprs.update(BLOCK=block, WRITE_COPY=c_dtype is not None)
+            copy = _TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
+            label = {"dtype": f"p/g/m/v=fp32 t=fp32 copy={copy}", "D": "-",
+                     "tile": f"BLOCK={block} align={'16B' if aligned else 'none'}"}
+            configs.append(make_config(_adamw_ema_kernel, types, constexprs, num_warps=num_warps, num_stages=1,
+                                       arch=arch, label=label))
+    return configs
 
 
 @triton.jit
@@ -62,19 +106,36 @@ def _adamw(p, g, m, v, wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_s
 def _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
            wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, ema_weight,
            MASKED: tl.constexpr, WRITE_COPY: tl.constexpr):
-    g = _load(g_ptrs, inside, MASKED)
-    m = _load(m_ptrs, inside, MASKED)
-    v = _load(v_ptrs, inside, MASKED)
-    p = _load(p_ptrs, inside, MASKED)
-    t = _load(t_ptrs, inside, MASKED)
+    # Loads and stores written out rather than through helpers: the CPU interpreter pays
+    # ~2 ms per nested jit call, and the tests run thousands of steps through it.
+    if MASKED:
+        g = tl.load(g_ptrs, mask=inside, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs, mask=inside, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=inside, other=0.0).to(tl.float32)
+        p = tl.load(p_ptrs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=inside, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptrs).to(tl.float32)
+        m = tl.load(m_ptrs).to(tl.float32)
+        v = tl.load(v_ptrs).to(tl.float32)
+        p = tl.load(p_ptrs).to(tl.float32)
+        t = tl.load(t_ptrs).to(tl.float32)
     p, m, v = _adamw(p, g, m, v, wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps)
     t = _lerp(t, p, ema_weight)
-    _store(p_ptrs, p, inside, MASKED)
-    _store(m_ptrs, m, inside, MASKED)
-    _store(v_ptrs, v, inside, MASKED)
-    _store(t_ptrs, t, inside, MASKED)
-    if WRITE_COPY:
-        _store(c_ptrs, t, inside, MASKED)
+    if MASKED:
+        tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=inside)
+        tl.store(m_ptrs, m.to(m_ptrs.dtype.element_ty), mask=inside)
+        tl.store(v_ptrs, v.to(v_ptrs.dtype.element_ty), mask=inside)
+        tl.store(t_ptrs, t.to(t_ptrs.dtype.element_ty), mask=inside)
+        if WRITE_COPY:
+            tl.store(c_ptrs, t.to(c_ptrs.dtype.element_ty), mask=inside)
+    else:
+        tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty))
+        tl.store(m_ptrs, m.to(m_ptrs.dtype.element_ty))
+        tl.store(v_ptrs, v.to(v_ptrs.dtype.element_ty))
+        tl.store(t_ptrs, t.to(t_ptrs.dtype.element_ty))
+        if WRITE_COPY:
+            tl.store(c_ptrs, t.to(c_ptrs.dtype.element_ty))
 
 
 @triton.jit
@@ -134,9 +195,15 @@ def can_plan(*streams: Sequence[torch.Tensor]) -> bool:
     return True
 
 
-def build_layout(numels: Sequence[int], device: torch.device, *, block: int = DEFAULT_BLOCK,
+def build_layout(numels: Sequence[int], device: torch.device, *, block: int | None = None,
                  num_warps: int | None = None) -> BlockLayout:
-    """The per-block table of tensors of sizes ``numels`` (all > 0); ``block`` a power of two >= 16."""
+    """The per-block table of tensors of sizes ``numels`` (all > 0). ``block``/``num_warps``:
+    ``tile(arch)`` of ``device`` when None (what the compile gate covers); other values are for
+    tests only (a power of two >= 16)."""
+    default_block, default_warps = tile(arch_for(device))
+    block = block or default_block
+    if num_warps is None:
+        num_warps = default_warps if block == default_block else (8 if block >= 2048 else 4)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
     if not numels or min(numels) <= 0:
@@ -147,23 +214,29 @@ def build_layout(numels: Sequence[int], device: torch.device, *, block: int = DE
     first = torch.cumsum(per_tensor, 0) - per_tensor
     within = torch.arange(index.numel()) - first[index]
     blocks = torch.stack([index, within], dim=1).to(torch.int32)
-    return BlockLayout(blocks=blocks.to(device), block=block, num_warps=num_warps or (8 if block >= 2048 else 4))
+    return BlockLayout(blocks=blocks.to(device), block=block, num_warps=num_warps)
 
 
 def build_table(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                 exp_avg_sqs: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor],
                 copies: Sequence[torch.Tensor] | None = None) -> TensorTable:
     """The per-tensor table of six equally long lists of contiguous tensors (``copies`` None: the
-    teacher column is reused and the kernel does not write copies)."""
+    teacher column is reused and the kernel does not write copies). All fp32 but the copies
+    (bf16 or fp16)."""
     streams = [params, grads, exp_avgs, exp_avg_sqs, teachers, teachers if copies is None else copies]
+    for name, tensors in zip(("params", "grads", "exp_avgs", "exp_avg_sqs", "teachers"), streams):
+        if tensors[0].dtype != torch.float32:
+            raise ValueError(f"build_table: {name} must be float32; got {tensors[0].dtype}")
+    copy_dtype = None if copies is None else copies[0].dtype
+    if not supported(torch.float32, copy_dtype):
+        raise ValueError(f"build_table: copies must be bf16 or fp16; got {copy_dtype}")
     if not can_plan(*streams):
         raise ValueError("build_table needs contiguous tensors whose addresses differ by whole elements")
-    columns, aligns = [], []
-    for tensors in streams:
-        offsets = _element_offsets(tensors)
-        align = _common_alignment(offsets, tensors[0].element_size())
-        columns.append([o // align for o in offsets])
-        aligns.append(align)
+    offsets = [_element_offsets(tensors) for tensors in streams]
+    aligned = all(tensors[0].data_ptr() % _VECTOR_BYTES == 0 and all(o % _vector(tensors[0].dtype) == 0 for o in offs)
+                  for tensors, offs in zip(streams, offsets))
+    aligns = _aligns(aligned, copy_dtype)
+    columns = [[o // align for o in offs] for offs, align in zip(offsets, aligns)]
     columns.append([t.numel() for t in params])
     table = torch.tensor(columns, dtype=torch.int64).t().contiguous()
     return TensorTable(table=table.to(params[0].device), aligns=tuple(aligns))
@@ -190,4 +263,4 @@ def launch(layout: BlockLayout, table: TensorTable, bases: Sequence[torch.Tensor
         bias_correction2 ** 0.5, eps, 1.0 - decay,
         BLOCK=layout.block, P_ALIGN=table.aligns[0], G_ALIGN=table.aligns[1], M_ALIGN=table.aligns[2],
         V_ALIGN=table.aligns[3], T_ALIGN=table.aligns[4], C_ALIGN=table.aligns[5], WRITE_COPY=write_copy,
-        num_warps=layout.num_warps)
+        num_warps=layout.num_warps, num_stages=1)

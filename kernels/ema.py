@@ -6,12 +6,22 @@ negative), so a whole parameter list is one launch with no per-step allocation: 
 table (one row per ``BLOCK`` elements of every tensor) is built once by :func:`build_plan`
 and reused while the tensors stay where they are.
 
-Alignment: offsets are stored divided by the largest power of two (up to 16 bytes) that
-divides all of them, and the kernel multiplies them back by that compile-time constant, so
-the compiler can prove 16-byte alignment and emit vector loads without ``multiple_of`` hints.
+Alignment: when every tensor starts on a 16-byte boundary and every offset is a multiple of
+its stream's vector (8 elements for the fp32 teacher, which also puts a 16-bit copy on 16 bytes;
+16 bytes of the student's dtype), offsets are stored divided by that vector and the kernel
+multiplies them back by a compile-time constant, so the compiler can prove 16-byte alignment
+and emit vector loads without ``multiple_of`` hints. Otherwise every stream uses element offsets
+(alignment 1, scalar accesses). Two values per stream, not every power of two: the compile gate
+compiles each variant, and the layouts that matter (EMATeacher's flat buffer, allocator-placed
+student parameters, DeepSpeed partitions) are either fully aligned or not at all.
 Full blocks take an unmasked path for the same reason; only each tensor's last block is masked.
 Optionally the same pass writes the new teacher values into a second layout of another dtype
 (the bf16 weights of the teacher's forward), saving the per-step cast autocast would do.
+
+The EMA state (teacher) is always fp32: with decay 0.9996 the step ``4e-4 * (s - t)`` is below
+half a bf16 ulp of ``t``, so a 16-bit state would never move. 16-bit teacher weights are only
+the forward copy. :func:`gate_configs` lists every variant :func:`launch` can compile, with
+the block size and warps of :data:`TILES` that :func:`build_plan` takes.
 """
 from __future__ import annotations
 
@@ -22,10 +32,70 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements per program: 16 KB of fp32 per stream, enough to hide latency on current GPUs.
-DEFAULT_BLOCK = 4096
+from .configs import ARCHS, KernelConfig, arch_of, make_config
+
+#: (elements per program, warps) by architecture: 16 fp32 per thread and stream, 16 KB of fp32
+#: per stream and program. ptxas -v: at most 55 registers, no spills on sm_80/sm_90 with Triton
+#: 3.6 and 3.8 (docs/ema.md has the table); the gate checks every variant.
+TILES = {80: (4096, 8), 90: (4096, 8)}
+#: Kept for callers that name the block size: the tile of the default architecture.
+DEFAULT_BLOCK = TILES[90][0]
 #: Widest vector access the alignment proof aims for.
 _VECTOR_BYTES = 16
+#: Teacher offsets of an aligned plan are multiples of this many elements: 32 bytes of the fp32
+#: state, 16 bytes of a 16-bit forward copy written at the same element offsets.
+_TEACHER_VECTOR = 8
+#: What the kernel is compiled for (the gate's list): the EMA state is fp32 only.
+TEACHER_DTYPES = (torch.float32,)
+STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COPY_DTYPES = (None, torch.bfloat16, torch.float16)
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def arch_for(device: torch.device) -> int:
+    """The :data:`TILES` key of ``device``: its CUDA architecture, or 90 on the CPU interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return arch_of(torch.cuda.get_device_capability(device))
+    return 90
+
+
+def tile(arch: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) the launcher uses on ``arch`` (80 or 90): what the gate compiles."""
+    return TILES[arch]
+
+
+def supported(teacher_dtype: torch.dtype, student_dtype: torch.dtype, copy_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernel is compiled (and gated) for these dtypes; others take the torch path."""
+    return teacher_dtype in TEACHER_DTYPES and student_dtype in STUDENT_DTYPES and copy_dtype in COPY_DTYPES
+
+
+def _aligns(aligned: bool, student_dtype: torch.dtype) -> tuple[int, int]:
+    """(T_ALIGN, S_ALIGN) of an aligned or unaligned plan."""
+    if not aligned:
+        return 1, 1
+    return _TEACHER_VECTOR, _VECTOR_BYTES // torch.empty((), dtype=student_dtype).element_size()
+
+
+def gate_configs(arch: int) -> list[KernelConfig]:
+    """Every variant of ``_ema_kernel`` :func:`launch` can compile on ``arch``: student dtype x
+    forward copy (none, bf16, fp16) x aligned or not, at ``tile(arch)``."""
+    block, num_warps = tile(arch)
+    configs = []
+    for s_dtype in STUDENT_DTYPES:
+        for c_dtype in COPY_DTYPES:
+            for aligned in (True, False):
+                t_align, s_align = _aligns(aligned, s_dtype)
+                types = {"T": "*fp32", "S": "*" + _TYPE_NAMES[s_dtype],
+                         "C": "*" + _TYPE_NAMES[c_dtype or torch.float32],
+                         "TStart": "*i64", "SStart": "*i64", "Count": "*i32", "weight": "fp32"}
+                constexprs = {"BLOCK": block, "T_ALIGN": t_align, "S_ALIGN": s_align, "WRITE_COPY": c_dtype is not None}
+                copy = _TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
+                label = {"dtype": f"t=fp32 s={_TYPE_NAMES[s_dtype]} copy={copy}", "D": "-",
+                         "tile": f"BLOCK={block} align={'16B' if aligned else 'none'}"}
+                configs.append(make_config(_ema_kernel, types, constexprs, num_warps=num_warps, num_stages=1,
+                                           arch=arch, label=label))
+    return configs
 
 
 @triton.jit
@@ -85,6 +155,11 @@ def _common_alignment(offsets: Sequence[int], element_size: int) -> int:
     return align
 
 
+def is_aligned(tensors: Sequence[torch.Tensor], offsets: Sequence[int], vector: int) -> bool:
+    """Whether the first tensor starts on 16 bytes and every offset is a multiple of ``vector`` elements."""
+    return tensors[0].data_ptr() % _VECTOR_BYTES == 0 and all(o % vector == 0 for o in offsets)
+
+
 def _element_offsets(tensors: Sequence[torch.Tensor]) -> list[int] | None:
     """Element offsets of each tensor's first element from the first tensor's (None if not whole elements)."""
     size = tensors[0].element_size()
@@ -106,22 +181,29 @@ def can_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -
 
 
 def build_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], *,
-               block: int = DEFAULT_BLOCK, num_warps: int | None = None) -> EmaPlan:
+               block: int | None = None, num_warps: int | None = None) -> EmaPlan:
     """The block table that updates ``teacher[i]`` toward ``student[i]`` for all i in one launch.
 
-    teacher: contiguous tensors of one floating dtype; student: contiguous tensors of one
-    floating dtype with ``student[i].numel() == teacher[i].numel()``, on the same device.
-    ``block``: elements per program, a power of two of at least 16.
+    teacher: contiguous fp32 tensors (the EMA state); student: contiguous tensors of one dtype
+    of :data:`STUDENT_DTYPES` with ``student[i].numel() == teacher[i].numel()``, on the same
+    device. ``block``/``num_warps``: ``tile(arch)`` of the device when None (what the compile
+    gate covers); other values are for tests only (a power of two of at least 16).
     """
     if len(teacher) != len(student) or not teacher:
         raise ValueError(f"build_plan needs two non-empty lists of equal length; got {len(teacher)} and {len(student)}")
+    if not supported(teacher[0].dtype, student[0].dtype):
+        raise ValueError(f"build_plan: the kernel takes an fp32 teacher and a {'/'.join(map(_TYPE_NAMES.get, STUDENT_DTYPES))} "
+                         f"student; got teacher {teacher[0].dtype}, student {student[0].dtype}")
+    default_block, default_warps = tile(arch_for(teacher[0].device))
+    block = block or default_block
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
     if not can_plan(teacher, student):
         raise ValueError("build_plan needs contiguous tensors whose addresses differ by whole elements")
     t_offsets, s_offsets = _element_offsets(teacher), _element_offsets(student)
-    t_align = _common_alignment(t_offsets, teacher[0].element_size())
-    s_align = _common_alignment(s_offsets, student[0].element_size())
+    _, s_vector = _aligns(True, student[0].dtype)
+    aligned = is_aligned(teacher, t_offsets, _TEACHER_VECTOR) and is_aligned(student, s_offsets, s_vector)
+    t_align, s_align = _aligns(aligned, student[0].dtype)
     t_start, s_start, count = [], [], []
     for t_off, s_off, t in zip(t_offsets, s_offsets, teacher):
         numel = t.numel()
@@ -135,7 +217,7 @@ def build_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
         s_start=torch.tensor(s_start, dtype=torch.int64, device=device),
         count=torch.tensor(count, dtype=torch.int32, device=device),
         t_align=t_align, s_align=s_align, block=block,
-        num_warps=num_warps or (8 if block >= 2048 else 4),
+        num_warps=num_warps or (default_warps if block == default_block else (8 if block >= 2048 else 4)),
     )
 
 
@@ -146,13 +228,18 @@ def launch(plan: EmaPlan, teacher_base: torch.Tensor, student_base: torch.Tensor
     teacher_base/student_base: the first teacher and student tensors the plan was built for.
     copy_base: optional start of a second teacher layout (e.g. bf16 for the teacher's forward)
     whose tensors sit at the same element offsets from it as the teacher tensors from
-    ``teacher_base``; it receives the new teacher values in its own dtype in the same pass.
+    ``teacher_base`` (bf16 or fp16; on 16 bytes when the plan is aligned, as the teacher's base
+    is); it receives the new teacher values in its own dtype in the same pass.
     """
     num_blocks = plan.count.numel()
     if num_blocks == 0:
         return
+    if copy_base is not None and (copy_base.dtype not in COPY_DTYPES
+                                  or (plan.t_align > 1 and copy_base.data_ptr() % _VECTOR_BYTES)):
+        raise ValueError(f"launch: the forward copy must be bf16 or fp16 (16-byte aligned with an aligned plan); "
+                         f"got {copy_base.dtype} at {copy_base.data_ptr() % _VECTOR_BYTES} bytes past 16")
     _ema_kernel[(num_blocks,)](
         teacher_base, student_base, teacher_base if copy_base is None else copy_base,
         plan.t_start, plan.s_start, plan.count, float(weight),
         BLOCK=plan.block, T_ALIGN=plan.t_align, S_ALIGN=plan.s_align, WRITE_COPY=copy_base is not None,
-        num_warps=plan.num_warps)
+        num_warps=plan.num_warps, num_stages=1)

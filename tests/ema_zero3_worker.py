@@ -50,8 +50,15 @@ def main() -> int:
     except ConfigError as err:
         assert "from_deepspeed" in str(err)
     torch.manual_seed(1)  # a different initialisation: the teacher must start as the student
+    for bad in (dict(dtype=torch.bfloat16), dict(forward_dtype=torch.bfloat16)):
+        try:  # the EMA state is fp32 and a sharded teacher has no 16-bit forward copy (raised before any collective)
+            EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton", **bad)
+            raise AssertionError(f"a ZeRO-3 teacher accepted {bad}")
+        except ConfigError as err:
+            assert "fp32" in str(err) or "autocast" in str(err), err
     teacher = EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton")
     assert isinstance(teacher, ShardedEMATeacher)
+    assert teacher.dtype == torch.float32 and all(s.dtype == torch.float32 for s in teacher._shards)
     rank = dist.get_rank()
     full = sum(p.ds_numel for p in teacher.module.parameters())
     local = sum(p.ds_tensor.numel() for p in teacher.module.parameters())

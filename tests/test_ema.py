@@ -22,7 +22,7 @@ def _expected(teacher, student, decay):
 
 
 def _assert_matches(actual, expected, dtype):
-    # fp32 teacher: fp32 arithmetic; 16-bit teacher: one rounding (1 ulp covers the CPU
+    # fp32 teacher: fp32 arithmetic; 16-bit forward copy: one rounding (1 ulp covers the CPU
     # interpreter's truncating cast as well as round-to-nearest on a GPU).
     rel = {torch.float32: 2e-7, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
     for i, (a, e) in enumerate(zip(actual, expected)):
@@ -33,9 +33,9 @@ def _assert_matches(actual, expected, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t_dtype,s_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                             (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                             (torch.bfloat16, torch.float32)])
+                                             (torch.float32, torch.float16), (torch.float32, torch.float64)])
 def test_matches_float64_expectation(backend, t_dtype, s_dtype, kernel_device):
+    # A float64 student is not a kernel dtype: the triton backend sends it through torch.
     teacher = [torch.randn(s).to(kernel_device, t_dtype) for s in SHAPES]
     student = [torch.randn(s).to(kernel_device, s_dtype) for s in SHAPES]
     expected = _expected(teacher, student, 0.9)
@@ -89,13 +89,19 @@ def test_kernel_block_boundaries_and_alignment():
     student = [torch.randn(33), torch.randn(128), torch.randn(17)]
     expected = _expected(teacher, student, 0.3)
     plan = kernel.build_plan(teacher, student, block=16)
-    assert plan.t_align == 4  # views on 64-element boundaries: 16-byte vector loads are provable
+    # Views on 64-element boundaries and 64-byte aligned students: 16-byte vector loads are provable.
+    assert (plan.t_align, plan.s_align) == (8, 4)
     assert plan.count.tolist() == [16, 16, 1] + [16] * 8 + [16, 1]
     kernel.launch(plan, teacher[0], student[0], 0.7)
     _assert_matches(teacher, expected, torch.float32)
     # Offsets are relative to the first tensor (the base pointer's own alignment the compiler sees).
     odd = kernel.build_plan([flat[1:8], flat[10:21]], [torch.randn(7), torch.randn(11)], block=16)
-    assert odd.t_align == 1
+    assert (odd.t_align, odd.s_align) == (1, 1)  # one stream off its vector: element offsets everywhere
+    # 4 fp32 apart is 16 bytes of the state, but 8 bytes of a 16-bit copy at the same offsets.
+    shifted = kernel.build_plan([flat[0:4], flat[4:8]], [torch.randn(4), torch.randn(4)], block=16)
+    assert shifted.t_align == 1
+    with pytest.raises(ValueError, match="fp32 teacher"):
+        kernel.build_plan([torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)])
 
 
 def test_plan_cache_follows_new_tensors():
@@ -127,6 +133,9 @@ def test_errors_are_value_errors_naming_the_culprit():
             ema_update_(t, s, decay)
     with pytest.raises(ConfigError, match="backend must be one of"):
         ema_update_(t, s, 0.9, backend="cuda")
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # the EMA state is fp32 only
+        with pytest.raises(ShapeError, match=f"tensor 1: the teacher \\(EMA state\\) must be float32, got {dtype}"):
+            ema_update_([t[0], t[1].to(dtype)], s, 0.9)
     for err in (ShapeError, ConfigError):
         assert issubclass(err, ValueError)
     assert torch.equal(t[0], torch.zeros(3))  # nothing was written by a rejected call
@@ -198,20 +207,90 @@ def test_teacher_follows_replaced_student_storage():
         teacher.update(torch.nn.Linear(2, 2))
 
 
-def test_bf16_teacher_and_bf16_student():
+def test_bf16_teacher_is_an_fp32_state_with_a_bf16_forward_copy():
     student = _Net().to(torch.bfloat16)
     teacher = EMATeacher(student, decay=0.75, backend="triton", dtype=torch.bfloat16)
-    assert teacher.flat.dtype == torch.bfloat16
+    assert teacher.dtype == torch.float32 and teacher.forward_dtype == torch.bfloat16
+    assert teacher.flat.dtype == torch.float32  # the EMA state never is 16-bit
     assert all(p.dtype == torch.bfloat16 for p in teacher.module.parameters())
+    same = EMATeacher(student, decay=0.75, backend="triton", forward_dtype=torch.bfloat16)
     fp32 = EMATeacher(student, decay=0.75, backend="triton")
     assert fp32.flat.dtype == torch.float32 and fp32.flat.numel() == teacher.flat.numel()
-    start = [p.detach().clone() for p in teacher.module.parameters()]
+    start = [p.detach().double().clone() for p in teacher.module.parameters()]
     _step(student)
-    teacher.update(student)
-    fp32.update(student)
+    for ema in (teacher, same, fp32):
+        ema.update(student)
     s_params = list(student.parameters())
     _assert_matches(list(teacher.module.parameters()), _expected(start, s_params, 0.75), torch.bfloat16)
     _assert_matches(list(fp32.module.parameters()), _expected(start, s_params, 0.75), torch.float32)
+    for a, b in zip(teacher.state_dict().values(), same.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # dtype=bf16 is exactly forward_dtype=bf16
+    assert all(v.dtype == torch.float32 for k, v in teacher.state_dict().items() if "norm.running" not in k
+               and "num_batches" not in k)
+    with pytest.raises(ConfigError, match="the EMA state is fp32"):
+        EMATeacher(student, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="means forward_dtype"):
+        EMATeacher(student, dtype=torch.bfloat16, forward_dtype=torch.float16)
+    with pytest.raises(ConfigError, match="forward_dtype must be"):
+        EMATeacher(student, forward_dtype=torch.float64)
+    assert EMATeacher(student, forward_dtype=torch.float32).forward_dtype is None  # the state itself
+
+
+def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at |x| (fp32 tensor): 2 ** (floor(log2 |x|) - 7), for x != 0."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -120))) - 7)
+
+
+def _assert_copy_tracks(copy: torch.Tensor, state: torch.Tensor, exact: bool) -> None:
+    """The bf16 forward copy is the fp32 state rounded once: exact for torch's round-to-nearest
+    copy, within one ulp for the interpreter's truncating cast."""
+    assert copy.dtype == torch.bfloat16 and state.dtype == torch.float32
+    if exact:
+        assert torch.equal(copy, state.to(torch.bfloat16))
+    else:
+        assert bool(((copy.float() - state).abs() <= _ulp_bf16(state)).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_teacher_moves_over_2000_updates(backend):
+    # decay 0.9996, a student 0.1 away from the teacher: each step moves the state by ~4e-5,
+    # below half a bf16 ulp (~0.002-0.004 at |t| ~ 0.5-1). A bf16 state would stay frozen; the
+    # fp32 state must follow the float64 recurrence and the bf16 copy must track the state.
+    decay, steps = 0.9996, 2000
+    gen = torch.Generator().manual_seed(0)
+    # One parameter: the interpreter costs ~6 ms per program and launch, whatever the block.
+    student = torch.nn.Linear(16, 33, bias=False)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    teacher = EMATeacher(student, decay=decay, backend=backend, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    names, states, copies = teacher.parameter_views()
+    start = [t.double().clone() for t in states]
+    target = [p.detach().double() for p in student.parameters()]
+    expected = [t.clone() for t in start]
+    for step in range(1, steps + 1):
+        teacher.update(student)
+        expected = [e + (1 - decay) * (s - e) for e, s in zip(expected, target)]
+        if step % 500 == 0:
+            for c, t in zip(copies, states):
+                _assert_copy_tracks(c, t, exact=backend == "torch")
+    moved = 1 - decay ** steps  # ~0.55 of the way to the student
+    for t, e, t0, s in zip(states, expected, start, target):
+        assert float((t.double() - e).abs().max()) <= 2e-4 * float(e.abs().max())  # fp32 rounding, 2,000 steps
+        gap = (s - t0).abs()
+        travelled = (t.double() - t0) / (s - t0)
+        assert float((travelled - moved)[gap > 0.01].abs().max()) < 0.01  # every element that has a way to go
+        assert abs(float((t.double() - t0).abs().sum() / gap.sum()) - moved) < 1e-3
+    # What a bf16 state does with the same inputs: almost nothing moves (the bug this guards against).
+    frozen = [t0.to(torch.bfloat16) for t0 in start]
+    for _ in range(steps):
+        torch._foreach_lerp_(frozen, [s.to(torch.bfloat16) for s in target], 1 - decay)
+    changed = sum(int((f != t0.to(torch.bfloat16)).sum()) for f, t0 in zip(frozen, start))
+    assert changed < 0.05 * sum(t.numel() for t in start)
+
 
 
 def test_state_dict_round_trip_and_bad_arguments():
@@ -261,3 +340,36 @@ def test_forward_copy_written_in_the_same_pass(backend):
         assert torch.equal(v, state[k]), k  # fp32 precision survives the round trip
     for p, q in zip(fresh.module.parameters(), teacher.module.parameters()):
         torch.testing.assert_close(p, q, rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_gate_configs_cover_what_the_launcher_builds(arch):
+    from degla_fast.kernels import configs
+
+    gate = kernel.gate_configs(arch)
+    assert len(gate) == 18  # 3 students x (no copy, bf16, fp16) x aligned or not
+    assert len({(tuple(c.signature.items()), tuple(c.constexprs.items())) for c in gate}) == len(gate)
+    block, warps = kernel.tile(arch)
+    assert all(c.num_warps == warps and c.constexprs["BLOCK"] == block and c.arch == arch for c in gate)
+    assert all(set(c.label) == {"dtype", "D", "tile"} for c in gate)
+    assert all(isinstance(c, configs.KernelConfig) and c.name == "_ema_kernel" for c in gate)
+
+    def variant(plan, t, s, c):
+        types = {"T": configs.POINTER_TYPES[str(t.dtype)[6:]], "S": configs.POINTER_TYPES[str(s.dtype)[6:]],
+                 "C": configs.POINTER_TYPES[str((c if c is not None else t).dtype)[6:]]}
+        return (types, {"BLOCK": plan.block, "T_ALIGN": plan.t_align, "S_ALIGN": plan.s_align,
+                        "WRITE_COPY": c is not None}, plan.num_warps)
+
+    gated = [({k: c.signature[k] for k in ("T", "S", "C")}, c.constexprs, c.num_warps) for c in gate]
+    flat = torch.zeros(256)
+    for s_dtype in kernel.STUDENT_DTYPES:
+        for aligned in (True, False):
+            t = [flat[0:33], flat[64:64 + 40]] if aligned else [flat[1:34], flat[64:64 + 40]]
+            s = [torch.randn(33).to(s_dtype), torch.randn(40).to(s_dtype)]
+            plan = kernel.build_plan(t, s)
+            assert (plan.block, plan.num_warps) == kernel.TILES[90]  # the CPU interpreter plans as sm_90
+            for c_dtype in kernel.COPY_DTYPES:
+                c = None if c_dtype is None else torch.zeros(256, dtype=c_dtype)
+                got = variant(plan, t[0], s[0], c)
+                if arch == 90:
+                    assert got in gated, got

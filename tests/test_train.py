@@ -405,6 +405,7 @@ def test_fused_ema_user_errors_are_one_line(synth, tmp_path, capsys, extra, culp
 
 @pytest.mark.parametrize("teacher_dtype, scaler", [(None, False), (torch.bfloat16, False), (None, True)])
 def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dtype, scaler):
+    # teacher_dtype bf16: what ema.dtype bf16 builds, an fp32 EMA state with a bf16 forward copy.
     # AdamWEMA moves the teacher inside the step, before the clamp; the step redoes the teacher's
     # logit_scale toward the clamped value, so the numbers are those of AdamW, clamp, update().
     # A step the loss scaler skips (inf gradients) moves the teacher as update() would.
@@ -423,7 +424,7 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
         torch.manual_seed(0)
         model = create_model(TINY_MODEL).model
         model.load_state_dict(bundle.model.state_dict())
-        teacher = EMATeacher(model, decay=0.5, dtype=teacher_dtype)
+        teacher = EMATeacher(model, decay=0.5, forward_dtype=teacher_dtype)
         optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
                                     teacher=teacher if fused else None)
         parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
@@ -445,3 +446,32 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
     for a, b in ((student_a, student_b), (teacher_a, teacher_b)):
         for key, value in a.items():
             assert torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize("name, forward", [("same", None), ("fp32", None), ("bf16", torch.bfloat16)])
+def test_ema_dtype_keeps_an_fp32_state_and_bf16_means_a_forward_copy(synth, tmp_path, name, forward):
+    # ema.dtype bf16 used to make the EMA state itself bf16, which never moves at decay 0.9996.
+    from degla_fast.model import TINY_MODEL, create_model
+
+    config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "ema.decay": 0.9996})
+    student = create_model(TINY_MODEL).model
+    teacher = train_main._make_teacher(student, config, None)
+    assert teacher.dtype == torch.float32 and teacher.flat.dtype == torch.float32
+    assert teacher.forward_dtype == forward
+    assert {p.dtype for p in teacher.module.parameters()} == {forward or torch.float32}
+    assert all(v.dtype == torch.float32 for k, v in teacher.state_dict().items() if v.is_floating_point())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)
+    before = teacher.flat.clone()
+    teacher.update(student)
+    assert bool((teacher.flat != before).any())  # a 4e-5 step moves the fp32 state
+
+
+def test_ema_dtype_bf16_run_trains_with_the_forward_copy(synth, tmp_path):
+    out = tmp_path / "bf16"
+    args = base_args(synth, out, "--max-steps", "2", "--set", "ema.dtype=bf16")
+    assert train_main.main(args) == 0
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
+    teacher = state["teacher"]
+    assert all(v.dtype == torch.float32 for v in teacher.values() if v.is_floating_point())

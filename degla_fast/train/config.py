@@ -97,8 +97,9 @@ class EMAConfig:
 
     decay: float = _f(0.9996, "teacher = decay * teacher + (1 - decay) * student after every step", minimum=0.0)
     backend: str = _f("auto", "EMA update implementation", EMA_BACKENDS)
-    dtype: str = _f("same", "teacher weight dtype: 'same' as the student's fp32 weights, 'fp32' or 'bf16' (half the "
-                            "memory and EMA traffic)", EMA_DTYPES)
+    dtype: str = _f("same", "teacher forward weights: 'same'/'fp32' use the fp32 EMA state; 'bf16' adds a bf16 copy "
+                            "written by the same update (the EMA state stays fp32: a bf16 state would not move at "
+                            "decay 0.9996); under ZeRO-3 the forward runs under bf16 autocast instead", EMA_DTYPES)
 
 
 @dataclass

@@ -165,7 +165,9 @@ def _check_data_path(path: str) -> None:
 
 
 def _teacher_dtype(name: str):
-    return {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    """The dtype of the teacher's forward copy for ``ema.dtype`` (None: none). The EMA state is
+    always fp32: a bf16 state would not move at decay 0.9996 (docs/ema.md)."""
+    return {"same": None, "fp32": None, "bf16": torch.bfloat16}[name]
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -389,11 +391,14 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
     """The EMA teacher, a copy of ``student`` as it is now (a replica; under ZeRO-3 sharded like it)."""
     from ..ema import EMATeacher
 
-    kwargs = dict(decay=config.ema.decay, backend=config.ema.backend, dtype=_teacher_dtype(config.ema.dtype))
+    kwargs = dict(decay=config.ema.decay, backend=config.ema.backend)
+    forward_dtype = _teacher_dtype(config.ema.dtype)  # ema.dtype bf16: fp32 state + a bf16 forward copy
     if engine is None:
-        return EMATeacher(student, **kwargs)
+        return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
     fresh = None
-    if _sharded(engine):
+    if not _sharded(engine):
+        kwargs["forward_dtype"] = forward_dtype
+    else:  # fp32 shards and no copy: the teacher's forward runs under bf16 autocast instead
         from ..model import create_model
 
         fresh = create_model(config.model.name, None, device="cpu").model  # weights come from the shards
