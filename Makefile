@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-gpu train bench bench-quick experiment clean
+.PHONY: setup test test-gpu gpu-check gpu-wheels train bench bench-quick experiment clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,27 @@ $(TRITON_36)/.installed-stamp: | $(STAMP)
 	touch $@
 
 # On a GPU machine: the kernel tests against their float64 expectations with the compiled
-# kernels on CUDA tensors (TRITON_INTERPRET=0), not through the interpreter.
+# kernels on CUDA tensors (TRITON_INTERPRET=0), not through the interpreter: GPU sizes in
+# tests/test_kernels_gpu.py, the float64 tests of the kernel suites. DRY_RUN=1: CPU tensors
+# through the interpreter at tiny sizes. gpu-check runs it with GPU_SETUP= (no pinned venv).
 KERNEL_TESTS = tests/test_losses.py tests/test_ema.py tests/test_adamw_ema.py
-test-gpu: setup
-	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q $(KERNEL_TESTS) -k "float64"
+GPU_SETUP ?= setup
+TEST_GPU_ARGS ?=
+test-gpu: $(GPU_SETUP)
+	TRITON_INTERPRET=$(if $(DRY_RUN),1,0) DEGLA_GPU_DRY_RUN=$(DRY_RUN) $(PYTHON) -m pytest -q $(TEST_GPU_ARGS) tests/test_kernels_gpu.py $(KERNEL_TESTS) -k "float64 or kernels_gpu"
+
+# One H100/H200 with only torch + triton, no network, at most 8 minutes: carried wheels and the
+# project installed, test-gpu, bench_loss/bench_ema/bench_adamw_ema, benchmarks/RESULTS.md and
+# benchmarks/results/gpu-check/*.json (docs/benchmarks.md, "GPU check"). DRY_RUN=1: the same on
+# the CPU with tiny sizes, written under runs/gpu-check-dry (GPU_CHECK_OUT), in this venv.
+GPU_WHEELS ?= .gpu-wheels
+GPU_CHECK_OUT ?=
+gpu-check: $(if $(DRY_RUN),$(GPU_SETUP))
+	$(if $(DRY_RUN),$(PYTHON),python3) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+
+# The pure-Python wheels gpu-check installs where missing (benchmarks/gpu_check.py: WHEELS).
+gpu-wheels: setup
+	$(PYTHON) benchmarks/gpu_check.py --download-wheels $(GPU_WHEELS)
 
 train: setup
 	$(PYTHON) -m degla_fast.demo

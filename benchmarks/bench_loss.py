@@ -10,7 +10,7 @@ device's peak. ``--quick``: tiny CPU shapes that prove the benchmark runs; CPU t
 about GPU kernels. ``--profile TRACE.json`` writes a torch.profiler trace of one configuration.
 
     python benchmarks/bench_loss.py --quick
-    python benchmarks/bench_loss.py                         # GPU: B in 256..65536, K=4, D=512, bf16
+    python benchmarks/bench_loss.py                         # GPU: B in 256..65536, K=4, D=512, bf16 and fp32
     python benchmarks/bench_loss.py --profile benchmarks/results/trace_loss.json
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ NAME = "bench_loss"
 IMPLS = ("reference", "torch.compile(reference)", "torch", "triton", "gemm floor", "inf-cl (global term)",
          "liger fused linear CE (global term)")
 GPU_SIZES = (256, 1024, 4096, 16384, 32768, 65536)
+GPU_DTYPES = ("bfloat16", "float32")  # fp32: the loss's default precision (TF32 dots in the triton backend)
 CPU_SIZES = (256, 1024, 2048)
 QUICK_SIZES = (64, 256)
 
@@ -147,14 +148,14 @@ def run_case(case: dict) -> dict:
 
 
 def cases(quick: bool) -> list[dict]:
-    """The configurations a run measures: full GPU sizes in bf16, or CPU sizes in fp32."""
+    """The configurations a run measures: full GPU sizes in bf16 and fp32, or CPU sizes in fp32."""
     gpu = torch.cuda.is_available() and not quick
     sizes = GPU_SIZES if gpu else (QUICK_SIZES if quick else CPU_SIZES)
-    base = {"K": 4, "D": 64 if quick else 512, "dtype": "bfloat16" if gpu else "float32",
-            "device": "cuda" if gpu else "cpu", "iters": 3 if quick else (30 if gpu else 5),
-            "warmup": 1 if quick else 3}
+    base = {"K": 4, "D": 64 if quick else 512, "device": "cuda" if gpu else "cpu",
+            "iters": 3 if quick else (30 if gpu else 5), "warmup": 1 if quick else 3}
     impls = [i for i in IMPLS if not (quick and i.startswith("torch.compile"))]
-    return [{**base, "impl": impl, "B": b} for b in sizes for impl in impls]
+    dtypes = GPU_DTYPES if gpu else ("float32",)
+    return [{**base, "dtype": dtype, "impl": impl, "B": b} for dtype in dtypes for b in sizes for impl in impls]
 
 
 def run(quick: bool) -> list[dict]:
@@ -173,8 +174,8 @@ def run(quick: bool) -> list[dict]:
     if quick:
         rows.append({"name": "degla_loss", "impl": "torch.compile(reference)", "B": None,
                      "skipped": "quick mode: compilation dominates tiny CPU shapes"})
-    add_ratios(rows, "reference", group_by=("B",))
-    return add_ratios(rows, "torch.compile(reference)", group_by=("B",))
+    add_ratios(rows, "reference", group_by=("B", "dtype"))
+    return add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
 
 
 COLUMNS = ["B", "K", "D", "dtype", "impl", "p20_ms", "p50_ms", "p80_ms", "peak_mem_bytes", "speedup_vs_reference",

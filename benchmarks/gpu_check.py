@@ -1,0 +1,565 @@
+#!/usr/bin/env python3
+"""``make gpu-check``: the one prepared command for a bare machine with one H100/H200.
+
+On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no network:
+
+1. install: the pure-Python wheels of :data:`WHEELS` that are missing, from ``.gpu-wheels/``
+   (made here by ``make gpu-wheels``; the folder travels with the working tree), then the
+   project itself, editable, with ``--no-index --no-deps --no-build-isolation`` (none of its
+   CPU pins, nothing downloaded);
+2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
+   (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
+3. ``bench_loss`` (B in 256..65536, K=4, D=512, bf16 and fp32), ``bench_ema`` and
+   ``bench_adamw_ema``, each in its own process with a time limit; a loss case that fails (an
+   out-of-resources launch, say) becomes a row with its reason, and a benchmark stopped at its
+   limit keeps the rows it measured;
+4. the report: ``benchmarks/RESULTS.md`` (plots where matplotlib exists) from
+   ``benchmarks/results/gpu-check/*.json``, which hold the device name, versions and date;
+   ``gpu_check.json`` there records every step (status, seconds, test counts).
+
+Every step has a time limit (:data:`STEP_LIMIT_S`) inside an 8-minute whole (:data:`TOTAL_S`).
+A fresh ``TRITON_CACHE_DIR`` per run, so no kernel is taken from an earlier compile.
+
+``--dry-run`` (``make gpu-check DRY_RUN=1``): the same steps on the CPU with tiny sizes and
+Triton's interpreter, in this venv (install checked, not run), written under ``--out``
+(default ``runs/gpu-check-dry``), never into committed files. ``tests/test_gpu_check.py`` runs
+it in ``make test``.
+
+    python3 benchmarks/gpu_check.py                      # on the GPU machine (make gpu-check)
+    python3 benchmarks/gpu_check.py --copy-to "$OUT"     # also copy the report, JSON and log there
+    .venv/bin/python benchmarks/gpu_check.py --dry-run   # CPU, tiny sizes (make gpu-check DRY_RUN=1)
+    .venv/bin/python benchmarks/gpu_check.py --download-wheels .gpu-wheels   # make gpu-wheels
+
+Only the standard library is imported at the top: the script runs before anything is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+WHEELS_DIR = ROOT / ".gpu-wheels"
+DRY_OUT = ROOT / "runs" / "gpu-check-dry"
+
+#: The wheels ``make gpu-wheels`` downloads (``pip download --no-deps``, pure Python, exact
+#: versions: those of this project's CI venv) and ``install`` puts in where the distribution is
+#: missing: pytest and its needs, pytest-benchmark (``make bench``), pytest-timeout (the suites'
+#: ``timeout`` marks, and a per-test limit here), pytest-xdist (test-gpu compiles its kernels in
+#: parallel processes), setuptools + wheel (the editable install without build isolation).
+WHEELS = (
+    "pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1", "packaging==26.3", "pygments==2.21.0",
+    "pytest-benchmark==5.3.1", "py-cpuinfo2==10.1.1", "pytest-timeout==2.4.0",
+    "pytest-xdist==3.8.0", "execnet==2.1.2", "setuptools==84.2.1", "wheel==0.48.0",
+)
+#: Wheels never carried: they come with the machine's image.
+NEVER_CARRIED = ("torch", "triton", "nvidia-")
+
+BENCHES = ("bench_loss", "bench_ema", "bench_adamw_ema")
+TOTAL_S = 480
+#: Time limit of each step (seconds); a step never runs past the whole's deadline either.
+STEP_LIMIT_S = {"install": 60, "test-gpu": 200, "bench_loss": 130, "bench_ema": 45, "bench_adamw_ema": 35,
+                "report": 30}
+#: The dry run on 2 CPU cores (the interpreter is slow, the sizes tiny).
+DRY_STEP_LIMIT_S = {"install": 60, "test-gpu": 150, "bench_loss": 60, "bench_ema": 40, "bench_adamw_ema": 40,
+                    "report": 40}
+DRY_TOTAL_S = 300
+#: Loss implementations in the order they are measured: what a GPU run must show comes first,
+#: so a benchmark stopped at its limit has measured those.
+LOSS_ORDER = ("triton", "torch", "gemm floor", "reference", "torch.compile(reference)", "inf-cl (global term)",
+              "liger fused linear CE (global term)")
+
+
+# --- open_clip-free parameter shapes -----------------------------------------------------------
+
+#: open_clip's configs of the two CLIP models the EMA benchmarks use (``open_clip.get_model_config``).
+CLIP_CONFIGS = {
+    "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "layers": 12}},
+    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "layers": 12}},
+}
+
+
+def _block(prefix: str, width: int) -> list[tuple[str, tuple[int, ...]]]:
+    """One ResidualAttentionBlock's parameters (MLP ratio 4), in open_clip's order."""
+    w = width
+    return [(prefix + n, s) for n, s in (
+        ("ln_1.weight", (w,)), ("ln_1.bias", (w,)), ("attn.in_proj_weight", (3 * w, w)), ("attn.in_proj_bias", (3 * w,)),
+        ("attn.out_proj.weight", (w, w)), ("attn.out_proj.bias", (w,)), ("ln_2.weight", (w,)), ("ln_2.bias", (w,)),
+        ("mlp.c_fc.weight", (4 * w, w)), ("mlp.c_fc.bias", (4 * w,)), ("mlp.c_proj.weight", (w, 4 * w)),
+        ("mlp.c_proj.bias", (w,)))]
+
+
+def clip_parameter_spec(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every parameter of open_clip's ``CLIP(**get_model_config(name))``, in
+    ``named_parameters()`` order, written out without open_clip (ViT-B/32: 302 tensors, 151,277,313
+    parameters; ViT-L/14: 446, 427,616,513). ``tests/test_gpu_check.py`` checks it against open_clip."""
+    cfg = CLIP_CONFIGS[name]
+    embed, vis, txt = cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]
+    vw, tw, patch = vis["width"], txt["width"], vis["patch_size"]
+    grid = vis["image_size"] // patch
+    spec = [("positional_embedding", (txt["context_length"], tw)), ("text_projection", (tw, embed)),
+            ("logit_scale", ()),
+            ("visual.class_embedding", (vw,)), ("visual.positional_embedding", (grid * grid + 1, vw)),
+            ("visual.proj", (vw, embed)), ("visual.conv1.weight", (vw, 3, patch, patch)),
+            ("visual.ln_pre.weight", (vw,)), ("visual.ln_pre.bias", (vw,))]
+    for i in range(vis["layers"]):
+        spec += _block(f"visual.transformer.resblocks.{i}.", vw)
+    spec += [("visual.ln_post.weight", (vw,)), ("visual.ln_post.bias", (vw,))]
+    for i in range(txt["layers"]):
+        spec += _block(f"transformer.resblocks.{i}.", tw)
+    spec += [("token_embedding.weight", (txt["vocab_size"], tw)), ("ln_final.weight", (tw,)), ("ln_final.bias", (tw,))]
+    return spec
+
+
+def clip_parameter_shapes(name: str) -> list:
+    """The shapes of :func:`clip_parameter_spec` as ``torch.Size`` (bench_ema's ``clip_parameter_shapes``)."""
+    import torch
+
+    return [torch.Size(shape) for _, shape in clip_parameter_spec(name)]
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def test_gpu_command(python: str, *, dry_run: bool, args: str = "", kernel_tests: str | None = None) -> list[str]:
+    """``make test-gpu`` with this run's python and arguments (no venv set-up: ``GPU_SETUP=``)."""
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "test-gpu", f"PYTHON={python}", "GPU_SETUP=",
+           f"DRY_RUN={'1' if dry_run else ''}", f"TEST_GPU_ARGS={args}"]
+    if kernel_tests is not None:
+        cmd.append(f"KERNEL_TESTS={kernel_tests}")
+    return cmd
+
+
+def _installed(requirement: str) -> bool:
+    name = requirement.split("==")[0]
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def download_wheels(dest: Path) -> int:
+    """``make gpu-wheels``: ``pip download --no-deps`` of exactly :data:`WHEELS` into ``dest``."""
+    assert not any(w.startswith(NEVER_CARRIED) for w in WHEELS)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "py", "--abi", "none", "--platform", "any", "-d", str(dest), *WHEELS]
+    print("+ " + shlex.join(cmd), flush=True)
+    done = subprocess.run(cmd)
+    if done.returncode:
+        return done.returncode
+    files = sorted(dest.glob("*.whl"))
+    wanted = {w.split("==")[0].replace("-", "_").lower() for w in WHEELS}
+    stray = [f.name for f in files if f.name.split("-")[0].lower() not in wanted]
+    for f in files:
+        print(f"{f.stat().st_size / 1e3:8.0f} kB  {f.name}")
+    print(f"{sum(f.stat().st_size for f in files) / 1e6:.2f} MB in {len(files)} wheels in {dest}"
+          + (f"; not in WHEELS (remove them): {stray}" if stray else ""))
+    return 0
+
+
+# --- the parent: steps with time limits ------------------------------------------------------------
+
+class Run:
+    """One gpu-check run: where it writes, its deadline, its log and the step records."""
+
+    def __init__(self, out: Path, dry_run: bool, total_s: float, install: bool = False):
+        self.out, self.dry_run, self.install = out, dry_run, install
+        self.probe: dict = {}
+        self.results = out / "results" / "gpu-check"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.results / "gpu_check.log"
+        self.log = open(self.log_path, "w", encoding="utf-8")
+        self.start = time.monotonic()
+        self.deadline = self.start + total_s
+        self.limits = DRY_STEP_LIMIT_S if dry_run else STEP_LIMIT_S
+        self.steps: list[dict] = []
+        self.cache = tempfile.mkdtemp(prefix="gpu-check-triton-cache-")
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                        TRITON_CACHE_DIR=self.cache, TRITON_INTERPRET="1" if dry_run else "0",
+                        DEGLA_GPU_DRY_RUN="1" if dry_run else "")
+        self.env.pop("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", None)  # it hides compile errors
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def limit(self, step: str, reserve: float = 0.0) -> float:
+        return max(0.0, min(self.limits[step], self.deadline - time.monotonic() - reserve))
+
+    def call(self, step: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int | None, float]:
+        """Run ``cmd`` (its own process group), its output to the console and the log; returns
+        (exit status or None when stopped at ``timeout``, seconds)."""
+        self.say(f"\n=== {step} (limit {timeout:.0f} s): {shlex.join(cmd)}")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                self.log.write(line)
+            sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            rc = None
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)  # the group this call started, nothing else
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        reader.join(timeout=10)
+        self.log.flush()
+        return rc, time.monotonic() - t0
+
+    def record(self, step: str, status: str, seconds: float, **detail) -> dict:
+        row = {"name": "gpu_check", "impl": step, "status": status, "seconds": round(seconds, 1), **detail}
+        self.steps.append(row)
+        self.say(f"--- {step}: {status} in {seconds:.1f} s" + (f" ({detail})" if detail else ""))
+        return row
+
+    def worker(self, task: str, *extra: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--results", str(self.results),
+                *(["--dry-run"] if self.dry_run else []), *extra]
+
+
+def _probe(run: Run) -> dict:
+    """torch/triton versions, the device and whether ``degla_fast.kernels`` imports from outside
+    the checkout (an install, not the cwd), from one fresh process; {} when torch is missing."""
+    code = ("import json, torch, triton\n"
+            "try:\n import degla_fast.kernels, degla_fast.losses, degla_fast.optim_ema\n ok = True\n"
+            "except Exception:\n ok = False\n"
+            "print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, "
+            "'cuda': torch.cuda.is_available() and torch.cuda.get_device_name(0), 'project': ok}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run.env,
+                          cwd=tempfile.gettempdir())
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+
+
+def step_install(run: Run) -> bool:
+    """Carried wheels for what is missing, then the project (editable, no deps, no index)."""
+    t0 = time.monotonic()
+    probe = _probe(run)
+    if not probe:
+        run.record("install", "failed", time.monotonic() - t0, detail=f"{sys.executable} cannot import torch and triton")
+        return False
+    if not run.dry_run and not probe.get("cuda"):
+        run.record("install", "failed", time.monotonic() - t0,
+                   detail="no CUDA device: on a machine without a GPU run `make gpu-check DRY_RUN=1`")
+        return False
+    run.probe = probe
+    missing = [w for w in WHEELS if not _installed(w)]
+    project = probe["project"]
+    if run.dry_run and not run.install:
+        run.record("install", "skipped", time.monotonic() - t0,
+                   detail=f"dry run: this venv ({'project importable' if project else 'PROJECT NOT IMPORTABLE'}); "
+                          f"a GPU run would install {len(missing)} carried wheels: {' '.join(missing) or 'none'}")
+        return project
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir",
+           "--disable-pip-version-check", "--find-links", str(WHEELS_DIR)]
+    if missing:
+        absent = [w for w in missing if not list(WHEELS_DIR.glob(w.split("==")[0].replace("-", "_") + "-*.whl"))
+                  and not list(WHEELS_DIR.glob(w.split("==")[0] + "-*.whl"))]
+        if absent:
+            run.record("install", "failed", time.monotonic() - t0,
+                       detail=f"missing here and not in {WHEELS_DIR.name}/: {' '.join(absent)} (run `make gpu-wheels` "
+                              f"on a machine with pip access and carry the folder)")
+            return False
+        rc, _ = run.call("install wheels", pip + missing, run.limit("install"))
+        if rc != 0:
+            run.record("install", "failed", time.monotonic() - t0, detail=f"pip install of {missing} exited {rc}")
+            return False
+    if not project:
+        rc, _ = run.call("install project", pip + ["--no-build-isolation", "-e", str(ROOT)], run.limit("install"))
+        if rc != 0 or not _probe(run).get("project"):
+            run.record("install", "failed", time.monotonic() - t0, detail=f"editable install exited {rc}")
+            return False
+    run.record("install", "passed", time.monotonic() - t0, torch=probe["torch"], triton=probe["triton"],
+               device=probe.get("cuda") or "cpu", wheels_installed=" ".join(missing) or "none")
+    return True
+
+
+def _junit_counts(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}" for c in root.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    if failed:
+        counts["first_failures"] = "; ".join(failed[:8]) + (f" (+{len(failed) - 8} more)" if len(failed) > 8 else "")
+    return counts
+
+
+def step_test_gpu(run: Run) -> None:
+    xml = run.results / "test-gpu.xml"
+    xml.unlink(missing_ok=True)
+    args = [f"--junitxml={xml}", "-p", "no:cacheprovider", "-rf"]
+    if importlib.util.find_spec("pytest_timeout"):
+        args.append("--timeout=150")
+    if not run.dry_run and importlib.util.find_spec("xdist"):
+        args += ["-n", str(min(8, os.cpu_count() or 1))]  # kernel compiles dominate: in parallel processes
+    # Dry run: the float64 tests of the kernel suites already run in `make test` at these sizes.
+    kernel_tests = "" if run.dry_run else None
+    timeout = run.limit("test-gpu", reserve=run.limits["report"])
+    if shutil.which("make"):
+        cmd = test_gpu_command(sys.executable, dry_run=run.dry_run, args=" ".join(args), kernel_tests=kernel_tests)
+    else:  # the same command as the target (tests/test_gpu_check.py keeps them equal)
+        cmd = fallback_test_gpu_command(sys.executable, args, kernel_tests)
+    rc, seconds = run.call("test-gpu", cmd, timeout)
+    counts = _junit_counts(xml)
+    status = "timed out" if rc is None else ("passed" if rc == 0 else "failed")
+    run.record("test-gpu", status, seconds, **counts)
+
+
+#: What ``make test-gpu`` runs (for a machine without make).
+TEST_GPU_KERNEL_TESTS = "tests/test_losses.py tests/test_ema.py tests/test_adamw_ema.py"
+TEST_GPU_SELECT = "float64 or kernels_gpu"
+
+
+def fallback_test_gpu_command(python: str, args: list[str], kernel_tests: str | None) -> list[str]:
+    tests = (TEST_GPU_KERNEL_TESTS if kernel_tests is None else kernel_tests).split()
+    return [python, "-m", "pytest", "-q", *args, "tests/test_kernels_gpu.py", *tests, "-k", TEST_GPU_SELECT]
+
+
+def step_bench(run: Run, name: str) -> None:
+    rc, seconds = run.call(name, run.worker(name), run.limit(name, reserve=run.limits["report"]))
+    json_path = run.results / f"{name}{'_quick' if run.dry_run else ''}.json"
+    if rc == 0 and json_path.exists():
+        rows = json.loads(json_path.read_text())["rows"]
+        run.record(name, "passed", seconds, rows=len(rows), skipped_rows=sum(1 for r in rows if r.get("skipped")))
+        return
+    # Stopped or failed: keep what it measured (the worker's partial rows) with the reason.
+    reason = f"timed out after {seconds:.0f} s" if rc is None else f"exited {rc}"
+    partial = run.results / f"{name}.partial.jsonl"
+    rows = [json.loads(ln) for ln in partial.read_text().splitlines() if ln.strip()] if partial.exists() else []
+    env_path = run.results / f"{name}.env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    rows.append({"name": name, "impl": "(rest of the benchmark)", "skipped": f"not run: {reason}"})
+    _write_json(json_path, {"benchmark": json_path.stem, "env": env, "rows": rows})
+    run.record(name, "timed out" if rc is None else "failed", seconds, rows=len(rows) - 1)
+
+
+def step_report(run: Run) -> None:
+    rc, seconds = run.call("report", run.worker("report", "--out", str(run.out)), run.limit("report") + 15)
+    ok = rc == 0 and (run.out / "RESULTS.md").exists()
+    run.record("report", "passed" if ok else ("timed out" if rc is None else "failed"), seconds)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def write_summary(run: Run, env: dict) -> Path:
+    payload = {"benchmark": "gpu_check" + ("_dry_run" if run.dry_run else ""), "env": env, "rows": run.steps,
+               "dry_run": run.dry_run, "total_seconds": round(time.monotonic() - run.start, 1),
+               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    path = run.results / "gpu_check.json"
+    _write_json(path, payload)
+    return path
+
+
+def copy_out(run: Run, dest: Path) -> None:
+    """RESULTS.md, every JSON, the log and the plots (one tar.gz): at most 8 files, for the device tool."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [run.out / "RESULTS.md", run.log_path, *sorted(run.results.glob("*.json")), run.results / "test-gpu.xml"]
+    for f in [f for f in files if f.exists()][:7]:
+        shutil.copy2(f, dest / f.name)
+    plots = run.out / "plots"
+    if plots.is_dir():
+        with tarfile.open(dest / "plots.tar.gz", "w:gz") as tar:
+            tar.add(plots, arcname="plots")
+
+
+def main_parent(args) -> int:
+    out = Path(args.out) if args.out else (DRY_OUT if args.dry_run else BENCH)
+    run = Run(out.resolve(), args.dry_run, args.total_s or (DRY_TOTAL_S if args.dry_run else TOTAL_S),
+              install=args.install)
+    run.say(f"gpu-check{' (dry run: CPU, tiny sizes, Triton interpreter)' if args.dry_run else ''}: python "
+            f"{sys.executable}, writing {run.out}, limit {run.deadline - run.start:.0f} s, "
+            f"TRITON_CACHE_DIR={run.cache}")
+    try:
+        if step_install(run):
+            step_test_gpu(run)
+            for name in BENCHES:
+                step_bench(run, name)
+        else:
+            for step in ("test-gpu", *BENCHES):
+                run.record(step, "skipped", 0.0, detail="install failed")
+        env_path = run.results / "bench_loss.env.json"
+        env = (json.loads(env_path.read_text()) if env_path.exists() else
+               {"device": run.probe.get("cuda") or "unknown", "torch": run.probe.get("torch"),
+                "triton": run.probe.get("triton"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
+        write_summary(run, env)
+        step_report(run)
+        summary = write_summary(run, env)
+    finally:
+        shutil.rmtree(run.cache, ignore_errors=True)
+    for partial in run.results.glob("*.partial.jsonl"):
+        partial.unlink()
+    for env_file in run.results.glob("*.env.json"):
+        env_file.unlink()
+    total = time.monotonic() - run.start
+    run.say("\n| step | status | seconds |\n|---|---|---|")
+    for s in run.steps:
+        run.say(f"| {s['impl']} | {s['status']} | {s['seconds']} |")
+    run.say(f"gpu-check finished in {total:.0f} s; {summary} and {run.out / 'RESULTS.md'}")
+    run.log.close()
+    if args.copy_to:
+        copy_out(run, Path(args.copy_to))
+    ok = all(s["status"] in ("passed", "skipped") for s in run.steps) and not any(
+        s["impl"] == "install" and s["status"] == "failed" for s in run.steps)
+    return 0 if ok else 1
+
+
+# --- workers (one process each) -------------------------------------------------------------------
+
+def _bench_modules():
+    """Import the benchmarks with the parameter shapes from :func:`clip_parameter_shapes`
+    (open_clip is not on a bare GPU machine; the shapes are the same, see the tests)."""
+    sys.path.insert(0, str(BENCH))
+    import bench_ema
+
+    bench_ema.clip_parameter_shapes = clip_parameter_shapes
+    import bench_adamw_ema
+    import bench_loss
+
+    bench_adamw_ema.clip_parameter_shapes = clip_parameter_shapes
+    return {"bench_loss": bench_loss, "bench_ema": bench_ema, "bench_adamw_ema": bench_adamw_ema}
+
+
+def _loss_rows(mod, quick: bool, partial: Path) -> list[dict]:
+    """bench_loss's cases one by one (a failing case becomes a skipped row), written as they come."""
+    import torch
+    from common import add_ratios
+
+    cases = sorted(mod.cases(quick), key=lambda c: (c["dtype"] != "bfloat16", LOSS_ORDER.index(c["impl"])
+                                                    if c["impl"] in LOSS_ORDER else len(LOSS_ORDER), c["B"]))
+    rows = []
+    with open(partial, "w", encoding="utf-8") as f:
+        for case in cases:
+            fields = {k: case[k] for k in ("impl", "B", "K", "D", "dtype")}
+            reason = mod.skip_reason(case["impl"], torch.device(case["device"]))
+            t0 = time.monotonic()
+            if reason:
+                row = {"name": "degla_loss", **fields, "skipped": reason}
+            else:
+                try:
+                    row = mod.run_case(case)
+                except Exception as err:  # noqa: BLE001 - a failing implementation is a result
+                    row = {"name": "degla_loss", **fields,
+                           "skipped": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+                    if case["device"] == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+            print(f"[{time.monotonic() - t0:6.1f} s] {json.dumps(row, default=str)}", flush=True)
+            rows.append(row)
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+    add_ratios(rows, "reference", group_by=("B", "dtype"))
+    return add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
+
+
+def main_worker(args) -> int:
+    quick = args.dry_run
+    results = Path(args.results)
+    if args.worker == "report":
+        return _report(results, Path(args.out))
+    mods = _bench_modules()
+    from common import env_info, write_results
+
+    import torch
+
+    if not quick and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    _write_json(results / f"{args.worker}.env.json", env_info())
+    mod = mods[args.worker]
+    if args.worker == "bench_loss":
+        rows = _loss_rows(mod, quick, results / f"{args.worker}.partial.jsonl")
+    else:
+        rows = mod.run(quick)
+    path = write_results(args.worker + ("_quick" if quick else ""), rows, results)
+    print(f"wrote {path} ({len(rows)} rows)")
+    return 0
+
+
+def _report(results: Path, out: Path) -> int:
+    """report.py's RESULTS.md and plots; without matplotlib the same tables, no plots."""
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    if importlib.util.find_spec("matplotlib"):
+        return report.main([str(results), "--out", str(out)])
+    from degla_fast.io import write_text_atomic
+
+    data = report.load_results(results)
+    if not data:
+        print(f"no benchmark JSON in {results}", file=sys.stderr)
+        return 2
+    write_text_atomic(out / "RESULTS.md", report.render(data, {}, out))
+    print(f"wrote {out / 'RESULTS.md'} (matplotlib is not installed: no plots)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter, this venv")
+    parser.add_argument("--out", default=None,
+                        help="where RESULTS.md, plots/ and results/gpu-check/ go (default benchmarks/; dry run: "
+                             "runs/gpu-check-dry)")
+    parser.add_argument("--install", action="store_true",
+                        help="with --dry-run: run the install step too (into this python), as on the GPU machine")
+    parser.add_argument("--copy-to", default=None, help="also copy the report, JSON, log and plots (tar.gz) here")
+    parser.add_argument("--total-s", type=float, default=None, help="time limit of the whole run (default 480; dry 300)")
+    parser.add_argument("--download-wheels", metavar="DIR", default=None, help="make gpu-wheels: download WHEELS to DIR")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.download_wheels:
+        return download_wheels(Path(args.download_wheels))
+    if args.worker:
+        try:
+            return main_worker(args)
+        except Exception:
+            traceback.print_exc()
+            return 1
+    return main_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
