@@ -263,6 +263,19 @@ def _compile_index(index: int) -> tuple[int, dict]:
     return index, compile_config(_VARIANTS[index])
 
 
+def _pool_round(ctx, jobs: int, indices: list[int], results: list) -> None:
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_compile_index, i): i for i in indices}
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()[1]
+                except BrokenProcessPool:
+                    pass
+    except BrokenProcessPool:
+        pass
+
+
 def compile_all(variants: list, jobs: int) -> list[dict]:
     """Compile ``variants`` in ``jobs`` forked processes; results in the same order."""
     global _VARIANTS
@@ -273,20 +286,13 @@ def compile_all(variants: list, jobs: int) -> list[dict]:
             results[i] = compile_config(variants[i])
         return results  # type: ignore[return-value]
     ctx = multiprocessing.get_context("fork")
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_compile_index, i): i for i in range(len(variants))}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()[1]
-                except BrokenProcessPool:
-                    pass
-    except BrokenProcessPool:
-        pass
-    for i, r in enumerate(results):
-        if r is None:  # the process compiling it died (a crash inside Triton/LLVM/ptxas)
-            results[i] = {"error": "compiler process died (crash in Triton, LLVM or ptxas)", "registers": None,
+    _pool_round(ctx, jobs, list(range(len(variants))), results)
+    # A crash inside Triton, LLVM or ptxas kills a worker and with it the pool: what did not
+    # finish is compiled again, each in a process of its own, so the crash lands on its variant.
+    for i in [i for i, r in enumerate(results) if r is None]:
+        _pool_round(ctx, 1, [i], results)
+        if results[i] is None:
+            results[i] = {"error": "the compiler process died (a crash in Triton, LLVM or ptxas)", "registers": None,
                           "shared": None, "spill_stores": None, "spill_loads": None, "stack_frame": None,
                           "tensor_cores": None, "compile_s": None}
     return results  # type: ignore[return-value]

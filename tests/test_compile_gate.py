@@ -157,3 +157,16 @@ def test_error_summary():
     ptx = Exception("`ptxas` failed with error code 255\n`ptxas` stderr:\nptxas fatal   : error in kernel.ptx line 3\n")
     assert gate.error_summary(ptx) == "Exception: `ptxas` failed with error code 255 ptxas fatal   : error in kernel.ptx line 3"
     assert len(gate.error_summary(ValueError("x" * 1000))) == 240
+
+
+def _fake_compile(cfg):
+    if cfg == "crash":
+        os._exit(1)
+    return {"error": None, "cfg": cfg}
+
+
+def test_a_compiler_crash_fails_only_its_variant(monkeypatch):
+    monkeypatch.setattr(gate, "compile_config", _fake_compile)
+    results = gate.compile_all(["a", "crash", "b", "c"], jobs=2)
+    assert [r.get("cfg") for r in results] == ["a", None, "b", "c"]
+    assert results[1]["error"].startswith("the compiler process died")
