@@ -54,14 +54,15 @@ test-gpu: $(GPU_SETUP)
 # project installed, test-gpu, bench_loss/bench_ema/bench_adamw_ema, benchmarks/RESULTS.md and
 # benchmarks/results/gpu-check/*.json (docs/benchmarks.md, "GPU check"). DRY_RUN=1: the same on
 # the CPU with tiny sizes, written under runs/gpu-check-dry (GPU_CHECK_OUT), in this venv.
-GPU_WHEELS ?= .gpu-wheels
 GPU_CHECK_OUT ?=
+GPU_PYTHON ?= python3
 gpu-check: $(if $(DRY_RUN),$(GPU_SETUP))
-	$(if $(DRY_RUN),$(PYTHON),python3) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+	$(if $(DRY_RUN),$(PYTHON),$(GPU_PYTHON)) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
-# The pure-Python wheels gpu-check installs where missing (benchmarks/gpu_check.py: WHEELS).
+# The pure-Python wheels gpu-check installs where missing (benchmarks/gpu_check.py: WHEELS), into
+# .gpu-wheels/ (ignored: name it in the device tool's carry so it travels with the working tree).
 gpu-wheels: setup
-	$(PYTHON) benchmarks/gpu_check.py --download-wheels $(GPU_WHEELS)
+	$(PYTHON) benchmarks/gpu_check.py --download-wheels .gpu-wheels
 
 train: setup
 	$(PYTHON) -m degla_fast.demo
