@@ -10,7 +10,11 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
 recomputed in backward), ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1),
-``auto`` (triton on CUDA tensors, torch otherwise).
+``auto`` (see :func:`resolve_backend`).
+
+``precision`` is the dot precision of fp32 inputs in the triton backend: ``"tf32"`` (default,
+tensor cores, about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products,
+no tensor cores). bf16/fp16 inputs always use tensor cores; every backend accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -25,6 +29,16 @@ from .loss_ops import (GlobalContrast, acc_dtype, TorchGlobalImpl, TritonGlobalI
                        torch_local_terms, triton_usable)
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+PRECISIONS = ("tf32", "ieee")
+#: ``auto`` picks the Triton kernels from this many image-to-text logits (R x C) on: below it
+#: the kernels cannot give every SM of a current GPU a tile of their own (2^22 logits are 256
+#: of the 128 x 128 forward tiles, about 2 per SM of a 132-SM H100), and the torch backend's
+#: few cuBLAS calls on one row block cost about the same launches. A modelled rule, to be
+#: replaced by measurements from `make gpu-check`.
+AUTO_TRITON_MIN_LOGITS = 1 << 22
+#: The local Triton kernel holds all K negatives of a sample at once (kernels.degla_loss.LOCAL_MAX_NEGATIVES);
+#: larger K take the torch path for TGC and distillation, O(B*K*D) either way.
+LOCAL_MAX_NEGATIVES = 8
 
 
 @dataclass
@@ -42,12 +56,17 @@ class LossOutput:
         return {name: float(getattr(self, name).detach()) for name in ("total", "clip", "igc", "tgc", "distill")}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device`` ("auto" picks triton on CUDA)."""
+def resolve_backend(backend: str, device: torch.device, logits: int | None = None) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    ``auto``: triton for CUDA tensors when Triton imports and the problem has at least
+    :data:`AUTO_TRITON_MIN_LOGITS` image-to-text logits (``logits``; None = large), torch otherwise.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        large = logits is None or logits >= AUTO_TRITON_MIN_LOGITS
+        return "triton" if device.type == "cuda" and large and triton_usable(device) else "torch"
     if backend == "triton" and not triton_usable(device):
         raise ConfigError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device} tensors")
     return backend
@@ -55,6 +74,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
 
 
 def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negatives: int, need_teacher: bool,
@@ -117,7 +142,7 @@ def _gather_text(text, batch, rank, world_size, with_grad):
 
 
 def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives, row_offset,
-                  with_igc):
+                  with_igc, precision="tf32"):
     """(clip, igc) for anchor rows against all columns, with the chosen backend."""
     if backend == "reference":
         clip = reference.global_loss(image_rows, text_all, image_all, text_rows, logit_scale,
@@ -126,8 +151,9 @@ def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_sca
                if with_igc else clip.new_zeros(()))
         return clip, igc
     impl = TritonGlobalImpl if backend == "triton" else TorchGlobalImpl
-    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc, impl)
-    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl)
+    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc, impl,
+                                    precision)
+    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl, precision)
     return (i2t + t2i) / 2, igc
 
 
@@ -141,7 +167,7 @@ def _local_terms(backend, text, teacher_text, image, teacher_image, num_negative
         distill = (reference.distill_loss(image, text, teacher_image.detach(), teacher_text.detach())
                    if with_distill else zero)
         return tgc, distill
-    if backend == "triton" and not official and (with_tgc or with_distill):
+    if backend == "triton" and not official and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES:
         # One kernel computes both; an unused term costs O(B*K*D), noise next to the global term.
         return TritonLocalTerms.apply(text, teacher_text.detach(), image, teacher_image.detach(), num_negatives,
                                       float(tgc_scale))
@@ -156,7 +182,7 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                *, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-               rank: int = 0, world_size: int = 1) -> LossOutput:
+               rank: int = 0, world_size: int = 1, precision: str = "tf32") -> LossOutput:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
 
     Distributed (open_clip's ClipLoss semantics): features of all ranks are gathered. With
@@ -164,11 +190,13 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     captions, negatives (and images), labels offset by rank, and TGC/distillation use the
     local batch; without it every term is computed on the whole gathered batch, so each rank
     gets the single-process loss of the concatenated batch. ``gather_with_grad`` gathers with
-    autograd (gradients reach the rank that owns each feature).
+    autograd (gradients reach the rank that owns each feature). ``precision``: see the module doc.
     """
     need_teacher = tgc_weight != 0 or distill_weight != 0
     device = image_features.device
-    backend = resolve_backend(backend, device)
+    _check_precision(precision)
+    anchors = image_features.shape[0] * (1 if local_loss else world_size)
+    backend = resolve_backend(backend, device, anchors * text_features.shape[0] * world_size)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
               num_negatives, need_teacher, check_finite=backend != "triton")
     batch = image_features.shape[0]
@@ -188,7 +216,7 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
         local = (text_all, teachers[1], image_all, teachers[0])
 
     clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
-                              row_offset, with_igc)
+                              row_offset, with_igc, precision)
     tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing,
                                 tgc_weight != 0, distill_weight != 0)
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
@@ -197,14 +225,16 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
               num_negatives: int = 0, backend: str = "auto", local_loss: bool = False, gather_with_grad: bool = False,
-              rank: int = 0, world_size: int = 1) -> torch.Tensor:
+              rank: int = 0, world_size: int = 1, precision: str = "tf32") -> torch.Tensor:
     """The global contrastive loss alone (NegCLIP when K >= 1, plain CLIP when K = 0).
 
     image_features [B, D], text_features [B*(1+K), D] -> scalar ``(CE_i2t + CE_t2i) / 2``.
     """
     if num_negatives == 0:
         # Plain CLIP: the same kernels with an empty negative block.
-        backend = resolve_backend(backend, image_features.device)
+        _check_precision(precision)
+        anchors = image_features.shape[0] * (1 if local_loss else world_size)
+        backend = resolve_backend(backend, image_features.device, anchors * text_features.shape[0] * world_size)
         if image_features.shape != text_features.shape:
             raise ShapeError(f"plain CLIP needs image_features and text_features of one shape, got "
                              f"{_shape(image_features)} and {_shape(text_features)}")
@@ -215,10 +245,11 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             rows, text_rows, offset = image_features, text_features, rank * batch
         else:
             rows, text_rows, offset = image_all, text_all, 0
-        return _global_terms(backend, rows, text_all, image_all, text_rows, logit_scale, 0, offset, False)[0]
+        return _global_terms(backend, rows, text_all, image_all, text_rows, logit_scale, 0, offset, False,
+                             precision)[0]
     return degla_loss(image_features, text_features, logit_scale, num_negatives=num_negatives, igc_weight=0.0,
                       tgc_weight=0.0, distill_weight=0.0, backend=backend, local_loss=local_loss,
-                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size).clip
+                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, precision=precision).clip
 
 
 def igc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,

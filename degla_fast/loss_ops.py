@@ -7,6 +7,7 @@ matmuls (peak extra memory O(block * C)); ``triton`` with the fused kernels of
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -29,7 +30,8 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class TorchGlobalImpl:
-    """Row-blocked PyTorch implementation of the global-term primitives."""
+    """Row-blocked PyTorch implementation of the global-term primitives (``precision`` is
+    torch's own: ``torch.backends.cuda.matmul.allow_tf32`` decides for fp32 CUDA matmuls)."""
 
     @staticmethod
     def _blocks(q: torch.Tensor, x: torch.Tensor):
@@ -37,7 +39,7 @@ class TorchGlobalImpl:
         return range(0, q.shape[0], size), size
 
     @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc):
+    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
@@ -56,7 +58,7 @@ class TorchGlobalImpl:
         return lse, lse_igc, pos
 
     @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out):
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
@@ -86,33 +88,54 @@ class TorchGlobalImpl:
 
 
 class TritonGlobalImpl:
-    """The fused Triton kernels (imported on first use so the CPU path never needs triton)."""
+    """The Triton kernels (imported on first use so the CPU path never needs triton).
+
+    The softmax over all columns runs in the tiled kernels; each row's own group (target and
+    IGC negatives) in the small group kernels, whose [R, 1+K] logits the few torch ops here
+    turn into the target logit, the IGC log-sum-exp and their gradients.
+    """
 
     @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc):
-        from .kernels import degla_loss as k
+    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision):
+        from .kernels import degla_loss as kernels
 
-        return k.global_forward(q, x, scale, row_offset, num_negatives, with_igc)
+        lse = kernels.row_lse(q, x, scale, precision)
+        group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
+        lse_igc = torch.logsumexp(group, dim=1) if with_igc else lse
+        return lse, lse_igc, group[:, 0]
 
     @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out):
-        from .kernels import degla_loss as k
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision):
+        from .kernels import degla_loss as kernels
 
-        return k.global_backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out)
+        grad_out = grad_out.float()
+        dq, dx, dscale = kernels.row_lse_backward(q, x, scale, lse, grad_out, precision)
+        # The group part: -g_ce at the target; g_igc * (group softmax - onehot) for IGC.
+        group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
+        g_ce, g_igc = (grad_out / q.shape[0]).unbind()
+        onehot = torch.zeros_like(group)
+        onehot[:, 0] = 1.0
+        d_group = -g_ce * onehot
+        if with_igc:
+            d_group = d_group + g_igc * (torch.exp(group - lse_igc[:, None]) - onehot)
+        kernels.group_backward_(q, x, scale, row_offset, num_negatives, d_group, dq, dx)
+        dscale = dscale[0] + (d_group * group).sum() / scale.float()
+        return dq, dx, dscale
 
 
 class GlobalContrast(torch.autograd.Function):
     """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC.
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
-    With ``with_igc=False`` the second output is zero.
+    With ``with_igc=False`` the second output is zero. ``precision``: dot precision of fp32
+    inputs in the Triton kernels ("tf32" or "ieee").
     """
 
     @staticmethod
-    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl):
-        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc)
+    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, precision: str = "tf32"):
+        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, precision)
         ctx.save_for_backward(q, x, scale, lse, lse_igc)
-        ctx.args = (row_offset, num_negatives, with_igc, impl)
+        ctx.args = (row_offset, num_negatives, with_igc, impl, precision)
         ce = (lse - pos).mean()
         igc = (lse_igc - pos).mean() if with_igc else torch.zeros_like(ce)
         return ce, igc
@@ -120,10 +143,12 @@ class GlobalContrast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_igc):
         q, x, scale, lse, lse_igc = ctx.saved_tensors
-        row_offset, num_negatives, with_igc, impl = ctx.args
+        row_offset, num_negatives, with_igc, impl, precision = ctx.args
         grad_out = torch.stack([grad_ce, grad_igc])
-        dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out)
-        return dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype), None, None, None, None
+        dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out,
+                                       precision)
+        return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
+                None, None, None, None, None)
 
 
 class TritonLocalTerms(torch.autograd.Function):
@@ -201,7 +226,10 @@ def distill_sum(image, text, teacher_image, teacher_text) -> torch.Tensor:
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device`` (CUDA, or the CPU interpreter)."""
+    """Whether the Triton kernels can run on tensors of ``device``: Triton imports, and the
+    tensors are CUDA tensors (or CPU tensors under the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"

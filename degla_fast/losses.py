@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .functional import BACKENDS, LossOutput, degla_loss
+from .functional import BACKENDS, PRECISIONS, LossOutput, degla_loss
 
 __all__ = ["DeGLALoss", "LossOutput"]
 
@@ -22,8 +22,10 @@ class DeGLALoss(nn.Module):
     def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                  distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                  official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, precision: str = "tf32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         if num_negatives < 1:
             raise ConfigError(f"num_negatives must be >= 1 (use functional.clip_loss for plain CLIP), got {num_negatives}")
         if backend not in BACKENDS:
@@ -44,6 +46,7 @@ class DeGLALoss(nn.Module):
         self.gather_with_grad = gather_with_grad
         self.rank = rank
         self.world_size = world_size
+        self.precision = precision
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_features: torch.Tensor | None = None,
@@ -52,7 +55,8 @@ class DeGLALoss(nn.Module):
                           num_negatives=self.num_negatives, igc_weight=self.igc_weight, tgc_weight=self.tgc_weight,
                           distill_weight=self.distill_weight, tgc_scale=self.tgc_scale, backend=self.backend,
                           official_tgc_indexing=self.official_tgc_indexing, local_loss=self.local_loss,
-                          gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size)
+                          gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size,
+                          precision=self.precision)
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, igc_weight={self.igc_weight}, tgc_weight={self.tgc_weight}, "

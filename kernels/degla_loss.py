@@ -1,13 +1,31 @@
 """Triton kernels of the DeGLA loss. Tensors in, tensors out: no autograd, no modules.
 
 Global term (image-to-text with hard negatives, text-to-image, IGC): rows ``q`` [R, D] are
-contrasted with columns ``x`` [C, D], ``C = Bg * (1 + K)``; row r's target is column
-``row_offset + r`` and its IGC group is that column plus columns ``Bg + (row_offset + r) * K
-+ m``. The forward streams column tiles with an online log-sum-exp per row (and per IGC
-group, picked out of the same tiles); the backward recomputes the tiles, so nothing of size
-R x C is ever stored.
+contrasted with columns ``x`` [C, D]. Two kinds of kernel share the work:
 
-Local terms (TGC and self-distillation): one program per sample, O(K * D) work each.
+* **Softmax kernels** see only the R x C logits ``s * q @ x^T``. The forward streams column
+  tiles with an online log-sum-exp per row; the backward recomputes each tile once and adds
+  ``P @ x`` and ``P^T @ q`` (P the softmax) into fp32 gradient buffers. Nothing of size R x C
+  is stored. Logit tiles are built over chunks of the feature dimension, so any D fits and the
+  per-thread state is a few [BLOCK_M, BLOCK_N] / [BLOCK, BLOCK_K] tiles whatever D is. The
+  columns are split across programs (their partial log-sum-exps merged afterwards, as
+  split-K / flash-decoding do) so that small batches still launch many programs.
+* **Group kernels** handle each row's own group: its target column and, for IGC, its K
+  negatives (``row_offset + r`` and ``Bg + (row_offset + r) * K + m``). That is O(R * (1+K) * D)
+  work, so the softmax kernels carry no per-column masks beyond the edges.
+
+Forward + backward of one direction is four GEMM-sized passes over the logits (forward,
+recomputation, ``P @ x``, ``P^T @ q``); storing the logits instead would save one of them at
+O(R x C) memory.
+
+Local terms (TGC and self-distillation): one program per sample, O(K * D) work each, over
+chunks of D.
+
+Dot precision (``DOT``): 0 = exact fp32 products ("ieee"; also used under the CPU interpreter,
+which computes every dot in fp32), 1 = TF32 tensor cores for fp32 inputs, 2 = bf16/fp16 tensor
+cores. Accumulation is fp32 in every mode. The probabilities enter the backward products cast to
+the input dtype (unit scale, so fp16 never sees the tiny ``g / R`` factor); the factor is applied
+to the fp32 product.
 """
 from __future__ import annotations
 
@@ -15,158 +33,242 @@ import torch
 import triton
 import triton.language as tl
 
-# Finite "minus infinity" for running maxima: keeps exp(m_old - m_new) well defined when a
-# tile holds no column of a row's IGC group. (Valid rows always end with l >= 1; the clamp in
-# the final log only silences padding rows, whose results are never stored.)
-_NEG_BIG = -1.0e30
+from .configs import POINTER_TYPES, KernelConfig, arch_of, make_config
+
+# Finite "minus infinity" for running maxima: keeps exp(m_old - m_new) defined before the first
+# valid column. A constexpr: a GPU compile rejects plain Python globals inside @jit functions.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+DOT_IEEE, DOT_TF32, DOT_NATIVE = 0, 1, 2
+PRECISIONS = ("tf32", "ieee")
 
 
 @triton.jit
-def _mm(a, b, F32_DOT: tl.constexpr):
-    """a @ b accumulated in fp32: exact fp32 products (F32_DOT) or native half/bf16 tensor cores."""
-    if F32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b.to(a.dtype))
+def _dot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation in the chosen precision (see the module doc)."""
+    if DOT == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit
-def _tile_logits(q, x_ptrs, col_ok, dim_ok, scale, F32_DOT: tl.constexpr):
-    """Raw dot products and scaled logits of a [BLOCK_M, D] x [BLOCK_N, D] tile (fp32)."""
-    x = tl.load(x_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    dots = _mm(q, tl.trans(x), F32_DOT)
-    return x, dots, dots * scale
+def _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """Raw dot products q[rows] . x[cols] of a [BLOCK_M, BLOCK_N] tile, over D in BLOCK_K chunks (fp32)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        dims = k0 + tl.arange(0, BLOCK_K)
+        dim_ok = dims < D
+        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        x = tl.load(X + cols[:, None] * stride_x + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc = _dot(q, tl.trans(x), acc, DOT)
+    return acc
 
 
-@triton.jit
-def _load_rows(Q, first, R, D, stride_q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``first .. first + BLOCK_M`` of the ``[R, D]`` query matrix, zero outside, with their masks."""
-    rows = first + tl.arange(0, BLOCK_M)
+@triton.jit(do_not_specialize=["R", "C", "tiles_per_split"])
+def _lse_fwd_kernel(Q, X, Scale, MPart, LPart, R, C, D, stride_q, stride_x, tiles_per_split,
+                    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial (max, sum of exp) of every row over the columns of split ``program_id(1)``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    return rows, row_ok, dims, dim_ok, q
-
-
-@triton.jit
-def _global_fwd_kernel(Q, X, Scale, Lse, LseIgc, Pos, R, C, D, Bg, row_offset, K,
-                       stride_q, stride_x,
-                       WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, row_ok, dims, dim_ok, q = _load_rows(Q, tl.program_id(0) * BLOCK_M, R, D, stride_q, BLOCK_M, BLOCK_D)
+    split = tl.program_id(1)
     scale = tl.load(Scale).to(tl.float32)
-    target = rows + row_offset
-    neg_lo = Bg + target * K
-
-    m_all = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
-    l_all = tl.zeros([BLOCK_M], tl.float32)
-    m_grp = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
-    l_grp = tl.zeros([BLOCK_M], tl.float32)
-    pos = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, C, BLOCK_N):
+    m_run = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_run = tl.zeros([BLOCK_M], tl.float32)
+    first = split * tiles_per_split * BLOCK_N
+    last = tl.minimum(first + tiles_per_split * BLOCK_N, C)
+    for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
-        _, dots, logits = _tile_logits(q, X + cols[:, None] * stride_x + dims[None, :], col_ok, dim_ok, scale, F32_DOT)
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_all, tl.max(logits, 1))
-        l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
-        m_all = m_new
-        is_target = cols[None, :] == target[:, None]
-        pos += tl.sum(tl.where(is_target, logits, 0.0), 1)
-        if WITH_IGC:
-            in_group = is_target | ((cols[None, :] >= neg_lo[:, None]) & (cols[None, :] < neg_lo[:, None] + K))
-            group_logits = tl.where(in_group, logits, float("-inf"))
-            m_new = tl.maximum(m_grp, tl.max(group_logits, 1))
-            l_grp = l_grp * tl.exp(m_grp - m_new) + tl.sum(tl.exp(group_logits - m_new[:, None]), 1)
-            m_grp = m_new
-    tl.store(Lse + rows, m_all + tl.log(tl.maximum(l_all, 1e-30)), mask=row_ok)
-    tl.store(Pos + rows, pos, mask=row_ok)
-    if WITH_IGC:
-        tl.store(LseIgc + rows, m_grp + tl.log(tl.maximum(l_grp, 1e-30)), mask=row_ok)
+        dots = _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+        logits = tl.where(col_ok[None, :], dots * scale, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(logits, 1))
+        l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        m_run = m_new
+    tl.store(MPart + split * R + rows, m_run, mask=row_ok)
+    tl.store(LPart + split * R + rows, l_run, mask=row_ok)
 
 
-@triton.jit
-def _dlogits(logits, cols, col_ok, target, neg_lo, K, lse, lse_igc, g_ce, g_igc, WITH_IGC: tl.constexpr):
-    """d(loss)/d(logits) of a tile: g_ce*(softmax - onehot) + g_igc*(group softmax - onehot)."""
-    is_target = cols[None, :] == target[:, None]
-    onehot = tl.where(is_target, 1.0, 0.0)
-    p = tl.where(col_ok[None, :], tl.exp(logits - lse[:, None]), 0.0)
-    dl = g_ce * (p - onehot)
-    if WITH_IGC:
-        in_group = is_target | ((cols[None, :] >= neg_lo[:, None]) & (cols[None, :] < neg_lo[:, None] + K))
-        p_grp = tl.where(in_group & col_ok[None, :], tl.exp(logits - lse_igc[:, None]), 0.0)
-        dl += g_igc * (p_grp - onehot)
-    return dl
+@triton.jit(do_not_specialize=["R", "C", "tiles_per_split"])
+def _lse_bwd_kernel(Q, X, Scale, Lse, GradOut, DQ, DX, DScale, R, C, D, stride_q, stride_x, tiles_per_split,
+                    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Adds g/R * s * (P @ x) to DQ, g/R * s * (P^T @ q) to DX and g/R * sum(P * dots) to DScale.
 
-
-@triton.jit
-def _global_bwd_dq_kernel(Q, X, Scale, Lse, LseIgc, GradOut, DQ, DScale, R, C, D, Bg, row_offset, K,
-                          stride_q, stride_x, stride_dq,
-                          WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, row_ok, dims, dim_ok, q = _load_rows(Q, tl.program_id(0) * BLOCK_M, R, D, stride_q, BLOCK_M, BLOCK_D)
+    P = softmax of the logits per row (from ``Lse``); g = GradOut[0]; DQ/DX fp32, pre-zeroed.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    split = tl.program_id(1)
     scale = tl.load(Scale).to(tl.float32)
-    g_ce = tl.load(GradOut).to(tl.float32) / R
-    g_igc = tl.load(GradOut + 1).to(tl.float32) / R
+    g = tl.load(GradOut).to(tl.float32) / R
+    alpha = g * scale
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
-    lse_igc = tl.load(LseIgc + rows, mask=row_ok, other=0.0)
-    target = rows + row_offset
-    neg_lo = Bg + target * K
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dscale = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, C, BLOCK_N):
+    first = split * tiles_per_split * BLOCK_N
+    last = tl.minimum(first + tiles_per_split * BLOCK_N, C)
+    for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
-        x, dots, logits = _tile_logits(q, X + cols[:, None] * stride_x + dims[None, :], col_ok, dim_ok, scale, F32_DOT)
-        dl = _dlogits(logits, cols, col_ok, target, neg_lo, K, lse, lse_igc, g_ce, g_igc, WITH_IGC)
-        dl = tl.where(row_ok[:, None], dl, 0.0)
-        dscale += tl.sum(dl * dots, 1)
-        dq += _mm(dl.to(x.dtype), x, F32_DOT)
-    tl.store(DQ + rows[:, None] * stride_dq + dims[None, :], dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(DScale + rows, dscale, mask=row_ok)
+        dots = _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(dots * scale - lse[:, None]), 0.0)
+        dscale += tl.sum(p * dots, 1)
+        p_in = p.to(Q.dtype.element_ty)  # unit-scale probabilities: no fp16 underflow from g / R
+        for k0 in range(0, D, BLOCK_K):
+            dims = k0 + tl.arange(0, BLOCK_K)
+            dim_ok = dims < D
+            x = tl.load(X + cols[:, None] * stride_x + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            dq = _dot(p_in, x, tl.zeros([BLOCK_M, BLOCK_K], tl.float32), DOT)
+            tl.atomic_add(DQ + rows[:, None] * D + dims[None, :], dq * alpha,
+                          mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")
+            q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            dx = _dot(tl.trans(p_in), q, tl.zeros([BLOCK_N, BLOCK_K], tl.float32), DOT)
+            tl.atomic_add(DX + cols[:, None] * D + dims[None, :], dx * alpha,
+                          mask=col_ok[:, None] & dim_ok[None, :], sem="relaxed")
+    tl.atomic_add(DScale, tl.sum(dscale, 0) * g, sem="relaxed")
 
 
 @triton.jit
-def _global_bwd_dx_kernel(Q, X, Scale, Lse, LseIgc, GradOut, DX, R, C, D, Bg, row_offset, K,
-                          stride_q, stride_x, stride_dx,
-                          WITH_IGC: tl.constexpr, F32_DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < C
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
+def _group_column(rows, j, Bg, row_offset, K):
+    """Column of member ``j`` of each row's group: 0 = the target, 1..K = its own negatives."""
+    target = rows + row_offset
+    return tl.where(j == 0, target, Bg + target * K + j - 1)
+
+
+@triton.jit(do_not_specialize=["R", "Bg", "row_offset", "K"])
+def _group_fwd_kernel(Q, X, Scale, GLogits, R, D, Bg, row_offset, K, stride_q, stride_x,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GLogits[r, j] = s * q_r . x_{column j of row r's group}, j = 0..K (fp32, exact products)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
     scale = tl.load(Scale).to(tl.float32)
-    g_ce = tl.load(GradOut).to(tl.float32) / R
-    g_igc = tl.load(GradOut + 1).to(tl.float32) / R
-    dx = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, R, BLOCK_M):
-        rows, row_ok, _, _, q = _load_rows(Q, start, R, D, stride_q, BLOCK_M, BLOCK_D)
-        lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
-        lse_igc = tl.load(LseIgc + rows, mask=row_ok, other=0.0)
-        target = rows + row_offset
-        neg_lo = Bg + target * K
-        _, dots, logits = _tile_logits(q, X + cols[:, None] * stride_x + dims[None, :], col_ok, dim_ok, scale, F32_DOT)
-        dl = _dlogits(logits, cols, col_ok, target, neg_lo, K, lse, lse_igc, g_ce, g_igc, WITH_IGC)
-        dl = tl.where(row_ok[:, None], dl, 0.0)
-        dx += _mm(tl.trans(dl).to(q.dtype), q, F32_DOT)
-    tl.store(DX + cols[:, None] * stride_dx + dims[None, :], dx * scale, mask=col_ok[:, None] & dim_ok[None, :])
+    for j in range(0, K + 1):
+        cols = _group_column(rows, j, Bg, row_offset, K)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            dims = k0 + tl.arange(0, BLOCK_K)
+            ok = row_ok[:, None] & (dims < D)[None, :]
+            q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(X + cols[:, None] * stride_x + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(q * x, 1)
+        tl.store(GLogits + rows * (K + 1) + j, acc * scale, mask=row_ok)
 
 
-def _f32_dot(q: torch.Tensor) -> bool:
-    """fp32 products for fp32 inputs, and under the CPU interpreter, whose bf16/fp16 tl.dot is wrong
-    (triton 3.8); half/bf16 inputs on a GPU use tensor cores with fp32 accumulation."""
-    return q.dtype == torch.float32 or q.device.type == "cpu"
+@triton.jit(do_not_specialize=["R", "Bg", "row_offset", "K"])
+def _group_bwd_kernel(Q, X, Scale, DGroup, DQ, DX, R, D, Bg, row_offset, K, stride_q, stride_x,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DQ[r] += s * sum_j DGroup[r, j] x_{c(r, j)}; DX[c(r, j)] += s * DGroup[r, j] q_r.
+
+    Group columns of different rows are distinct, so the DX updates never collide.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    scale = tl.load(Scale).to(tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        dims = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (dims < D)[None, :]
+        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+        dq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for j in range(0, K + 1):
+            cols = _group_column(rows, j, Bg, row_offset, K)
+            w = tl.load(DGroup + rows * (K + 1) + j, mask=row_ok, other=0.0) * scale
+            x = tl.load(X + cols[:, None] * stride_x + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+            dq += w[:, None] * x
+            dx_ptrs = DX + cols[:, None] * D + dims[None, :]
+            tl.store(dx_ptrs, tl.load(dx_ptrs, mask=ok, other=0.0) + w[:, None] * q, mask=ok)
+        dq_ptrs = DQ + rows[:, None] * D + dims[None, :]
+        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=ok, other=0.0) + dq, mask=ok)
 
 
-def _global_blocks(D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): whole feature rows per tile, so the backward's
-    [BLOCK, D] fp32 accumulators stay in registers; narrower tiles and more warps for wide D."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if block_d <= 128:
-        return 64, 64, block_d, 4
-    if block_d <= 512:
-        return 32, 64, block_d, 8
-    return 16, 32, block_d, 8
+# ---------------------------------------------------------------------------------------------
+# Launch choices: one table, read by the launchers and by gate_configs (the compile gate).
+
+#: Feature dimensions, negatives per caption and input dtypes the compile gate enumerates: D=16
+#: takes the narrow tiles with 16 | D, D=40 the narrow tiles without, D >= 64 the table's.
+GATE_DIMS = (16, 40, 64, 128, 256, 384, 512, 640, 768, 1024, 1280)
+GATE_NEGATIVES = (1, 4, 8)
+GATE_DTYPES = ("float32", "bfloat16", "float16")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the softmax kernels by (dot mode, arch),
+# chosen with the compile gate (registers, spills, shared memory on Triton 3.6 and 3.8). 16-bit
+# on Hopper: 128-row tiles so the dots map to wgmma; fp32 halves BLOCK_K so the pipelined
+# operand tiles stay inside shared memory; every backward keeps its fp32 tile, its 16-bit copy
+# and two [BLOCK, BLOCK_K] products live at once, hence the smaller BLOCK_K there.
+_SOFTMAX_TILES = {
+    (DOT_NATIVE, 90): {"fwd": (128, 128, 64, 8, 3), "bwd": (128, 64, 32, 8, 2)},
+    (DOT_NATIVE, 80): {"fwd": (128, 64, 64, 8, 3), "bwd": (128, 64, 32, 8, 2)},
+    (DOT_TF32, 90): {"fwd": (128, 64, 32, 8, 3), "bwd": (128, 64, 32, 8, 2)},
+    (DOT_TF32, 80): {"fwd": (128, 64, 32, 8, 3), "bwd": (64, 64, 16, 8, 2)},
+    (DOT_IEEE, 90): {"fwd": (64, 64, 32, 8, 2), "bwd": (64, 64, 16, 8, 1)},
+    (DOT_IEEE, 80): {"fwd": (64, 64, 32, 8, 2), "bwd": (64, 64, 16, 8, 1)},
+}
+# Features narrower than the table's BLOCK_K or not a multiple of 16 (no vector loads, so more
+# address registers): one narrow tile for every mode and architecture.
+_NARROW_TILES = {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)}
+# Feature chunk and rows of the group kernels, feature chunk and negatives (at most) of the local
+# kernels: fixed, so D and K change no compiled variant beyond the 16-divisibility of D.
+_GROUP_BLOCK_M, _GROUP_BLOCK_K, _GROUP_WARPS = 16, 64, 4
+_LOCAL_BLOCK_D, _LOCAL_WARPS = 256, 4
+#: Largest K the local (TGC + distillation) kernels take; above it the torch path runs.
+LOCAL_MAX_NEGATIVES = 8
+#: Programs the forward and backward aim for: a few per SM, so small batches fill the GPU.
+_PROGRAMS_PER_SM = 4
+#: The interpreter runs programs one by one: a few splits keep the merge exercised in tests.
+_INTERPRETER_PROGRAMS = 4
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dot_mode(dtype_name: str, precision: str, interpreted: bool) -> int:
+    """DOT constexpr for inputs of ``dtype_name``: 16-bit tensor cores, TF32 or exact fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if interpreted or dtype_name == "float64":
+        return DOT_IEEE  # the interpreter computes every dot in fp32; fp64 inputs are cast to fp32 dots
+    if dtype_name == "float32":
+        return DOT_TF32 if precision == "tf32" else DOT_IEEE
+    return DOT_NATIVE
+
+
+def softmax_tiles(dot: int, D: int, arch: int, which: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the ``fwd``/``bwd`` softmax kernel."""
+    tiles = _SOFTMAX_TILES[(dot, arch)][which]
+    if D % 16 or D < tiles[2]:
+        return _NARROW_TILES[which]
+    return tiles
+
+
+def local_blocks(D: int, K: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) of the local kernels: all K negatives (K <= 8), D in chunks of 256."""
+    if K > LOCAL_MAX_NEGATIVES:
+        raise ValueError(f"local kernels take at most {LOCAL_MAX_NEGATIVES} negatives per caption; got {K}")
+    return max(2, triton.next_power_of_2(K)), _LOCAL_BLOCK_D
+
+
+def _arch(device: torch.device) -> int:
+    return arch_of(torch.cuda.get_device_capability(device)) if device.type == "cuda" else 90
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_PROGRAMS
+
+
+def _splits(R: int, C: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(number of column splits, column tiles per split) so rows x splits reaches the target."""
+    row_blocks, col_tiles = triton.cdiv(R, block_m), triton.cdiv(C, block_n)
+    wanted = max(1, min(col_tiles, triton.cdiv(_target_programs(device), row_blocks)))
+    per_split = triton.cdiv(col_tiles, wanted)
+    return triton.cdiv(col_tiles, per_split), per_split
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
 
 
 def _check_global(q: torch.Tensor, x: torch.Tensor, num_negatives: int, row_offset: int) -> int:
@@ -182,62 +284,75 @@ def _check_global(q: torch.Tensor, x: torch.Tensor, num_negatives: int, row_offs
     return num_groups
 
 
-def global_forward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_offset: int, num_negatives: int,
-                   with_igc: bool):
-    """Per-row log-sum-exp over all columns, over the IGC group, and the target logit, each [R] fp32."""
+def row_lse(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
+    """Log-sum-exp of every row of ``scale * q @ x^T``: q [R, D], x [C, D] -> [R] fp32."""
+    q, x = q.contiguous(), x.contiguous()
+    R, D = q.shape
+    C = x.shape[0]
+    dot = dot_mode(_dtype_name(q.dtype), precision, _interpreted(q))
+    block_m, block_n, block_k, warps, stages = softmax_tiles(dot, D, _arch(q.device), "fwd")
+    splits, per_split = _splits(R, C, block_m, block_n, q.device)
+    m_part = torch.empty(splits, R, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    _lse_fwd_kernel[(triton.cdiv(R, block_m), splits)](
+        q, x, scale.reshape(1).float(), m_part, l_part, R, C, D, q.stride(0), x.stride(0), per_split,
+        DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if splits == 1:
+        return m_part[0] + l_part[0].log()
+    return torch.logsumexp(m_part + l_part.log(), dim=0)
+
+
+def row_lse_backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
+                     grad: torch.Tensor, precision: str = "tf32"):
+    """Gradients of ``grad[0] * mean_r(lse_r)`` w.r.t. q, x and scale: (dq [R, D], dx [C, D], dscale [1]), fp32."""
+    q, x = q.contiguous(), x.contiguous()
+    R, D = q.shape
+    C = x.shape[0]
+    dot = dot_mode(_dtype_name(q.dtype), precision, _interpreted(q))
+    block_m, block_n, block_k, warps, stages = softmax_tiles(dot, D, _arch(q.device), "bwd")
+    splits, per_split = _splits(R, C, block_m, block_n, q.device)
+    dq = torch.zeros(R, D, device=q.device, dtype=torch.float32)
+    dx = torch.zeros(C, D, device=q.device, dtype=torch.float32)
+    dscale = torch.zeros(1, device=q.device, dtype=torch.float32)
+    _lse_bwd_kernel[(triton.cdiv(R, block_m), splits)](
+        q, x, scale.reshape(1).float(), lse.contiguous(), grad.float().contiguous(), dq, dx, dscale,
+        R, C, D, q.stride(0), x.stride(0), per_split,
+        DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return dq, dx, dscale
+
+
+def group_logits(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_offset: int,
+                 num_negatives: int) -> torch.Tensor:
+    """[R, 1+K] fp32 logits of each row's target (column 0) and its own K negatives."""
     q, x = q.contiguous(), x.contiguous()
     num_groups = _check_global(q, x, num_negatives, row_offset)
     R, D = q.shape
-    C = x.shape[0]
-    lse = torch.empty(R, device=q.device, dtype=torch.float32)
-    lse_igc = torch.empty_like(lse) if with_igc else lse
-    pos = torch.empty_like(lse)
-    block_m, block_n, block_d, num_warps = _global_blocks(D)
-    _global_fwd_kernel[(triton.cdiv(R, block_m),)](
-        q, x, scale.reshape(1).float(), lse, lse_igc, pos, R, C, D, num_groups, row_offset, num_negatives,
-        q.stride(0), x.stride(0), WITH_IGC=with_igc, F32_DOT=_f32_dot(q),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    return lse, lse_igc, pos
+    out = torch.empty(R, 1 + num_negatives, device=q.device, dtype=torch.float32)
+    _group_fwd_kernel[(triton.cdiv(R, _GROUP_BLOCK_M),)](
+        q, x, scale.reshape(1).float(), out, R, D, num_groups, row_offset, num_negatives, q.stride(0), x.stride(0),
+        BLOCK_M=_GROUP_BLOCK_M, BLOCK_K=_GROUP_BLOCK_K, num_warps=_GROUP_WARPS)
+    return out
 
 
-def global_backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_offset: int, num_negatives: int,
-                    with_igc: bool, lse: torch.Tensor, lse_igc: torch.Tensor, grad_out: torch.Tensor):
-    """Gradients of ``g_ce * mean(ce) + g_igc * mean(igc)`` for ``grad_out = [g_ce, g_igc]``.
-
-    Returns (dq [R, D] fp32, dx [C, D] fp32, dscale scalar fp32); logits are recomputed tile by tile.
-    """
+def group_backward_(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_offset: int, num_negatives: int,
+                    d_group: torch.Tensor, dq: torch.Tensor, dx: torch.Tensor) -> None:
+    """Adds the gradient of ``sum(d_group * group_logits)`` w.r.t. q and x into ``dq``/``dx`` (fp32, contiguous)."""
     q, x = q.contiguous(), x.contiguous()
     num_groups = _check_global(q, x, num_negatives, row_offset)
     R, D = q.shape
-    C = x.shape[0]
-    dq = torch.empty(R, D, device=q.device, dtype=torch.float32)
-    dx = torch.empty(C, D, device=q.device, dtype=torch.float32)
-    dscale_rows = torch.empty(R, device=q.device, dtype=torch.float32)
-    grad_out = grad_out.to(torch.float32).contiguous()
-    block_m, block_n, block_d, num_warps = _global_blocks(D)
-    common = dict(WITH_IGC=with_igc, F32_DOT=_f32_dot(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  num_warps=num_warps)
-    scale = scale.reshape(1).float()
-    _global_bwd_dq_kernel[(triton.cdiv(R, block_m),)](
-        q, x, scale, lse, lse_igc, grad_out, dq, dscale_rows, R, C, D, num_groups, row_offset, num_negatives,
-        q.stride(0), x.stride(0), dq.stride(0), **common)
-    _global_bwd_dx_kernel[(triton.cdiv(C, block_n),)](
-        q, x, scale, lse, lse_igc, grad_out, dx, R, C, D, num_groups, row_offset, num_negatives,
-        q.stride(0), x.stride(0), dx.stride(0), **common)
-    return dq, dx, dscale_rows.sum()
+    _group_bwd_kernel[(triton.cdiv(R, _GROUP_BLOCK_M),)](
+        q, x, scale.reshape(1).float(), d_group.float().contiguous(), dq, dx, R, D, num_groups, row_offset,
+        num_negatives, q.stride(0), x.stride(0), BLOCK_M=_GROUP_BLOCK_M, BLOCK_K=_GROUP_BLOCK_K,
+        num_warps=_GROUP_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------
-# TGC + self-distillation: one program per sample.
+# TGC + self-distillation: one program per sample, D in chunks.
 
 
 @triton.jit
-def _load_sample(Text, TText, Img, TImg, i, B, D, K, stride_t, stride_i,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < K
+def _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok, stride_t, stride_i):
+    """One D chunk of sample i: t, t*, its K negatives n, n* [BLOCK_K, chunk], image and teacher image (fp32)."""
     neg_rows = B + i * K + ks
     nmask = k_ok[:, None] & dim_ok[None, :]
     t = tl.load(Text + i * stride_t + dims, mask=dim_ok, other=0.0).to(tl.float32)
@@ -246,46 +361,67 @@ def _load_sample(Text, TText, Img, TImg, i, B, D, K, stride_t, stride_i,
     nt = tl.load(TText + neg_rows[:, None] * stride_t + dims[None, :], mask=nmask, other=0.0).to(tl.float32)
     img = tl.load(Img + i * stride_i + dims, mask=dim_ok, other=0.0).to(tl.float32)
     timg = tl.load(TImg + i * stride_i + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    return dims, dim_ok, ks, k_ok, neg_rows, t, tt, n, nt, img, timg
+    return neg_rows, t, tt, n, nt, img, timg
 
 
 @triton.jit
+def _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """(t . t*, [t . n_m], squared distance to the teacher) of sample i, over all D chunks."""
+    pos = 0.0
+    neg = tl.zeros([BLOCK_K], tl.float32)
+    dist = 0.0
+    for k0 in range(0, D, BLOCK_D):
+        dims = k0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        _, t, tt, n, nt, img, timg = _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok,
+                                                  stride_t, stride_i)
+        pos += tl.sum(t * tt, 0)
+        neg += tl.sum(n * t[None, :], 1)
+        dist += tl.sum((img - timg) * (img - timg), 0) + tl.sum((t - tt) * (t - tt), 0)
+        dist += tl.sum(tl.sum((n - nt) * (n - nt), 1), 0)
+    return pos, neg, dist
+
+
+@triton.jit(do_not_specialize=["B", "K"])
 def _local_fwd_kernel(Text, TText, Img, TImg, Tgc, Lse, Dist, B, D, K, tgc_scale, stride_t, stride_i,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
-    dims, dim_ok, ks, k_ok, neg_rows, t, tt, n, nt, img, timg = _load_sample(
-        Text, TText, Img, TImg, i, B, D, K, stride_t, stride_i, BLOCK_K, BLOCK_D)
-    pos = tgc_scale * tl.sum(t * tt, 0)
-    neg = tl.where(k_ok, tgc_scale * tl.sum(n * t[None, :], 1), float("-inf"))
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    pos, neg, dist = _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K, BLOCK_D)
+    pos = tgc_scale * pos
+    neg = tl.where(k_ok, tgc_scale * neg, float("-inf"))
     m = tl.maximum(pos, tl.max(neg, 0))
     lse = m + tl.log(tl.exp(pos - m) + tl.sum(tl.exp(neg - m), 0))
     tl.store(Tgc + i, lse - pos)
     tl.store(Lse + i, lse)
-    dist = tl.sum((img - timg) * (img - timg), 0) + tl.sum((t - tt) * (t - tt), 0) + tl.sum(tl.sum((n - nt) * (n - nt), 1), 0)
     tl.store(Dist + i, dist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K"])
 def _local_bwd_kernel(Text, TText, Img, TImg, Lse, GradOut, DText, DImg, B, D, K, tgc_scale,
                       stride_t, stride_i, stride_dt, stride_di,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
-    dims, dim_ok, ks, k_ok, neg_rows, t, tt, n, nt, img, timg = _load_sample(
-        Text, TText, Img, TImg, i, B, D, K, stride_t, stride_i, BLOCK_K, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
     g_tgc = tl.load(GradOut).to(tl.float32) * tgc_scale / B
     g_dist = 2.0 * tl.load(GradOut + 1).to(tl.float32)
     lse = tl.load(Lse + i)
-    p_pos = tl.exp(tgc_scale * tl.sum(t * tt, 0) - lse)
-    p_neg = tl.where(k_ok, tl.exp(tgc_scale * tl.sum(n * t[None, :], 1) - lse), 0.0)
-    dt = g_tgc * ((p_pos - 1.0) * tt + tl.sum(p_neg[:, None] * n, 0)) + g_dist * (t - tt)
-    dn = g_tgc * p_neg[:, None] * t[None, :] + g_dist * (n - nt)
-    tl.store(DText + i * stride_dt + dims, dt, mask=dim_ok)
-    tl.store(DText + neg_rows[:, None] * stride_dt + dims[None, :], dn, mask=k_ok[:, None] & dim_ok[None, :])
-    tl.store(DImg + i * stride_di + dims, g_dist * (img - timg), mask=dim_ok)
-
-
-def _local_blocks(D: int, K: int) -> tuple[int, int]:
-    return max(2, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(D))
+    pos, neg, _ = _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K, BLOCK_D)
+    p_pos = tl.exp(tgc_scale * pos - lse)
+    p_neg = tl.where(k_ok, tl.exp(tgc_scale * neg - lse), 0.0)
+    for k0 in range(0, D, BLOCK_D):
+        dims = k0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        neg_rows, t, tt, n, nt, img, timg = _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok,
+                                                         stride_t, stride_i)
+        dt = g_tgc * ((p_pos - 1.0) * tt + tl.sum(p_neg[:, None] * n, 0)) + g_dist * (t - tt)
+        dn = g_tgc * p_neg[:, None] * t[None, :] + g_dist * (n - nt)
+        tl.store(DText + i * stride_dt + dims, dt, mask=dim_ok)
+        tl.store(DText + neg_rows[:, None] * stride_dt + dims[None, :], dn, mask=k_ok[:, None] & dim_ok[None, :])
+        tl.store(DImg + i * stride_di + dims, g_dist * (img - timg), mask=dim_ok)
 
 
 def local_forward(text: torch.Tensor, teacher_text: torch.Tensor, image: torch.Tensor, teacher_image: torch.Tensor,
@@ -296,9 +432,10 @@ def local_forward(text: torch.Tensor, teacher_text: torch.Tensor, image: torch.T
     B, D = image.shape
     tgc = torch.empty(B, device=text.device, dtype=torch.float32)
     lse, dist = torch.empty_like(tgc), torch.empty_like(tgc)
-    block_k, block_d = _local_blocks(D, num_negatives)
+    block_k, block_d = local_blocks(D, num_negatives)
     _local_fwd_kernel[(B,)](text, teacher_text, image, teacher_image, tgc, lse, dist, B, D, num_negatives,
-                            float(tgc_scale), text.stride(0), image.stride(0), BLOCK_K=block_k, BLOCK_D=block_d)
+                            float(tgc_scale), text.stride(0), image.stride(0), BLOCK_K=block_k, BLOCK_D=block_d,
+                            num_warps=_LOCAL_WARPS)
     return tgc, lse, dist
 
 
@@ -310,8 +447,81 @@ def local_backward(text, teacher_text, image, teacher_image, num_negatives: int,
     B, D = image.shape
     dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
     dimage = torch.empty(image.shape, device=text.device, dtype=torch.float32)
-    block_k, block_d = _local_blocks(D, num_negatives)
+    block_k, block_d = local_blocks(D, num_negatives)
     _local_bwd_kernel[(B,)](text, teacher_text, image, teacher_image, lse, grad_out.to(torch.float32).contiguous(),
                             dtext, dimage, B, D, num_negatives, float(tgc_scale), text.stride(0), image.stride(0),
-                            dtext.stride(0), dimage.stride(0), BLOCK_K=block_k, BLOCK_D=block_d)
+                            dtext.stride(0), dimage.stride(0), BLOCK_K=block_k, BLOCK_D=block_d,
+                            num_warps=_LOCAL_WARPS)
     return dtext, dimage
+
+
+# ---------------------------------------------------------------------------------------------
+# What the launchers above can choose, for the compile gate.
+
+_DOT_NAMES = {DOT_IEEE: "ieee", DOT_TF32: "tf32", DOT_NATIVE: "native"}
+_WIDTH_ARGS = ("D", "stride_q", "stride_x", "stride_t", "stride_i", "stride_dt", "stride_di")
+
+
+def _aligned_ints(D: int) -> tuple:
+    """Integer arguments a launch sees as multiples of 16: D and the row strides (contiguous rows) when 16 | D."""
+    return _WIDTH_ARGS if D % 16 == 0 else ()
+
+
+def kernel_configs(dtype: str, D: int, K: int, arch: int, with_igc: bool = True) -> list[KernelConfig]:
+    """Every kernel variant the launchers can pick for inputs of ``dtype`` ("float32", "bfloat16",
+    "float16"), feature width D, K negatives and ``arch`` (80/90), over both fp32 precisions.
+
+    ``K`` and ``with_igc`` change no compiled variant (the group kernels loop over 1+K at run
+    time; IGC is computed from the group logits) but are part of the enumeration on purpose.
+    """
+    ptr = POINTER_TYPES[dtype]
+    f32 = "*fp32"
+    modes = sorted({dot_mode(dtype, p, False) for p in PRECISIONS})
+    out = []
+    for dot in modes:
+        for which, kernel in (("fwd", _lse_fwd_kernel), ("bwd", _lse_bwd_kernel)):
+            bm, bn, bk, warps, stages = softmax_tiles(dot, D, arch, which)
+            types = {"Q": ptr, "X": ptr, "Scale": f32, "MPart": f32, "LPart": f32, "Lse": f32, "GradOut": f32,
+                     "DQ": f32, "DX": f32, "DScale": f32}
+            types = {k: v for k, v in types.items() if k in kernel.arg_names}
+            out.append(make_config(kernel, types, dict(DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                                   num_warps=warps, num_stages=stages, arch=arch, aligned_ints=_aligned_ints(D),
+                                   label={"dtype": f"{dtype}/{_DOT_NAMES[dot]}", "D": D, "K": K,
+                                          "tile": f"{bm}x{bn}x{bk}"}))
+    bk = _GROUP_BLOCK_K
+    group_types = {"Q": ptr, "X": ptr, "Scale": f32, "GLogits": f32, "DGroup": f32, "DQ": f32, "DX": f32}
+    for kernel in (_group_fwd_kernel, _group_bwd_kernel):
+        types = {k: v for k, v in group_types.items() if k in kernel.arg_names}
+        out.append(make_config(kernel, types, dict(BLOCK_M=_GROUP_BLOCK_M, BLOCK_K=bk), num_warps=_GROUP_WARPS,
+                               num_stages=3, arch=arch, aligned_ints=_aligned_ints(D),
+                               label={"dtype": dtype, "D": D, "K": K, "tile": f"{_GROUP_BLOCK_M}x{bk}"}))
+    return out
+
+
+def local_kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
+    """The TGC + distillation kernel variants for ``dtype`` features of width D with K negatives."""
+    ptr = POINTER_TYPES[dtype]
+    block_k, block_d = local_blocks(D, K)
+    feats = {"Text": ptr, "TText": ptr, "Img": ptr, "TImg": ptr}
+    fwd = make_config(_local_fwd_kernel, {**feats, "Tgc": "*fp32", "Lse": "*fp32", "Dist": "*fp32", "tgc_scale": "fp32"},
+                      dict(BLOCK_K=block_k, BLOCK_D=block_d), num_warps=_LOCAL_WARPS, num_stages=3, arch=arch,
+                      aligned_ints=_aligned_ints(D),
+                      label={"dtype": dtype, "D": D, "K": K, "tile": f"{block_k}x{block_d}"})
+    bwd = make_config(_local_bwd_kernel, {**feats, "Lse": "*fp32", "GradOut": "*fp32", "DText": "*fp32",
+                                          "DImg": "*fp32", "tgc_scale": "fp32"},
+                      dict(BLOCK_K=block_k, BLOCK_D=block_d), num_warps=_LOCAL_WARPS, num_stages=3, arch=arch,
+                      aligned_ints=_aligned_ints(D),
+                      label={"dtype": dtype, "D": D, "K": K, "tile": f"{block_k}x{block_d}"})
+    return [fwd, bwd]
+
+
+def gate_configs(arch: int) -> list[KernelConfig]:
+    """All variants over the gate's dtypes, feature widths, K in {1, 4, 8}, IGC on and off."""
+    out = []
+    for dtype in GATE_DTYPES:
+        for D in GATE_DIMS:
+            for K in GATE_NEGATIVES:
+                for with_igc in (True, False):
+                    out += kernel_configs(dtype, D, K, arch, with_igc)
+                out += local_kernel_configs(dtype, D, K, arch)
+    return out

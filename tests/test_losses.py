@@ -49,7 +49,8 @@ def test_matches_float64_oracle(backend, dtype, batch, k, dim, kernel_device):
     inputs = [t.to(dtype).double() for t in inputs]
     total_ref, terms_ref, grads_ref = oracle_with_grads(inputs, k)
     image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), dtype) for t in inputs]
-    out = DeGLALoss(num_negatives=k, backend=backend)(image, text, scale, t_image, t_text)
+    # fp32 to 1e-5 needs exact fp32 products on a GPU (the default TF32 is tested in test_kernels_gpu.py).
+    out = DeGLALoss(num_negatives=k, backend=backend, precision="ieee")(image, text, scale, t_image, t_text)
     out.total.backward()
     rtol, atol, gtol = TOLERANCE[dtype]
     for got, want in zip((out.clip, out.igc, out.tgc, out.distill), terms_ref):
@@ -144,6 +145,62 @@ def test_loss_output_items_and_auto_backend():
     assert set(items) == {"total", "clip", "igc", "tgc", "distill"}
     assert items["total"] == pytest.approx(float(oracle_total(*make_inputs(3, 2, 8), 2)), rel=1e-5)
     assert Fn.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_auto_backend_rule():
+    cuda = torch.device("cuda")  # resolving needs no GPU
+    assert Fn.resolve_backend("auto", cuda, Fn.AUTO_TRITON_MIN_LOGITS - 1) == "torch"
+    assert Fn.resolve_backend("auto", cuda, Fn.AUTO_TRITON_MIN_LOGITS) == "triton"
+    assert Fn.resolve_backend("auto", cuda, 256 * 1280) == "torch"  # B=256, K=4: cuBLAS row blocks
+
+
+def assert_grads_close(got, want, gtol, name):
+    bound = gtol * max(float(want.abs().max()), 1e-30)
+    err = float((got.double().cpu() - want).abs().max())
+    assert err <= bound, f"{name} grad error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("splits", [1, 3, 64])
+def test_triton_column_splits_and_feature_chunks(splits, monkeypatch, kernel_device):
+    """Partial log-sum-exps merged over 1..many column splits; D=130 spans several feature chunks."""
+    import degla_fast.kernels.degla_loss as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_PROGRAMS", splits)
+    batch, k, dim = 37, 3, 130
+    inputs = make_inputs(batch, k, dim, seed=3)
+    total_ref, _, grads_ref = oracle_with_grads(inputs, k)
+    image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
+    out = DeGLALoss(num_negatives=k, backend="triton", precision="ieee")(image, text, scale, t_image, t_text)
+    out.total.backward()
+    torch.testing.assert_close(out.total.double().cpu(), total_ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
+        assert_grads_close(got, want, 1e-5, name)
+
+
+def test_fp16_gradients_do_not_underflow(kernel_device):
+    """A small upstream gradient over many logits: g / R must not meet the fp16 cast.
+
+    With g = 1e-3 and R = 96 the factor g / R times a softmax entry is about 1e-8, below fp16's
+    smallest subnormal (6e-8); scaled before the cast, most of the gradient would vanish.
+    """
+    batch, k, dim = 96, 4, 16
+    inputs = [t.to(torch.float16).double() for t in make_inputs(batch, k, dim, seed=5, scale=20.0)]
+    image, text, scale, t_image, t_text = [leaf(t, torch.float64) for t in inputs]
+    want = torch.autograd.grad(1e-3 * Fn.degla_loss(image, text, scale, t_image, t_text, num_negatives=k,
+                                                    backend="reference").total, (image, text))
+    image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float16) for t in inputs]
+    got = torch.autograd.grad(1e-3 * DeGLALoss(num_negatives=k, backend="triton")(image, text, scale, t_image,
+                                                                                  t_text).total, (image, text))
+    for name, g, w in zip(("image", "text"), got, want):
+        assert_grads_close(g.float(), w, 2e-2, name)
+
+
+def test_precision_setting():
+    with pytest.raises(ConfigError, match="precision must be one of tf32, ieee"):
+        DeGLALoss(precision="fp32")
+    image, text, scale, _, _ = [t.float() for t in make_inputs(2, 1, 8)]
+    with pytest.raises(ConfigError, match="precision"):
+        Fn.clip_loss(image, text, scale, num_negatives=1, precision="high")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
