@@ -243,3 +243,39 @@ def test_non_finite_inputs_are_reported(backend):
     text[4, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"text_features \[9, 8\]"):
         DeGLALoss(num_negatives=2, backend=backend)(image, text, scale, t_image, t_text)
+
+
+def _emulated_tiles(q, x, scale, grad):
+    """Torch emulation of the softmax kernels' 16-bit arithmetic on a GPU: products of the 16-bit
+    inputs accumulated in fp32 (what tensor cores do), the probabilities cast to the input dtype at
+    unit scale, the g / R factor applied to the fp32 product. Returns (lse, dq, dx, dscale)."""
+    dots = q.float() @ x.float().T
+    lse = torch.logsumexp(dots * scale, dim=1)
+    p = torch.exp(dots * scale - lse[:, None])
+    p_in = p.to(q.dtype).float()
+    alpha = grad / q.shape[0] * scale
+    return lse, (p_in @ x.float()) * alpha, (p_in.T @ q.float()) * alpha, (p * dots).sum() * grad / q.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_softmax_kernels_do_the_16bit_casts_a_gpu_does(dtype, kernel_device):
+    """The interpreter cannot run 16-bit dots, so the kernels are checked against an emulation of
+    their tile math with the same casts. A different fp32 summation order can move a probability
+    across a 16-bit rounding boundary, so entries agree to one ulp of the dtype; a kernel that
+    applied the small g / R factor (1e-3 / 45 here) before the cast would lose most of fp16's
+    precision to subnormals and fail by far more."""
+    import degla_fast.kernels.degla_loss as kernels
+
+    gen = torch.Generator().manual_seed(7)
+    q = F.normalize(torch.randn(45, 40, generator=gen), dim=-1).to(dtype)
+    x = F.normalize(torch.randn(131, 40, generator=gen), dim=-1).to(dtype)
+    scale, grad = torch.tensor(30.0), torch.tensor([1e-3])
+    eps = torch.finfo(dtype).eps
+    lse_want, dq_want, dx_want, ds_want = _emulated_tiles(q, x, scale, grad[0])
+    lse = kernels.row_lse(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device))
+    dq, dx, ds = kernels.row_lse_backward(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device), lse,
+                                          grad.to(kernel_device))
+    torch.testing.assert_close(lse.cpu(), lse_want, rtol=1e-5, atol=1e-5)
+    for got, want in ((dq, dq_want), (dx, dx_want)):
+        torch.testing.assert_close(got.cpu(), want, rtol=eps, atol=eps * float(want.abs().max()))
+    torch.testing.assert_close(ds.cpu()[0], ds_want, rtol=1e-5, atol=0.0)
