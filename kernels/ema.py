@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import ARCHS, KernelConfig, arch_of, make_config
+from .configs import KernelConfig, arch_of, make_config
 
 #: (elements per program, warps) by architecture: 16 fp32 per thread and stream, 16 KB of fp32
 #: per stream and program. ptxas -v: at most 55 registers, no spills on sm_80/sm_90 with Triton
@@ -145,14 +145,6 @@ class EmaPlan:
     s_align: int
     block: int
     num_warps: int
-
-
-def _common_alignment(offsets: Sequence[int], element_size: int) -> int:
-    """Largest power of two, at most 16 bytes' worth of elements, dividing every offset."""
-    align = max(1, _VECTOR_BYTES // element_size)
-    while align > 1 and any(o % align for o in offsets):
-        align //= 2
-    return align
 
 
 def is_aligned(tensors: Sequence[torch.Tensor], offsets: Sequence[int], vector: int) -> bool:
