@@ -51,8 +51,10 @@ FLAVOURS = {"fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "
 #: The expectation sees the inputs rounded to the input dtype, so what remains is the kernels'
 #: arithmetic: fp32 accumulation (IEEE), TF32 operands (10-bit mantissa, about 5e-4 relative per
 #: operand, times logit scales up to 100), and for bf16/fp16 the 16-bit operands of the backward
-#: GEMMs (probabilities) and the 16-bit gradients themselves (2^-9 and 2^-11 relative).
-TOLERANCE = {"fp32-ieee": (2e-5, 5e-5, 2e-4), "fp32-tf32": (3e-3, 1e-2, 3e-2),
+#: GEMMs (probabilities) and the 16-bit gradients themselves (2^-9 and 2^-11 relative). TF32,
+#: emulated on the CPU (operands rounded to 10 bits, B=4096, K=4, scale 100): terms within 2e-5,
+#: gradients 6e-4 (norm) and 1.4e-3 (max) at D=64, before the backward GEMMs' own rounding.
+TOLERANCE = {"fp32-ieee": (2e-5, 5e-5, 2e-4), "fp32-tf32": (5e-4, 5e-3, 1e-2),
              "bf16": (1e-2, 1.5e-2, 4e-2), "fp16": (3e-3, 4e-3, 1e-2)}
 WEIGHTS = {"tgc": 0.1, "distill": 0.005}
 
