@@ -231,13 +231,14 @@ class Run:
             rc = proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             rc = None
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            # SIGINT first: pytest then still writes its JUnit file and summary.
+            for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
                 try:
                     os.killpg(proc.pid, sig)  # the group this call started, nothing else
                 except ProcessLookupError:
                     break
                 try:
-                    proc.wait(timeout=10)
+                    proc.wait(timeout=grace)
                     break
                 except subprocess.TimeoutExpired:
                     continue
@@ -330,7 +331,7 @@ def _junit_counts(path: Path) -> dict:
 def step_test_gpu(run: Run) -> None:
     xml = run.results / "test-gpu.xml"
     xml.unlink(missing_ok=True)
-    args = [f"--junitxml={xml}", "-p", "no:cacheprovider", "-rf"]
+    args = [f"--junitxml={xml}", "-p", "no:cacheprovider", "-rf", "--durations=10"]
     if importlib.util.find_spec("pytest_timeout"):
         args.append("--timeout=150")
     if not run.dry_run and importlib.util.find_spec("xdist"):
