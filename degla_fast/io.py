@@ -93,3 +93,19 @@ def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping")
     return data
+
+
+def cannot_write(path: str | os.PathLike, err: OSError) -> "DataError":
+    """The one-line error for an output that could not be written: ``cannot write PATH: reason``
+    (a folder on the way that is a file is named as such, rather than ``File exists``)."""
+    from .errors import DataError
+
+    path = Path(path)
+    reason = err.strerror or str(err) or type(err).__name__
+    if isinstance(err, IsADirectoryError) or path.is_dir():
+        reason = "is a folder"
+    elif isinstance(err, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            reason = f"{blocker} is a file, not a folder"
+    return DataError(f"cannot write {path}: {reason}")

@@ -18,9 +18,12 @@ import contextlib
 import logging
 import os
 import pickle
+import re
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -164,7 +167,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return resolve_checkpoint(latest)
         raise DataError(f"{path}: folder holds no 'latest' or 'checkpoints/latest' file")
     if path.name == "latest" and path.is_file():
-        target = path.parent / path.read_text(encoding="utf-8").strip()
+        try:
+            target = path.parent / path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not a 'latest' pointer (not UTF-8 text at byte {err.start})") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+        if not target.name or "\n" in target.name or len(target.name) > 255:
+            raise DataError(f"{path}: not a 'latest' pointer (expected one checkpoint file name)")
         if not target.is_file():
             raise DataError(f"{path}: names {target.name!r}, which does not exist in {path.parent}")
         return target
@@ -173,18 +183,44 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_checkpoint(path: Path):
+# The first bytes of what torch.save writes: its zip format, or the legacy format (a pickle, protocol >= 2).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure is a one-line :class:`DataError`.
+
+    Only tensors and plain containers and values are unpickled: a file that needs anything
+    else (a class, a function such as ``os.system``, NumPy arrays) is refused and never
+    retried with the unsafe loader, so no checkpoint a user is handed can run code.
+    """
+    path = Path(path)
     try:
-        try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    if not head:
+        raise DataError(f"{path}: empty file, not a torch checkpoint")
+    if not head.startswith(_TORCH_MAGIC):
+        raise DataError(f"{path}: not a torch checkpoint (it starts with {head!r}, not torch.save's zip or "
+                        "pickle header: a text or JSON file?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err):
-                raise
-            # Training checkpoints may carry RNG states and configs that the safe loader refuses;
-            # they are the user's own files.
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from err
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights_only" not in text and "Weights only" not in text:
+            raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from None
+        found = _REFUSED_GLOBAL.search(text)
+        what = f"it names {found.group(1)}" if found else "it holds pickle instructions beyond tensors and plain values"
+        raise DataError(f"{path}: refused by the safe loader (weights_only=True): {what}; a checkpoint holds only "
+                        "tensors and plain values, and this file is not loaded") from None
+    except (OSError, RuntimeError, EOFError, ValueError, LookupError, TypeError, struct.error) as err:
+        # A corrupt or truncated file: the zip reader and the unpickler raise all of these.
+        raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from None
 
 
 def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *,
@@ -200,9 +236,11 @@ def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *
     # open_clip tags are bare words; anything else names a file or folder.
     if pretrained is not None and (Path(pretrained).exists() or Path(pretrained).suffix or os.sep in str(pretrained)):
         path = resolve_checkpoint(pretrained)
-        state = None if path.suffix == ".safetensors" else _read_checkpoint(path)
+        state = None if path.suffix == ".safetensors" else read_checkpoint(path)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             return _from_checkpoint(model, path, state, device, precision)
+        if state is not None and not isinstance(state, dict):
+            raise DataError(f"{path}: holds a {type(state).__name__}, not a state dict or a degla-fast checkpoint")
         if model is None:
             raise ConfigError(f"model: needed to load the plain state dict {path}")
         return create_model(model, str(path), device=device, precision=precision)

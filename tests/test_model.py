@@ -149,12 +149,18 @@ def write_checkpoint(folder, bundle, step, **overrides):
     student = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in bundle.model.state_dict().items()}
     state = {"format": "degla-fast/checkpoint", "version": 1, "model_name": TINY_MODEL, "pretrained": None,
              "student": student, "teacher": bundle.model.state_dict(), "step": step, "epoch": 0,
-             "rng": {"numpy": __import__("numpy").random.get_state()}}  # not loadable with weights_only
+             "rng": [rng_state()]}  # as train writes it: tensors and plain values
     state.update(overrides)
     name = f"step_{step:08d}.pt"
     torch.save(state, folder / name)
     (folder / "latest").write_text(name + "\n")
     return folder / name, student
+
+
+def rng_state():
+    from degla_fast.train.checkpoint import rng_state
+
+    return rng_state()
 
 
 def test_load_model_reads_checkpoints(tmp_path, bundle):
@@ -192,6 +198,10 @@ def test_load_model_errors(tmp_path, bundle):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="junk.pt"):
         load_model(TINY_MODEL, tmp_path / "junk.pt")
+    # NumPy arrays (how RNG states used to be saved) need the unsafe loader: refused, never retried
+    path, _ = write_checkpoint(tmp_path / "d", bundle, 3, rng={"numpy": __import__("numpy").random.get_state()})
+    with pytest.raises(DataError, match="refused by the safe loader"):
+        load_model(None, path)
 
 
 def test_user_errors_name_the_culprit(bundle):

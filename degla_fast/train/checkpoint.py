@@ -10,12 +10,17 @@ Layout of ``OUTPUT/checkpoints/``::
 
 Everything is written to a temporary name in the same folder and renamed into place, so a run
 killed mid-save leaves the previous checkpoint and ``latest`` intact.
+
+A checkpoint holds only tensors and plain containers and values (RNG states as tensors, the
+config as a dict), and is read with ``torch.load(weights_only=True)``: a file that needs
+anything more is refused with one line, never unpickled, so a checkpoint cannot run code.
 """
 from __future__ import annotations
 
 import random
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..io import atomic_write, write_text_atomic
-from ..model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, resolve_checkpoint
+from ..io import atomic_write, cannot_write, write_text_atomic
+from ..model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, resolve_checkpoint
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -35,35 +40,89 @@ def checkpoint_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    """This process's Python, NumPy, torch CPU and CUDA generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values
+    (what the safe loader reads back: no NumPy arrays, no tuples of 625 ints)."""
+    version, internal, gauss_next = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# What torch.load(weights_only=True) reads back without help.
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` with NumPy arrays and scalars turned into tensors and Python numbers, so that the
+    safe loader reads it back. Anything else that is not a tensor, a plain value, or a dict, list
+    or tuple of them raises ``TypeError`` (a bug: a file we could not load again is never written)."""
+    if torch.is_tensor(value) or isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        items = ((k, plain(v, f"{where}[{k!r}]")) for k, v in value.items())
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if type(value) in (list, tuple):  # not namedtuples: the safe loader refuses their classes
+        return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__qualname__} cannot go into a checkpoint "
+                    "(the safe loader reads only tensors and plain values)")
 
 
 def save_checkpoint(folder: Path, payload: dict[str, Any], *, keep_last: int) -> Path:
     """Write ``payload`` (which must hold ``step``) as ``folder/step_XXXXXXXX.pt``, point ``latest``
     at it, and delete all but the newest ``keep_last`` checkpoints. Returns the file's path.
 
-    ``format`` and ``version`` are added. Call on one process only (rank 0).
+    ``format`` and ``version`` are added; the payload goes through :func:`plain`, so the file
+    loads with ``weights_only=True``. Call on one process only (rank 0). A write that fails (a
+    read-only folder, a full disk) is a :class:`DataError` ``cannot write PATH: reason``; the
+    previous checkpoint and ``latest`` are left as they were.
     """
     folder = Path(folder)
     path = folder / checkpoint_name(int(payload["step"]))
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-    write_text_atomic(folder / "latest", path.name + "\n")
+    payload = plain({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload})
+    try:
+        atomic_write(path, lambda handle: torch.save(payload, handle))
+        write_text_atomic(folder / "latest", path.name + "\n")
+    except OSError as err:
+        raise cannot_write(path, err) from None
+    except RuntimeError as err:
+        # torch.save reports a failed write (a full disk) as "[enforce fail at inline_container.cc] ...".
+        if "inline_container" not in str(err) and "write" not in str(err).lower():
+            raise
+        raise DataError(f"cannot write {path}: {_write_failure(err)}") from None
     prune(folder, keep_last)
     return path
+
+
+def _write_failure(err: RuntimeError) -> str:
+    text = str(err)
+    for line in text.splitlines():
+        if "No space left" in line or "space" in line.lower():
+            return "no space left on the device"
+    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def prune(folder: Path, keep_last: int) -> None:
@@ -94,11 +153,10 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a training checkpoint written by :func:`save_checkpoint` (our own file: full unpickling)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise DataError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
+    """Read a training checkpoint written by :func:`save_checkpoint` with the safe loader
+    (``weights_only=True``: tensors and plain values only; anything else is refused, never
+    retried unsafely). Every problem is a one-line :class:`DataError` naming the file."""
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a degla-fast training checkpoint (no format {CHECKPOINT_FORMAT!r})")
     if state.get("version") != CHECKPOINT_VERSION:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model import resolve_checkpoint
-from ..io import atomic_write
-from .checkpoint import load_checkpoint
+from ..io import atomic_write, cannot_write
+from .checkpoint import _NAME, load_checkpoint
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "student") -> tuple[Path, str]:
@@ -22,15 +22,35 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "
     Returns ``(out path, open_clip model name)``.
     """
     path = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists() and _same_file(out, path):
+        raise ConfigError(f"export: the output {out} is the checkpoint being exported; choose another file name "
+                          "(the training checkpoint would be replaced and the run could not resume)")
+    if (out.parent / "latest").is_file() and (out.name == "latest" or _NAME.match(out.name)):
+        raise ConfigError(f"export: the output {out} is part of a run's checkpoints folder (it holds 'latest'); "
+                          "choose a file outside it")
+    if out.is_dir():
+        raise DataError(f"cannot write {out}: is a folder (give a file name such as {out / 'student.pt'})")
     state = load_checkpoint(path)
     weights = state.get(which)
     if weights is None:
         raise DataError(f"{path}: holds no {which} weights (a plain CLIP run has no teacher)")
     plain = {k.removeprefix("module."): (v.detach().float() if v.is_floating_point() else v).cpu()
              for k, v in weights.items()}
-    out = Path(out)
-    atomic_write(out, lambda handle: torch.save(plain, handle))
+    try:
+        atomic_write(out, lambda handle: torch.save(plain, handle))
+    except OSError as err:
+        raise cannot_write(out, err) from None
+    except RuntimeError as err:  # torch.save's "file write failed" (a full disk)
+        raise DataError(f"cannot write {out}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return out, state["model_name"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
