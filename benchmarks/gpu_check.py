@@ -332,6 +332,7 @@ def step_test_gpu(run: Run) -> None:
     xml = run.results / "test-gpu.xml"
     xml.unlink(missing_ok=True)
     args = [f"--junitxml={xml}", "-p", "no:cacheprovider", "-rf", "--durations=10"]
+    importlib.invalidate_caches()  # the install step may just have added pytest-timeout and xdist
     if importlib.util.find_spec("pytest_timeout"):
         args.append("--timeout=150")
     if not run.dry_run and importlib.util.find_spec("xdist"):
