@@ -77,6 +77,15 @@ class FakeServer:
             time.sleep(0.6)
         if behaviour in ("500", "429", "401", "400"):
             return self._send(handler, int(behaviour), b'{"error": "scripted"}')
+        if behaviour.startswith("redirect"):  # "redirect CODE URL"
+            _, code, location = behaviour.split(" ", 2)
+            handler.send_response(int(code))
+            handler.send_header("Location", location)
+            handler.send_header("Content-Length", "0")
+            return handler.end_headers()
+        if behaviour in ("echo401", "echo400"):  # a server that echoes the request headers, key included
+            echoed = json.dumps({"error": "bad key", "headers": dict(handler.headers)}).encode()
+            return self._send(handler, int(behaviour[4:]), echoed)
         if behaviour == "malformed":
             return self._send(handler, 200, b'{"choices": [{"message": ')
         neg_type = body["messages"][0]["content"]  # the test prompts put the type in "system"
@@ -272,3 +281,131 @@ def test_cli_llm_end_to_end_and_resume(prompts, tmp_path, capsys):
     with FakeServer() as server:
         assert cli_main(argv + ["--llm-url", server.url]) == 0
     assert server.requests == [] and json.loads(out.read_text()) == records
+
+
+# ---------------------------------------------------------------- the key, the URL, failures, the output
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_argv(prompts, tmp_path, url, *extra, out=None):
+    listed = tmp_path / "captions.json"
+    listed.write_text(json.dumps([{"image": c.image, "caption": c.caption} for c in CAPTIONS]))
+    return ["negatives", "--input", str(listed), "--output", str(out or tmp_path / "neg.json"), "--method", "llm",
+            "--types", *TYPES, "--llm-model", "fake", "--prompts", str(prompts), "--timeout", "0.5",
+            "--max-retries", "1", "--backoff", "0.001", "--llm-key-env", "MY_KEY", "--no-progress",
+            "--llm-url", url, *extra]
+
+
+@pytest.mark.parametrize("code", ["301", "302", "303", "307", "308"])
+def test_a_redirect_to_another_port_never_receives_the_key(code, prompts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MY_KEY", KEY)
+    with FakeServer() as other, FakeServer(script=[f"redirect {code} {other.url}/chat/completions"] * 10) as server:
+        status = cli_main(_cli_argv(prompts, tmp_path, server.url))
+    assert server.headers[0].get("Authorization") == f"Bearer {KEY}"  # the address the user gave
+    assert other.requests == [] and all("Authorization" not in h for h in other.headers)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert KEY not in err and f"HTTP {code} redirect to {other.url}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "neg.json").exists()
+
+
+@pytest.mark.parametrize("behaviour", ["echo401", "echo400"])
+def test_an_echoed_key_is_never_printed_nor_cached(behaviour, prompts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MY_KEY", KEY)
+    with FakeServer(script=[behaviour] * 20) as server:
+        status = cli_main(_cli_argv(prompts, tmp_path, server.url))
+    assert server.requests and status in (1, 2)
+    err = capsys.readouterr().err
+    assert KEY not in err and ("[redacted]" in err or behaviour == "echo400")
+    cache = tmp_path / "neg.json.cache.jsonl"
+    assert not cache.exists() or KEY not in cache.read_text()
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host/v1", "http://", "localhost:8000/v1", "http://h:99999/v1",
+                                 "http://host/v1 x", ""])
+def test_llm_url_is_validated_before_anything_runs(url, prompts, tmp_path, capsys):
+    status = cli_main(_cli_argv(prompts, tmp_path, url))
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "--llm-url" in err, err
+    assert not (tmp_path / "neg.json").exists() and not (tmp_path / "neg.json.cache.jsonl").exists()
+    with pytest.raises(ConfigError, match="--llm-url"):
+        ChatClient(url=url, model="m")
+
+
+def test_every_request_failing_exits_non_zero_and_keeps_the_old_output(prompts, tmp_path, capsys):
+    out = tmp_path / "neg.json"
+    good = [{"image": "0.jpg", "original": "x", "enhanced": ["y"]}] * 3
+    out.write_text(json.dumps(good))
+    before = out.read_bytes()
+    status = cli_main(_cli_argv(prompts, tmp_path, f"http://127.0.0.1:{_free_port()}/v1"))
+    err = capsys.readouterr().err
+    assert status == 1 and out.read_bytes() == before
+    assert "failed requests: 6 of 6" in err and "6 of 6 LLM requests failed (connection" in err
+    assert "no records written" in err and not (tmp_path / "neg.partial.json").exists()
+    assert "Traceback" not in err
+
+
+def test_some_requests_failing_write_the_records_beside_the_output(prompts, tmp_path, capsys):
+    out = tmp_path / "neg.json"
+    with FakeServer(script=["400"]) as server:  # one request is refused, not retried
+        status = cli_main(_cli_argv(prompts, tmp_path, server.url))
+    err = capsys.readouterr().err
+    assert status == 1 and not out.exists() and "1 of 6 LLM requests failed (HTTP 400" in err
+    partial = json.loads((tmp_path / "neg.partial.json").read_text())
+    assert 1 <= len(partial) <= 3
+    with FakeServer() as server:  # the rerun asks for the failed one only and completes
+        assert cli_main(_cli_argv(prompts, tmp_path, server.url)) == 0
+    assert len(server.requests) == 1 and len(json.loads(out.read_text())) == 3
+
+
+def test_a_smaller_result_never_replaces_a_bigger_output_without_overwrite(prompts, tmp_path, capsys):
+    out = tmp_path / "neg.json"
+    with FakeServer() as server:
+        assert cli_main(_cli_argv(prompts, tmp_path, server.url)) == 0
+    before = out.read_bytes()
+    argv = _cli_argv(prompts, tmp_path, "http://127.0.0.1:1/v1")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"image": "0.jpg", "caption": CAPTIONS[0].caption}]))
+    argv[argv.index("--input") + 1] = str(one)
+    with FakeServer() as server:
+        argv[-1] = server.url
+        assert cli_main(argv) == 1
+        assert out.read_bytes() == before and len(json.loads((tmp_path / "neg.new.json").read_text())) == 1
+        assert "pass --overwrite" in capsys.readouterr().err
+        assert cli_main(argv + ["--overwrite"]) == 0
+    assert len(json.loads(out.read_text())) == 1
+    # a file that is not ours is never replaced without --overwrite, and the input never
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": true}')
+    assert cli_main(_cli_argv(prompts, tmp_path, server.url, out=foreign)) == 2
+    assert foreign.read_text() == '{"mine": true}'
+    assert cli_main(_cli_argv(prompts, tmp_path, server.url, out=tmp_path / "captions.json")) == 2
+    assert "is the --input file" in capsys.readouterr().err
+
+
+def test_unusable_cache_lines_are_skipped_and_counted(prompts, tmp_path, capsys):
+    with FakeServer() as server:
+        _run(server, prompts, tmp_path)
+    lines = (tmp_path / "cache.jsonl").read_bytes().splitlines(keepends=True)
+    no_id = json.loads(lines[1])
+    del no_id["id"]
+    broken = [lines[0],
+              json.dumps(no_id).encode() + b"\n",
+              b'{"id": "x", "type": "swap_nouns", "caption": "caf\xe9"}\n',  # Latin-1, not UTF-8
+              b'["a list"]\n', b'{"id": "1", "type": "swap_nouns", "status": "ok", "kept": 3}\n',
+              *lines[2:], b'{"id": "2", "type": "swa']  # torn by a kill
+    (tmp_path / "cache.jsonl").write_bytes(b"".join(broken))
+    with FakeServer() as server:
+        negatives, summary = _run(server, prompts, tmp_path)
+    assert negatives == EXPECTED and summary.cache_skipped == 5
+    assert len(server.requests) == 1  # only the pair whose line lost its id is asked again
+    assert "cache lines skipped (torn, not UTF-8, not JSON or without id): 5" in summary.format()

@@ -9,10 +9,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from . import NEGATIVE_TYPES
 
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
     llm.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     llm.add_argument("--max-tokens", type=int, default=256, help="reply length limit in tokens (default 256)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output even when this run produced fewer records")
 
 
 def _check(args: argparse.Namespace) -> tuple[str, ...]:
@@ -52,6 +55,9 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
         missing = [flag for flag, value in (("--llm-url", args.llm_url), ("--llm-model", args.llm_model)) if not value]
         if missing:
             raise ConfigError(f"--method llm needs {' and '.join(missing)}")
+        from .llm import check_url
+
+        check_url(args.llm_url)
         for flag, value in (("--timeout", args.timeout), ("--concurrency", args.concurrency)):
             if value <= 0:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
@@ -60,14 +66,52 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(args.types))
 
 
+def _beside(path: Path, tag: str) -> Path:
+    """``negs.json`` -> ``negs.TAG.json``: where a result goes that must not replace ``path``."""
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def _existing_records(path: Path) -> int | None:
+    """How many DeGLA records ``path`` holds (None: no such file). A file that is not a list
+    of records is a ConfigError: it is never replaced without --overwrite."""
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise DataError(f"cannot write {path}: is a folder (give a file name for --output)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(data, list) and all(isinstance(r, dict) and "enhanced" in r for r in data):
+            return len(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"--output: {path} exists and is not a negatives file written by this command; "
+                      "pass --overwrite to replace it")
+
+
+def _write(path: Path, records: list) -> None:
+    from ..io import cannot_write, write_json_atomic
+
+    try:
+        write_json_atomic(path, records)
+    except OSError as err:
+        raise cannot_write(path, err) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Generate negatives for ``args.input`` and write ``args.output``; returns 0."""
-    from ..io import write_json_atomic
+    """Generate negatives for ``args.input`` and write ``args.output``; returns 0, or 1 when
+    requests failed (the records made so far go beside the output, which is left as it was)."""
     from .io import build_records, read_captions
 
     types = _check(args)
+    out = Path(args.output)
+    if Path(args.input).exists() and out.exists() and out.resolve() == Path(args.input).resolve():
+        raise ConfigError(f"--output: {out} is the --input file; choose another name")
+    existing = None if args.overwrite else _existing_records(out)
+    if args.overwrite and out.is_dir():
+        raise DataError(f"cannot write {out}: is a folder (give a file name for --output)")
     captions = read_captions(args.input)
     progress = not args.no_progress
+    cache_path = None
     if args.method == "rule":
         from .rules import generate_rule
 
@@ -90,7 +134,27 @@ def run(args: argparse.Namespace) -> int:
             print(f"interrupted: finished requests are kept in {cache_path}; rerun the same command to resume",
                   file=sys.stderr)
             return 130
-    write_json_atomic(Path(args.output), build_records(captions, negatives))
+    records = build_records(captions, negatives)
     print(summary.format(), file=sys.stderr)
+    if summary.total_failed:
+        # Incomplete: the output is left alone; what was made goes beside it.
+        reasons = ", ".join(f"{k.removeprefix('failed: ')} x{v}" for k, v in summary.reasons.most_common()
+                            if k.startswith("failed: "))
+        partial = _beside(out, "partial")
+        where = "no records written"
+        if records:
+            _write(partial, records)
+            where = f"the {len(records)} records made so far are in {partial}"
+        print(f"degla-fast: error: {summary.total_failed} of {summary.requests} LLM requests failed ({reasons}); "
+              f"{where}; {out} was not written; finished requests are kept in {cache_path}: rerun the same "
+              "command to retry the failed ones", file=sys.stderr)
+        return 1
+    if existing is not None and len(records) < existing:
+        newer = _beside(out, "new")
+        _write(newer, records)
+        print(f"degla-fast: error: {out} holds {existing} records and this run made {len(records)}; it was "
+              f"left as it was and the new records are in {newer} (pass --overwrite to replace it)", file=sys.stderr)
+        return 1
+    _write(out, records)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -1,7 +1,9 @@
 """Reading captions (COCO captions JSON, a JSON list, CSV/TSV) and writing DeGLA records."""
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -58,16 +60,37 @@ def _from_list(data: list, path: Path) -> list[Caption]:
     return out
 
 
+def read_text(path: Path) -> str:
+    """The file's text; a one-line DataError naming the file and byte offset when it is not UTF-8
+    (a leading byte-order mark is dropped)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[bom + err.start]:02x} at byte offset "
+                        f"{bom + err.start}: {err.reason}); save it as UTF-8") from None
+
+
 def _from_csv(path: Path) -> list[Caption]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    try:
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV; expected a header with image and caption columns")
+        for fields, what in ((_CAPTION_FIELDS, "caption"), (_IMAGE_FIELDS, "image")):
+            if not any(f in reader.fieldnames for f in fields):
+                raise DataError(f"{path}: line 1: no {what} column; expected one of {', '.join(fields)} "
+                                f"(columns: {', '.join(reader.fieldnames)})")
         out = []
         for index, row in enumerate(reader):
             where = f"{path}: line {reader.line_num}"
             out.append(Caption(str(index), _pick(row, _CAPTION_FIELDS, where), _pick(row, _IMAGE_FIELDS, where)))
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
     return out
 
 
@@ -85,7 +108,7 @@ def read_captions(path: str | os.PathLike) -> list[Caption]:
         captions = _from_csv(path)
     else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):

@@ -16,6 +16,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -97,6 +98,39 @@ def parse_candidates(text: str) -> list[str]:
     return out
 
 
+def check_url(url: str, flag: str = "--llm-url") -> str:
+    """``url`` if it is an absolute http(s) address with a host, else a one-line ConfigError."""
+    if not isinstance(url, str) or not url.strip() or any(c.isspace() for c in url):
+        raise ConfigError(f"{flag}: {url!r} is not a URL (expected e.g. http://localhost:8000/v1)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {url!r} is not a valid URL ({err})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{flag}: {url!r} is not an http(s) URL with a host (expected e.g. http://localhost:8000/v1)")
+    return url
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would copy the Authorization header to the new address
+    (another host or port), and a chat-completions POST turned into a GET cannot succeed anyway.
+    The 3xx answer reaches :meth:`ChatClient.complete` as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """``text`` with ``secret`` (the API key) replaced, so that no message or cache line holds it."""
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
 class RequestFailed(Exception):
     """A request that gave up: non-retryable status, or retries exhausted. ``args[0]`` is the reason."""
 
@@ -116,6 +150,9 @@ class ChatClient:
     max_backoff: float = 60.0
     temperature: float = 0.7
     max_tokens: int = 256
+
+    def __post_init__(self):
+        check_url(self.url)
 
     @property
     def endpoint(self) -> str:
@@ -138,7 +175,7 @@ class ChatClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with _OPENER.open(request, timeout=self.timeout) as response:
             payload = response.read()
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
@@ -155,13 +192,21 @@ class ChatClient:
         body = json.dumps(
             {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
         ).encode()
+        key = os.environ.get(self.key_env)
         reason = "no attempt"
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
                 return self._send(body)
             except urllib.error.HTTPError as err:
-                detail = err.read(300).decode("utf-8", "replace").replace("\n", " ")
+                # Servers echo requests (and so the key) in error bodies: never show it.
+                detail = _redact(err.read(300).decode("utf-8", "replace").replace("\n", " "), key)
+                if 300 <= err.code < 400:
+                    location = _redact((err.headers.get("Location") if err.headers else None) or "?", key)
+                    raise ConfigError(
+                        f"{self.endpoint}: HTTP {err.code} redirect to {location}; redirects are not followed "
+                        "(the API key must not be sent to another address): give the final URL as --llm-url"
+                    ) from None
                 if err.code in _FATAL_STATUS:
                     raise ConfigError(
                         f"{self.endpoint}: HTTP {err.code} for model {self.model!r} "
@@ -174,11 +219,12 @@ class ChatClient:
             except (TimeoutError, socket.timeout):
                 reason = "timeout"
             except urllib.error.URLError as err:
-                reason = "timeout" if isinstance(err.reason, (TimeoutError, socket.timeout)) else f"connection: {err.reason}"
+                reason = ("timeout" if isinstance(err.reason, (TimeoutError, socket.timeout))
+                          else _redact(f"connection: {err.reason}", key))
             except (ConnectionError, http.client.HTTPException) as err:
                 reason = f"connection: {type(err).__name__}"
             except ValueError as err:
-                reason = str(err)
+                reason = _redact(str(err), key)
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, retry_after))
         raise RequestFailed(f"{reason} after {self.max_retries + 1} attempts")
@@ -266,7 +312,10 @@ def generate_llm(
             # On Ctrl-C or a fatal error, do not sit through the retries of requests in flight.
             pool.shutdown(wait=finished_cleanly, cancel_futures=True)
             bar.close()
-    return _assemble(captions, types, done, failed)
+    negatives, summary = _assemble(captions, types, done, failed)
+    summary.requests = len(pending)
+    summary.cache_skipped = cache.skipped
+    return negatives, summary
 
 
 def _assemble(captions, types, done: dict, failed: list[dict]) -> tuple[dict[str, list[str]], Summary]:

@@ -18,6 +18,13 @@ class Summary:
     reasons: Counter = field(default_factory=Counter)
     records: int = 0
     captions: int = 0
+    requests: int = 0  # LLM requests sent by this run (those the cache did not answer)
+    cache_skipped: int = 0  # LLM cache lines skipped: torn, not UTF-8, not JSON or without id/type
+
+    @property
+    def total_failed(self) -> int:
+        """Requests (all types) that gave up after their retries."""
+        return sum(self.failed.values())
 
     def reject(self, neg_type: str, reason: str) -> None:
         """Count one rejected candidate of ``neg_type`` for ``reason``."""
@@ -34,6 +41,10 @@ class Summary:
         rows.append(f"records written: {self.records} of {self.captions} captions")
         if self.reasons:
             rows.append("reject reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items())))
+        if self.total_failed:
+            rows.append(f"failed requests: {self.total_failed} of {self.requests}")
+        if self.cache_skipped:
+            rows.append(f"cache lines skipped (torn, not UTF-8, not JSON or without id): {self.cache_skipped}")
         return "\n".join(rows)
 
     def as_dict(self) -> dict:
@@ -51,4 +62,7 @@ class Summary:
                 for name in self.types
             },
             "reasons": dict(self.reasons),
+            "requests": self.requests,
+            "failed": self.total_failed,
+            "cache_skipped": self.cache_skipped,
         }
