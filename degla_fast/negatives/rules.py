@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import random
-from itertools import combinations
+from typing import Iterator
 
 from . import NEGATIVE_TYPES, lexicon
 from .summary import Summary
 from .tagger import Tagged, Token, needs_an, render, tag, words_of
 
 _NP_START = {"DET", "NUM"}
+# Swap candidates considered per caption: all pairs of up to 100 nouns (adjectives), which no
+# ordinary caption reaches; longer texts pair each word with its next neighbours only.
+MAX_PAIRS = 4950
 
 
 def _noun_phrases(tokens: tuple[Token, ...]) -> list[tuple[int, int]]:
@@ -70,27 +73,30 @@ def _replace(tagged: Tagged, pos: int, word: str, tag_name: str) -> str:
     return render(tokens, tagged.capitalized)
 
 
-def _reorder_relation(tagged: Tagged, rng: random.Random) -> list[str]:
+def _reorder_relation(tagged: Tagged, rng: random.Random) -> Iterator[str]:
     """Swap the two noun phrases around a relation: "a cat on a mat" -> "a mat on a cat"."""
     tokens, spans = tagged.tokens, _noun_phrases(tagged.tokens)
-    out = []
+    pairs = []
     for first, second in zip(spans, spans[1:]):
         gap = tokens[first[1] : second[0]]
         if not gap or any(t.tag not in ("VERB", "ADP", "AUX") for t in gap):
             continue
         if not any(t.tag in ("VERB", "ADP") for t in gap):
             continue
-        out.append(_swap_spans(tagged, first, second))
-    rng.shuffle(out)
-    return out
+        pairs.append((first, second))
+    rng.shuffle(pairs)  # the order only depends on the count: rendered lazily, as many as asked
+    return (_swap_spans(tagged, first, second) for first, second in pairs)
 
 
-def _owner(tokens: tuple[Token, ...], spans: list[tuple[int, int]], pos: int) -> int:
-    """The noun phrase an adjective describes: the one holding it, else the one before it."""
-    for index, (start, end) in enumerate(spans):
-        if start <= pos < end:
-            return index
-    return max((index for index, (_, end) in enumerate(spans) if end <= pos), default=-1)
+def _owners(tokens: tuple[Token, ...], spans: list[tuple[int, int]]) -> list[int]:
+    """For every position, the noun phrase an adjective there describes: the one holding it,
+    else the last one before it (-1: none). One pass over the (sorted, disjoint) spans."""
+    owners, index = [-1] * len(tokens), -1
+    for pos in range(len(tokens)):
+        while index + 1 < len(spans) and spans[index + 1][0] <= pos:
+            index += 1
+        owners[pos] = index
+    return owners
 
 
 def _is_head(tokens: tuple[Token, ...], pos: int) -> bool:
@@ -98,18 +104,30 @@ def _is_head(tokens: tuple[Token, ...], pos: int) -> bool:
     return tokens[pos].tag == "NOUN" and (pos + 1 == len(tokens) or tokens[pos + 1].tag != "NOUN")
 
 
-def _swap_pairs(tagged: Tagged, tag_name: str, rng: random.Random) -> list[str]:
+def _position_pairs(positions: list[int]) -> Iterator[tuple[int, int]]:
+    """Every pair of ``positions`` in ``combinations`` order while there are at most
+    :data:`MAX_PAIRS`; beyond that (captions of thousands of characters) each position is
+    paired with the next few only, so that the work stays linear in the caption's length."""
+    count = len(positions)
+    window = count if count * (count - 1) // 2 <= MAX_PAIRS else max(1, MAX_PAIRS // count)
+    for a in range(count):
+        for b in range(a + 1, min(count, a + 1 + window)):
+            yield positions[a], positions[b]
+
+
+def _swap_pairs(tagged: Tagged, tag_name: str, rng: random.Random) -> Iterator[str]:
     tokens = tagged.tokens
     positions = [i for i, t in enumerate(tokens) if t.tag == tag_name and (tag_name != "NOUN" or _is_head(tokens, i))]
-    pairs = [(i, j) for i, j in combinations(positions, 2) if tokens[i].text.lower() != tokens[j].text.lower()]
+    lowered = {i: tokens[i].text.lower() for i in positions}
+    pairs = [(i, j) for i, j in _position_pairs(positions) if lowered[i] != lowered[j]]
     if tag_name == "NOUN":
         # Same grammatical number first: "two dogs and a cat" must not become "two cat ...".
         same = [(i, j) for i, j in pairs if tokens[i].plural == tokens[j].plural]
         pairs = same or pairs
     else:
         # Adjectives of one noun phrase ("a big red car") are no negative once swapped.
-        spans = _noun_phrases(tokens)
-        pairs = [(i, j) for i, j in pairs if _owner(tokens, spans, i) != _owner(tokens, spans, j)]
+        owners = _owners(tokens, _noun_phrases(tokens))
+        pairs = [(i, j) for i, j in pairs if owners[i] != owners[j]]
     rng.shuffle(pairs)
     return (_swap_tokens(tagged, i, j) for i, j in pairs)
 
