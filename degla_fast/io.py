@@ -102,10 +102,12 @@ def cannot_write(path: str | os.PathLike, err: OSError) -> "DataError":
 
     path = Path(path)
     reason = err.strerror or str(err) or type(err).__name__
-    if isinstance(err, IsADirectoryError) or path.is_dir():
+    if isinstance(err, IsADirectoryError):
         reason = "is a folder"
     elif isinstance(err, (FileExistsError, NotADirectoryError)):
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if blocker is not None:
             reason = f"{blocker} is a file, not a folder"
+        elif path.is_dir():
+            reason = "is a folder"
     return DataError(f"cannot write {path}: {reason}")

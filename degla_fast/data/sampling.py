@@ -37,6 +37,11 @@ def check_negatives(records: list[Record], num_negatives: int, *, source: str, w
         return
     need = 1 if with_replacement else num_negatives
     short = [r for r in records if len(r.negatives) < need]
+    if short and short[0].extra.get("missing_column"):
+        extra = short[0].extra
+        raise DataError(f"{source}:1: no {extra['missing_column']!r} column of hard negatives (columns: "
+                        f"{', '.join(extra['columns'])}); num_negatives={num_negatives} needs one "
+                        "(captions joined by '|'), or set num_negatives=0 for plain CLIP")
     if short:
         hint = "" if with_replacement else "; sample_with_replacement=True reuses negatives"
         raise DataError(f"{source}: {len(short)} of {len(records)} records have fewer than {need} negatives "

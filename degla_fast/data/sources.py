@@ -135,6 +135,8 @@ def load_csv(path: Path, image_root: Path, *, img_key: str, caption_key: str, ne
             if missing:
                 raise DataError(f"{path}:1: missing column(s) {missing} (columns: {reader.fieldnames})")
             has_negatives = negatives_key in reader.fieldnames
+            # Shared by the records: check_negatives names the missing column, not "fewer than K".
+            extra = {} if has_negatives else {"missing_column": negatives_key, "columns": list(reader.fieldnames)}
             records = []
             for row in reader:
                 where = f"{path}:{reader.line_num}"
@@ -142,7 +144,7 @@ def load_csv(path: Path, image_root: Path, *, img_key: str, caption_key: str, ne
                     raise DataError(f"{where}: expected {len(reader.fieldnames)} fields")
                 raw = row.get(negatives_key) if has_negatives else None
                 negs = tuple(n.strip() for n in raw.split(negatives_separator) if n.strip()) if raw else ()
-                records.append(Record(str(image_root / row[img_key]), row[caption_key], negs, where))
+                records.append(Record(str(image_root / row[img_key]), row[caption_key], negs, where, extra=extra))
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
     except UnicodeDecodeError as e:

@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..io import write_bytes_atomic, write_json_atomic
+from ..errors import ConfigError, DataError
+from ..io import cannot_write, write_bytes_atomic, write_json_atomic
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215),
@@ -379,8 +379,13 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
         if int(value) != value or value < low:
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cannot write {out}: is a file, not a folder (--out names the dataset's folder)")
     for folder in ("train", "eval/images", "zeroshot/images"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
+        try:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise cannot_write(out / folder, err) from None
     total = num_images + eval_items * len(EVAL_SUBSETS) + zeroshot_items * (len(SHAPES) + len(COLOURS))
     bar = tqdm(total=total, desc="synth", unit="img", disable=not (sys.stderr.isatty() if progress is None else progress))
 
@@ -438,9 +443,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``degla-fast synth``: render the dataset and print where it went."""
-    train_json = generate(args.out, args.images, args.seed, eval_items=args.eval_items,
-                          zeroshot_items=args.zeroshot_items, image_size=args.image_size,
-                          progress=False if args.no_progress else None)
+    try:
+        train_json = generate(args.out, args.images, args.seed, eval_items=args.eval_items,
+                              zeroshot_items=args.zeroshot_items, image_size=args.image_size,
+                              progress=False if args.no_progress else None)
+    except OSError as err:  # a full disk, a file where an image folder should be
+        raise cannot_write(args.out, err) from None
     print(f"wrote {train_json} ({args.images} images), {train_json.parent / 'eval'} "
           f"({len(EVAL_SUBSETS)} subsets x {args.eval_items}) and {train_json.parent / 'zeroshot'}")
     return 0

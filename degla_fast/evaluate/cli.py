@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import BENCHMARKS
 
 
@@ -31,14 +31,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the model, run the benchmark, print its table, write ``--json-out``. Returns 0."""
+def check_device(value: str | None) -> str:
+    """``--device`` -> the device to use: ``cpu``, ``cuda`` or ``cuda:N`` (N an existing GPU),
+    ``mps`` where available; ``None`` picks cuda when there is a GPU. A ConfigError otherwise."""
     import torch
 
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"--device: {value!r} is not cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {value}: no CUDA GPU is available here (use --device cpu)")
+        if index and int(index) >= count:
+            raise ConfigError(f"--device {value}: only {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {value}: the MPS backend is not available here (use --device cpu)")
+    return value
+
+
+def check_output(value: str | None, flag: str) -> None:
+    """An output file that cannot be written is refused before any model work:
+    ``cannot write PATH: reason``."""
+    if value is None:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise DataError(f"cannot write {path}: is a folder ({flag} names a file)")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"cannot write {path}: {blocker} is a file, not a folder")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not os.access(folder if not path.exists() else path, os.W_OK):
+        raise DataError(f"cannot write {path}: permission denied")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, run the benchmark, print its table, write ``--json-out``. Returns 0."""
+    from ..io import cannot_write
     from ..model import load_model
     from . import run_benchmark
     from .encode import Encoder
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    device = check_device(args.device)
+    check_output(args.json_out, "--json-out")
     for flag, value in (("--data", args.data), ("--image-root", args.image_root)):
         if value is not None and not Path(value).exists():
             raise DataError(f"{value}: file not found ({flag})")
@@ -46,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is None and not model_path.exists() and (model_path.suffix in (".pt", ".pth", ".bin")
                                                                 or os.sep in args.model):
         raise DataError(f"{args.model}: file not found (--model)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.pretrained is None and Path(args.model).exists():
         bundle = load_model(None, args.model, device=device)  # --model names a checkpoint of ours
     else:
@@ -58,5 +99,8 @@ def run(args: argparse.Namespace) -> int:
     result.info.update({"model": args.model, "pretrained": args.pretrained, "device": device})
     print(result.table())
     if args.json_out:
-        print(f"wrote {result.save(args.json_out)}")
+        try:
+            print(f"wrote {result.save(args.json_out)}")
+        except OSError as err:
+            raise cannot_write(args.json_out, err) from None
     return 0
