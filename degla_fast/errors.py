@@ -23,3 +23,18 @@ class ShapeError(DeglaError, ValueError):
 
 class NonFiniteError(DeglaError, FloatingPointError):
     """A loss input or value is NaN or infinite."""
+
+
+def from_worker(err: DeglaError) -> DeglaError:
+    """The user error a DataLoader worker raised, as itself: torch re-raises it in the main
+    process with the worker's whole traceback as its message ("Caught DataError in DataLoader
+    worker process 0. Original Traceback ..."); the original one-line message is its last line."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return err
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    for prefix in (name, f"{type(err).__name__}: "):
+        if last.startswith(prefix):
+            return type(err)(last[len(prefix):])
+    return type(err)(last)

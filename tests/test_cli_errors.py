@@ -98,3 +98,73 @@ def test_user_mistake_is_one_line_exit_2_and_nothing_changes(case, tmp_path, mon
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("degla-fast: error: ") and expected in lines[0], lines[0]
     assert _snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- unreadable images, in workers too
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """A 22 kB PNG of 13,500 x 13,500 pixels: more than twice PIL's MAX_IMAGE_PIXELS, so
+    Image.open raises DecompressionBombError (not an OSError) before decoding anything."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (13_500, 13_500)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sugarcrepe(root, bad: bytes | None = None):
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir()
+    records = {}
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 20, 200)).save(images / f"{i}.png")
+        records[str(i)] = {"filename": f"{i}.png", "caption": "a red square", "negative_caption": "a square red"}
+    if bad is not None:
+        (images / "1.png").write_bytes(bad)
+    (root / "swap_obj.json").write_text(json.dumps(records))
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("kind", ["corrupt", "bomb"])
+def test_an_unreadable_image_is_one_line_with_or_without_workers(kind, workers, bomb, tmp_path, capsys):
+    _sugarcrepe(tmp_path, bad=b"\x89PNG\r\n\x1a\n not really" if kind == "corrupt" else bomb)
+    status = main(["eval", "--model", "degla-tiny", "--benchmark", "sugarcrepe", "--data", str(tmp_path),
+                   "--device", "cpu", "--workers", workers, "--batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot read image" in lines[0] and str(tmp_path / "images") in lines[0], lines[0]
+    if kind == "bomb":
+        assert "DecompressionBombError" in lines[0]
+
+
+def test_from_worker_keeps_the_original_message():
+    from degla_fast.errors import DataError, from_worker
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\ndegla_fast.errors.DataError: a.jpg: cannot read image")
+    assert str(from_worker(wrapped)) == "a.jpg: cannot read image" and type(from_worker(wrapped)) is DataError
+    plain = DataError("b.jpg: cannot read image")
+    assert from_worker(plain) is plain
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "bomb"])
+def test_train_with_a_worker_reports_an_unreadable_image_in_one_line(kind, bomb, tmp_path, capsys):
+    from degla_fast.data.synthetic import generate
+
+    data = generate(tmp_path / "synth", num_images=8, seed=0, eval_items=1, zeroshot_items=1, progress=False)
+    records = json.loads(data.read_text())
+    (tmp_path / "synth" / records[3]["image"]).write_bytes(bomb if kind == "bomb" else b"\xff\xd8\xff not a jpeg")
+    status = main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--model", "degla-tiny",
+                   "--pretrained", "none", "--batch-size", "8", "--num-negatives", "0", "--device", "cpu",
+                   "--num-workers", "1", "--max-steps", "1", "--no-progress", "--set", "data.pipeline=torch"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("degla-fast: error: ")]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "DataLoader worker" not in err, err

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, from_worker
 from .sampling import _rng
 from .sources import Record, image_name, read_image_bytes
 from .text import batch_tokens
@@ -23,8 +23,11 @@ def open_image(record: Record):
     try:
         with Image.open(io.BytesIO(read_image_bytes(record))) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{image_name(record)}: cannot read image ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.
+        detail = ("not a known image format" if isinstance(e, Image.UnidentifiedImageError)
+                  else f"{type(e).__name__}: {e}")
+        raise DataError(f"{image_name(record)}: cannot read image ({detail})") from None
 
 
 def train_transform(image_size: int, mean, std):
@@ -90,4 +93,7 @@ def torch_batches(dataset: BatchDataset, start_batch: int, num_workers: int, pin
                                          multiprocessing_context=context,
                                          pin_memory=pin_memory, persistent_workers=False,
                                          prefetch_factor=2 if num_workers > 0 else None)
-    yield from loader
+    try:
+        yield from loader
+    except DataError as err:  # from a worker: its message is the worker's traceback
+        raise from_worker(err) from None

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, from_worker
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,9 @@ def load_image(ref: ImageRef):
     try:
         with Image.open(ref.path) as image:
             image = image.convert("RGB")
-    except OSError as err:
-        raise DataError(f"{ref.path}: cannot read image ({err})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.
+        raise DataError(f"{ref.path}: cannot read image ({type(err).__name__}: {err})") from None
     if ref.box is not None:
         x, y, w, h = ref.box
         image = image.crop((x, y, x + w, y + h))
@@ -100,11 +101,14 @@ class Encoder:
             num_workers=self.num_workers, shuffle=False, pin_memory=self.device.type == "cuda")
         chunks = []
         with progress_bar(len(refs), desc, self.progress, unit="img") as bar:
-            for pixels in loader:
-                with self._autocast():
-                    feats = encode_image(self.bundle.model, pixels.to(self.device, non_blocking=True))
-                chunks.append(feats.float().cpu())
-                bar.update(len(pixels))
+            try:
+                for pixels in loader:
+                    with self._autocast():
+                        feats = encode_image(self.bundle.model, pixels.to(self.device, non_blocking=True))
+                    chunks.append(feats.float().cpu())
+                    bar.update(len(pixels))
+            except DataError as err:  # from a worker: its message is the worker's traceback
+                raise from_worker(err) from None
         return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
     @torch.no_grad()
