@@ -71,7 +71,12 @@ def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: no such file {path}")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start}: "
+                          f"{err.reason}); save it as UTF-8") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -27,6 +27,8 @@ def _workspace(root):
     (root / "nocaption.csv").write_text("image,text2\na.jpg,a dog\n")
     (root / "captions.json").write_text(json.dumps([{"image": "a.jpg", "caption": "A dog on a mat."}]))
     (root / "train.csv").write_text("filepath,title\na.jpg,a dog\nb.jpg,a cat\n")
+    (root / "latin1bench").mkdir()
+    (root / "latin1bench" / "swap_obj.json").write_bytes(b'{"0": {"filename": "a.png", "caption": "caf\xe9"}}')
     (root / "out").mkdir()
     (root / "out" / "keep.txt").write_text("earlier output")
 
@@ -49,6 +51,9 @@ CASES = {
                                   "--device", "cpu"], "notes.txt: not a torch checkpoint"),
     "eval --model a JSON file": (["eval", "--model", "data.json", "--benchmark", "sugarcrepe", "--data", ".",
                                   "--device", "cpu"], "data.json: not a torch checkpoint"),
+    "eval a non-UTF-8 benchmark file": (["eval", "--model", "degla-tiny", "--benchmark", "sugarcrepe", "--data",
+                                         "latin1bench", "--device", "cpu"],
+                                        "swap_obj.json: not UTF-8 text (byte 0xe9 at byte offset 43"),
     "export onto its source": (["export", C, C], "is the checkpoint being exported"),
     "export onto latest": (["export", "run", "run/checkpoints/latest"], "part of a run's checkpoints folder"),
     "export into a folder": (["export", "run", "out"], "cannot write out: is a folder"),

@@ -20,7 +20,12 @@ def require_file(path: str | os.PathLike) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Parsed content of a ``.json`` file, or a list of records for ``.jsonl`` (one object a line)."""
     path = require_file(path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start}: "
+                        f"{err.reason})") from None
     if path.suffix == ".jsonl":
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):

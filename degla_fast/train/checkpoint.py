@@ -119,18 +119,51 @@ def save_checkpoint(folder: Path, payload: dict[str, Any], *, keep_last: int) ->
 
 def _write_failure(err: RuntimeError) -> str:
     text = str(err)
-    for line in text.splitlines():
-        if "No space left" in line or "space" in line.lower():
-            return "no space left on the device"
+    if "No space left" in text:
+        return "No space left on device"
+    if "write failed" in text or "inline_container" in text:
+        return "the write failed (is the disk full?)"
     return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def prune(folder: Path, keep_last: int) -> None:
-    """Delete checkpoints (and their DeepSpeed folders) older than the newest ``keep_last``."""
-    steps = sorted(int(m.group(1)) for p in Path(folder).iterdir() if (m := _NAME.match(p.name)))
+    """Delete checkpoints (and their DeepSpeed folders) older than the newest ``keep_last``,
+    never the one ``latest`` names (a folder may hold another run's higher step numbers)."""
+    folder = Path(folder)
+    keep = latest_name(folder)
+    steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _NAME.match(p.name)))
     for step in steps[:-keep_last] if keep_last > 0 else []:
-        (Path(folder) / checkpoint_name(step)).unlink(missing_ok=True)
-        shutil.rmtree(Path(folder) / deepspeed_tag(step), ignore_errors=True)
+        if checkpoint_name(step) == keep:
+            continue
+        (folder / checkpoint_name(step)).unlink(missing_ok=True)
+        shutil.rmtree(folder / deepspeed_tag(step), ignore_errors=True)
+
+
+def latest_name(folder: Path) -> str | None:
+    """The file name ``folder/latest`` holds, or None when there is no readable one."""
+    try:
+        return (Path(folder) / "latest").read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# What an interrupted atomic write leaves: ".step_00000100.pt.<random>.tmp", ".latest.<random>.tmp".
+_TEMPORARY = re.compile(r"^\.(step_\d{8}\.pt|latest)\..+\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed run left in ``folder`` (torn checkpoint writes, up
+    to a checkpoint's size each); returns what was removed. Call at start-up on the process that
+    saves, before any save: a temporary file of a save in progress would be removed too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def deepspeed_tag(step: int) -> str:
