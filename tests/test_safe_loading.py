@@ -93,10 +93,10 @@ def test_rng_states_round_trip_through_the_safe_loader(tmp_path):
     saved = ckpt.rng_state()
     path = ckpt.save_checkpoint(tmp_path, {"step": 3, "rng": [saved], "student": {}, "optimizer": {},
                                            "epoch": 0, "batch": 0, "extra": np.float32(1.5),
-                                           "array": np.arange(3)}, keep_last=2)
+                                           "array": np.arange(3), "where": tmp_path}, keep_last=2)
     expected = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert state["extra"] == 1.5 and torch.equal(state["array"], torch.arange(3))
+    assert state["extra"] == 1.5 and torch.equal(state["array"], torch.arange(3)) and state["where"] == str(tmp_path)
     ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"][0])
     again = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])

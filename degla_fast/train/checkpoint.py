@@ -21,7 +21,7 @@ import random
 import re
 import shutil
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -73,8 +73,8 @@ _PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, t
 
 
 def plain(value: Any, where: str = "checkpoint") -> Any:
-    """``value`` with NumPy arrays and scalars turned into tensors and Python numbers, so that the
-    safe loader reads it back. Anything else that is not a tensor, a plain value, or a dict, list
+    """``value`` with NumPy arrays and scalars turned into tensors and Python numbers (and paths
+    into strings), so that the safe loader reads it back. Anything else that is not a tensor, a plain value, or a dict, list
     or tuple of them raises ``TypeError`` (a bug: a file we could not load again is never written)."""
     if torch.is_tensor(value) or isinstance(value, _PLAIN):
         return value
@@ -82,6 +82,8 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
         return torch.from_numpy(np.array(value))
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, PurePath):  # a path in the config: its text
+        return str(value)
     if isinstance(value, dict):
         items = ((k, plain(v, f"{where}[{k!r}]")) for k, v in value.items())
         return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
