@@ -96,7 +96,14 @@ def variant_key(cfg) -> tuple:
     return (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", cfg.name), cfg.name,
             tuple((k, str(v)) for k, v in cfg.signature.items()),
             tuple(sorted((str(k), repr(v)) for k, v in cfg.constexprs.items())),
-            cfg.num_warps, cfg.num_stages, cfg.arch)
+            cfg.num_warps, cfg.num_stages, cfg.arch, _divisible(cfg))
+
+
+def _divisible(cfg) -> tuple:
+    """Arguments compiled as multiples of 16: the config's own list (every pointer and the integers
+    its launcher names, ``KernelConfig.divisible``), or every pointer for configs without one."""
+    named = tuple(getattr(cfg, "divisible", ()) or ())
+    return named or tuple(n for n, t in cfg.signature.items() if str(t).startswith("*"))
 
 
 def deduplicate(configs: list) -> list[tuple[object, int]]:
@@ -230,9 +237,10 @@ def compile_config(cfg) -> dict:
     log = io.StringIO()
     try:
         arg_names = cfg.kernel.arg_names
-        # Every pointer 16-byte aligned: torch's allocations are, and a real launch specialises on it.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names)
-                 if str(cfg.signature.get(name, "")).startswith("*")}
+        # tt.divisibility 16 where a real launch specialises on it: every pointer (torch's
+        # allocations are 16-byte aligned) and the integers the launcher says are multiples of 16.
+        divisible = set(_divisible(cfg))
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names) if name in divisible}
         src = ASTSource(cfg.kernel, dict(cfg.signature), dict(cfg.constexprs), attrs)
         # TRITON_DUMP_PTXAS_LOG=1: Triton prints the log of the ptxas -v run that built the cubin.
         with contextlib.redirect_stdout(log):

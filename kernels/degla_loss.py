@@ -205,8 +205,13 @@ _SOFTMAX_TILES = {
     (DOT_IEEE, 80): {"fwd": (64, 64, 32, 8, 2), "bwd": (64, 64, 16, 8, 1)},
 }
 # Features narrower than the table's BLOCK_K or not a multiple of 16 (no vector loads, so more
-# address registers): one narrow tile for every mode and architecture.
-_NARROW_TILES = {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)}
+# address registers): narrow tiles, the same on both architectures (exact fp32 dots on CUDA cores
+# need the smaller forward tile to stay clear of spills).
+_NARROW_TILES = {
+    DOT_NATIVE: {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)},
+    DOT_TF32: {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)},
+    DOT_IEEE: {"fwd": (64, 64, 16, 8, 1), "bwd": (64, 64, 16, 8, 1)},
+}
 # Feature chunk and rows of the group kernels, feature chunk and negatives (at most) of the local
 # kernels: fixed, so D and K change no compiled variant beyond the 16-divisibility of D.
 _GROUP_BLOCK_M, _GROUP_BLOCK_K, _GROUP_WARPS = 16, 64, 4
@@ -238,7 +243,7 @@ def softmax_tiles(dot: int, D: int, arch: int, which: str) -> tuple[int, int, in
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the ``fwd``/``bwd`` softmax kernel."""
     tiles = _SOFTMAX_TILES[(dot, arch)][which]
     if D % 16 or D < tiles[2]:
-        return _NARROW_TILES[which]
+        return _NARROW_TILES[dot][which]
     return tiles
 
 
