@@ -112,17 +112,21 @@ def _decode_error(records, indices, error: Exception) -> DataError:
 _WORKER_STATE: dict = {}
 
 
-def _init_text_worker(records, tokenizer, num_negatives, with_replacement, trim):
-    _WORKER_STATE.update(records=records, tokenizer=tokenizer, k=num_negatives, rep=with_replacement, trim=trim)
+def _init_text_worker(records, tokenizer, num_negatives, with_replacement, trim, token_cache=None):
+    _WORKER_STATE.update(records=records, tokenizer=tokenizer, k=num_negatives, rep=with_replacement, trim=trim,
+                         cache=token_cache)
 
 
 def _text_job(indices, seed, epoch):
     st = _WORKER_STATE
+    if st["cache"] is not None:
+        return st["cache"].batch(indices, st["k"], seed=seed, epoch=epoch, with_replacement=st["rep"],
+                                 trim=st["trim"])
     return batch_tokens(st["records"], indices, st["tokenizer"], st["k"], seed=seed, epoch=epoch,
                         with_replacement=st["rep"], trim=st["trim"])
 
 
-def text_pool(records, tokenizer, num_negatives, with_replacement, trim, workers):
+def text_pool(records, tokenizer, num_negatives, with_replacement, trim, workers, token_cache=None):
     """Processes that tokenise batches off the training process (BPE on ``B*(1+K)`` captions costs
     tens of ms of Python per batch). Spawned, not forked: forking next to DALI's threads can hang."""
     import multiprocessing
@@ -130,7 +134,8 @@ def text_pool(records, tokenizer, num_negatives, with_replacement, trim, workers
 
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_text_worker,
-                               initargs=(records, tokenizer, num_negatives, with_replacement, trim))
+                               initargs=(None if token_cache is not None else records, tokenizer, num_negatives,
+                                         with_replacement, trim, token_cache))
 
 
 def _keep_rows(tokens: torch.Tensor, batch: list[int], kept: list[int], num_negatives: int, trim: bool):
@@ -145,6 +150,9 @@ def _keep_rows(tokens: torch.Tensor, batch: list[int], kept: list[int], num_nega
 
 
 def _text_job_inline(batches, indices):
+    if batches.token_cache is not None:
+        return batches.token_cache.batch(indices, batches.num_negatives, seed=batches.seed, epoch=batches.epoch,
+                                         with_replacement=batches.with_replacement, trim=batches.trim)
     return batch_tokens(batches.records, indices, batches.tokenizer, batches.num_negatives, seed=batches.seed,
                         epoch=batches.epoch, with_replacement=batches.with_replacement, trim=batches.trim)
 
@@ -159,13 +167,14 @@ class DaliBatches:
 
     def __init__(self, records, batches, *, tokenizer, image_size, mean, std, num_negatives, seed, epoch,
                  start_batch=0, device_id=None, num_threads=4, skip_bad_images=False,
-                 sample_with_replacement=False, trim_text=True, pool=None):
+                 sample_with_replacement=False, trim_text=True, pool=None, token_cache=None):
         self.records, self.batches = records, batches[start_batch:]
         self.num_negatives = num_negatives
         self.skip_bad_images, self.with_replacement, self.trim = skip_bad_images, sample_with_replacement, trim_text
         self.device_id, self._pending = device_id, []
         self.batch_size = max((len(b) for b in batches), default=1)
         self.tokenizer, self.seed, self.epoch, self.pool = tokenizer, seed, epoch, pool
+        self.token_cache = token_cache
         self._source_iter = iter(self.batches)
         self.pipe = _build_pipeline(self._next_encoded, batch_size=self.batch_size, image_size=image_size,
                                     mean=mean, std=std, device_id=device_id, num_threads=num_threads)

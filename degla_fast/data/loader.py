@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from .dali import DaliBatches, dali_available, text_pool
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
+from .text import cached_tokens
 from .torch_pipeline import BatchDataset, torch_batches, train_transform
 
 PIPELINES = ("auto", "dali", "torch")
@@ -41,7 +42,7 @@ class TrainData:
 
     def __init__(self, records, *, source, tokenizer, image_size, mean, std, batch_size, num_negatives, seed,
                  rank, world_size, num_workers, pipeline, device, skip_bad_images, sample_with_replacement,
-                 trim_text, text_workers=2):
+                 trim_text, text_workers=2, token_cache=None):
         self.records, self.source = records, source
         self.tokenizer, self.image_size, self.mean, self.std = tokenizer, image_size, tuple(mean), tuple(std)
         self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
@@ -51,6 +52,7 @@ class TrainData:
             skip_bad_images, sample_with_replacement, trim_text)
         self.epoch, self.start_batch, self.bad_images = 0, 0, 0
         self.text_workers, self._pool = text_workers, None
+        self.token_cache = token_cache
         self._transform = train_transform(image_size, mean, std) if pipeline == "torch" else None
 
     @property
@@ -72,13 +74,14 @@ class TrainData:
                                 rank=self.rank, world_size=self.world_size)
         common = dict(tokenizer=self.tokenizer, num_negatives=self.num_negatives, seed=self.seed, epoch=self.epoch,
                       skip_bad_images=self.skip_bad_images, sample_with_replacement=self.sample_with_replacement,
-                      trim_text=self.trim_text)
+                      trim_text=self.trim_text, token_cache=self.token_cache)
         if self.pipeline == "dali":
             device_id = (self.device.index or 0) if self.device.type == "cuda" else None
             threads = max(1, self.num_workers)
             if self._pool is None and self.text_workers > 0:
                 self._pool = text_pool(self.records, self.tokenizer, self.num_negatives,
-                                       self.sample_with_replacement, self.trim_text, self.text_workers)
+                                       self.sample_with_replacement, self.trim_text, self.text_workers,
+                                       token_cache=self.token_cache)
             for images, tokens, indices, bad in DaliBatches(
                     self.records, batches, image_size=self.image_size, mean=self.mean, std=self.std,
                     start_batch=self.start_batch, device_id=device_id, num_threads=threads,
@@ -112,14 +115,19 @@ class TrainData:
 
 def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_negatives, image_root=None, seed=0,
                      rank=0, world_size=1, num_workers=2, pipeline="auto", device="cpu", skip_bad_images=False,
-                     sample_with_replacement=False, trim_text=True, text_workers=2, **source_options) -> TrainData:
+                     sample_with_replacement=False, trim_text=True, text_workers=2, token_cache=True,
+                     **source_options) -> TrainData:
     """Training data of a DeGLA ``.json``, a ``.csv``/``.tsv`` or WebDataset shards (``a-{000..009}.tar``).
 
     ``tokenizer``: ``list[str] -> LongTensor[N, context_length]``; ``image_size``/``mean``/``std``: the
     model's preprocessing. ``num_negatives`` = K (0: plain CLIP, ``B`` text rows). ``pipeline``:
     ``"dali"`` (GPU decode when ``device`` is CUDA, CPU threads otherwise; ``num_workers`` threads),
     ``"torch"`` (DataLoader with ``num_workers`` processes) or ``"auto"`` (DALI on CUDA when installed,
-    else torch). ``text_workers``: processes tokenising ahead for DALI (0: in the loop). ``source_options`` go to :func:`.sources.load_records` (``image_pattern``, ``csv_*``).
+    else torch). ``text_workers``: processes building token batches ahead for DALI (0: in the loop).
+    ``token_cache``: tokenise every caption once per data set into a cache next to the data
+    (:func:`.text.cached_tokens`, keyed by the file's hash and the tokenizer; a path puts it there;
+    False or ``DEGLA_TOKEN_CACHE=0``: tokenise each batch). ``source_options`` go to
+    :func:`.sources.load_records` (``image_pattern``, ``csv_*``).
     Raises :class:`DataError` on malformed files or records short of negatives.
     """
     if pipeline not in PIPELINES:
@@ -135,8 +143,13 @@ def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_
         raise ConfigError("pipeline 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); use 'torch' or 'auto'")
     records = load_records(path, image_root=image_root, **source_options)
     check_negatives(records, num_negatives, source=os.fspath(path), with_replacement=sample_with_replacement)
+    cache = None
+    if token_cache and os.environ.get("DEGLA_TOKEN_CACHE", "1") != "0":
+        cache = cached_tokens(records, tokenizer, path, source_options=source_options,
+                              workers=min(8, os.cpu_count() or 1),
+                              path=None if token_cache is True else token_cache)
     return TrainData(records, source=os.fspath(path), tokenizer=tokenizer, image_size=image_size, mean=mean,
                      std=std, batch_size=batch_size, num_negatives=num_negatives, seed=seed, rank=rank,
                      world_size=world_size, num_workers=num_workers, pipeline=pipeline, device=device,
                      skip_bad_images=skip_bad_images, sample_with_replacement=sample_with_replacement,
-                     trim_text=trim_text, text_workers=text_workers)
+                     trim_text=trim_text, text_workers=text_workers, token_cache=cache)

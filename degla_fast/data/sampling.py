@@ -53,10 +53,16 @@ def choose_negatives(record: Record, index: int, num_negatives: int, *, seed: in
                      with_replacement: bool = False) -> list[str]:
     """``num_negatives`` of the record's negatives, drawn without replacement (with, if asked)
     from a generator keyed by (seed, epoch, index); so the same sample gets the same ones on resume."""
+    pool = record.negatives
+    return [pool[i] for i in negative_picks(len(pool), index, num_negatives, seed=seed, epoch=epoch,
+                                            with_replacement=with_replacement)]
+
+
+def negative_picks(pool_size: int, index: int, num_negatives: int, *, seed: int, epoch: int,
+                   with_replacement: bool = False) -> list[int]:
+    """The positions in its negatives that :func:`choose_negatives` takes for sample ``index``."""
     if num_negatives <= 0:
         return []
-    pool = record.negatives
     rng = _rng(seed, epoch, index, 0xBEE)
-    replace = with_replacement and len(pool) < num_negatives
-    picks = rng.choice(len(pool), size=num_negatives, replace=replace)
-    return [pool[i] for i in picks]
+    replace = with_replacement and pool_size < num_negatives
+    return rng.choice(pool_size, size=num_negatives, replace=replace).tolist()

@@ -54,8 +54,9 @@ class BatchDataset(torch.utils.data.Dataset):
     images skipped as unreadable (``B' < B`` only when ``skip_bad_images``)."""
 
     def __init__(self, records, batches, *, tokenizer, transform, num_negatives, seed, epoch,
-                 skip_bad_images=False, sample_with_replacement=False, trim_text=True):
+                 skip_bad_images=False, sample_with_replacement=False, trim_text=True, token_cache=None):
         self.records, self.batches, self.tokenizer, self.transform = records, batches, tokenizer, transform
+        self.token_cache = token_cache
         self.num_negatives, self.seed, self.epoch = num_negatives, seed, epoch
         self.skip_bad_images, self.with_replacement, self.trim = skip_bad_images, sample_with_replacement, trim_text
 
@@ -76,8 +77,12 @@ class BatchDataset(torch.utils.data.Dataset):
                 torch.manual_seed(int(_rng(self.seed, self.epoch, i, 0xC0B).integers(2**62)))
                 images.append(self.transform(pil))
             kept.append(i)
-        tokens = batch_tokens(self.records, kept, self.tokenizer, self.num_negatives, seed=self.seed,
-                              epoch=self.epoch, with_replacement=self.with_replacement, trim=self.trim)
+        if self.token_cache is not None:
+            tokens = self.token_cache.batch(kept, self.num_negatives, seed=self.seed, epoch=self.epoch,
+                                            with_replacement=self.with_replacement, trim=self.trim)
+        else:
+            tokens = batch_tokens(self.records, kept, self.tokenizer, self.num_negatives, seed=self.seed,
+                                  epoch=self.epoch, with_replacement=self.with_replacement, trim=self.trim)
         stacked = torch.stack(images) if images else torch.empty(0)
         return _Loaded(stacked, tokens, torch.tensor(kept, dtype=torch.long), bad)
 
