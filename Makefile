@@ -12,10 +12,22 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # DS_BUILD_OPS=0: DeepSpeed's CUDA ops are compiled just in time where a GPU exists, never at install.
+# A torch that is already there is kept: when $(PY) imports torch (a GPU image's CUDA build) the venv
+# sees it (--system-site-packages), and when the venv imports torch, pip is held to that version
+# ($(VENV)/keep-torch.txt) instead of constraints.txt, whose CPU-CI pins apply only where torch is
+# absent (a fresh clone on CI). The DALI extra follows torch.version.cuda: 12.x -> dali-cuda120
+# (drivers >= 525), else dali (cuda130, drivers >= 580; its CPU pipeline runs anywhere).
+KEEP_TORCH := $(VENV)/keep-torch.txt
 $(STAMP): setup.py constraints.txt
-	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	test -x $(PYTHON) || $(PY) -m venv $$($(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages) $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
-	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -c constraints.txt -e ".[test]"
+	if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	  $(PYTHON) -c "import importlib.metadata as m; [print(f'{d}=={m.version(d)}') for d in ('torch', 'torchvision') if any(x.metadata['Name'] == d for x in m.distributions())]" > $(KEEP_TORCH); \
+	  echo "setup: keeping the installed $$(tr '\n' ' ' < $(KEEP_TORCH))(CUDA $$($(PYTHON) -c 'import torch; print(torch.version.cuda)'))"; \
+	  pins=$(KEEP_TORCH); \
+	else pins=constraints.txt; fi; \
+	dali=$$($(PYTHON) -c "import torch; print('dali-cuda120' if (torch.version.cuda or '').startswith('12.') else 'dali')" 2>/dev/null || echo dali); \
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -c $$pins -e ".[test,$$dali]"
 	touch $@
 
 # Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests,

@@ -8,8 +8,11 @@ packages = find_packages(include=["degla_fast", "degla_fast.*"]) + ["degla_fast.
 # carries a copy as degla_fast/negatives/prompts/.
 packages.append("degla_fast.negatives.prompts")
 
+# DALI's wheel is built per CUDA major version: "dali" (CUDA 13, NVIDIA driver >= 580) for a CUDA 13
+# torch, "dali-cuda120" (driver >= 525) for a CUDA 12 one; `make setup` picks by torch.version.cuda.
 extras = {
     "dali": ["nvidia-dali-cuda130"],
+    "dali-cuda120": ["nvidia-dali-cuda120"],
     "deepspeed": ["deepspeed>=0.16"],
     "eval": ["clip-benchmark>=1.6", "matplotlib>=3.7"],
     "logging": ["tensorboard>=2.14"],
@@ -17,9 +20,9 @@ extras = {
 }
 extras["test"] = sorted(
     {"pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.2"}
-    | set(extras["dali"]) | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"])
+    | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"])
 )
-extras["all"] = sorted({dep for group in extras.values() for dep in group})
+extras["all"] = sorted({dep for name, group in extras.items() if name != "dali-cuda120" for dep in group})
 
 setup(
     name="degla-fast",

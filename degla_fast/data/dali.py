@@ -32,6 +32,41 @@ def dali_available() -> bool:
     return True
 
 
+def dali_package() -> str:
+    """The DALI wheel for this torch's CUDA: ``nvidia-dali-cuda120`` for CUDA 12 (drivers >= 525),
+    ``nvidia-dali-cuda130`` otherwise (CUDA 13, drivers >= 580; its CPU pipeline runs anywhere)."""
+    return "nvidia-dali-cuda120" if (torch.version.cuda or "").startswith("12.") else "nvidia-dali-cuda130"
+
+
+def dali_start_error(device_id: int) -> str | None:
+    """None when DALI can run a GPU pipeline on ``cuda:device_id``, else why not in one line (a
+    DALI built for a newer CUDA than the driver supports, no device, ...): a one-sample pipeline
+    through the ``mixed`` decoder is built and run once."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "JPEG")
+        jpeg = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+        def probe():
+            data = fn.external_source(source=lambda: [jpeg], batch=True, dtype=types.UINT8)
+            return fn.decoders.image(data, device="mixed")
+
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+        del pipe
+    except Exception as e:  # noqa: BLE001 - every failure means "cannot start"; the reason is reported
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return None
+
+
 # open_clip's training transform (RandomResizedCrop, scale (0.9, 1.0)): both pipelines augment alike.
 CROP_SCALE = (0.9, 1.0)           # area fraction of the random resized crop
 CROP_RATIO = (3 / 4, 4 / 3)       # its width / height

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from . import dali
 from .dali import DaliBatches, dali_available, text_pool
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
@@ -139,8 +140,19 @@ def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_
     cuda = torch.device(device).type == "cuda"
     if pipeline == "auto":
         pipeline = "dali" if cuda and dali_available() else "torch"
+        if pipeline == "dali":
+            # A DALI wheel for a newer CUDA than this driver (cuda130 on an R535-R570 driver) imports
+            # but cannot start: then the torch pipeline, with one line saying why.
+            device_index = torch.device(device).index or 0
+            reason = dali.dali_start_error(device_index)
+            if reason is not None:
+                warnings.warn(f"pipeline 'auto': DALI cannot start on cuda:{device_index} ({reason}); using the "
+                              f"torch pipeline (for this torch's CUDA {torch.version.cuda}: pip install "
+                              f"{dali.dali_package()})", RuntimeWarning, stacklevel=2)
+                pipeline = "torch"
     elif pipeline == "dali" and not dali_available():
-        raise ConfigError("pipeline 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); use 'torch' or 'auto'")
+        raise ConfigError(f"pipeline 'dali' needs nvidia-dali (pip install {dali.dali_package()}, the build for "
+                          f"this torch's CUDA {torch.version.cuda or '(CPU torch)'}); use 'torch' or 'auto'")
     records = load_records(path, image_root=image_root, **source_options)
     check_negatives(records, num_negatives, source=os.fspath(path), with_replacement=sample_with_replacement)
     cache = None
