@@ -13,7 +13,7 @@ from .dali import DaliBatches, dali_available, text_pool
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
 from .text import cached_tokens
-from .torch_pipeline import BatchDataset, torch_batches, train_transform
+from .torch_pipeline import BatchDataset, normalize, torch_batches, train_transform
 
 PIPELINES = ("auto", "dali", "torch")
 
@@ -22,7 +22,9 @@ PIPELINES = ("auto", "dali", "torch")
 class Batch:
     """One training batch.
 
-    images: float32 ``[B,3,H,W]``, normalised with the model's mean/std.
+    images: float32 ``[B,3,H,W]``, normalised with the model's mean/std; with the torch pipeline on
+        CUDA already on the device (copied from pinned uint8 without blocking, normalised there),
+        so the trainer's ``.to(device, non_blocking=True)`` is a no-op.
     tokens: int64 ``[B*(1+K), L]``: ``B`` positives then ``B*K`` negatives, sample-major; ``L`` is the
         longest caption of this batch incl. end-of-text (``context_length`` when not trimming).
     indices: int64 ``[B]``, the records' positions in the data file.
@@ -54,7 +56,14 @@ class TrainData:
         self.epoch, self.start_batch, self.bad_images = 0, 0, 0
         self.text_workers, self._pool = text_workers, None
         self.token_cache = token_cache
-        self._transform = train_transform(image_size, mean, std) if pipeline == "torch" else None
+        # The torch pipeline's workers ship uint8 crops (a quarter of fp32's bytes through shared
+        # memory and PCIe); they are copied from pinned memory without blocking and normalised on
+        # the device (:meth:`_on_device`).
+        self._transform, self._norm = None, None
+        if pipeline == "torch":
+            self._transform = train_transform(image_size, mean, std, uint8=True)
+            if self._transform is None:  # an open_clip whose transform has another shape: fp32 from workers
+                self._transform = train_transform(image_size, mean, std)
 
     @property
     def num_samples(self) -> int:
@@ -91,7 +100,19 @@ class TrainData:
             return
         dataset = BatchDataset(self.records, batches, transform=self._transform, **common)
         for item in torch_batches(dataset, self.start_batch, self.num_workers, self.device.type == "cuda"):
-            yield item.images, item.tokens, item.indices, item.bad
+            yield self._on_device(item.images), self._on_device(item.tokens), item.indices, item.bad
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on this data's device (an asynchronous copy from pinned memory, no sync), uint8
+        images normalised there."""
+        if self.device.type == "cuda":
+            tensor = tensor.to(self.device, non_blocking=True)
+        if tensor.dtype != torch.uint8:
+            return tensor
+        if self._norm is None or self._norm[0].device != tensor.device:
+            self._norm = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(tensor.device)
+                               for v in (self.mean, self.std))
+        return normalize(tensor, *self._norm)
 
     def close(self) -> None:
         """Stop the text-tokenising processes of the DALI pipeline (also done at garbage collection)."""

@@ -30,11 +30,29 @@ def open_image(record: Record):
         raise DataError(f"{image_name(record)}: cannot read image ({detail})") from None
 
 
-def train_transform(image_size: int, mean, std):
-    """open_clip's training transform (random resized crop, to tensor, normalise) for the model."""
-    from open_clip import image_transform
+def train_transform(image_size: int, mean, std, *, uint8: bool = False):
+    """open_clip's training transform (random resized crop, to tensor, normalise) for the model.
 
-    return image_transform(image_size, is_train=True, mean=tuple(mean), std=tuple(std))
+    ``uint8``: the same crop as a uint8 ``[3,S,S]`` tensor, without ToTensor's scaling and the
+    normalisation (:func:`normalize` does both on the device, on a quarter of the bytes); None when
+    open_clip's transform does not end in to-tensor + normalise."""
+    from open_clip import image_transform
+    from torchvision import transforms as T
+
+    full = image_transform(image_size, is_train=True, mean=tuple(mean), std=tuple(std))
+    if not uint8:
+        return full
+    steps = list(full.transforms)
+    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or \
+            type(steps[-2]).__name__ not in ("MaybeToTensor", "ToTensor"):
+        return None
+    return T.Compose([*steps[:-2], T.PILToTensor()])
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """float32 ``(images / 255 - mean) / std`` of uint8 ``[B,3,S,S]`` images, on their device;
+    ``mean``/``std``: float32 ``[1,3,1,1]`` there (ToTensor then Normalize, op for op)."""
+    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 @dataclass
@@ -50,8 +68,9 @@ class _Loaded:
 
 
 class BatchDataset(torch.utils.data.Dataset):
-    """Item ``b`` = batch ``b`` of this epoch: images ``[B',3,S,S]``, tokens, indices and the names of
-    images skipped as unreadable (``B' < B`` only when ``skip_bad_images``)."""
+    """Item ``b`` = batch ``b`` of this epoch: images ``[B',3,S,S]`` (uint8 with the uint8 transform),
+    tokens, indices and the names of images skipped as unreadable (``B' < B`` only when
+    ``skip_bad_images``)."""
 
     def __init__(self, records, batches, *, tokenizer, transform, num_negatives, seed, epoch,
                  skip_bad_images=False, sample_with_replacement=False, trim_text=True, token_cache=None):
@@ -83,7 +102,7 @@ class BatchDataset(torch.utils.data.Dataset):
         else:
             tokens = batch_tokens(self.records, kept, self.tokenizer, self.num_negatives, seed=self.seed,
                                   epoch=self.epoch, with_replacement=self.with_replacement, trim=self.trim)
-        stacked = torch.stack(images) if images else torch.empty(0)
+        stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
         return _Loaded(stacked, tokens, torch.tensor(kept, dtype=torch.long), bad)
 
 
