@@ -12,12 +12,14 @@ the rank or batch a sample lands in.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from ..errors import DataError
 from .sampling import _rng
-from .sources import image_name, read_image_bytes
+from .sources import Record, image_name, read_image_bytes
 from .text import batch_tokens, trim_tokens
 
 _MAGIC = (b"\xff\xd8", b"\x89PNG", b"BM", b"RIFF", b"GIF8", b"II*\x00", b"MM\x00*")
@@ -107,16 +109,18 @@ def crop_windows(image_shapes, candidates, positions) -> tuple[list[np.ndarray],
     return list(anchor.astype(np.float32)), list(shape.astype(np.float32))
 
 
-def _build_pipeline(source, *, batch_size, image_size, mean, std, device_id, num_threads):
+def _build_pipeline(source, *, batch_size, image_size, mean, std, device_id, num_threads, py_workers):
     from nvidia.dali import fn, pipeline_def, types
 
-    # No random operator in the graph: the crop draws come with each sample from the external source.
+    # No random operator in the graph: the crop draws come with each sample from the external source,
+    # which runs in ``py_workers`` processes (spawned: the trainer has CUDA initialised), each
+    # building whole batches (file reads, crop draws) ahead of the training thread.
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                  prefetch_queue_depth=2, exec_dynamic=True)
+                  prefetch_queue_depth=2, exec_dynamic=True, py_num_workers=py_workers, py_start_method="spawn")
     def pipe():
-        encoded, candidates, position = fn.external_source(
-            source=source, num_outputs=3, dtype=[types.UINT8, types.FLOAT, types.FLOAT], batch=True,
-            no_copy=False)
+        encoded, candidates, position, kept = fn.external_source(
+            source=source, num_outputs=4, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64], batch=True,
+            batch_info=True, parallel=True, prefetch_queue_depth=max(2, py_workers + 1))
         # The window needs the decoded size (EXIF orientation applied); one numpy call per batch.
         anchor, shape = fn.python_function(fn.peek_image_shape(encoded), candidates, position,
                                            function=crop_windows, batch_processing=True, num_outputs=2)
@@ -125,9 +129,81 @@ def _build_pipeline(source, *, batch_size, image_size, mean, std, device_id, num
                                          axis_names="HW", normalized_anchor=False, normalized_shape=False)
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                        mean=[255 * m for m in mean], std=[255 * s for s in std])
+                                        mean=[255 * m for m in mean], std=[255 * s for s in std]), kept
 
     return pipe()
+
+
+_PLAN_SLOTS = 1024
+
+
+class EpochSource:
+    """The external source, run in DALI's worker processes: batch ``iteration`` of DALI epoch
+    ``epoch_idx`` is batch ``start + iteration`` of training epoch ``epoch``, where ``(epoch, start)``
+    is what the main process wrote into the shared plan file (slot ``epoch_idx % _PLAN_SLOTS``)
+    before that DALI epoch began. So one pipeline serves the whole run and is re-seeded per epoch;
+    the batches, their files and crop draws stay a pure function of (seed, epoch, index).
+
+    Returns per batch the encoded bytes, the crop draws and each kept sample's index; unreadable
+    images are skipped (``skip_bad_images``) or raise :class:`DataError`."""
+
+    def __init__(self, records, plan_path, *, batch_size, seed, rank, world_size, skip_bad_images):
+        # Only where the images are: the captions stay in the main process.
+        self.records = [Record(r.image, "", (), r.where, r.offset, r.size, r.extra) for r in records]
+        self.plan_path, self.batch_size, self.seed = plan_path, batch_size, seed
+        self.rank, self.world_size, self.skip_bad_images = rank, world_size, skip_bad_images
+        self._plan = self._batches = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_plan": None, "_batches": None}
+
+    def epoch_plan(self, epoch_idx: int) -> tuple[int, int]:
+        if self._plan is None:
+            self._plan = np.memmap(self.plan_path, dtype=np.int64, mode="r", shape=(_PLAN_SLOTS, 2))
+        epoch, start = (int(v) for v in self._plan[epoch_idx % _PLAN_SLOTS])
+        return epoch, start
+
+    def __call__(self, info):
+        epoch, start = self.epoch_plan(info.epoch_idx)
+        if self._batches is None or self._batches[0] != epoch:
+            from .sampling import epoch_batches
+
+            self._batches = (epoch, epoch_batches(len(self.records), self.batch_size, seed=self.seed, epoch=epoch,
+                                                  rank=self.rank, world_size=self.world_size))
+        batches = self._batches[1]
+        if start + info.iteration >= len(batches):
+            raise StopIteration
+        return read_batch(self.records, batches[start + info.iteration], seed=self.seed, epoch=epoch,
+                          skip_bad_images=self.skip_bad_images)
+
+
+def read_batch(records, indices, *, seed, epoch, skip_bad_images):
+    """``(encoded, candidates, positions, kept)`` of one batch: each readable image's bytes, its crop
+    draws (:func:`crop_draws`) and its index (int64 ``[1]``)."""
+    data, candidates, positions, kept, bad = [], [], [], [], []
+    for i in indices:
+        record = records[i]
+        try:
+            raw = read_image_bytes(record)
+            if not raw.startswith(_MAGIC):
+                raise OSError("not an encoded image")
+            # A decode error stops the whole DALI pipeline, so when skipping, catch the common
+            # corruption (a cut-off JPEG has no end-of-image marker near its end) before it.
+            if skip_bad_images and raw.startswith(b"\xff\xd8") and b"\xff\xd9" not in raw[-64:]:
+                raise OSError("truncated JPEG (no end-of-image marker)")
+        except OSError as e:
+            if not skip_bad_images:
+                raise DataError(f"{image_name(record)}: cannot read image ({e})") from None
+            bad.append(image_name(record))
+            continue
+        data.append(np.frombuffer(raw, dtype=np.uint8))
+        cand, pos = crop_draws(seed, epoch, i)
+        candidates.append(cand)
+        positions.append(pos)
+        kept.append(np.array([i], dtype=np.int64))
+    if not data:
+        raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
+    return data, candidates, positions, kept
 
 
 def _decode_error(records, indices, error: Exception) -> DataError:
@@ -192,92 +268,117 @@ def _text_job_inline(batches, indices):
                         epoch=batches.epoch, with_replacement=batches.with_replacement, trim=batches.trim)
 
 
-class DaliBatches:
-    """Iterator over one epoch of this rank's batches as ``(images, tokens, indices, bad_names)``.
+class DaliEpochs:
+    """One DALI pipeline for the whole run: :meth:`iterate` goes through one epoch of this rank's batches as
+    ``(images, tokens, indices, bad_names)``, from any (epoch, start_batch); the pipeline is re-seeded
+    through the shared plan (:class:`EpochSource`) instead of rebuilt, and rebuilt only after an
+    epoch left unfinished or an error.
 
     ``images``: float32 ``[B',3,S,S]`` on ``cuda:device_id`` (or CPU when ``device_id`` is None).
     Unreadable images (missing file, empty or non-image bytes) raise :class:`DataError` naming the
     file, or are dropped from their batch and reported in ``bad_names`` with ``skip_bad_images``.
     """
 
-    def __init__(self, records, batches, *, tokenizer, image_size, mean, std, num_negatives, seed, epoch,
-                 start_batch=0, device_id=None, num_threads=4, skip_bad_images=False,
+    def __init__(self, records, *, tokenizer, image_size, mean, std, batch_size, num_negatives, seed, rank=0,
+                 world_size=1, device_id=None, num_threads=4, py_workers=None, skip_bad_images=False,
                  sample_with_replacement=False, trim_text=True, pool=None, token_cache=None):
-        self.records, self.batches = records, batches[start_batch:]
-        self.num_negatives = num_negatives
+        import tempfile
+
+        self.records, self.num_negatives, self.batch_size, self.seed = records, num_negatives, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.skip_bad_images, self.with_replacement, self.trim = skip_bad_images, sample_with_replacement, trim_text
-        self.device_id, self._pending = device_id, []
-        self.batch_size = max((len(b) for b in batches), default=1)
-        self.tokenizer, self.seed, self.epoch, self.pool = tokenizer, seed, epoch, pool
-        self.token_cache = token_cache
-        self._source_iter = iter(self.batches)
-        self.pipe = _build_pipeline(self._next_encoded, batch_size=self.batch_size, image_size=image_size,
-                                    mean=mean, std=std, device_id=device_id, num_threads=num_threads)
-        self.pipe.build()
+        self.device_id, self.tokenizer, self.pool, self.token_cache = device_id, tokenizer, pool, token_cache
+        self.epoch = 0
+        self._graph = dict(batch_size=batch_size, image_size=image_size, mean=mean, std=std, device_id=device_id,
+                           num_threads=num_threads, py_workers=py_workers or max(1, min(4, num_threads)))
+        fd, self._plan_path = tempfile.mkstemp(prefix="degla-dali-plan-", suffix=".bin")
+        with open(fd, "wb") as fh:
+            fh.write(b"\0" * (_PLAN_SLOTS * 16))
+        self._plan = np.memmap(self._plan_path, dtype=np.int64, mode="r+", shape=(_PLAN_SLOTS, 2))
+        self.pipe, self._dali_epoch, self.builds = None, 0, 0
 
-    def _next_encoded(self):
-        # Called by DALI ahead of consumption (prefetch); the matching text goes through a queue.
-        try:
-            indices = next(self._source_iter)
-        except StopIteration:
-            raise StopIteration from None
-        data, candidates, positions, kept, bad = [], [], [], [], []
-        for i in indices:
-            record = self.records[i]
+    def _build(self):
+        self.close_pipeline()
+        source = EpochSource(self.records, self._plan_path, batch_size=self.batch_size, seed=self.seed,
+                             rank=self.rank, world_size=self.world_size, skip_bad_images=self.skip_bad_images)
+        self.pipe, self._dali_epoch = _build_pipeline(source, **self._graph), 0
+        self.builds += 1
+
+    def close_pipeline(self):
+        if self.pipe is not None:
+            pipe, self.pipe = self.pipe, None
+            del pipe  # stops its worker processes
+
+    def close(self):
+        self.close_pipeline()
+        if getattr(self, "_plan_path", None):
+            self._plan = None
             try:
-                raw = read_image_bytes(record)
-                if not raw.startswith(_MAGIC):
-                    raise OSError("not an encoded image")
-                # A decode error stops the whole DALI pipeline, so when skipping, catch the common
-                # corruption (a cut-off JPEG has no end-of-image marker near its end) before it.
-                if self.skip_bad_images and raw.startswith(b"\xff\xd8") and b"\xff\xd9" not in raw[-64:]:
-                    raise OSError("truncated JPEG (no end-of-image marker)")
-            except OSError as e:
-                if not self.skip_bad_images:
-                    raise DataError(f"{image_name(record)}: cannot read image ({e})") from None
-                bad.append(image_name(record))
-                continue
-            data.append(np.frombuffer(raw, dtype=np.uint8))
-            cand, pos = crop_draws(self.seed, self.epoch, i)
-            candidates.append(cand)
-            positions.append(pos)
-            kept.append(i)
-        if not data:
-            raise DataError(f"every image of a batch is unreadable (first: {bad[0]})")
-        self._pending.append((kept, bad))
-        return data, candidates, positions
+                os.unlink(self._plan_path)
+            except OSError:
+                pass
+            self._plan_path = None
 
-    def __len__(self) -> int:
-        return len(self.batches)
+    def __del__(self):
+        self.close()
 
     def _text(self, indices):
         if self.pool is None:
             return _text_job_inline(self, indices)
         return self.pool.submit(_text_job, indices, self.seed, self.epoch)
 
-    def __iter__(self):
+    def iterate(self, epoch: int, start_batch: int = 0):
+        from .sampling import epoch_batches
+
+        self.epoch = epoch
+        batches = epoch_batches(len(self.records), self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
+                                world_size=self.world_size)[start_batch:]
+        if not batches:
+            return
+        if self.pipe is None:
+            self._build()
+        # Written before the DALI epoch's first batch is scheduled (at its first run()).
+        self._plan[self._dali_epoch % _PLAN_SLOTS] = (epoch, start_batch)
+        self._plan.flush()
+        finished = False
+        try:
+            yield from self._run(batches)
+            finished = True
+        finally:
+            if not finished:  # left midway (or failed): the next epoch gets a fresh pipeline
+                self.close_pipeline()
+
+    def _run(self, batches):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         ahead = []
-        for n, batch in enumerate(self.batches):
-            while len(ahead) < 4 and n + len(ahead) < len(self.batches):
-                ahead.append(self._text(self.batches[n + len(ahead)]))
+        for n, batch in enumerate(batches):
+            while len(ahead) < 4 and n + len(ahead) < len(batches):
+                ahead.append(self._text(batches[n + len(ahead)]))
             tokens = ahead.pop(0)
             tokens = tokens.result() if hasattr(tokens, "result") else tokens
             try:
-                (out,) = self.pipe.run()
+                out, kept_out = self.pipe.run()
             except StopIteration:
-                return
-            except RuntimeError as e:
-                if isinstance(e.__cause__, DataError):
-                    raise e.__cause__ from None
-                raise _decode_error(self.records, [i for kept, _ in self._pending for i in kept], e) from None
-            kept, bad = self._pending.pop(0)
-            shape = [len(kept), *out.as_tensor().shape()[1:]] if self.device_id is not None else None
+                raise RuntimeError("DALI's source ended before the epoch did") from None
+            except Exception as e:  # noqa: BLE001 - a worker's DataError or a decode failure
+                raise _decode_error(self.records, [i for b in batches[n:n + 4] for i in b], e) from None
+            kept = np.array(kept_out.as_tensor()).reshape(-1).tolist()
+            keep = set(kept)
+            bad = [image_name(self.records[i]) for i in batch if i not in keep]
             if self.device_id is not None:
+                shape = [len(kept), *out.as_tensor().shape()[1:]]
                 images = torch.empty(shape, dtype=torch.float32, device=f"cuda:{self.device_id}")
                 feed_ndarray(out.as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device_id))
             else:
                 images = torch.from_numpy(np.array(out.as_tensor()))
             tokens = _keep_rows(tokens, batch, kept, self.num_negatives, self.trim)
             yield images, tokens, torch.tensor(kept, dtype=torch.long), bad
+        # Consume the end of the DALI epoch and rewind: the next epoch reuses this pipeline.
+        try:
+            self.pipe.run()
+            raise RuntimeError("DALI's source ran past the end of the epoch")
+        except StopIteration:
+            pass
+        self.pipe.reset()
+        self._dali_epoch += 1

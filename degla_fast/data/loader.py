@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ConfigError
 from . import dali
-from .dali import DaliBatches, dali_available, text_pool
+from .dali import DaliEpochs, dali_available, text_pool
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
 from .text import cached_tokens
@@ -54,7 +54,7 @@ class TrainData:
         self.skip_bad_images, self.sample_with_replacement, self.trim_text = (
             skip_bad_images, sample_with_replacement, trim_text)
         self.epoch, self.start_batch, self.bad_images = 0, 0, 0
-        self.text_workers, self._pool = text_workers, None
+        self.text_workers, self._pool, self._dali = text_workers, None, None
         self.token_cache = token_cache
         # The torch pipeline's workers ship uint8 crops (a quarter of fp32's bytes through shared
         # memory and PCIe); they are copied from pinned memory without blocking and normalised on
@@ -86,17 +86,20 @@ class TrainData:
                       skip_bad_images=self.skip_bad_images, sample_with_replacement=self.sample_with_replacement,
                       trim_text=self.trim_text, token_cache=self.token_cache)
         if self.pipeline == "dali":
-            device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-            threads = max(1, self.num_workers)
-            if self._pool is None and self.text_workers > 0:
-                self._pool = text_pool(self.records, self.tokenizer, self.num_negatives,
-                                       self.sample_with_replacement, self.trim_text, self.text_workers,
-                                       token_cache=self.token_cache)
-            for images, tokens, indices, bad in DaliBatches(
-                    self.records, batches, image_size=self.image_size, mean=self.mean, std=self.std,
-                    start_batch=self.start_batch, device_id=device_id, num_threads=threads,
-                    pool=self._pool, **common):
-                yield images, tokens, indices, bad
+            if self._dali is None:
+                device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+                if self._pool is None and self.text_workers > 0:
+                    self._pool = text_pool(self.records, self.tokenizer, self.num_negatives,
+                                           self.sample_with_replacement, self.trim_text, self.text_workers,
+                                           token_cache=self.token_cache)
+                self._dali = DaliEpochs(
+                    self.records, tokenizer=self.tokenizer, image_size=self.image_size, mean=self.mean,
+                    std=self.std, batch_size=self.batch_size, num_negatives=self.num_negatives, seed=self.seed,
+                    rank=self.rank, world_size=self.world_size, device_id=device_id,
+                    num_threads=max(1, self.num_workers), skip_bad_images=self.skip_bad_images,
+                    sample_with_replacement=self.sample_with_replacement, trim_text=self.trim_text,
+                    pool=self._pool, token_cache=self.token_cache)
+            yield from self._dali.iterate(self.epoch, self.start_batch)
             return
         dataset = BatchDataset(self.records, batches, transform=self._transform, **common)
         for item in torch_batches(dataset, self.start_batch, self.num_workers, self.device.type == "cuda"):
@@ -115,7 +118,11 @@ class TrainData:
         return normalize(tensor, *self._norm)
 
     def close(self) -> None:
-        """Stop the text-tokenising processes of the DALI pipeline (also done at garbage collection)."""
+        """Stop the DALI pipeline, its reader processes and the token-batch processes (also done at
+        garbage collection)."""
+        if getattr(self, "_dali", None) is not None:
+            self._dali.close()
+            self._dali = None
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
