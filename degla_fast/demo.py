@@ -71,7 +71,7 @@ def _train_stage(output: Path, data: Path, s: DemoSettings, *, pretrained: str |
         "optim.warmup_steps": max(1, min(50, steps // 10)),
         "epochs": 10_000, "max_steps": steps, "seed": s.seed, "precision": "fp32", "device": "cpu",
         "output": str(output), "resume": "latest", "save_every": max(1, steps // 4), "keep_last": 1,
-        "log_every": 10 if steps >= 10 else 1, "progress": progress, "time_phases": False,
+        "log_every": 10 if steps >= 10 else 1, "progress": progress, "profile_phases": False,
     })
     train(config)
     return output

@@ -172,11 +172,26 @@ class _Updater:
         return plan
 
     @staticmethod
-    def run(jobs: list[tuple], weight: float) -> None:
-        """``t += weight * (s - t)`` for every prepared pair."""
+    def run(jobs: list[tuple], weight: float, apply: torch.Tensor | None = None) -> None:
+        """``t += weight * (s - t)`` for every prepared pair.
+
+        ``apply``: optional 0-d tensor on the teachers' device, 1 to update and 0 to leave every
+        teacher as it is (a step skipped on the device: nothing is read on the host). The weight
+        becomes the tensor ``weight * apply``; the Triton kernel takes its weight as a host
+        scalar, so those jobs go through ``torch._foreach_lerp_`` (the same lerp, one more pass
+        for a forward copy).
+        """
         from .kernels import ema as kernel
 
         with torch.no_grad():
+            if apply is not None:
+                for _, ts, ss, copies in jobs:
+                    w = apply.to(device=ts[0].device, dtype=ts[0].dtype) * weight
+                    same = ts[0].dtype == ss[0].dtype
+                    torch._foreach_lerp_(ts, ss if same else [s.to(ts[0].dtype) for s in ss], w)
+                    if copies is not None:
+                        torch._foreach_copy_(copies, ts)
+                return
             for plan, ts, ss, copies in jobs:
                 if plan is None:
                     _torch_lerp_(ts, ss, weight)
@@ -302,9 +317,12 @@ class EMATeacher:
         self._jobs = self._updater.prepare(self._params, params, copy_of=copy_of)
         return self._jobs
 
-    def update(self, student_module: torch.nn.Module) -> None:
-        """Move every teacher parameter toward ``student_module``'s (same architecture) in place."""
-        self._updater.run(self._prepared(student_module), 1.0 - self.decay)
+    def update(self, student_module: torch.nn.Module, apply: torch.Tensor | None = None) -> None:
+        """Move every teacher parameter toward ``student_module``'s (same architecture) in place.
+
+        ``apply``: optional 0-d device tensor, 1 = update, 0 = leave the teacher unchanged (a step
+        skipped on the device, decided without a host read)."""
+        self._updater.run(self._prepared(student_module), 1.0 - self.decay, apply)
 
     def state_dict(self) -> dict:
         """The teacher module's state dict: parameters from the fp32 EMA state, buffers as copied."""
@@ -426,11 +444,12 @@ class ShardedEMATeacher:
         _validate(self._shards, self._masters)
         return self._updater.prepare(self._shards, self._masters)
 
-    def update(self, student_module: torch.nn.Module | None = None) -> None:
-        """Lerp this rank's teacher shards toward its fp32 master shards (``student_module`` is not read)."""
+    def update(self, student_module: torch.nn.Module | None = None, apply: torch.Tensor | None = None) -> None:
+        """Lerp this rank's teacher shards toward its fp32 master shards (``student_module`` is not read).
+        ``apply``: as for :meth:`EMATeacher.update` (0 leaves the shards unchanged)."""
         if [m.data_ptr() for m in self._optimizer.fp32_partitioned_groups_flat] != self._master_ptrs:
             self._jobs = self._prepare()
-        _Updater.run(self._jobs, 1.0 - self.decay)
+        _Updater.run(self._jobs, 1.0 - self.decay, apply)
 
     def state_dict(self) -> dict:
         """Full (gathered) teacher parameters and buffers on every rank; a collective: every rank calls it."""

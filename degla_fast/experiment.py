@@ -115,7 +115,7 @@ def train_config(settings: Settings, data: Path, output: Path, *, pretrained: st
         "ema": {"decay": settings.ema_decay},
         "output": str(output), "epochs": 10_000, "max_steps": steps, "seed": seed, "precision": "fp32",
         "device": settings.device, "save_every": 0, "keep_last": 1, "progress": progress, "log_every": 10,
-        "time_phases": False,
+        "profile_phases": False,
     }
 
 

@@ -182,8 +182,11 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                *, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-               rank: int = 0, world_size: int = 1, precision: str = "tf32") -> LossOutput:
+               rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True) -> LossOutput:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
+
+    ``check_finite``: the torch backends raise NonFiniteError on NaN/Inf inputs (a host read per
+    input); a trainer that checks the loss on the device itself passes False.
 
     Distributed (open_clip's ClipLoss semantics): features of all ranks are gathered. With
     ``local_loss`` each rank's images (and positive captions) are anchors against every rank's
@@ -198,7 +201,7 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     anchors = image_features.shape[0] * (1 if local_loss else world_size)
     backend = resolve_backend(backend, device, anchors * text_features.shape[0] * world_size)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
-              num_negatives, need_teacher, check_finite=backend != "triton")
+              num_negatives, need_teacher, check_finite=check_finite and backend != "triton")
     batch = image_features.shape[0]
     with_igc = igc_weight != 0
 

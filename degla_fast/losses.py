@@ -22,7 +22,7 @@ class DeGLALoss(nn.Module):
     def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                  distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                  official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-                 rank: int = 0, world_size: int = 1, precision: str = "tf32"):
+                 rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True):
         super().__init__()
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -47,6 +47,7 @@ class DeGLALoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.precision = precision
+        self.check_finite = check_finite  # False: no host read of the inputs (the caller checks the loss)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_features: torch.Tensor | None = None,
@@ -56,7 +57,7 @@ class DeGLALoss(nn.Module):
                           distill_weight=self.distill_weight, tgc_scale=self.tgc_scale, backend=self.backend,
                           official_tgc_indexing=self.official_tgc_indexing, local_loss=self.local_loss,
                           gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size,
-                          precision=self.precision)
+                          precision=self.precision, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, igc_weight={self.igc_weight}, tgc_weight={self.tgc_weight}, "

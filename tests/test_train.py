@@ -35,10 +35,11 @@ def synth(tmp_path_factory) -> Path:
 
 
 def base_args(data: Path, output: Path, *extra: str) -> list[str]:
-    """A tiny DeGLA run: 8 images x (1 + 4) captions per step, random tiny CLIP, fp32 on the CPU."""
+    """A tiny DeGLA run: 8 images x (1 + 4) captions per step, random tiny CLIP, fp32 on the CPU,
+    a metrics row (and the host's read of the device) every step."""
     return ["--data", str(data), "--output", str(output), "--model", "degla-tiny", "--pretrained", "none",
             "--batch-size", "8", "--num-negatives", "4", "--precision", "fp32", "--device", "cpu",
-            "--num-workers", "0", "--lr", "1e-3", "--seed", "3", "--no-progress",
+            "--num-workers", "0", "--lr", "1e-3", "--seed", "3", "--no-progress", "--log-every", "1",
             "--set", "optim.warmup_steps=2", "--set", "ema.decay=0.9", "--set", "data.pipeline=torch", *extra]
 
 
@@ -153,7 +154,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
     assert steps == list(range(1, state["step"] + 1))  # every finished step logged, the saved one last
 
 
-def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [[], ["--set", "optim.fused=false"]], ids=["on-device skip", "host-read skip"])
+def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_path, monkeypatch, capsys, extra):
     from degla_fast.train import step as step_module
 
     real_make_loss = step_module.make_loss
@@ -173,7 +175,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_pat
 
     monkeypatch.setattr(train_main, "make_loss", flaky_make_loss)
     out = tmp_path / "nan"
-    status = train_main.main(base_args(synth, out, "--max-steps", "50", "--set", "max_nonfinite_steps=3"))
+    status = train_main.main(base_args(synth, out, "--max-steps", "50", "--set", "max_nonfinite_steps=3", *extra))
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("non-finite loss") >= 3 and "max_nonfinite_steps=3" in err
@@ -181,6 +183,8 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_pat
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     state = torch.load(out / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=False)
     assert state["step"] == 2 and state["batch"] == 5  # 2 applied + 3 skipped batches consumed
+    assert state["scheduler"]["last_epoch"] == 2  # the skipped steps did not advance the schedule
+    assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())  # nor AdamW's step count
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
@@ -213,7 +217,7 @@ def test_help_config_lists_every_field_with_its_doc(capsys):
     assert train_main.main(["--help-config"]) == 0
     out = capsys.readouterr().out
     assert "loss.igc_weight (0.1): weight of the image-grounded contrast (IGC)" in out
-    assert "precision ('amp'):" in out and "[fp32, bf16, amp]" in out
+    assert "precision ('bf16'):" in out and "[fp32, bf16, amp]" in out
 
 
 def test_yaml_unknown_key_and_bad_value_name_the_field(tmp_path):
@@ -285,7 +289,7 @@ def test_train_step_updates_student_clamps_logit_scale_and_moves_teacher():
     tokens = bundle.tokenizer([f"a photo of {i} things" for i in range(12)])[:, :10]
     result = train_step(parts, images, tokens)
 
-    assert result.applied and set(result.times) == {"forward", "backward", "optim", "ema"}
+    assert result.applied and set(result.times) == {"forward", "teacher_forward", "loss", "backward", "optim", "ema"}
     assert float(model.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE)
     assert float(result.logit_scale) == pytest.approx(math.exp(MAX_LOGIT_SCALE + 0.5), rel=1e-5)
     w = "visual.conv1.weight"
@@ -341,9 +345,10 @@ def _final(out: Path) -> dict:
 
 
 def test_fused_ema_gives_the_same_metrics_and_weights_as_adamw_plus_update(synth, tmp_path):
-    # On the CPU AdamWEMA's torch backend is AdamW(foreach) + EMATeacher.update op for op: equal bits.
+    # On the CPU AdamWEMA's torch backend is AdamW(foreach) + EMATeacher.update op for op: equal bits
+    # (optim.fused=false: the foreach AdamW, not the fused one the trainer picks by default).
     plain, fused = tmp_path / "plain", tmp_path / "fused"
-    assert train_main.main(base_args(synth, plain, "--max-steps", "3")) == 0
+    assert train_main.main(base_args(synth, plain, "--max-steps", "3", "--set", "optim.fused=false")) == 0
     assert train_main.main(base_args(synth, fused, "--max-steps", "3", "--fused-ema")) == 0
     rows_a, rows_b = read_metrics(plain / "metrics.jsonl"), read_metrics(fused / "metrics.jsonl")
     assert [r["step"] for r in rows_b] == [1, 2, 3]
@@ -426,7 +431,7 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
         model.load_state_dict(bundle.model.state_dict())
         teacher = EMATeacher(model, decay=0.5, forward_dtype=teacher_dtype)
         optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
-                                    teacher=teacher if fused else None)
+                                    teacher=teacher if fused else None, fused=False)  # AdamW(foreach)
         parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
                           scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
                           clamp_logit_scale=lambda m=model: clamp_logit_scale_(m), teacher=teacher,
@@ -453,7 +458,7 @@ def test_ema_dtype_keeps_an_fp32_state_and_bf16_means_a_forward_copy(synth, tmp_
     # ema.dtype bf16 used to make the EMA state itself bf16, which never moves at decay 0.9996.
     from degla_fast.model import TINY_MODEL, create_model
 
-    config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "ema.decay": 0.9996})
+    config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "ema.decay": 0.9996, "precision": "fp32"})
     student = create_model(TINY_MODEL).model
     teacher = train_main._make_teacher(student, config, None)
     assert teacher.dtype == torch.float32 and teacher.flat.dtype == torch.float32
@@ -475,3 +480,45 @@ def test_ema_dtype_bf16_run_trains_with_the_forward_copy(synth, tmp_path):
     state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], map_location="cpu", weights_only=False)
     teacher = state["teacher"]
     assert all(v.dtype == torch.float32 for v in teacher.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("precision, name, forward", [("bf16", "same", torch.bfloat16), ("bf16", "fp32", None),
+                                                      ("amp", "same", torch.bfloat16)])  # amp is bf16 on the CPU
+def test_ema_dtype_same_follows_the_forward_precision(synth, precision, name, forward):
+    # precision bf16 (the default): the teacher runs on a bf16 copy written by the EMA pass, not on
+    # fp32 weights that autocast casts every step.
+    from degla_fast.model import TINY_MODEL, create_model
+
+    config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "precision": precision})
+    teacher = train_main._make_teacher(create_model(TINY_MODEL).model, config, None)
+    assert teacher.forward_dtype == forward and teacher.flat.dtype == torch.float32
+    assert {p.dtype for p in teacher.module.parameters()} == {forward or torch.float32}
+
+
+def test_bf16_step_feeds_the_loss_bf16_features():
+    from degla_fast import EMATeacher
+    from degla_fast.model import TINY_MODEL, create_model
+    from degla_fast.train.optim import build_optimizer, build_scheduler
+    from degla_fast.train.step import StepParts, clamp_logit_scale_, make_loss, train_step
+
+    bundle = create_model(TINY_MODEL)
+    model = bundle.model
+    teacher = EMATeacher(model, decay=0.9, forward_dtype=torch.bfloat16)
+    seen = []
+    real = make_loss(num_negatives=2)
+
+    def loss(*args):
+        seen.append([None if a is None else a.dtype for a in args])
+        return real(*args)
+
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    parts = StepParts(model=model, loss_fn=loss, optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
+                      clamp_logit_scale=lambda: clamp_logit_scale_(model), teacher=teacher,
+                      autocast_dtype=torch.bfloat16, teacher_autocast_dtype=torch.bfloat16)
+    images = torch.randn(4, 3, bundle.image_size, bundle.image_size)
+    tokens = bundle.tokenizer([f"a photo of {i} things" for i in range(12)])[:, :10]
+    assert train_step(parts, images, tokens).applied
+    bf16 = torch.bfloat16
+    assert seen == [[bf16, bf16, torch.float32, bf16, bf16]]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights, bf16 autocast

@@ -48,7 +48,7 @@ def common_args(synth: Path) -> list[str]:
     scale (e.g. DeepSpeed's default clipping at norm 1) changes the trajectory visibly."""
     return ["--data", str(synth), "--model", "degla-tiny", "--pretrained", "none", "--batch-size", "4",
             "--num-negatives", "4", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
-            "--lr", "1e-3", "--seed", "5", "--no-progress", "--max-steps", "4", "--save-every", "2",
+            "--lr", "1e-3", "--seed", "5", "--no-progress", "--max-steps", "4", "--save-every", "2", "--log-every", "1",
             "--set", "optim.warmup_steps=1", "--set", "optim.eps=0.01", "--set", "ema.decay=0.9",
             "--set", "data.pipeline=torch"]
 

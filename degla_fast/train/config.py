@@ -97,9 +97,11 @@ class EMAConfig:
 
     decay: float = _f(0.9996, "teacher = decay * teacher + (1 - decay) * student after every step", minimum=0.0)
     backend: str = _f("auto", "EMA update implementation", EMA_BACKENDS)
-    dtype: str = _f("same", "teacher forward weights: 'same'/'fp32' use the fp32 EMA state; 'bf16' adds a bf16 copy "
-                            "written by the same update (the EMA state stays fp32: a bf16 state would not move at "
-                            "decay 0.9996); under ZeRO-3 the forward runs under bf16 autocast instead", EMA_DTYPES)
+    dtype: str = _f("same", "teacher forward weights: 'same' = the forward's autocast dtype (a bf16 copy with "
+                            "precision bf16, the fp32 EMA state with fp32); 'fp32' = the fp32 EMA state (autocast "
+                            "casts it every step); 'bf16' = a bf16 copy. A copy is written by the EMA update itself "
+                            "(the EMA state stays fp32: a bf16 state would not move at decay 0.9996); under ZeRO-3 "
+                            "the forward runs under autocast instead", EMA_DTYPES)
 
 
 @dataclass
@@ -116,20 +118,24 @@ class TrainConfig:
     max_steps: int = _f(0, "run length in optimiser steps (overrides epochs; the schedule spans it); 0 = epochs",
                         minimum=0)
     seed: int = _f(42, "seed of the model-independent randomness: data order, negatives, augmentation")
-    precision: str = _f("amp", "fp32; bf16 = bf16 autocast, fp32 weights; amp = fp16 autocast + loss scaling on "
-                               "CUDA (bf16 autocast elsewhere)", PRECISIONS)
+    precision: str = _f("bf16", "bf16 = bf16 autocast over fp32 weights, bf16 features into the loss (which "
+                                "accumulates in fp32) and a bf16 teacher forward copy; fp32; amp = fp16 autocast + "
+                                "loss scaling on CUDA (bf16 autocast elsewhere)", PRECISIONS)
     device: str = _f("auto", "cuda when available, else cpu", DEVICES)
     resume: str | None = _f(None, "'latest' (this output's newest checkpoint, or a fresh start) or a checkpoint path")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (ZeRO stage, offload); null trains without DeepSpeed")
     report_to: str = _f("none", "where metrics also go besides metrics.jsonl", REPORTERS)
     progress: bool = _f(True, "progress bar on rank 0 (also off when stderr is not a terminal)")
-    log_every: int = _f(1, "write a metrics row every this many steps", minimum=1)
+    log_every: int = _f(50, "write a metrics row every this many steps; also how often the host reads the device "
+                            "(losses, skipped steps, stop signals): the only host sync between those steps",
+                        minimum=1)
     save_every: int = _f(500, "checkpoint every this many steps (and always at the end); 0 = only at the end",
                          minimum=0)
     keep_last: int = _f(3, "checkpoints kept on disk (older ones are deleted)", minimum=1)
     max_nonfinite_steps: int = _f(5, "consecutive non-finite losses tolerated before saving and stopping",
                                   minimum=1)
-    time_phases: bool = _f(True, "synchronise the device between phases to report data/forward/backward/EMA times")
+    profile_phases: bool = _f(False, "synchronise the device between phases so that the data/forward/backward/EMA "
+                                     "times cover the device's work (a host sync at each phase: for profiling only)")
 
 
 # ---------------------------------------------------------------- building and validating

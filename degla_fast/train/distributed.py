@@ -83,6 +83,25 @@ def all_true(flag: bool, info: DistInfo, device: torch.device | None = None) -> 
     return bool(t.item() > 0)
 
 
+def all_true_tensor(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``flag`` (a 0-d bool tensor) AND-ed over ranks, still on the device: one tiny all-reduce,
+    no host read (nothing at all on one process)."""
+    if not info.distributed:
+        return flag
+    t = flag.float().reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.reshape(()) > 0
+
+
+def sum_across(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum of ``values`` over ranks (a new tensor; ``values`` itself on one process)."""
+    if not info.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
+
+
 def any_true(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` holds on some rank."""
     return not all_true(not flag, info)
@@ -112,7 +131,8 @@ def read_deepspeed_config(path: str, *, micro_batch: int, world_size: int, max_g
     Batch-size keys are set from the trainer's batch size (``"auto"`` or absent; a different
     explicit value is an error, one source of truth); ``gradient_clipping`` comes from
     ``optim.max_grad_norm`` (0 = off) where the file says ``"auto"`` or nothing (DeepSpeed's
-    own default would clip at 1.0). The forward's autocast is
+    own default would clip at 1.0). ZeRO-1/2 without clipping get ``compute_grad_norm: false``
+    (unless the file says otherwise): the norm's host read per step is then gone. The forward's autocast is
     the trainer's (``precision``); the file's ``fp16``/``bf16`` sections choose the engine's weights.
     """
     cfg = read_config_mapping(path, "deepspeed")
@@ -130,6 +150,11 @@ def read_deepspeed_config(path: str, *, micro_batch: int, world_size: int, max_g
         # Always explicit: DeepSpeed's own default clips at norm 1.0.
         cfg["gradient_clipping"] = float(max_grad_norm)
     cfg.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
+    zero = cfg.get("zero_optimization", {})
+    if stage in (1, 2) and not cfg["gradient_clipping"] and not zero.get("offload_optimizer"):
+        # Without clipping the norm is only read back to find overflow on the host (a sync per
+        # step); the trainer finds non-finite steps on the device itself.
+        zero.setdefault("compute_grad_norm", False)
     return cfg
 
 
@@ -217,15 +242,26 @@ def _zero_init_param(self, param) -> None:
 def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> None:
     """``student.logit_scale <= maximum`` in the engine's fp32 master copy and in the model's own
     (possibly partitioned, possibly 16-bit) copy. A collective under ZeRO-3: every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
     param = student.logit_scale
     with torch.no_grad():
-        master = safe_get_full_fp32_param(param)
-        if master is not None and float(master.max()) > maximum:
-            safe_set_full_fp32_param(param, master.clamp(max=maximum))
-        # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is harmless).
-        (param.ds_tensor if hasattr(param, "ds_tensor") else param.data).clamp_(max=maximum)
+        # The rank's own piece of the fp32 master copy, clamped in place: no gather and no host
+        # read (the value is never compared on the host).
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's slice of the flat fp32 partition
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            master = safe_get_local_fp32_param(param)
+        else:  # ZeRO-1/2: the fragment this rank's partition holds (None: another rank's)
+            mapping = getattr(param, "_hp_mapping", None)
+            master = mapping.get_hp_fragment() if mapping is not None else None
+        if master is not None:
+            master.clamp_(max=maximum)
+        # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is
+        # harmless), and param.data the gathered copy the forward reads: a persisted parameter
+        # (logit_scale is far below param_persistence_threshold) stays gathered between steps,
+        # so it is clamped too (an empty placeholder when the parameter is released).
+        if hasattr(param, "ds_tensor"):
+            param.ds_tensor.clamp_(max=maximum)
+        param.data.clamp_(max=maximum)
 
 
 def full_state_dict(module: torch.nn.Module, info: DistInfo) -> dict | None:

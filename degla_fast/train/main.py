@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import TrainConfig, describe, load_config, to_dict
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, rewind_scheduler
 from .step import MAX_LOGIT_SCALE, StepParts, autocast_dtype, clamp_logit_scale_, make_loss, needs_teacher, train_step
 
 # flag -> dotted config field
@@ -37,6 +37,7 @@ FLAG_FIELDS = {
     "tgc_weight": "loss.tgc_weight", "distill_weight": "loss.distill_weight", "lr": "optim.lr",
     "device": "device", "num_workers": "data.num_workers", "save_every": "save_every",
     "compile": "model.compile", "grad_checkpointing": "model.grad_checkpointing", "fused_ema": "optim.fused_ema",
+    "profile_phases": "profile_phases", "log_every": "log_every",
 }
 
 
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation checkpointing in both towers (model.grad_checkpointing)")
     parser.add_argument("--fused-ema", action="store_const", const=True,
                         help="AdamW and the EMA teacher update in one pass (optim.fused_ema)")
+    parser.add_argument("--log-every", type=int, help="metrics row (and the one host sync) every N steps (log_every)")
+    parser.add_argument("--profile-phases", action="store_const", const=True,
+                        help="synchronise the device at each phase for exact phase times (profile_phases)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any configuration field, e.g. --set loss.tgc_weight=0 (repeatable)")
@@ -164,10 +168,11 @@ def _check_data_path(path: str) -> None:
         raise DataError(f"data.path: no such file {path}")
 
 
-def _teacher_dtype(name: str):
-    """The dtype of the teacher's forward copy for ``ema.dtype`` (None: none). The EMA state is
-    always fp32: a bf16 state would not move at decay 0.9996 (docs/ema.md)."""
-    return {"same": None, "fp32": None, "bf16": torch.bfloat16}[name]
+def _teacher_dtype(name: str, forward: torch.dtype | None = None):
+    """The dtype of the teacher's forward copy for ``ema.dtype`` (None: none) when the student's
+    forward runs under autocast ``forward`` (None: fp32). The EMA state is always fp32: a bf16
+    state would not move at decay 0.9996 (docs/ema.md)."""
+    return {"same": forward, "fp32": None, "bf16": torch.bfloat16}[name]
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -288,15 +293,17 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
                         tgc_scale=config.loss.tgc_scale, backend=config.loss.backend,
                         official_tgc_indexing=config.loss.official_tgc_indexing, local_loss=config.loss.local_loss,
                         gather_with_grad=config.loss.gather_with_grad, rank=info.rank, world_size=info.world_size)
-    sync = torch.cuda.synchronize if (device.type == "cuda" and config.time_phases) else None
+    # Phase times cover the device's work only with profile_phases (a device sync at each lap).
+    sync = torch.cuda.synchronize if (device.type == "cuda" and config.profile_phases) else None
     parts = StepParts(
         model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         clamp_logit_scale=_logit_scale_clamp(student, engine), teacher=teacher, engine=engine, scaler=scaler,
         autocast_dtype=amp_dtype,
-        # A bf16 teacher needs autocast even in an fp32 run (its inputs are fp32).
-        teacher_autocast_dtype=amp_dtype or (torch.bfloat16 if config.ema.dtype == "bf16" else None),
+        # A 16-bit teacher copy needs autocast even in an fp32 run (its inputs are fp32); autocast
+        # leaves its 16-bit weights as they are.
+        teacher_autocast_dtype=amp_dtype or getattr(teacher, "forward_dtype", None),
         max_grad_norm=config.optim.max_grad_norm, sync=sync, optimizer_moves_teacher=config.optim.fused_ema,
-        all_finite=lambda t: dist_utils.all_true(bool(torch.isfinite(t)), info))
+        all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info))
 
     step = int(state["step"]) if state else 0
     epoch = int(state["epoch"]) if state else 0
@@ -315,7 +322,8 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
                                progress=config.progress, report_to=config.report_to, run_config=to_dict(config))
     stop = _StopFlag().install()
     last_saved = step if resume_path is not None else None
-    nonfinite_in_row = 0
+    counters = _Counters(device)
+    window = _Window(step, time.perf_counter())
     try:
         while step < total_steps:
             data.set_epoch(epoch, start_batch=batch_in_epoch)
@@ -325,38 +333,43 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
                 tokens = batch.tokens.to(device, non_blocking=True)
                 if sync is not None:
                     sync()
-                data_time = time.perf_counter() - tick
+                window.data_time += time.perf_counter() - tick
                 lr = optimizer.param_groups[0]["lr"]
                 result = train_step(parts, images, tokens)
-                batch_in_epoch, batch_epoch = batch_in_epoch + 1, epoch
-                if result.applied:
-                    step += 1
-                    nonfinite_in_row = 0
-                else:
-                    nonfinite_in_row += 1
-                    _warn(logger, f"step {step + 1}: non-finite loss ({float(result.losses.total)}), step skipped "
-                                  f"({nonfinite_in_row} in a row, limit {config.max_nonfinite_steps})")
+                counters.add(result.applied)
+                # Counted as applied until the host reads the counters (every log_every steps).
+                step, batch_in_epoch, batch_epoch = step + 1, batch_in_epoch + 1, epoch
                 if batch_in_epoch >= steps_per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
-                if result.applied and step % config.log_every == 0:
-                    row = _metrics_row(result, step, batch_epoch, lr, data_time, time.perf_counter() - tick,
-                                       config.data.batch_size * info.world_size, info)
-                    if logger is not None:
-                        logger.log(row)
-                        logger.advance(config.log_every, {"loss": f"{row['loss']:.4f}"})
-                if nonfinite_in_row >= config.max_nonfinite_steps:
-                    path = saver.save(step, epoch, batch_in_epoch)
-                    raise NonFiniteError(f"loss was non-finite for {nonfinite_in_row} steps in a row "
-                                         f"(max_nonfinite_steps={config.max_nonfinite_steps}); state saved to {path}; "
-                                         "lower optim.lr or check the data")
-                stopping = dist_utils.any_true(stop.signum is not None, info)
-                if stopping or step >= total_steps or (config.save_every and result.applied
-                                                       and step % config.save_every == 0):
-                    path = saver.save(step, epoch, batch_in_epoch)
-                    last_saved = step
-                if stopping:
-                    _warn(logger, f"stop signal received: saved step {step} to {path}; resume with --resume latest")
-                    return TrainResult(step, path, "signal")
+                due_save = bool(config.save_every) and step % config.save_every == 0
+                if step % config.log_every == 0 or step >= total_steps or due_save:
+                    # The one host sync of these log_every steps: losses, skip counters, stop flags.
+                    stats = counters.read(result, stop.signum is not None, info)
+                    if stats["skipped"]:
+                        step -= stats["skipped"]
+                        rewind_scheduler(scheduler, stats["skipped"])
+                        _warn(logger, f"step {step + 1}: non-finite loss ({stats['loss']}), {stats['skipped']} "
+                                      f"step(s) skipped since the last log ({stats['in_row']} in a row, limit "
+                                      f"{config.max_nonfinite_steps})")
+                    if stats["applied"] and step > window.logged:
+                        row = _metrics_row(stats, result, step, batch_epoch, lr, window, time.perf_counter(),
+                                           config.data.batch_size * info.world_size)
+                        if logger is not None:
+                            logger.log(row)
+                            logger.advance(step - window.logged, {"loss": f"{row['loss']:.4f}"})
+                        window = _Window(step, time.perf_counter())
+                    if stats["max_in_row"] >= config.max_nonfinite_steps:
+                        path = saver.save(step, epoch, batch_in_epoch)
+                        raise NonFiniteError(f"loss was non-finite for {stats['max_in_row']} steps in a row "
+                                             f"(max_nonfinite_steps={config.max_nonfinite_steps}); state saved to "
+                                             f"{path}; lower optim.lr or check the data")
+                    due_save = bool(config.save_every) and step % config.save_every == 0 and step != last_saved
+                    if stats["stop"] or step >= total_steps or due_save:
+                        path = saver.save(step, epoch, batch_in_epoch)
+                        last_saved = step
+                    if stats["stop"]:
+                        _warn(logger, f"stop signal received: saved step {step} to {path}; resume with --resume latest")
+                        return TrainResult(step, path, "signal")
                 if step >= total_steps or batch_in_epoch == 0:
                     break
                 tick = time.perf_counter()
@@ -368,21 +381,66 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, ds_config, build_trai
             logger.close()
 
 
+class _Counters:
+    """Device-side step counters read by the host once per log interval: steps skipped since
+    the last read, the current and longest run of consecutive skips. Updating them is three tiny
+    device ops per step; reading them (with the losses and the stop flags) is one all-reduce and
+    one ``tolist``."""
+
+    def __init__(self, device: torch.device):
+        self.skipped = torch.zeros((), device=device)
+        self.in_row = torch.zeros((), device=device)
+        self.max_in_row = torch.zeros((), device=device)
+
+    def add(self, applied: torch.Tensor) -> None:
+        skip = (~applied).float()
+        self.skipped += skip
+        self.in_row.add_(skip).mul_(skip)
+        torch.maximum(self.max_in_row, self.in_row, out=self.max_in_row)
+
+    def read(self, result, stopping: bool, info: dist_utils.DistInfo) -> dict:
+        """The host's view (one sync): mean losses over ranks, the counters (the same on every
+        rank), whether the last step was applied and whether any rank got a stop signal; then
+        the interval counters start again."""
+        losses = result.losses
+        values = torch.stack([losses.total, losses.clip, losses.igc, losses.tgc, losses.distill,
+                              result.logit_scale, self.skipped, self.max_in_row, self.in_row,
+                              (~result.applied).float(), torch.full_like(self.skipped, float(stopping))]).float()
+        values = dist_utils.sum_across(values, info).tolist()
+        n = info.world_size
+        self.skipped.zero_()
+        self.max_in_row.copy_(self.in_row)
+        names = ("loss", "clip", "igc", "tgc", "distill", "logit_scale")
+        stats = {name: v / n for name, v in zip(names, values)}
+        stats.update(skipped=round(values[6] / n), max_in_row=round(values[7] / n), in_row=round(values[8] / n),
+                     applied=values[9] == 0, stop=values[10] > 0)
+        return stats
+
+
+@dataclass
+class _Window:
+    """The steps since the last metrics row: where it started (step, time) and the data time in it."""
+
+    logged: int
+    start: float
+    data_time: float = 0.0
+
+
 def _warn(logger: MetricsLogger | None, message: str) -> None:
     if logger is not None:
         logger.warn(message)
 
 
-def _metrics_row(result, step: int, epoch: int, lr: float, data_time: float, step_time: float, global_batch: int,
-                 info: dist_utils.DistInfo) -> dict:
-    losses = result.losses
-    values = torch.stack([losses.total, losses.clip, losses.igc, losses.tgc, losses.distill,
-                          result.logit_scale.float()]).float().cpu()
-    values = dist_utils.mean_across(values.to(info.device), info).cpu().tolist()
-    row = {"step": step, "epoch": epoch, "loss": values[0], "clip": values[1], "igc": values[2], "tgc": values[3],
-           "distill": values[4], "lr": lr, "logit_scale": values[5],
-           "samples_per_s": global_batch / step_time if step_time > 0 else float("inf"),
-           "time_data": data_time, "time_step": step_time}
+def _metrics_row(stats: dict, result, step: int, epoch: int, lr: float, window: _Window, now: float,
+                 global_batch: int) -> dict:
+    """A metrics row from the host's read of the counters: the last step's losses (means over
+    ranks), and throughput and data time averaged over the steps since the previous row."""
+    steps = max(1, step - window.logged)
+    elapsed = now - window.start
+    row = {"step": step, "epoch": epoch, "loss": stats["loss"], "clip": stats["clip"], "igc": stats["igc"],
+           "tgc": stats["tgc"], "distill": stats["distill"], "lr": lr, "logit_scale": stats["logit_scale"],
+           "samples_per_s": global_batch * steps / elapsed if elapsed > 0 else float("inf"),
+           "time_data": window.data_time / steps, "time_step": elapsed / steps}
     row.update({f"time_{phase}": seconds for phase, seconds in result.times.items()})
     return row
 
@@ -392,7 +450,9 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
     from ..ema import EMATeacher
 
     kwargs = dict(decay=config.ema.decay, backend=config.ema.backend)
-    forward_dtype = _teacher_dtype(config.ema.dtype)  # ema.dtype bf16: fp32 state + a bf16 forward copy
+    device = next(student.parameters()).device
+    # ema.dtype same with precision bf16, or bf16: fp32 state + a bf16 forward copy
+    forward_dtype = _teacher_dtype(config.ema.dtype, autocast_dtype(config.precision, device, engine is not None))
     if engine is None:
         return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
     fresh = None

@@ -28,7 +28,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, named: bool = F
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, fused: bool = True, teacher: Any = None, ema_backend: str = "auto"
                     ) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; the fused kernel when asked and every parameter is on CUDA.
+    """AdamW over :func:`param_groups`; the fused kernel when asked and every parameter is on CUDA
+    or the CPU (torch has both). The fused AdamW honours a device-side ``found_inf`` (as
+    GradScaler passes it), which is how a non-finite step is skipped without a host read.
 
     With ``teacher`` (an :class:`~degla_fast.ema.EMATeacher` of ``model``): an
     :class:`~degla_fast.optim_ema.AdamWEMA` over the same groups (mapped to the teacher by
@@ -41,8 +43,15 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
         return AdamWEMA(param_groups(model, weight_decay, named=True), teacher, lr=lr, betas=betas, eps=eps,
                         decay=teacher.decay, backend=ema_backend)
     groups = param_groups(model, weight_decay)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused and on_cuda) or None)
+    supported = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused and supported) or None)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours a device tensor ``optimizer.found_inf`` (1 = skip the
+    step, state and step count untouched), as torch's fused Adam/AdamW do."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(
+        any(g.get("fused") for g in optimizer.param_groups))
 
 
 def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -63,3 +72,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, tota
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, warmup_steps=warmup_steps, total_steps=total_steps,
                                                 min_ratio=min_ratio))
+
+
+def rewind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Undo ``steps`` calls of ``scheduler.step()`` (steps that were skipped on the device and
+    are only counted when the host next reads the step counters): the next step gets the
+    learning rate it would have had had the skipped steps never advanced the schedule."""
+    if steps <= 0:
+        return
+    scheduler.last_epoch -= steps
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

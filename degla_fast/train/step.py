@@ -19,10 +19,10 @@ from ..ema import ema_update_
 from ..functional import LossOutput, clip_loss
 from ..losses import DeGLALoss
 from ..model import clip_features
+from .optim import skips_on_device
 
 # open_clip's convention: the learned temperature never exceeds 100.
 MAX_LOGIT_SCALE = math.log(100.0)
-PHASES = ("forward", "backward", "optim", "ema")
 
 
 def make_loss(*, num_negatives: int, igc_weight: float = 0.1, tgc_weight: float = 0.1, distill_weight: float = 0.005,
@@ -32,12 +32,13 @@ def make_loss(*, num_negatives: int, igc_weight: float = 0.1, tgc_weight: float 
     """The loss callable ``(img [B,D], txt [B*(1+K),D], scale, t_img, t_txt) -> LossOutput``.
 
     ``num_negatives == 0`` gives the plain CLIP loss (IGC, TGC and distillation reported as 0).
+    Inputs are not checked for NaN/Inf on the host: the step checks the loss on the device.
     """
     dist_args = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
     if num_negatives > 0:
         return DeGLALoss(num_negatives=num_negatives, igc_weight=igc_weight, tgc_weight=tgc_weight,
                          distill_weight=distill_weight, tgc_scale=tgc_scale, backend=backend,
-                         official_tgc_indexing=official_tgc_indexing, **dist_args)
+                         official_tgc_indexing=official_tgc_indexing, check_finite=False, **dist_args)
 
     def plain_clip(image, text, logit_scale, teacher_image=None, teacher_text=None) -> LossOutput:
         loss = clip_loss(image, text, logit_scale, num_negatives=0, backend=backend, **dist_args)
@@ -53,7 +54,8 @@ def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) 
 
 
 def autocast_dtype(precision: str, device: torch.device, deepspeed: bool = False) -> torch.dtype | None:
-    """The forward's autocast dtype: None for ``fp32``, bf16 for ``bf16``; for ``amp`` fp16 on CUDA
+    """The forward's autocast dtype (also the dtype of the features the loss gets): None for
+    ``fp32``, bf16 for ``bf16`` (the default); for ``amp`` fp16 on CUDA
     (with a GradScaler) and bf16 elsewhere or under DeepSpeed (whose own loss scaling belongs to
     its ``fp16`` config section, which autocast does not need)."""
     if precision == "fp32":
@@ -70,8 +72,12 @@ class StepParts:
     ``scaler`` a ``torch.amp.GradScaler`` for fp16 or None; ``clamp_logit_scale`` a callable
     that keeps the student's ``logit_scale <= ln 100`` (see :func:`clamp_logit_scale_`);
     ``autocast_dtype`` / ``teacher_autocast_dtype``: the forwards' autocast (None: off);
-    ``all_finite(loss) -> bool`` agrees across ranks; ``optimizer_moves_teacher``: the
-    optimiser is an ``AdamWEMA`` of ``teacher`` (its step is the EMA update)."""
+    ``scheduler`` is stepped once per call, skipped steps included (the trainer undoes those
+    with ``optim.rewind_scheduler`` when it reads the skip counters);
+    ``all_finite(loss) -> 0-d bool tensor`` on the device, the same on every rank (an
+    all-reduce, never a host read); ``optimizer_moves_teacher``: the optimiser is an
+    ``AdamWEMA`` of ``teacher`` (its step is the EMA update); ``sync``: called at each phase
+    lap (e.g. ``torch.cuda.synchronize`` with ``profile_phases``; None: laps are host times)."""
 
     model: torch.nn.Module
     loss_fn: Callable[..., LossOutput]
@@ -85,73 +91,137 @@ class StepParts:
     teacher_autocast_dtype: torch.dtype | None = None
     max_grad_norm: float = 0.0
     sync: Callable[[], None] | None = None
-    all_finite: Callable[[torch.Tensor], bool] = field(default=lambda t: bool(torch.isfinite(t)))
+    all_finite: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: torch.isfinite(t))
     optimizer_moves_teacher: bool = False
 
 
 @dataclass
 class StepResult:
-    """A step's detached losses (``LossOutput`` of 0-d tensors), whether it was applied
-    (False: non-finite loss, skipped), the ``logit_scale`` used (exp applied) and phase times in seconds."""
+    """A step's detached losses (``LossOutput`` of 0-d tensors), ``applied`` (a 0-d bool tensor
+    on the device: False when the loss was non-finite and the step was skipped, or the loss
+    scaler skipped it; reading it is a host sync, which the trainer does only every
+    ``log_every`` steps), the ``logit_scale`` used (exp applied) and phase times in seconds."""
 
     losses: LossOutput
-    applied: bool
+    applied: torch.Tensor
     logit_scale: torch.Tensor
     times: dict[str, float]
 
 
 def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
-    """One optimiser step on ``images [B,3,H,W]`` and ``tokens [B*(1+K), L]`` (already on the device)."""
+    """One optimiser step on ``images [B,3,H,W]`` and ``tokens [B*(1+K), L]`` (already on the device).
+
+    No host sync: a non-finite loss is found on the device and the step skipped there (the
+    fused AdamW's ``found_inf``, as GradScaler passes it; the EMA's ``apply``), on every rank
+    alike. Optimisers without a device-side skip (``optim.fused: false``, AdamWEMA) read the
+    flag on the host instead, once per step.
+    """
     times, clock = {}, _Clock(parts.sync)
     device_type = images.device.type
-    with torch.autocast(device_type, dtype=parts.autocast_dtype, enabled=parts.autocast_dtype is not None):
+    with _phase("forward"), torch.autocast(device_type, dtype=parts.autocast_dtype,
+                                           enabled=parts.autocast_dtype is not None):
         image, text, scale = clip_features(parts.model, images, tokens)
+    times["forward"] = clock.lap()
     t_image = t_text = None
     if parts.teacher is not None:
         amp = parts.teacher_autocast_dtype
-        with torch.no_grad(), torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+        with _phase("teacher_forward"), torch.no_grad(), torch.autocast(device_type, dtype=amp,
+                                                                        enabled=amp is not None):
             t_image, t_text, _ = clip_features(parts.teacher.module, images, tokens)
-    # The loss runs in fp32: its logits and log-sum-exps are where low precision hurts.
-    out = parts.loss_fn(image.float(), text.float(), scale.float(), _float(t_image), _float(t_text))
-    times["forward"] = clock.lap()
-    if not parts.all_finite(out.total.detach()):
-        # Every rank skips together (all_finite agrees across ranks): no collective is left hanging.
-        parts.optimizer.zero_grad(set_to_none=True)
-        return StepResult(_detach(out), False, scale.detach(), times)
+    times["teacher_forward"] = clock.lap()
+    # The features reach the loss in the forward's dtype (bf16 under bf16 autocast; the normalisation
+    # may have left them fp32): the kernels read 16-bit features and accumulate in fp32.
+    dtype = parts.autocast_dtype or torch.float32
+    with _phase("loss"):
+        out = parts.loss_fn(image.to(dtype), text.to(dtype), scale.float(), _to(t_image, dtype), _to(t_text, dtype))
+    times["loss"] = clock.lap()
+    finite = parts.all_finite(out.total.detach())
     fused = parts.teacher is not None and parts.optimizer_moves_teacher
+    on_device = not fused and skips_on_device(parts.optimizer)
+    if not on_device and not bool(finite):  # host read: this optimiser cannot skip on the device
+        # Every rank skips together (all_finite agrees across ranks): no collective is left hanging.
+        # The schedule steps as on the device path: the trainer takes skipped steps back at its read.
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scheduler.step()
+        return StepResult(_detach(out), finite, scale.detach(), times)
+    found_inf = (~finite).float()  # 1.0: skip this step (optimiser, schedule correction, EMA)
     teacher_moved = False
+    backward_range = _open("backward")
     if parts.engine is not None:
         parts.engine.backward(out.total)
-        times["backward"] = clock.lap()
-        parts.engine.step()
+        times["backward"] = _close(backward_range, clock)
+        optimizer_range = _open("optimizer")
+        _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
     else:
         (parts.scaler.scale(out.total) if parts.scaler is not None else out.total).backward()
-        times["backward"] = clock.lap()
+        times["backward"] = _close(backward_range, clock)
+        optimizer_range = _open("optimizer")
+        if parts.scaler is not None:
+            parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
         if parts.max_grad_norm > 0:
-            if parts.scaler is not None:
-                parts.scaler.unscale_(parts.optimizer)
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
         scale_fix = _TeacherLogitScale(parts.teacher, _student_module(parts)) if fused else None
         if parts.scaler is not None:
+            if on_device:  # the loss's flag joins the gradients' in the scaler's found_inf
+                for flag in parts.scaler._per_optimizer_states[id(parts.optimizer)]["found_inf_per_device"].values():
+                    torch.maximum(flag, found_inf.to(flag.device), out=flag)
+                found_inf = _scaler_found_inf(parts.scaler, parts.optimizer, found_inf)
             loss_scale = parts.scaler.get_scale() if fused else 0.0
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
             # The scaler skips the optimiser step on inf/NaN gradients, then lowers its scale.
             teacher_moved = fused and parts.scaler.get_scale() >= loss_scale
+        elif on_device:
+            _step_with_found_inf(parts.optimizer, found_inf, parts.optimizer.step)
         else:
             parts.optimizer.step()
             teacher_moved = fused
         parts.optimizer.zero_grad(set_to_none=True)
-    parts.scheduler.step()
+    parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
     parts.clamp_logit_scale()
-    times["optim"] = clock.lap()
+    times["optim"] = _close(optimizer_range, clock)
+    ema_range = _open("ema")
     if teacher_moved:
         # The fused step moved the teacher toward the unclamped logit_scale: redo that one value.
         scale_fix.follow_clamped()
-    elif parts.teacher is not None:
-        parts.teacher.update(_student_module(parts))
-    times["ema"] = clock.lap()
-    return StepResult(_detach(out), True, scale.detach(), times)
+    elif parts.teacher is not None:  # (fused: the scaler skipped the step; the EMA still follows, as unfused)
+        parts.teacher.update(_student_module(parts), apply=1.0 - found_inf if on_device else None)
+    times["ema"] = _close(ema_range, clock)
+    return StepResult(_detach(out), found_inf == 0, scale.detach(), times)
+
+
+def _phase(name: str):
+    """A named range for profilers (``torch.profiler`` traces; NVTX under ``nsys``, which records
+    ``record_function`` ranges); next to nothing when no profiler runs."""
+    return torch.autograd.profiler.record_function(name)
+
+
+def _open(name: str):
+    phase = _phase(name)
+    phase.__enter__()
+    return phase
+
+
+def _close(phase, clock: "_Clock") -> float:
+    phase.__exit__(None, None, None)
+    return clock.lap()
+
+
+def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, step: Callable) -> None:
+    """``step()`` with ``optimizer.found_inf`` set (a fused AdamW skips on it; under DeepSpeed
+    ``step`` is the engine's, whose partitions go through this optimiser's ``step``)."""
+    optimizer.found_inf, optimizer.grad_scale = found_inf, None
+    try:
+        step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
+
+
+def _scaler_found_inf(scaler, optimizer, found_inf: torch.Tensor) -> torch.Tensor:
+    """The scaler's found_inf for ``optimizer`` after ``unscale_`` (summed over devices, on the loss's device)."""
+    flags = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    total = sum(f.to(found_inf.device) for f in flags)
+    return (total > 0).float()
 
 
 def clamp_logit_scale_(model: torch.nn.Module) -> None:
@@ -190,8 +260,8 @@ def _student_module(parts: StepParts) -> torch.nn.Module:
     return parts.engine.module if parts.engine is not None else parts.model
 
 
-def _float(t):
-    return None if t is None else t.float()
+def _to(t, dtype: torch.dtype):
+    return None if t is None else t.to(dtype)
 
 
 def _detach(out: LossOutput) -> LossOutput:
