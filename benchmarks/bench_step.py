@@ -9,6 +9,12 @@ the same model and batch.
 - ``DeGLA (ours)``: captions trimmed to the batch's longest, the fused loss (``backend="auto"``),
   ``EMATeacher`` (one fused pass that also writes the teacher's bf16 forward weights on a GPU).
 
+Plain CLIP and ours are ``degla_fast.train.step.train_step`` itself, on the trainer's parts:
+what is benchmarked is what trains (the released step keeps its own loop). ``p50_ms`` is the
+step as it trains, with no sync inside; the phase columns come from the same steps run again
+with a device sync at each phase boundary. On a GPU the table has B=256 for every variant and
+B=1024 for the eager ones (``peak_mem_bytes``: does it fit), each case in its own process.
+
 Every phase sits in a ``record_function`` range (NVTX too on CUDA) named data, forward,
 teacher_forward, loss, backward, optimizer, ema; ``--profile TRACE.json`` writes a torch.profiler
 Chrome trace of one variant. GPU: ViT-B-32-quickgelu (random weights), B=256, K=4, bf16 autocast,
@@ -55,16 +61,23 @@ def synthetic_tokens(rows: int, gen: torch.Generator, min_len: int = 8, max_len:
 
 
 class Step:
-    """One variant's model, teacher, loss and optimiser; ``__call__()`` runs a step and returns
-    its phase times in ms (device-synchronised at each phase boundary)."""
+    """One variant's model, teacher, loss and optimiser. ``__call__(phases=True)`` runs one step
+    and returns its phase times in ms (device-synchronised at each phase boundary);
+    ``phases=False`` runs it as training does (no sync inside) and returns ``{"total": ms}``
+    with one sync at the end.
+
+    Plain CLIP and ours run ``degla_fast.train.step.train_step`` itself on the trainer's parts
+    (``StepParts``: fused AdamW, schedule, clamp, device-side finiteness, EMATeacher with its
+    bf16 forward copy on a GPU); the released DeGLA step keeps its own loop below.
+    """
 
     def __init__(self, variant: str, *, model_name: str, batch: int, num_negatives: int, device: torch.device,
                  amp: torch.dtype | None):
         from degla_fast import EMATeacher
         from degla_fast.model import create_model
         from degla_fast.reference import ema_update_loop_
-        from degla_fast.train.optim import build_optimizer
-        from degla_fast.train.step import make_loss
+        from degla_fast.train.optim import build_optimizer, build_scheduler
+        from degla_fast.train.step import StepParts, clamp_logit_scale_, make_loss
 
         self.variant, self.device, self.amp = variant, device, amp
         self.released, self.plain = variant.startswith("DeGLA as released"), variant.startswith("plain")
@@ -74,22 +87,29 @@ class Step:
         self.model = self.bundle.model.train()
         self.loss_fn = make_loss(num_negatives=self.k, backend="reference" if self.released else "auto")
         self.optimizer = build_optimizer(self.model, lr=1e-5, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-        self.teacher = self.ema = None
-        if not self.plain:
-            if self.released:
-                import copy
+        self.teacher = self.ema = self.parts = None
+        if self.released:
+            import copy
 
-                self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-                t_params, s_params = list(self.teacher.parameters()), list(self.model.parameters())
-                self.ema = lambda: ema_update_loop_(t_params, s_params, 0.9996)
-            else:
-                fwd = torch.bfloat16 if amp is not None else None
-                ema = EMATeacher(self.model, decay=0.9996, forward_dtype=fwd)
-                self.teacher, self.ema = ema.module, lambda: ema.update(self.model)
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            t_params, s_params = list(self.teacher.parameters()), list(self.model.parameters())
+            self.ema = lambda: ema_update_loop_(t_params, s_params, 0.9996)
+        else:
+            teacher = None
+            if not self.plain:
+                teacher = EMATeacher(self.model, decay=0.9996, forward_dtype=amp)  # the trainer's bf16 copy
+                self.teacher = teacher.module
+            model = self.model
+            self.parts = StepParts(
+                model=model, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                scheduler=build_scheduler(self.optimizer, warmup_steps=1, total_steps=10**6),
+                clamp_logit_scale=lambda: clamp_logit_scale_(model), teacher=teacher,
+                autocast_dtype=amp, teacher_autocast_dtype=amp)
         if "torch.compile" in variant:
-            self.model.compile()
-            if self.teacher is not None:
-                self.teacher.compile()
+            # As the trainer does (model.compile): each tower in place, the teacher's too.
+            for net in [self.model] + ([self.teacher] if self.teacher is not None else []):
+                net.visual.compile()
+                net.transformer.compile()
         gen = torch.Generator().manual_seed(0)
         size = self.bundle.image_size
         self.images = torch.randn(batch, 3, size, size, generator=gen)
@@ -101,34 +121,52 @@ class Step:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self) -> dict:
-        from degla_fast.model import clip_features, trim_tokens
+    def __call__(self, phases: bool = True) -> dict:
+        from degla_fast.model import trim_tokens
+        from degla_fast.train.step import train_step
+
+        start = time.perf_counter()
+        with nvtx_range("data"):
+            # The release pads every caption to 77 tokens; ours trims to the batch's longest.
+            tokens = self.tokens if self.released or self.plain else trim_tokens(self.tokens)
+            images = self.images.to(self.device, non_blocking=True)
+            tokens = tokens.to(self.device, non_blocking=True)
+        if phases:
+            self._sync()
+        data_ms = (time.perf_counter() - start) * 1e3
+        if self.released:
+            times = self._released_step(images, tokens, phases)
+        else:
+            self.parts.sync = self._sync if phases else None
+            result = train_step(self.parts, images, tokens)
+            times = {PHASE_OF.get(k, k): v * 1e3 for k, v in result.times.items()}
+        if not phases:
+            self._sync()
+            return {"total": (time.perf_counter() - start) * 1e3}
+        return {"data": data_ms, **times}
+
+    def _released_step(self, images, tokens, phases: bool) -> dict:
+        """The released DeGLA step: fp32 teacher under the student's autocast, features upcast to
+        fp32 for the reference loss, plain AdamW step, the per-parameter EMA loop."""
+        from degla_fast.model import clip_features
         from degla_fast.train.step import clamp_logit_scale_
 
         times, last = {}, time.perf_counter()
 
         def lap(phase):
             nonlocal last
-            self._sync()
+            if phases:
+                self._sync()
             now = time.perf_counter()
             times[phase], last = (now - last) * 1e3, now
 
         amp = dict(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None)
-        with nvtx_range("data"):
-            # The release pads every caption to 77 tokens; ours trims to the batch's longest.
-            tokens = self.tokens if self.released or self.plain else trim_tokens(self.tokens)
-            images = self.images.to(self.device, non_blocking=True)
-            tokens = tokens.to(self.device, non_blocking=True)
-        lap("data")
         with nvtx_range("forward"), torch.autocast(**amp):
             image, text, scale = clip_features(self.model, images, tokens)
         lap("forward")
-        t_image = t_text = None
-        with nvtx_range("teacher_forward"):
-            if self.teacher is not None:
-                with torch.no_grad(), torch.autocast(**amp):
-                    t_image, t_text, _ = clip_features(self.teacher, images, tokens)
-                t_image, t_text = t_image.float(), t_text.float()
+        with nvtx_range("teacher_forward"), torch.no_grad(), torch.autocast(**amp):
+            t_image, t_text, _ = clip_features(self.teacher, images, tokens)
+        t_image, t_text = t_image.float(), t_text.float()
         lap("teacher_forward")
         with nvtx_range("loss"):
             out = self.loss_fn(image.float(), text.float(), scale.float(), t_image, t_text)
@@ -142,10 +180,13 @@ class Step:
             clamp_logit_scale_(self.model)
         lap("optimizer")
         with nvtx_range("ema"):
-            if self.ema is not None:
-                self.ema()
+            self.ema()
         lap("ema")
         return times
+
+
+#: train_step's phase names -> this benchmark's
+PHASE_OF = {"optim": "optimizer"}
 
 
 def config(quick: bool, batch: int | None = None) -> dict:
@@ -180,14 +221,15 @@ def run_case(case: dict) -> dict:
     try:
         step = build(case["variant"], case)
         for _ in range(case["warmup"]):
-            step()
+            step(phases=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        # The step as it trains (no sync inside it), then the same steps with a sync per phase for the split.
+        totals = [step(phases=False)["total"] for _ in range(case["iters"])]
         samples = [step() for _ in range(case["iters"])]
     except torch.cuda.OutOfMemoryError:
         return {**row, "skipped": "out of memory"}
-    totals = [sum(s.values()) for s in samples]
     row.update(percentiles(totals))
     for phase in PHASES:
         row[f"{phase}_ms"] = sorted(s[phase] for s in samples)[len(samples) // 2]
@@ -198,21 +240,32 @@ def run_case(case: dict) -> dict:
     return row
 
 
+#: GPU: the batch of the timing table and the one whose peak memory must fit (eager variants only).
+GPU_BATCHES = (256, 1024)
+
+
 def run(quick: bool, batch: int | None = None) -> list[dict]:
-    """One row per variant (same model and batch); compiled variants only on a GPU."""
+    """One row per variant (same model and batch); compiled variants only on a GPU. On a GPU
+    without ``batch``: every variant at B=256, then the eager ones at B=1024 (peak memory; out
+    of memory is a row that says so)."""
     cfg = config(quick, batch)
     rows = []
-    for variant in VARIANTS:
-        case = {"variant": variant, **cfg}
-        if "torch.compile" in variant and cfg["device"] != "cuda":
-            rows.append({"name": "train_step", "impl": variant, "model": cfg["model"], "B": cfg["B"],
-                         "skipped": "torch.compile is measured on a GPU only"})
-        elif cfg["device"] == "cpu":
-            rows.append(run_case_in_subprocess(__file__, case))
-        else:
-            rows.append(run_case(case))
-            torch.cuda.empty_cache()
-    return add_ratios(rows, "DeGLA as released")
+    batches = GPU_BATCHES if cfg["device"] == "cuda" and batch is None else (cfg["B"],)
+    for b in batches:
+        part = []
+        for variant in VARIANTS:
+            case = {"variant": variant, **cfg, "B": b}
+            if b != batches[0]:
+                if "torch.compile" in variant:
+                    continue
+                case.update(warmup=1, iters=3)
+            if "torch.compile" in variant and cfg["device"] != "cuda":
+                part.append({"name": "train_step", "impl": variant, "model": cfg["model"], "B": b,
+                             "skipped": "torch.compile is measured on a GPU only"})
+            else:  # a fresh process: its own peak memory (and compile caches)
+                part.append(run_case_in_subprocess(__file__, case))
+        rows.extend(add_ratios(part, "DeGLA as released"))
+    return rows
 
 
 COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p50_ms"] + [f"{p}_ms" for p in PHASES] + [
@@ -236,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         cfg = config(args.quick, args.batch)
         step = build(args.variant, cfg)
-        print(f"wrote {profile_trace(step, args.profile, device=cfg['device'])}")
+        print(f"wrote {profile_trace(lambda: step(phases=False), args.profile, device=cfg['device'])}")
         return 0
     report_run(NAME, run(args.quick, args.batch), COLUMNS, quick=args.quick, out_dir=args.out)
     return 0
