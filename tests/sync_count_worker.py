@@ -4,7 +4,8 @@
 rank: ``OUT.json`` becomes ``OUT.rank<N>.json``) runs ``degla-fast train TRAIN_ARGS`` while a
 ``TorchFunctionMode`` records ``Tensor.item``, ``__bool__``, ``__float__``, ``__int__``,
 ``__index__``, ``tolist``, ``cpu``, ``numpy`` and ``__format__`` calls and a patch records
-``torch.cuda.synchronize``: on a GPU each of them waits for the device.
+``torch.cuda.synchronize``: on a GPU each of them waits for the device. ``SYNC_COUNT_NAN_AT=N``
+makes the N-th loss NaN (on every rank), a step the trainer must skip.
 
 Reads made by DeepSpeed's own code are named ``deepspeed:NAME``. Reads are attributed to the step that precedes them (reads before the first step are set-up,
 left out). Not recorded: the data loader's own work (CPU tensors that never reach the device
@@ -124,6 +125,24 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
         recorder.note("torch.cuda.synchronize")
         return real_sync(*args, **kwargs)
 
+    real_make_loss = train_main.make_loss
+    nan_at = int(os.environ.get("SYNC_COUNT_NAN_AT", "0"))  # this loss call (1-based) is made NaN, on every rank
+
+    def make_loss(**kwargs):
+        loss_fn = real_make_loss(**kwargs)
+        calls = [0]
+
+        def loss(*args):
+            out = loss_fn(*args)
+            calls[0] += 1
+            if calls[0] == nan_at:
+                out.total = out.total * float("nan")
+            return out
+
+        return loss
+
+    if nan_at:
+        train_main.make_loss = make_loss
     data_module.build_train_data, train_main.train_step, train_main._Saver.save = build, step, save
     torch.cuda.synchronize = synchronize
     try:
@@ -131,6 +150,7 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
             status = train_main.main(train_args)
     finally:
         data_module.build_train_data, train_main.train_step, train_main._Saver.save = real_build, real_step, real_save
+        train_main.make_loss = real_make_loss
         torch.cuda.synchronize = real_sync
     if status != 0:
         raise SystemExit(f"training failed with status {status}")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -80,11 +81,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_run_reads_the_device_once_per_log_interval(synth, tmp_path, stage):
+#: A NaN loss at the 2nd batch: skipped, found at the 3rd batch's read; 7 batches for 6 steps.
+EXPECTED_WITH_SKIP = {1: [], 2: [], 3: ["tolist"], 4: ["tolist"], 5: [], 6: [], 7: ["tolist"]}
+
+
+@pytest.mark.parametrize("stage, nan", [(2, False), (3, False), (2, True)],
+                         ids=["zero2", "zero3", "zero2-skipped-step"])
+def test_deepspeed_run_reads_the_device_once_per_log_interval(synth, tmp_path, stage, nan):
     pytest.importorskip("deepspeed")
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_BUILD_OPS="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               SYNC_COUNT_NAN_AT="2" if nan else "0")
     out = tmp_path / "reads.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(REPO / "tests" / "sync_count_worker.py"), str(out),
@@ -94,7 +101,7 @@ def test_deepspeed_run_reads_the_device_once_per_log_interval(synth, tmp_path, s
     for rank in (0, 1):
         steps = {int(k): v for k, v in json.loads(out.with_suffix(f".rank{rank}.json").read_text()).items()}
         ours = {i: [r for r in reads if not r.startswith("deepspeed:")] for i, reads in steps.items()}
-        assert ours == EXPECTED, rank
+        assert ours == (EXPECTED_WITH_SKIP if nan else EXPECTED), rank
         theirs = {i: [r for r in reads if r.startswith("deepspeed:")] for i, reads in steps.items()}
         if stage == 2:  # compute_grad_norm false (no clipping): ZeRO-2's step reads nothing back
             assert all(not reads for reads in theirs.values()), theirs
@@ -102,3 +109,15 @@ def test_deepspeed_run_reads_the_device_once_per_log_interval(synth, tmp_path, s
             # ZeRO-3 checks its gradient norm on the host in every step (stage3.py, is_invalid_grad_norm;
             # no setting turns it off), and records its parameter fetch order in the first two steps.
             assert all(reads == ["deepspeed:__bool__"] for i, reads in theirs.items() if i > 2), theirs
+    from degla_fast.train.metrics import read_metrics
+
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    # With the skip: the read after batch 3 finds it (step 2, logged), then steps 3 and 6.
+    assert [r["step"] for r in rows] == ([2, 3, 6] if nan else [3, 6])
+    if nan:  # skipped on both ranks: the engine state is that of 6 applied steps
+        state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000006.pt", map_location="cpu",
+                           weights_only=True)
+        # 7 batches consumed: 32 images / (4 x 2 processes) = 4 per epoch
+        assert state["step"] == 6 and (state["epoch"], state["batch"]) == (1, 3)
+        assert state["scheduler"]["last_epoch"] == 6
+        assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
