@@ -58,9 +58,9 @@ def make_dataset(folder: Path, n: int, size: tuple[int, int], negatives: int) ->
     return path
 
 
-def batch_times_ms(data, epochs: int) -> tuple[list[float], int]:
+def batch_times_ms(data, epochs: int, tokens: list | None = None) -> tuple[list[float], int]:
     """Milliseconds per batch over ``epochs`` full epochs after one warm-up epoch (tokens
-    included), and the number of images they held."""
+    included), and the number of images they held; ``tokens`` gets each batch's token count."""
     data.set_epoch(0)
     for _ in data:
         pass
@@ -74,6 +74,8 @@ def batch_times_ms(data, epochs: int) -> tuple[list[float], int]:
             t1 = time.perf_counter()
             samples.append((t1 - t0) * 1e3)
             count += batch.images.shape[0]
+            if tokens is not None:
+                tokens.append(batch.tokens.numel())
             t0 = t1
     return samples, count
 
@@ -149,13 +151,15 @@ def run(quick: bool, images: int | None = None, workers: list[int] | None = None
             for workers in workers_list:
                 data = build_train_data(path, tokenizer=tok, image_size=224, mean=mean, std=std, batch_size=batch,
                                         num_negatives=k, pipeline=pipeline, device=device, num_workers=workers)
+                tokens = []
                 try:
-                    samples, count = batch_times_ms(data, epochs)
+                    samples, count = batch_times_ms(data, epochs, tokens)
                 finally:
                     data.close()
                 rows.append({"name": "images_per_s", "impl": f"{pipeline}-{'gpu' if device == 'cuda' else 'cpu'}",
                              "workers": workers, "batch": batch, "image": f"{size[0]}x{size[1]}",
                              "jpeg_kb": round(kb, 1), "images_per_s": count / (sum(samples) * 1e-3),
+                             "tokens_per_s": sum(tokens) / (sum(samples) * 1e-3),
                              **percentiles(samples)})
     add_ratios(rows, "torch-cpu", group_by=("workers",))
     return rows + text_rows(32 if quick else 256, k, 5 if quick else 20)
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
     rows = run(args.quick, args.images, args.workers, args.epochs, args.batch)
     print(markdown_table([r for r in rows if r["name"] == "images_per_s"],
                          ["impl", "workers", "batch", "image", "jpeg_kb", "p50_ms", "images_per_s",
-                          "speedup_vs_torch-cpu"]))
+                          "tokens_per_s", "speedup_vs_torch-cpu"]))
     print(markdown_table([r for r in rows if r["name"] == "text_tokens"],
                          ["impl", "batch", "num_negatives", "tokens_per_batch", "tokens_saved_share", "p50_ms", "tokens_per_s"]))
     print(write_results(args.out or ("bench_data_quick" if args.quick else "bench_data"), rows))
