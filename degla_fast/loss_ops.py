@@ -90,36 +90,37 @@ class TorchGlobalImpl:
 class TritonGlobalImpl:
     """The Triton kernels (imported on first use so the CPU path never needs triton).
 
-    The softmax over all columns runs in the tiled kernels; each row's own group (target and
-    IGC negatives) in the small group kernels, whose [R, 1+K] logits the few torch ops here
-    turn into the target logit, the IGC log-sum-exp and their gradients.
+    The cross-entropy over all columns (log-sum-exp, target logit and the gradient, P - onehot)
+    runs in the tiled softmax kernels; IGC in the small group kernels, whose [R, 1+K] logits the
+    few torch ops here turn into the IGC log-sum-exp and its gradient.
     """
 
     @staticmethod
     def forward(q, x, scale, row_offset, num_negatives, with_igc, precision):
         from .kernels import degla_loss as kernels
 
-        lse = kernels.row_lse(q, x, scale, precision)
+        lse, pos = kernels.row_lse(q, x, scale, row_offset, precision)
+        if not with_igc:
+            return lse, lse, pos
         group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
-        lse_igc = torch.logsumexp(group, dim=1) if with_igc else lse
-        return lse, lse_igc, group[:, 0]
+        # IGC from its own logits (target and negatives from one kernel), so a saturated group is exact too.
+        return lse, torch.logsumexp(group, dim=1) - group[:, 0] + pos, pos
 
     @staticmethod
     def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision):
         from .kernels import degla_loss as kernels
 
         grad_out = grad_out.float()
-        dq, dx, dscale = kernels.row_lse_backward(q, x, scale, lse, grad_out, precision)
-        # The group part: -g_ce at the target; g_igc * (group softmax - onehot) for IGC.
-        group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
-        g_ce, g_igc = (grad_out / q.shape[0]).unbind()
-        onehot = torch.zeros_like(group)
-        onehot[:, 0] = 1.0
-        d_group = -g_ce * onehot
+        dq, dx, dscale = kernels.row_lse_backward(q, x, scale, lse, grad_out, row_offset, precision)
+        dscale = dscale[0]
         if with_igc:
-            d_group = d_group + g_igc * (torch.exp(group - lse_igc[:, None]) - onehot)
-        kernels.group_backward_(q, x, scale, row_offset, num_negatives, d_group, dq, dx)
-        dscale = dscale[0] + (d_group * group).sum() / scale.float()
+            group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
+            # d(mean IGC)/d(group logits) = g_igc / R * (group softmax - onehot), from the group's own lse.
+            d_group = torch.softmax(group, dim=1)
+            d_group[:, 0] -= 1.0
+            d_group *= grad_out[1] / q.shape[0]
+            kernels.group_backward_(q, x, scale, row_offset, num_negatives, d_group, dq, dx)
+            dscale = dscale + (d_group * group).sum() / scale.float()
         return dq, dx, dscale
 
 

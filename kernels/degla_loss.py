@@ -68,16 +68,21 @@ def _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x,
     return acc
 
 
-@triton.jit(do_not_specialize=["R", "C", "tiles_per_split"])
-def _lse_fwd_kernel(Q, X, Scale, MPart, LPart, R, C, D, stride_q, stride_x, tiles_per_split,
+@triton.jit(do_not_specialize=["R", "C", "tiles_per_split", "row_offset"])
+def _lse_fwd_kernel(Q, X, Scale, MPart, LPart, PosPart, R, C, D, row_offset, stride_q, stride_x, tiles_per_split,
                     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial (max, sum of exp) of every row over the columns of split ``program_id(1)``."""
+    """Partial (max, sum of exp, target logit) of every row over the columns of split ``program_id(1)``.
+
+    Row r's target is column ``row_offset + r``; splits without it contribute 0 to its target logit.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
+    target = rows + row_offset
     split = tl.program_id(1)
     scale = tl.load(Scale).to(tl.float32)
     m_run = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
     first = split * tiles_per_split * BLOCK_N
     last = tl.minimum(first + tiles_per_split * BLOCK_N, C)
     for start in range(first, last, BLOCK_N):
@@ -88,19 +93,27 @@ def _lse_fwd_kernel(Q, X, Scale, MPart, LPart, R, C, D, stride_q, stride_x, tile
         m_new = tl.maximum(m_run, tl.max(logits, 1))
         l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
         m_run = m_new
+        pos += tl.sum(tl.where(cols[None, :] == target[:, None], logits, 0.0), 1)
     tl.store(MPart + split * R + rows, m_run, mask=row_ok)
     tl.store(LPart + split * R + rows, l_run, mask=row_ok)
+    tl.store(PosPart + split * R + rows, pos, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["R", "C", "tiles_per_split"])
-def _lse_bwd_kernel(Q, X, Scale, Lse, GradOut, DQ, DX, DScale, R, C, D, stride_q, stride_x, tiles_per_split,
+@triton.jit(do_not_specialize=["R", "C", "tiles_per_split", "row_offset"])
+def _lse_bwd_kernel(Q, X, Scale, Lse, GradOut, DQ, DX, DScale, R, C, D, row_offset, stride_q, stride_x,
+                    tiles_per_split,
                     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Adds g/R * s * (P @ x) to DQ, g/R * s * (P^T @ q) to DX and g/R * sum(P * dots) to DScale.
+    """Adds g/R * s * (G @ x) to DQ, g/R * s * (G^T @ q) to DX and g/R * sum(G * dots) to DScale.
 
-    P = softmax of the logits per row (from ``Lse``); g = GradOut[0]; DQ/DX fp32, pre-zeroed.
+    G = P - onehot(target): the gradient of the mean cross-entropy per logit at unit scale, with
+    P the softmax per row (from ``Lse``) and row r's target column ``row_offset + r``; g = GradOut[0];
+    DQ/DX fp32, pre-zeroed. The one-hot is subtracted here, from the same recomputed logits, so a
+    saturated row (P at its target rounding to 1) gives a zero gradient instead of the difference
+    of two large, separately rounded products.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
+    target = rows + row_offset
     split = tl.program_id(1)
     scale = tl.load(Scale).to(tl.float32)
     g = tl.load(GradOut).to(tl.float32) / R
@@ -113,9 +126,10 @@ def _lse_bwd_kernel(Q, X, Scale, Lse, GradOut, DQ, DX, DScale, R, C, D, stride_q
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         dots = _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, DOT)
-        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(dots * scale - lse[:, None]), 0.0)
+        p = tl.exp(dots * scale - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dscale += tl.sum(p * dots, 1)
-        p_in = p.to(Q.dtype.element_ty)  # unit-scale probabilities: no fp16 underflow from g / R
+        p_in = p.to(Q.dtype.element_ty)  # unit scale, in [-1, 1]: no fp16 underflow from g / R
         for k0 in range(0, D, BLOCK_K):
             dims = k0 + tl.arange(0, BLOCK_K)
             dim_ok = dims < D
@@ -191,26 +205,28 @@ GATE_DIMS = (16, 40, 64, 128, 256, 384, 512, 640, 768, 1024, 1280)
 GATE_NEGATIVES = (1, 4, 8)
 GATE_DTYPES = ("float32", "bfloat16", "float16")
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the softmax kernels by (dot mode, arch),
-# chosen with the compile gate (registers, spills, shared memory on Triton 3.6 and 3.8). 16-bit
-# on Hopper: 128-row tiles so the dots map to wgmma; fp32 halves BLOCK_K so the pipelined
-# operand tiles stay inside shared memory; every backward keeps its fp32 tile, its 16-bit copy
-# and two [BLOCK, BLOCK_K] products live at once, hence the smaller BLOCK_K there.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, forward stages, backward stages) of the softmax kernels
+# by (dot mode, arch), chosen with the compile gate (registers, spills, shared memory on Triton
+# 3.6 and 3.8). Forward and backward share the tile and warps on purpose: the backward's
+# recomputed logits then equal the forward's bit for bit (same chunks of D, same dot
+# instructions), so at a saturated row P rounds to exactly 1 at the target and P - onehot to 0,
+# as in a design that stores the logits. 16-bit on Hopper: 128-row tiles so the dots map to
+# wgmma. The backward keeps its fp32 tile, its 16-bit copy and two [BLOCK, BLOCK_K] products live
+# at once, which sets BLOCK_K.
 _SOFTMAX_TILES = {
-    (DOT_NATIVE, 90): {"fwd": (128, 128, 64, 8, 3), "bwd": (128, 64, 32, 8, 2)},
-    (DOT_NATIVE, 80): {"fwd": (128, 64, 64, 8, 3), "bwd": (128, 64, 32, 8, 2)},
-    (DOT_TF32, 90): {"fwd": (128, 64, 32, 8, 3), "bwd": (128, 64, 32, 8, 2)},
-    (DOT_TF32, 80): {"fwd": (128, 64, 32, 8, 3), "bwd": (64, 64, 16, 8, 2)},
-    (DOT_IEEE, 90): {"fwd": (64, 64, 32, 8, 2), "bwd": (64, 64, 16, 8, 1)},
-    (DOT_IEEE, 80): {"fwd": (64, 64, 32, 8, 2), "bwd": (64, 64, 16, 8, 1)},
+    (DOT_NATIVE, 90): (128, 64, 32, 8, 3, 2),
+    (DOT_NATIVE, 80): (128, 64, 32, 8, 3, 2),
+    (DOT_TF32, 90): (128, 64, 32, 8, 3, 2),
+    (DOT_TF32, 80): (64, 64, 16, 8, 2, 2),
+    (DOT_IEEE, 90): (64, 64, 16, 8, 1, 1),
+    (DOT_IEEE, 80): (64, 64, 16, 8, 1, 1),
 }
 # Features narrower than the table's BLOCK_K or not a multiple of 16 (no vector loads, so more
-# address registers): narrow tiles, the same on both architectures (exact fp32 dots on CUDA cores
-# need the smaller forward tile to stay clear of spills).
+# address registers): one narrow tile on both architectures.
 _NARROW_TILES = {
-    DOT_NATIVE: {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)},
-    DOT_TF32: {"fwd": (128, 64, 16, 8, 2), "bwd": (64, 64, 16, 8, 1)},
-    DOT_IEEE: {"fwd": (64, 64, 16, 8, 1), "bwd": (64, 64, 16, 8, 1)},
+    DOT_NATIVE: (64, 64, 16, 8, 2, 1),
+    DOT_TF32: (64, 64, 16, 8, 2, 1),
+    DOT_IEEE: (64, 64, 16, 8, 1, 1),
 }
 # Feature chunk and rows of the group kernels, feature chunk and negatives (at most) of the local
 # kernels: fixed, so D and K change no compiled variant beyond the 16-divisibility of D.
@@ -241,10 +257,11 @@ def dot_mode(dtype_name: str, precision: str, interpreted: bool) -> int:
 
 def softmax_tiles(dot: int, D: int, arch: int, which: str) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the ``fwd``/``bwd`` softmax kernel."""
-    tiles = _SOFTMAX_TILES[(dot, arch)][which]
+    tiles = _SOFTMAX_TILES[(dot, arch)]
     if D % 16 or D < tiles[2]:
-        return _NARROW_TILES[dot][which]
-    return tiles
+        tiles = _NARROW_TILES[dot]
+    block_m, block_n, block_k, warps, fwd_stages, bwd_stages = tiles
+    return block_m, block_n, block_k, warps, fwd_stages if which == "fwd" else bwd_stages
 
 
 def local_blocks(D: int, K: int) -> tuple[int, int]:
@@ -289,27 +306,31 @@ def _check_global(q: torch.Tensor, x: torch.Tensor, num_negatives: int, row_offs
     return num_groups
 
 
-def row_lse(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
-    """Log-sum-exp of every row of ``scale * q @ x^T``: q [R, D], x [C, D] -> [R] fp32."""
+def row_lse(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_offset: int = 0, precision: str = "tf32"):
+    """Log-sum-exp and target logit of every row of ``scale * q @ x^T`` (target of row r: column
+    ``row_offset + r``): q [R, D], x [C, D] -> (lse [R], pos [R]) fp32."""
     q, x = q.contiguous(), x.contiguous()
     R, D = q.shape
     C = x.shape[0]
+    if row_offset + R > C:
+        raise ValueError(f"softmax kernel: targets {row_offset}..{row_offset + R} exceed the {C} columns")
     dot = dot_mode(_dtype_name(q.dtype), precision, _interpreted(q))
     block_m, block_n, block_k, warps, stages = softmax_tiles(dot, D, _arch(q.device), "fwd")
     splits, per_split = _splits(R, C, block_m, block_n, q.device)
-    m_part = torch.empty(splits, R, device=q.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
+    parts = torch.empty(3, splits, R, device=q.device, dtype=torch.float32)
+    m_part, l_part, pos_part = parts.unbind()
     _lse_fwd_kernel[(triton.cdiv(R, block_m), splits)](
-        q, x, scale.reshape(1).float(), m_part, l_part, R, C, D, q.stride(0), x.stride(0), per_split,
-        DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        q, x, scale.reshape(1).float(), m_part, l_part, pos_part, R, C, D, row_offset, q.stride(0), x.stride(0),
+        per_split, DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if splits == 1:
-        return m_part[0] + l_part[0].log()
-    return torch.logsumexp(m_part + l_part.log(), dim=0)
+        return m_part[0] + l_part[0].log(), pos_part[0]
+    return torch.logsumexp(m_part + l_part.log(), dim=0), pos_part.sum(0)
 
 
 def row_lse_backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
-                     grad: torch.Tensor, precision: str = "tf32"):
-    """Gradients of ``grad[0] * mean_r(lse_r)`` w.r.t. q, x and scale: (dq [R, D], dx [C, D], dscale [1]), fp32."""
+                     grad: torch.Tensor, row_offset: int = 0, precision: str = "tf32"):
+    """Gradients of ``grad[0] * mean_r(lse_r - pos_r)`` (the mean cross-entropy) w.r.t. q, x and
+    scale: (dq [R, D], dx [C, D], dscale [1]), fp32."""
     q, x = q.contiguous(), x.contiguous()
     R, D = q.shape
     C = x.shape[0]
@@ -321,7 +342,7 @@ def row_lse_backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, lse:
     dscale = torch.zeros(1, device=q.device, dtype=torch.float32)
     _lse_bwd_kernel[(triton.cdiv(R, block_m), splits)](
         q, x, scale.reshape(1).float(), lse.contiguous(), grad.float().contiguous(), dq, dx, dscale,
-        R, C, D, q.stride(0), x.stride(0), per_split,
+        R, C, D, row_offset, q.stride(0), x.stride(0), per_split,
         DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return dq, dx, dscale
 
@@ -486,8 +507,8 @@ def kernel_configs(dtype: str, D: int, K: int, arch: int, with_igc: bool = True)
     for dot in modes:
         for which, kernel in (("fwd", _lse_fwd_kernel), ("bwd", _lse_bwd_kernel)):
             bm, bn, bk, warps, stages = softmax_tiles(dot, D, arch, which)
-            types = {"Q": ptr, "X": ptr, "Scale": f32, "MPart": f32, "LPart": f32, "Lse": f32, "GradOut": f32,
-                     "DQ": f32, "DX": f32, "DScale": f32}
+            types = {"Q": ptr, "X": ptr, "Scale": f32, "MPart": f32, "LPart": f32, "PosPart": f32, "Lse": f32,
+                     "GradOut": f32, "DQ": f32, "DX": f32, "DScale": f32}
             types = {k: v for k, v in types.items() if k in kernel.arg_names}
             out.append(make_config(kernel, types, dict(DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                                    num_warps=warps, num_stages=stages, arch=arch, aligned_ints=_aligned_ints(D),

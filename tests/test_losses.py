@@ -251,7 +251,7 @@ def _emulated_tiles(q, x, scale, grad):
     unit scale, the g / R factor applied to the fp32 product. Returns (lse, dq, dx, dscale)."""
     dots = q.float() @ x.float().T
     lse = torch.logsumexp(dots * scale, dim=1)
-    p = torch.exp(dots * scale - lse[:, None])
+    p = torch.exp(dots * scale - lse[:, None]) - torch.eye(*dots.shape)  # target of row r: column r
     p_in = p.to(q.dtype).float()
     alpha = grad / q.shape[0] * scale
     return lse, (p_in @ x.float()) * alpha, (p_in.T @ q.float()) * alpha, (p * dots).sum() * grad / q.shape[0]
@@ -272,10 +272,32 @@ def test_softmax_kernels_do_the_16bit_casts_a_gpu_does(dtype, kernel_device):
     scale, grad = torch.tensor(30.0), torch.tensor([1e-3])
     eps = torch.finfo(dtype).eps
     lse_want, dq_want, dx_want, ds_want = _emulated_tiles(q, x, scale, grad[0])
-    lse = kernels.row_lse(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device))
+    lse, _ = kernels.row_lse(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device))
     dq, dx, ds = kernels.row_lse_backward(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device), lse,
                                           grad.to(kernel_device))
     torch.testing.assert_close(lse.cpu(), lse_want, rtol=1e-5, atol=1e-5)
     for got, want in ((dq, dq_want), (dx, dx_want)):
         torch.testing.assert_close(got.cpu(), want, rtol=eps, atol=eps * float(want.abs().max()))
     torch.testing.assert_close(ds.cpu()[0], ds_want, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saturated_rows_give_zero_gradients(dtype, kernel_device):
+    """Each caption equal to its image and scale 100: every softmax sits at its target (the other
+    logits are about 90 lower), so the true loss and gradients are ~1e-39. The target's
+    probability must round to exactly 1 from logits recomputed bit for bit, and P - onehot be
+    taken before the products; a kernel that recomputed the logits differently, or subtracted the
+    target's x afterwards, leaves errors of 1e-6..1e-4 here."""
+    batch, k, dim = 24, 2, 40
+    gen = torch.Generator().manual_seed(11)
+    image = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1)
+    negatives = F.normalize(torch.randn(batch * k, dim, generator=gen), dim=-1)
+    text = torch.cat([image, negatives])
+    image, text = leaf(image.to(kernel_device), dtype), leaf(text.to(kernel_device), dtype)
+    scale = leaf(torch.tensor(100.0).to(kernel_device), torch.float32)
+    out = DeGLALoss(num_negatives=k, backend="triton", precision="ieee", tgc_weight=0.0, distill_weight=0.0)(
+        image, text, scale)
+    out.total.backward()
+    assert float(out.clip) < 1e-6 and float(out.igc) < 1e-6
+    for name, grad in (("image", image.grad), ("text", text.grad), ("logit_scale", scale.grad)):
+        assert float(grad.abs().max()) < 1e-7, f"{name} gradient {float(grad.abs().max()):.3g} on a saturated batch"
