@@ -63,6 +63,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Pa
     return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def decode_utf8(path, data: bytes, error: type[Exception] = ConfigError, hint: str = "", skip: int = 0) -> str:
+    """``data[skip:]`` decoded as UTF-8, or ``error`` in one line naming ``path``, the byte and its
+    offset in the file (``skip``: bytes already dropped, such as a byte-order mark) and ``hint``."""
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[at]:02x} at byte offset {at}: {err.reason}){hint}") from None
+
+
 def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping held by a configuration file: JSON for ``.json``, YAML otherwise (an empty
     YAML file is ``{}``). ``what`` names the setting that pointed at the file. Raises
@@ -71,12 +81,7 @@ def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: no such file {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start}: "
-                          f"{err.reason}); save it as UTF-8") from None
+    text = decode_utf8(path, path.read_bytes(), ConfigError, "; save it as UTF-8")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

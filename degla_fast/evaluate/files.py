@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io import decode_utf8
 
 
 def require_file(path: str | os.PathLike) -> Path:
@@ -20,12 +21,7 @@ def require_file(path: str | os.PathLike) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Parsed content of a ``.json`` file, or a list of records for ``.jsonl`` (one object a line)."""
     path = require_file(path)
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start}: "
-                        f"{err.reason})") from None
+    text = decode_utf8(path, path.read_bytes(), DataError)
     if path.suffix == ".jsonl":
         records = []
         for line_no, line in enumerate(text.splitlines(), 1):

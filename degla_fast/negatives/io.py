@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io import decode_utf8
 
 _IMAGE_FIELDS = ("image", "filepath", "file_name", "filename", "image_path")
 _CAPTION_FIELDS = ("caption", "title", "text", "original")
@@ -68,11 +69,7 @@ def read_text(path: Path) -> str:
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[bom + err.start]:02x} at byte offset "
-                        f"{bom + err.start}: {err.reason}); save it as UTF-8") from None
+    return decode_utf8(path, data, DataError, "; save it as UTF-8", skip=bom)
 
 
 def _from_csv(path: Path) -> list[Caption]:
