@@ -76,10 +76,19 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_precision(precision: str) -> str:
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ConfigError naming the choices."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
+
+
+def _resolve_for(backend, image_features, text_features, local_loss, world_size, precision) -> str:
+    """The backend for one call: ``precision`` checked, ``auto`` sized by this rank's
+    image-to-text logits (its anchor rows times every rank's caption rows)."""
+    check_precision(precision)
+    anchors = image_features.shape[0] * (1 if local_loss else world_size)
+    return resolve_backend(backend, image_features.device, anchors * text_features.shape[0] * world_size)
 
 
 def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negatives: int, need_teacher: bool,
@@ -197,9 +206,7 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     """
     need_teacher = tgc_weight != 0 or distill_weight != 0
     device = image_features.device
-    _check_precision(precision)
-    anchors = image_features.shape[0] * (1 if local_loss else world_size)
-    backend = resolve_backend(backend, device, anchors * text_features.shape[0] * world_size)
+    backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
               num_negatives, need_teacher, check_finite=check_finite and backend != "triton")
     batch = image_features.shape[0]
@@ -235,9 +242,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """
     if num_negatives == 0:
         # Plain CLIP: the same kernels with an empty negative block.
-        _check_precision(precision)
-        anchors = image_features.shape[0] * (1 if local_loss else world_size)
-        backend = resolve_backend(backend, image_features.device, anchors * text_features.shape[0] * world_size)
+        backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision)
         if image_features.shape != text_features.shape:
             raise ShapeError(f"plain CLIP needs image_features and text_features of one shape, got "
                              f"{_shape(image_features)} and {_shape(text_features)}")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .functional import BACKENDS, PRECISIONS, LossOutput, degla_loss
+from .functional import BACKENDS, LossOutput, check_precision, degla_loss
 
 __all__ = ["DeGLALoss", "LossOutput"]
 
@@ -24,8 +24,7 @@ class DeGLALoss(nn.Module):
                  official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
                  rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        check_precision(precision)
         if num_negatives < 1:
             raise ConfigError(f"num_negatives must be >= 1 (use functional.clip_loss for plain CLIP), got {num_negatives}")
         if backend not in BACKENDS:
