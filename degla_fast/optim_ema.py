@@ -5,7 +5,11 @@ it once more to move the teacher. Here the optimiser step writes the new paramet
 the teacher toward it in the same pass:
 
     AdamW exactly as torch.optim.AdamW (decoupled weight decay, bias corrections), then
+    new param = min(new param, clamp_max)           (optional, per group: logit_scale <= ln 100)
     teacher += (1 - decay) * (new param - teacher)
+
+The clamp sits between the update and the lerp so the teacher follows the clamped value, as
+``AdamW.step(); clamp_(); teacher.update()`` gives.
 
 :func:`adamw_ema_step_` works on lists of tensors (a model's parameters, or DeepSpeed-style flat
 fp32 partitions: one 1-D tensor each); :class:`AdamWEMA` is a ``torch.optim.Optimizer`` that
@@ -35,8 +39,9 @@ _LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "teachers")
 # --- checks -----------------------------------------------------------------------------------
 
 def _check_hyper(*, step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 decay: float) -> dict:
-    """The hyperparameters as floats, or ConfigError naming the bad one (NaN fails every test)."""
+                 decay: float, clamp_max: float | None = None) -> dict:
+    """The hyperparameters as floats (``clamp_max`` float or None), or ConfigError naming the bad
+    one (NaN fails every test)."""
     values = {"step": float(step), "lr": float(lr), "beta1": float(beta1), "beta2": float(beta2),
               "eps": float(eps), "weight_decay": float(weight_decay)}
     checks = {"step": (values["step"] >= 1 and values["step"] == math.floor(values["step"]), "an integer >= 1"),
@@ -47,6 +52,9 @@ def _check_hyper(*, step: float, lr: float, beta1: float, beta2: float, eps: flo
         if not ok:
             raise ConfigError(f"adamw_ema_step_: {name} must be {rule}; got {values[name]}")
     values["decay"] = _check_decay(decay)
+    if clamp_max is not None and math.isnan(float(clamp_max)):
+        raise ConfigError("adamw_ema_step_: clamp_max must be a number or None; got nan")
+    values["clamp_max"] = None if clamp_max is None else float(clamp_max)
     return values
 
 
@@ -173,6 +181,8 @@ def _run(jobs: list[tuple], hyper: dict) -> None:
         for plan, five, cs in jobs:
             if plan is None:
                 _torch_adamw_(*five[:4], hyper)
+                if hyper["clamp_max"] is not None:
+                    torch._foreach_clamp_max_(five[0], hyper["clamp_max"])
                 _torch_ema_(five[4], five[0], cs, 1.0 - hyper["decay"])
                 continue
             from .kernels import adamw_ema as kernel
@@ -181,7 +191,7 @@ def _run(jobs: list[tuple], hyper: dict) -> None:
             bases = [ts[0] for ts in five] + [(cs or five[4])[0]]
             kernel.launch(layout, table, bases, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
                           eps=hyper["eps"], weight_decay=hyper["weight_decay"], step=hyper["step"],
-                          decay=hyper["decay"], write_copy=cs is not None)
+                          decay=hyper["decay"], write_copy=cs is not None, clamp_max=hyper["clamp_max"])
 
 
 # --- functional form --------------------------------------------------------------------------
@@ -189,7 +199,8 @@ def _run(jobs: list[tuple], hyper: dict) -> None:
 def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                     exp_avg_sqs: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], *, step: float, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float, decay: float,
-                    backend: str = "auto", teacher_copies: Sequence[torch.Tensor] | None = None) -> None:
+                    backend: str = "auto", teacher_copies: Sequence[torch.Tensor] | None = None,
+                    clamp_max: float | None = None) -> None:
     """One AdamW step of every param, then ``teacher += (1 - decay) * (new param - teacher)``, in place.
 
     params, grads, exp_avgs, exp_avg_sqs: float32 tensors, equal shapes per index (e.g. a
@@ -197,13 +208,15 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     same shapes, float32 (the EMA state is always fp32). ``step``: the step count including
     this step (>= 1), as torch's ``state["step"]`` after its increment. ``teacher_copies``:
     optional bf16 or fp16 tensors of the teachers' shapes (the forward weights) that receive
-    the new teacher values too.
+    the new teacher values too. ``clamp_max``: each new param is clamped to at most this before
+    its teacher moves toward it (None: no clamp).
     Raises ShapeError (a ValueError) on mismatched lists, naming the tensor index, ConfigError
     (a ValueError) on a bad hyperparameter or backend.
     """
     lists = [list(x) for x in (params, grads, exp_avgs, exp_avg_sqs, teachers)]
     copies = list(teacher_copies) if teacher_copies is not None else None
-    hyper = _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay)
+    hyper = _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+                         clamp_max=clamp_max)
     _check_backend(backend)
     _validate(lists, copies)
     _run(_prepare(lists, copies, backend), hyper)
@@ -246,7 +259,11 @@ class AdamWEMA(torch.optim.Optimizer):
     with ``param_names`` to map them to the teacher by name, otherwise they are mapped by
     position and must be all of the student's parameters, in ``model.parameters()`` order).
     ``decay``: the EMA decay (the teacher's own ``decay`` when None); per group, so it can be
-    scheduled like ``lr``. State (``step``, ``exp_avg``, ``exp_avg_sq``) is kept as AdamW keeps
+    scheduled like ``lr``. ``clamp_max`` (per group, default None: no clamp): after the update
+    every parameter of the group is clamped to at most this, before the teacher moves toward
+    it; give ``logit_scale`` a group of its own with ``clamp_max=math.log(100)`` and the teacher
+    follows the clamped temperature, as ``AdamW.step(); clamp_(); teacher.update()`` does.
+    State (``step``, ``exp_avg``, ``exp_avg_sq``) is kept as AdamW keeps
     it, so ``state_dict``/``load_state_dict`` round-trip; the teacher's own state is the
     teacher's ``state_dict``.
 
@@ -260,18 +277,20 @@ class AdamWEMA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, teacher: EMATeacher, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 decay: float | None = None, backend: str = "auto", *, amsgrad: bool = False,
-                 maximize: bool = False):
+                 decay: float | None = None, backend: str = "auto", *, clamp_max: float | None = None,
+                 amsgrad: bool = False, maximize: bool = False):
         if amsgrad or maximize:
             raise ConfigError("AdamWEMA supports neither amsgrad nor maximize")
         if not isinstance(teacher, EMATeacher):
             raise ConfigError(f"AdamWEMA needs an EMATeacher (a full replica); got {type(teacher).__name__}")
         decay = teacher.decay if decay is None else decay
-        _check_hyper(step=1, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay, decay=decay)
         self.backend = _check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=float(decay),
-                        amsgrad=False, maximize=False)
+                        clamp_max=clamp_max, amsgrad=False, maximize=False)
         super().__init__(params, defaults)
+        for group in self.param_groups:  # the defaults and every group's own values
+            _check_hyper(step=1, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                         weight_decay=group["weight_decay"], decay=group["decay"], clamp_max=group["clamp_max"])
         self.teacher = teacher
         self._teacher_of = _map_to_teacher(self.param_groups, teacher)
         self._prepared: dict = {}
@@ -281,8 +300,18 @@ class AdamWEMA(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("decay", self.defaults["decay"])
+            group.setdefault("clamp_max", self.defaults["clamp_max"])
             if group.get("amsgrad") or group.get("maximize"):
                 raise ConfigError("AdamWEMA supports neither amsgrad nor maximize")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A clamp belongs to its group (logit_scale's) like its parameters do: a state saved
+        # without one (torch's AdamW) keeps the clamp this optimiser was built with.
+        clamps = [group["clamp_max"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, saved, clamp in zip(self.param_groups, state_dict["param_groups"], clamps):
+            if "clamp_max" not in saved:
+                group["clamp_max"] = clamp
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -303,8 +332,10 @@ class AdamWEMA(torch.optim.Optimizer):
         return teachers, (None if copies[0] is None else copies)
 
     def _follow_frozen(self, group: dict, frozen: list[torch.Tensor]) -> None:
-        """Parameters without a gradient get no AdamW step, but their teacher still moves (as
-        EMATeacher.update moves it); rare, so the plain EMA path."""
+        """Parameters without a gradient get no AdamW step, but the group's clamp and their
+        teacher still move them (as clamp_() and EMATeacher.update do); rare, so the plain EMA path."""
+        if group["clamp_max"] is not None:
+            torch._foreach_clamp_max_(frozen, group["clamp_max"])
         teachers, copies = self._teacher_for(frozen)
         ema_update_(teachers, frozen, group["decay"], backend=self.backend)
         if copies is not None:
@@ -346,7 +377,7 @@ class AdamWEMA(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         for value, idx in by_step.items():
             hyper = _check_hyper(step=value, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decay=group["weight_decay"], decay=group["decay"])
+                                 weight_decay=group["weight_decay"], decay=group["decay"], clamp_max=group["clamp_max"])
             _run(self._jobs([trained[i] for i in idx], [states[i] for i in idx]), hyper)
 
     @torch.no_grad()

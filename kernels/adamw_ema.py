@@ -6,7 +6,8 @@ Per element, with fp32 arithmetic (the formula of ``torch.optim.AdamW``, then th
     m  = lerp(m, g, 1 - beta1)
     v  = v * beta2 + (1 - beta2) * g * g
     p  = p - lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
-    t  = lerp(t, p, 1 - decay)                          # toward the NEW parameter
+    p  = min(p, clamp_max)                              # the group's clamp (+inf: none)
+    t  = lerp(t, p, 1 - decay)                          # toward the NEW, clamped parameter
 
 Each of g, m, v, p, t is read once and p, m, v, t written once, so the teacher update costs
 one read and one write of the teacher instead of a second pass over the parameter.
@@ -38,7 +39,7 @@ from .configs import KernelConfig, make_config
 from .ema import _TYPE_NAMES, _VECTOR_BYTES, _element_offsets, _lerp, arch_for
 
 #: (elements per program, warps) by architecture: 4 fp32 per thread and stream (one 16-byte
-#: vector each of g, m, v, p, t). ptxas -v: at most 56 registers, no spills, no shared memory
+#: vector each of g, m, v, p, t). ptxas -v: at most 61 registers, no spills, no shared memory
 #: on sm_80/sm_90 with Triton 3.6 and 3.8; BLOCK=4096 with 8 warps took 127-194 (docs/ema.md).
 TILES = {80: (1024, 8), 90: (1024, 8)}
 #: Kept for callers that name the block size: the tile of the default architecture.
@@ -80,7 +81,7 @@ def gate_configs(arch: int) -> list[KernelConfig]:
             types = {name: "*fp32" for name in ("P", "G", "M", "V", "T")}
             types.update(C="*" + _TYPE_NAMES[c_dtype or torch.float32], Blocks="*i32", Table="*i64")
             types.update({name: "fp32" for name in ("wd_factor", "avg_weight", "beta2", "sq_weight", "step_size",
-                                                    "bc2_sqrt", "eps", "ema_weight")})
+                                                    "bc2_sqrt", "eps", "clamp_max", "ema_weight")})
             constexprs = dict(zip(("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN", "T_ALIGN", "C_ALIGN"), aligns))
             constexprs.update(BLOCK=block, WRITE_COPY=c_dtype is not None)
             copy = _TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
@@ -104,7 +105,7 @@ def _adamw(p, g, m, v, wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_s
 
 @triton.jit
 def _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
-           wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, ema_weight,
+           wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, clamp_max, ema_weight,
            MASKED: tl.constexpr, WRITE_COPY: tl.constexpr):
     # Loads and stores written out rather than through helpers: the CPU interpreter pays
     # ~2 ms per nested jit call, and the tests run thousands of steps through it.
@@ -121,6 +122,9 @@ def _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
         p = tl.load(p_ptrs).to(tl.float32)
         t = tl.load(t_ptrs).to(tl.float32)
     p, m, v = _adamw(p, g, m, v, wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps)
+    # Before the lerp, so the teacher follows the clamped value (as clamp-then-update does).
+    # A select, not tl.minimum: a NaN parameter stays NaN, as torch's clamp keeps it.
+    p = tl.where(p > clamp_max, clamp_max, p)
     t = _lerp(t, p, ema_weight)
     if MASKED:
         tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=inside)
@@ -140,7 +144,7 @@ def _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
 
 @triton.jit
 def _adamw_ema_kernel(P, G, M, V, T, C, Blocks, Table,
-                      wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, ema_weight,
+                      wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, clamp_max, ema_weight,
                       BLOCK: tl.constexpr, P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr,
                       V_ALIGN: tl.constexpr, T_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
                       WRITE_COPY: tl.constexpr):
@@ -160,11 +164,11 @@ def _adamw_ema_kernel(P, G, M, V, T, C, Blocks, Table,
     inside = tl.arange(0, BLOCK) < count  # unused (and dropped) on the unmasked path
     if count >= BLOCK:  # full blocks: no mask, vector loads
         _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
-               wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, ema_weight,
+               wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, clamp_max, ema_weight,
                MASKED=False, WRITE_COPY=WRITE_COPY)
     else:  # each tensor's last block
         _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
-               wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, ema_weight,
+               wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps, clamp_max, ema_weight,
                MASKED=True, WRITE_COPY=WRITE_COPY)
 
 
@@ -243,13 +247,15 @@ def build_table(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
 
 
 def launch(layout: BlockLayout, table: TensorTable, bases: Sequence[torch.Tensor], *, lr: float, beta1: float,
-           beta2: float, eps: float, weight_decay: float, step: int, decay: float, write_copy: bool) -> None:
+           beta2: float, eps: float, weight_decay: float, step: int, decay: float, write_copy: bool,
+           clamp_max: float | None = None) -> None:
     """One AdamW step plus EMA update of every tensor of ``table``, in one kernel launch.
 
     bases: the first param, grad, exp_avg, exp_avg_sq, teacher and copy tensors the table was
     built for (params/grads/moments fp32; teacher and copy any floating dtype; the copy base
     is the teacher base when ``write_copy`` is False). ``step``: the step count after this
-    step (>= 1), for the bias corrections. In place; returns nothing.
+    step (>= 1), for the bias corrections. ``clamp_max``: every new parameter is clamped to at
+    most this before the teacher moves toward it (None: no clamp). In place; returns nothing.
     """
     num_blocks = layout.blocks.shape[0]
     if num_blocks == 0:
@@ -260,7 +266,7 @@ def launch(layout: BlockLayout, table: TensorTable, bases: Sequence[torch.Tensor
     _adamw_ema_kernel[(num_blocks,)](
         *bases, layout.blocks, table.table,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, -(lr / bias_correction1),
-        bias_correction2 ** 0.5, eps, 1.0 - decay,
+        bias_correction2 ** 0.5, eps, float("inf") if clamp_max is None else float(clamp_max), 1.0 - decay,
         BLOCK=layout.block, P_ALIGN=table.aligns[0], G_ALIGN=table.aligns[1], M_ALIGN=table.aligns[2],
         V_ALIGN=table.aligns[3], T_ALIGN=table.aligns[4], C_ALIGN=table.aligns[5], WRITE_COPY=write_copy,
         num_warps=layout.num_warps, num_stages=1)

@@ -4,6 +4,7 @@ state dict round trip and the input errors."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -176,6 +177,62 @@ def test_optimizer_equals_adamw_then_teacher_update(backend, teacher_kwargs):
             assert opt.state[p]["step"].item() == ref_state["step"].item()
 
 
+class _Scaled(torch.nn.Module):
+    """A weight and an open_clip-style 0-d ``logit_scale`` just under the trainer's maximum."""
+
+    def __init__(self, maximum):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 5))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(maximum - 1e-3))
+
+
+def test_group_clamp_applies_before_the_teacher_moves():
+    # logit_scale in a group of its own with clamp_max: the update pushes it past the maximum, the
+    # student ends at the maximum and the teacher moves toward that clamped value (not the
+    # unclamped one), as AdamW.step(); clamp_(); teacher.update() gives. Both backends alike.
+    maximum = math.log(100.0)
+    results = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = _Scaled(maximum)
+        teacher = EMATeacher(model, decay=DECAY, backend=backend, forward_dtype=torch.bfloat16)
+        _, states, _ = teacher.parameter_views()
+        states[1].fill_(3.0)  # a teacher behind the student: lerp toward max vs max + lr differs by 0.02
+        groups = [{"params": [("weight", model.weight)], "weight_decay": 0.1},
+                  {"params": [("logit_scale", model.logit_scale)], "weight_decay": 0.0, "clamp_max": maximum}]
+        opt = AdamWEMA(groups, teacher, lr=0.1, backend=backend)
+        model.weight.grad = torch.randn(3, 5)
+        model.logit_scale.grad = torch.tensor(-1.0)  # AdamW's first step: +lr, far past the maximum
+        weight = model.weight.detach().clone()
+        opt.step()
+        clamped = torch.tensor(maximum, dtype=torch.float32)
+        assert torch.equal(model.logit_scale.detach(), clamped)  # the maximum rounded to fp32, exactly
+        expected = torch.lerp(torch.tensor(3.0), clamped, 1 - DECAY)
+        torch.testing.assert_close(states[1], expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(teacher.module.logit_scale, expected.bfloat16(), rtol=2 ** -7, atol=0)
+        assert bool((model.weight != weight).all())  # the other group: updated, and never clamped
+        results[backend] = [model.weight.detach().clone(), model.logit_scale.detach().clone(), teacher.flat.clone()]
+    for a, b in zip(*results.values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_group_clamp_survives_a_state_without_one():
+    model = _Scaled(1.0)
+    groups = [{"params": [model.weight]}, {"params": [model.logit_scale], "clamp_max": 1.0}]
+    opt = AdamWEMA(groups, EMATeacher(model, backend="torch"), backend="torch")
+    opt.load_state_dict(torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.logit_scale]}]).state_dict())
+    assert [g["clamp_max"] for g in opt.param_groups] == [None, 1.0]
+    # The functional form clamps too, the frozen path included (no gradient: no AdamW step, still clamped).
+    p, t = [torch.tensor([0.5, 2.0])], [torch.zeros(2)]
+    adamw_ema_step_(p, [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], t, step=1, lr=0.0, beta1=0.9,
+                    beta2=0.99, eps=1e-8, weight_decay=0.0, decay=0.5, backend="torch", clamp_max=1.0)
+    assert p[0].tolist() == [0.5, 1.0] and t[0].tolist() == [0.25, 0.5]
+    model.logit_scale.data.fill_(5.0)
+    model.weight.grad, model.logit_scale.grad = torch.zeros(3, 5), None
+    opt.step()
+    assert model.logit_scale.item() == 1.0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_launches_follow_new_gradient_tensors(backend):
     model = torch.nn.Linear(4, 3)
@@ -281,7 +338,7 @@ def test_errors_are_value_errors_naming_the_culprit():
     with pytest.raises(ShapeError, match="tensor 0: teacher_copies must be bfloat16 or float16"):
         adamw_ema_step_(p, p, p, p, t, **ok, teacher_copies=[x.double() for x in t])
     for bad in (dict(step=0), dict(lr=-1.0), dict(beta1=1.0), dict(beta2=float("nan")), dict(decay=1.5),
-                dict(eps=-1.0), dict(weight_decay=-0.1), dict(step=1.5)):
+                dict(eps=-1.0), dict(weight_decay=-0.1), dict(step=1.5), dict(clamp_max=float("nan"))):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             adamw_ema_step_(p, p, p, p, t, **{**ok, **bad})
     with pytest.raises(ConfigError, match="backend"):
@@ -300,6 +357,8 @@ def test_errors_are_value_errors_naming_the_culprit():
         AdamWEMA([("bias", torch.nn.Parameter(torch.zeros(5)))], teacher)
     with pytest.raises(ConfigError, match="EMATeacher"):
         AdamWEMA(model.parameters(), object())
+    with pytest.raises(ConfigError, match="clamp_max"):
+        AdamWEMA([{"params": [model.weight]}, {"params": [model.bias], "clamp_max": float("nan")}], teacher)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
