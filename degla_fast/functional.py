@@ -4,7 +4,9 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 
 * ``image_features`` [B, D]
 * ``text_features`` [B*(1+K), D]: B positive captions, then B*K negatives, sample-major
-  (rows ``B + i*K .. B + i*K + K-1`` are the negatives of sample i)
+  (rows ``B + i*K .. B + i*K + K-1`` are the negatives of sample i); K = 0 is plain CLIP
+  ([B, D] captions, the same kernels with an empty negative block; IGC, TGC and
+  distillation are zero and no teacher is read)
 * ``logit_scale``: scalar tensor, the multiplier with ``exp`` already applied (open_clip)
 * teacher features: same shapes, from the EMA teacher; they never receive gradients.
 
@@ -91,10 +93,16 @@ def _resolve_for(backend, image_features, text_features, local_loss, world_size,
     return resolve_backend(backend, image_features.device, anchors * text_features.shape[0] * world_size)
 
 
+def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) -> bool:
+    """Whether the loss reads teacher features: TGC's positives or the distillation target.
+    Plain CLIP (K = 0) reads none: without negatives DeGLA's extra terms are all absent."""
+    return num_negatives > 0 and (tgc_weight != 0 or distill_weight != 0)
+
+
 def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negatives: int, need_teacher: bool,
               check_finite: bool) -> None:
-    if num_negatives < 1:
-        raise ShapeError(f"num_negatives (K) must be >= 1, got {num_negatives}")
+    if num_negatives < 0:
+        raise ShapeError(f"num_negatives (K) must be >= 0, got {num_negatives}")
     if image.dim() != 2:
         raise ShapeError(f"image_features must be [B, D], got {_shape(image)}")
     if text.dim() != 2:
@@ -146,6 +154,8 @@ def _gather_text(text, batch, rank, world_size, with_grad):
     if world_size == 1:
         return text
     positives = _gather(text[:batch], rank, world_size, with_grad)
+    if text.shape[0] == batch:  # plain CLIP: no negatives to gather
+        return positives
     negatives = _gather(text[batch:], rank, world_size, with_grad)
     return torch.cat([positives, negatives], dim=0)
 
@@ -194,6 +204,10 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True) -> LossOutput:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
 
+    ``num_negatives=0``: plain CLIP (open_clip's ClipLoss) through the same backends; text
+    features are [B, D], IGC, TGC and distillation are zero whatever their weights, and the
+    teacher features are not read (see :func:`needs_teacher`).
+
     ``check_finite``: the torch backends raise NonFiniteError on NaN/Inf inputs (a host read per
     input); a trainer that checks the loss on the device itself passes False.
 
@@ -204,13 +218,12 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     gets the single-process loss of the concatenated batch. ``gather_with_grad`` gathers with
     autograd (gradients reach the rank that owns each feature). ``precision``: see the module doc.
     """
-    need_teacher = tgc_weight != 0 or distill_weight != 0
-    device = image_features.device
+    need_teacher = needs_teacher(num_negatives, tgc_weight, distill_weight)
     backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
               num_negatives, need_teacher, check_finite=check_finite and backend != "triton")
     batch = image_features.shape[0]
-    with_igc = igc_weight != 0
+    with_igc = igc_weight != 0 and num_negatives > 0
 
     image_all = _gather(image_features, rank, world_size, gather_with_grad)
     text_all = _gather_text(text_features, batch, rank, world_size, gather_with_grad)
@@ -228,36 +241,23 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
                               row_offset, with_igc, precision)
     tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing,
-                                tgc_weight != 0, distill_weight != 0)
+                                need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0)
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
     return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
               num_negatives: int = 0, backend: str = "auto", local_loss: bool = False, gather_with_grad: bool = False,
-              rank: int = 0, world_size: int = 1, precision: str = "tf32") -> torch.Tensor:
-    """The global contrastive loss alone (NegCLIP when K >= 1, plain CLIP when K = 0).
+              rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True) -> torch.Tensor:
+    """The global contrastive loss alone (NegCLIP when K >= 1, plain CLIP when K = 0): the
+    ``clip`` term of :func:`degla_loss` with every other weight 0.
 
     image_features [B, D], text_features [B*(1+K), D] -> scalar ``(CE_i2t + CE_t2i) / 2``.
     """
-    if num_negatives == 0:
-        # Plain CLIP: the same kernels with an empty negative block.
-        backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision)
-        if image_features.shape != text_features.shape:
-            raise ShapeError(f"plain CLIP needs image_features and text_features of one shape, got "
-                             f"{_shape(image_features)} and {_shape(text_features)}")
-        batch = image_features.shape[0]
-        image_all = _gather(image_features, rank, world_size, gather_with_grad)
-        text_all = _gather(text_features, rank, world_size, gather_with_grad)
-        if local_loss or world_size == 1:
-            rows, text_rows, offset = image_features, text_features, rank * batch
-        else:
-            rows, text_rows, offset = image_all, text_all, 0
-        return _global_terms(backend, rows, text_all, image_all, text_rows, logit_scale, 0, offset, False,
-                             precision)[0]
     return degla_loss(image_features, text_features, logit_scale, num_negatives=num_negatives, igc_weight=0.0,
                       tgc_weight=0.0, distill_weight=0.0, backend=backend, local_loss=local_loss,
-                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, precision=precision).clip
+                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, precision=precision,
+                      check_finite=check_finite).clip
 
 
 def igc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,

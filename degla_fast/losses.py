@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .functional import BACKENDS, LossOutput, check_precision, degla_loss
+from .functional import BACKENDS, LossOutput, check_precision, degla_loss, needs_teacher
 
 __all__ = ["DeGLALoss", "LossOutput"]
 
@@ -16,7 +16,9 @@ class DeGLALoss(nn.Module):
     ``forward(image_features [B, D], text_features [B*(1+K), D], logit_scale,
     teacher_image_features [B, D], teacher_text_features [B*(1+K), D]) -> LossOutput``.
     Text rows are B positives then B*K negatives, sample-major; ``logit_scale`` has ``exp``
-    applied. Teacher features may be None only when ``tgc_weight`` and ``distill_weight`` are 0.
+    applied. Teacher features may be None when :attr:`needs_teacher` is False (``tgc_weight``
+    and ``distill_weight`` 0, or ``num_negatives=0``: plain CLIP on [B, D] captions, the same
+    kernels, IGC/TGC/distillation reported as 0).
     """
 
     def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
@@ -25,8 +27,8 @@ class DeGLALoss(nn.Module):
                  rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True):
         super().__init__()
         check_precision(precision)
-        if num_negatives < 1:
-            raise ConfigError(f"num_negatives must be >= 1 (use functional.clip_loss for plain CLIP), got {num_negatives}")
+        if num_negatives < 0:
+            raise ConfigError(f"num_negatives must be >= 0 (0: plain CLIP), got {num_negatives}")
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         for name, weight in (("igc_weight", igc_weight), ("tgc_weight", tgc_weight), ("distill_weight", distill_weight)):
@@ -47,6 +49,11 @@ class DeGLALoss(nn.Module):
         self.world_size = world_size
         self.precision = precision
         self.check_finite = check_finite  # False: no host read of the inputs (the caller checks the loss)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether :meth:`forward` reads teacher features (:func:`~degla_fast.functional.needs_teacher`)."""
+        return needs_teacher(self.num_negatives, self.tgc_weight, self.distill_weight)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_features: torch.Tensor | None = None,

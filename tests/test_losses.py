@@ -65,10 +65,49 @@ def test_matches_float64_oracle(backend, dtype, batch, k, dim, kernel_device):
     assert t_image.grad is None and t_text.grad is None  # the teacher is never trained by gradients
 
 
+# Plain CLIP (K=0): B=1; B above a block (70 > 64); D not a power of two
+PLAIN_SHAPES = [(1, 8), (5, 24), (70, 33)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch,dim", PLAIN_SHAPES)
+def test_plain_clip_matches_float64_oracle(backend, dtype, batch, dim, kernel_device):
+    # K=0 through DeGLALoss with its default weights: [B, D] captions, no teacher, the extra terms 0.
+    inputs = [t.to(dtype).double() for t in make_inputs(batch, 0, dim)]
+    image, text, scale = [leaf(t, torch.float64) for t in inputs[:3]]
+    clip_ref = oracle_terms(image, text, scale, image, text, 0)[0]
+    grads_ref = torch.autograd.grad(clip_ref, (image, text, scale))
+    image, text, scale = [leaf(t.to(kernel_device), dtype) for t in inputs[:3]]
+    loss = DeGLALoss(num_negatives=0, backend=backend, precision="ieee")
+    assert not loss.needs_teacher
+    out = loss(image, text, scale)
+    out.total.backward()
+    rtol, atol, gtol = TOLERANCE[dtype]
+    for got in (out.total, out.clip):
+        torch.testing.assert_close(got.double().cpu(), clip_ref.detach(), rtol=rtol, atol=atol * max(1.0, float(clip_ref.detach())))
+    assert float(out.igc.detach()) == float(out.tgc.detach()) == float(out.distill.detach()) == 0.0
+    for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
+        assert got is not None and got.dtype == dtype, name
+        assert_grads_close(got, want, gtol, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_clip_ignores_teacher_features(backend):
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(4, 0, 16)]
+    t_image.requires_grad_(True)
+    with_teacher = Fn.degla_loss(image, text, scale, t_image, t_text, num_negatives=0, backend=backend)
+    torch.testing.assert_close(with_teacher.total, Fn.clip_loss(image, text, scale, backend=backend))
+    assert float(with_teacher.distill) == 0.0 and not with_teacher.total.requires_grad
+    with pytest.raises(ShapeError, match=r"4\*\(1\+0\) = 4 rows.*\[12, 16\]"):  # K=0 reads [B, D] captions
+        Fn.degla_loss(image, torch.cat([text] * 3), scale, num_negatives=0, backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_gradcheck_float64(backend):
-    image, text, scale, t_image, t_text = make_inputs(3, 2, 6, scale=3.0)
-    fn = lambda i, x, s: Fn.degla_loss(i, x, s, t_image, t_text, num_negatives=2, backend=backend).total
+@pytest.mark.parametrize("k", [2, 0])
+def test_gradcheck_float64(backend, k):
+    image, text, scale, t_image, t_text = make_inputs(3, k, 6, scale=3.0)
+    fn = lambda i, x, s: Fn.degla_loss(i, x, s, t_image, t_text, num_negatives=k, backend=backend).total
     assert torch.autograd.gradcheck(fn, (leaf(image, torch.float64), leaf(text, torch.float64), leaf(scale, torch.float64)))
 
 
@@ -229,10 +268,10 @@ def test_bad_shapes_name_expected_and_actual(backend):
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="num_negatives"):
-        DeGLALoss(num_negatives=0)
+    with pytest.raises(ValueError, match="num_negatives must be >= 0"):
+        DeGLALoss(num_negatives=-1)
     with pytest.raises(ShapeError, match="num_negatives"):
-        Fn.degla_loss(*[t.float() for t in make_inputs(2, 1, 8)], num_negatives=0)
+        Fn.degla_loss(*[t.float() for t in make_inputs(2, 1, 8)], num_negatives=-1)
     with pytest.raises(ConfigError, match="backend must be one of"):
         DeGLALoss(backend="cuda")
 
