@@ -7,7 +7,8 @@ ZeRO-0/1/2, a :class:`ShardedEMATeacher` partitioned like the student for ZeRO-3
 
 Backends: ``triton`` (one kernel launch for all tensors, ``degla_fast.kernels.ema``; CUDA, or
 CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (``torch._foreach_lerp_``), ``auto``
-(triton on CUDA when Triton is importable, torch otherwise). Arithmetic is fp32 in both.
+(triton on CUDA when Triton is importable, torch otherwise: :mod:`degla_fast.backends`).
+Arithmetic is fp32 in both.
 
 The EMA state is always fp32. With decay 0.9996 the step ``4e-4 * (s - t)`` is below half a
 bf16 ulp of ``t`` for almost every element, so a bf16 state would stay where it started
@@ -17,27 +18,18 @@ therefore only a forward copy of the fp32 state (``forward_dtype``), written by 
 from __future__ import annotations
 
 import copy
-import os
 import weakref
 from typing import Iterable, Sequence
 
 import torch
 
+from .backends import EMA_BACKENDS, check_backend, resolve_backend
 from .errors import ConfigError, ShapeError
 
-BACKENDS = ("auto", "torch", "triton")
 #: Teacher parameters start on multiples of this many elements in the flat buffer (128 bytes
 #: in fp32): every view is aligned for vector loads whatever the preceding tensor's size.
 _FLAT_ALIGN = 32
 _PLAN_CACHE_SIZE = 4
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _check_decay(decay: float) -> float:
@@ -45,12 +37,6 @@ def _check_decay(decay: float) -> float:
     if not 0.0 <= decay <= 1.0:  # also rejects NaN
         raise ConfigError(f"decay must be in [0, 1]; got {decay}")
     return decay
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    return backend
 
 
 _FORWARD_DTYPES = (torch.bfloat16, torch.float16)
@@ -75,19 +61,7 @@ def _teacher_settings(decay: float, backend: str, dtype: torch.dtype | None,
         forward_dtype = None
     if forward_dtype is not None and forward_dtype not in _FORWARD_DTYPES:
         raise ConfigError(f"forward_dtype must be torch.bfloat16, torch.float16 or None; got {forward_dtype}")
-    return _check_decay(decay), _check_backend(backend), forward_dtype
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``torch`` or ``triton``) for ``backend`` on ``device``."""
-    if _check_backend(backend) == "auto":
-        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    if backend == "triton":
-        interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if not (device.type == "cuda" or interpret) or not _triton_importable():
-            raise ConfigError(f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
-                              f"tensors); got {device} tensors")
-    return backend
+    return _check_decay(decay), check_backend(backend), forward_dtype
 
 
 def _validate(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
@@ -201,7 +175,7 @@ class _Updater:
                     kernel.launch(plan, ts[0], ss[0], weight, copy_base=None if copies is None else copies[0])
 
 
-_UPDATERS = {name: _Updater(name) for name in BACKENDS}
+_UPDATERS = {name: _Updater(name) for name in EMA_BACKENDS}
 
 
 def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterable[torch.Tensor], decay: float,
@@ -216,7 +190,7 @@ def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterab
     tensor index), ConfigError (a ValueError) on a bad decay or backend.
     """
     teacher, student = list(teacher_tensors), list(student_tensors)
-    decay, backend = _check_decay(decay), _check_backend(backend)
+    decay, backend = _check_decay(decay), check_backend(backend)
     _validate(teacher, student)
     updater = _UPDATERS[backend]
     updater.run(updater.prepare(teacher, student), 1.0 - decay)

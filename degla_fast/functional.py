@@ -12,7 +12,8 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
 recomputed in backward), ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1),
-``auto`` (see :func:`resolve_backend`).
+``auto`` (triton for CUDA tensors from ``backends.AUTO_TRITON_MIN_LOGITS`` logits on; the rule
+lives in :mod:`degla_fast.backends`).
 
 ``precision`` is the dot precision of fp32 inputs in the triton backend: ``"tf32"`` (default,
 tensor cores, about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products,
@@ -26,18 +27,14 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from .backends import LOSS_BACKENDS, resolve_backend
 from .errors import ConfigError, NonFiniteError, ShapeError
 from .loss_ops import (GlobalContrast, acc_dtype, TorchGlobalImpl, TritonGlobalImpl, TritonLocalTerms, distill_sum, group_columns,
-                       torch_local_terms, triton_usable)
+                       torch_local_terms)
 
-BACKENDS = ("auto", "reference", "torch", "triton")
-PRECISIONS = ("tf32", "ieee")
-#: ``auto`` picks the Triton kernels from this many image-to-text logits (R x C) on: below it
-#: the kernels cannot give every SM of a current GPU a tile of their own (2^22 logits are 256
-#: of the 128 x 128 forward tiles, about 2 per SM of a 132-SM H100), and the torch backend's
-#: few cuBLAS calls on one row block cost about the same launches. A modelled rule, to be
-#: replaced by measurements from `make gpu-check`.
-AUTO_TRITON_MIN_LOGITS = 1 << 22
+#: Dot precisions of fp32 inputs in the triton backend (the loss's ``precision``; not the
+#: training precision of :mod:`degla_fast.precision`, which picks an autocast dtype).
+DOT_PRECISIONS = ("tf32", "ieee")
 #: The local Triton kernel holds all K negatives of a sample at once (kernels.degla_loss.LOCAL_MAX_NEGATIVES);
 #: larger K take the torch path for TGC and distillation, O(B*K*D) either way.
 LOCAL_MAX_NEGATIVES = 8
@@ -58,39 +55,24 @@ class LossOutput:
         return {name: float(getattr(self, name).detach()) for name in ("total", "clip", "igc", "tgc", "distill")}
 
 
-def resolve_backend(backend: str, device: torch.device, logits: int | None = None) -> str:
-    """The concrete backend for ``backend`` on ``device``.
-
-    ``auto``: triton for CUDA tensors when Triton imports and the problem has at least
-    :data:`AUTO_TRITON_MIN_LOGITS` image-to-text logits (``logits``; None = large), torch otherwise.
-    """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        large = logits is None or logits >= AUTO_TRITON_MIN_LOGITS
-        return "triton" if device.type == "cuda" and large and triton_usable(device) else "torch"
-    if backend == "triton" and not triton_usable(device):
-        raise ConfigError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device} tensors")
-    return backend
-
-
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_precision(precision: str) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ConfigError naming the choices."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+def check_dot_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`DOT_PRECISIONS`, else a ConfigError naming the choices."""
+    if precision not in DOT_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(DOT_PRECISIONS)}; got {precision!r}")
     return precision
 
 
 def _resolve_for(backend, image_features, text_features, local_loss, world_size, precision) -> str:
     """The backend for one call: ``precision`` checked, ``auto`` sized by this rank's
     image-to-text logits (its anchor rows times every rank's caption rows)."""
-    check_precision(precision)
+    check_dot_precision(precision)
     anchors = image_features.shape[0] * (1 if local_loss else world_size)
-    return resolve_backend(backend, image_features.device, anchors * text_features.shape[0] * world_size)
+    return resolve_backend(backend, image_features.device, choices=LOSS_BACKENDS,
+                           logits=anchors * text_features.shape[0] * world_size)
 
 
 def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) -> bool:

@@ -7,9 +7,6 @@ matmuls (peak extra memory O(block * C)); ``triton`` with the fused kernels of
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 # Elements of one row block of logits in the torch backend (fp32: 8 MB; about three such
@@ -225,12 +222,3 @@ def distill_sum(image, text, teacher_image, teacher_text) -> torch.Tensor:
     """Sum of squared differences of images and all captions to the teacher (fp32, or fp64 for fp64)."""
     return _SquaredDistance.apply(image, teacher_image.detach()) + _SquaredDistance.apply(text, teacher_text.detach())
 
-
-def triton_usable(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device``: Triton imports, and the
-    tensors are CUDA tensors (or CPU tensors under the interpreter)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"

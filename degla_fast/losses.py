@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import LOSS_BACKENDS, check_backend
 from .errors import ConfigError
-from .functional import BACKENDS, LossOutput, check_precision, degla_loss, needs_teacher
+from .functional import LossOutput, check_dot_precision, degla_loss, needs_teacher
 
 __all__ = ["DeGLALoss", "LossOutput"]
 
@@ -26,11 +27,10 @@ class DeGLALoss(nn.Module):
                  official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
                  rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True):
         super().__init__()
-        check_precision(precision)
+        check_dot_precision(precision)
         if num_negatives < 0:
             raise ConfigError(f"num_negatives must be >= 0 (0: plain CLIP), got {num_negatives}")
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        check_backend(backend, LOSS_BACKENDS)
         for name, weight in (("igc_weight", igc_weight), ("tgc_weight", tgc_weight), ("distill_weight", distill_weight)):
             if weight < 0:
                 raise ConfigError(f"{name} must be >= 0, got {weight}")

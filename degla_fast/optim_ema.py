@@ -29,7 +29,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .ema import EMATeacher, _check_backend, _check_decay, _torch_lerp_, ema_update_, resolve_backend
+from .backends import check_backend, resolve_backend
+from .ema import EMATeacher, _check_decay, _torch_lerp_, ema_update_
 from .errors import ConfigError, ShapeError
 
 _CACHE_SIZE = 8
@@ -217,7 +218,7 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     copies = list(teacher_copies) if teacher_copies is not None else None
     hyper = _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
                          clamp_max=clamp_max)
-    _check_backend(backend)
+    check_backend(backend)
     _validate(lists, copies)
     _run(_prepare(lists, copies, backend), hyper)
 
@@ -284,7 +285,7 @@ class AdamWEMA(torch.optim.Optimizer):
         if not isinstance(teacher, EMATeacher):
             raise ConfigError(f"AdamWEMA needs an EMATeacher (a full replica); got {type(teacher).__name__}")
         decay = teacher.decay if decay is None else decay
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=float(decay),
                         clamp_max=clamp_max, amsgrad=False, maximize=False)
         super().__init__(params, defaults)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from degla_fast import DeGLALoss, LossOutput
+from degla_fast import DeGLALoss, LossOutput, backends
 from degla_fast import functional as Fn
 from degla_fast.errors import ConfigError, NonFiniteError, ShapeError
 from loss_oracle import oracle_terms, oracle_total
@@ -183,14 +183,22 @@ def test_loss_output_items_and_auto_backend():
     items = out.items()
     assert set(items) == {"total", "clip", "igc", "tgc", "distill"}
     assert items["total"] == pytest.approx(float(oracle_total(*make_inputs(3, 2, 8), 2)), rel=1e-5)
-    assert Fn.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert backends.resolve_backend("auto", torch.device("cpu"), choices=backends.LOSS_BACKENDS) == "torch"
 
 
-def test_auto_backend_rule():
+def test_auto_backend_rule(monkeypatch):
     cuda = torch.device("cuda")  # resolving needs no GPU
-    assert Fn.resolve_backend("auto", cuda, Fn.AUTO_TRITON_MIN_LOGITS - 1) == "torch"
-    assert Fn.resolve_backend("auto", cuda, Fn.AUTO_TRITON_MIN_LOGITS) == "triton"
-    assert Fn.resolve_backend("auto", cuda, 256 * 1280) == "torch"  # B=256, K=4: cuBLAS row blocks
+    loss = dict(choices=backends.LOSS_BACKENDS)
+    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS - 1, **loss) == "torch"
+    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS, **loss) == "triton"
+    assert backends.resolve_backend("auto", cuda, logits=256 * 1280, **loss) == "torch"  # B=256, K=4: cuBLAS row blocks
+    assert backends.resolve_backend("auto", cuda) == "triton"  # the EMA: no size threshold
+    # One rule for both: without an importable Triton, auto is torch for the loss and the EMA alike.
+    monkeypatch.setattr(backends, "triton_importable", lambda: False)
+    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS, **loss) == "torch"
+    assert backends.resolve_backend("auto", cuda) == "torch"
+    with pytest.raises(ConfigError, match="needs Triton"):
+        backends.resolve_backend("triton", torch.device("cpu"), **loss)
 
 
 def assert_grads_close(got, want, gtol, name):

@@ -2,11 +2,11 @@
 
 Each distinct image (file + optional crop box) and each distinct caption is encoded once, however
 many items share it; scores are cosine similarities of L2-normalised features, computed in fp32.
-On a GPU the encoders run under bf16 autocast.
+On a GPU the encoders run under bf16 autocast by default (``Encoder(precision=...)``,
+``degla_fast.precision``'s rule).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..errors import DataError, from_worker
+from ..precision import autocast, check_precision
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,20 @@ class Encoder:
     """Encodes images and captions with one model bundle (``degla_fast.model.ModelBundle``).
 
     ``device``: where the model runs ("cpu", "cuda", ...); ``batch_size``: images or captions per forward;
-    ``num_workers``: image-decoding worker processes (0 = in this process); ``progress``: show bars.
-    The bundle's model is put in eval mode.
+    ``num_workers``: image-decoding worker processes (0 = in this process); ``progress``: show bars;
+    ``precision``: the forwards' autocast (``degla_fast.precision.PRECISIONS``; None: ``bf16`` on
+    CUDA, ``fp32`` elsewhere). The bundle's model is put in eval mode.
     """
 
     def __init__(self, bundle, *, device: str | torch.device = "cpu", batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = False):
+                 num_workers: int = 0, progress: bool = False, precision: str | None = None):
         self.bundle = bundle
         self.device = torch.device(device)
+        self.precision = check_precision(precision or ("bf16" if self.device.type == "cuda" else "fp32"))
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
         bundle.model.eval()
-
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @torch.no_grad()
     def images(self, refs: Sequence[ImageRef], desc: str = "images") -> torch.Tensor:
@@ -103,7 +101,7 @@ class Encoder:
         with progress_bar(len(refs), desc, self.progress, unit="img") as bar:
             try:
                 for pixels in loader:
-                    with self._autocast():
+                    with autocast(self.precision, self.device):
                         feats = encode_image(self.bundle.model, pixels.to(self.device, non_blocking=True))
                     chunks.append(feats.float().cpu())
                     bar.update(len(pixels))
@@ -125,7 +123,7 @@ class Encoder:
         with progress_bar(len(texts), desc, self.progress, unit="txt") as bar:
             for start in range(0, len(texts), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                with self._autocast():
+                with autocast(self.precision, self.device):
                     out = encode_text(self.bundle.model, trim_tokens(tokens[rows]).to(self.device, non_blocking=True))
                 if feats is None:
                     feats = torch.empty(len(texts), out.shape[1])
