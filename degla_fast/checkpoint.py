@@ -1,4 +1,6 @@
-"""Training checkpoints: atomic files, the newest N kept, a ``latest`` pointer, exact resume.
+"""The checkpoint format, in one place: its name and version, the safe reader, the resolution
+of ``latest``, atomic writes, the newest N kept, RNG states. (What goes into a training
+checkpoint and how a run is restored from one: :class:`degla_fast.train.checkpointer.Checkpointer`.)
 
 Layout of ``OUTPUT/checkpoints/``::
 
@@ -17,9 +19,13 @@ anything more is refused with one line, never unpickled, so a checkpoint cannot 
 """
 from __future__ import annotations
 
+import os
+import pickle
 import random
 import re
 import shutil
+import struct
+import warnings
 from collections import OrderedDict
 from pathlib import Path, PurePath
 from typing import Any
@@ -27,16 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..io import atomic_write, cannot_write, write_text_atomic
-from ..model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, resolve_checkpoint
+from .errors import DataError, first_line
+from .io import atomic_write, cannot_write, write_text_atomic
 
+CHECKPOINT_FORMAT = "degla-fast/checkpoint"
+CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
 def checkpoint_name(step: int) -> str:
     """``step_00000100.pt`` for step 100."""
     return f"step_{step:08d}.pt"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a training checkpoint's file name (``step_00000100.pt``)."""
+    return _NAME.match(name) is not None
 
 
 def rng_state() -> dict:
@@ -187,15 +199,92 @@ def find_resume(resume: str | None, folder: Path) -> Path | None:
     return resolve_checkpoint(resume)
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint path as users give it -> the checkpoint file.
+
+    Accepts the file itself, a ``checkpoints/`` folder or a training output folder (both read
+    ``checkpoints/latest``), or the ``latest`` file. Raises :class:`DataError` when nothing is found.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for latest in (path / "latest", path / "checkpoints" / "latest"):
+            if latest.is_file():
+                return resolve_checkpoint(latest)
+        raise DataError(f"{path}: folder holds no 'latest' or 'checkpoints/latest' file")
+    if path.name == "latest" and path.is_file():
+        try:
+            target = path.parent / path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not a 'latest' pointer (not UTF-8 text at byte {err.start})") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+        if not target.name or "\n" in target.name or len(target.name) > 255:
+            raise DataError(f"{path}: not a 'latest' pointer (expected one checkpoint file name)")
+        if not target.is_file():
+            raise DataError(f"{path}: names {target.name!r}, which does not exist in {path.parent}")
+        return target
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file or folder")
+    return path
+
+
+# The first bytes of what torch.save writes: its zip format, or the legacy format (a pickle, protocol >= 2).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure is a one-line :class:`DataError`.
+
+    Only tensors and plain containers and values are unpickled: a file that needs anything
+    else (a class, a function such as ``os.system``, NumPy arrays) is refused and never
+    retried with the unsafe loader, so no checkpoint a user is handed can run code.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    if not head:
+        raise DataError(f"{path}: empty file, not a torch checkpoint")
+    if not head.startswith(_TORCH_MAGIC):
+        raise DataError(f"{path}: not a torch checkpoint (it starts with {head!r}, not torch.save's zip or "
+                        "pickle header: a text or JSON file?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights_only" not in text and "Weights only" not in text:
+            raise DataError(f"{path}: not a readable torch checkpoint ({first_line(err)})") from None
+        found = _REFUSED_GLOBAL.search(text)
+        what = f"it names {found.group(1)}" if found else "it holds pickle instructions beyond tensors and plain values"
+        raise DataError(f"{path}: refused by the safe loader (weights_only=True): {what}; a checkpoint holds only "
+                        "tensors and plain values, and this file is not loaded") from None
+    except (OSError, RuntimeError, EOFError, ValueError, LookupError, TypeError, struct.error) as err:
+        # A corrupt or truncated file: the zip reader and the unpickler raise all of these.
+        raise DataError(f"{path}: not a readable torch checkpoint ({first_line(err)})") from None
+
+
+def check_format(path: Path, state: Any) -> bool:
+    """Whether ``state`` (read from ``path``) is a degla-fast checkpoint; a :class:`DataError` when
+    it is one of another version."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        return False
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    return True
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a training checkpoint written by :func:`save_checkpoint` with the safe loader
     (``weights_only=True``: tensors and plain values only; anything else is refused, never
     retried unsafely). Every problem is a one-line :class:`DataError` naming the file."""
     state = read_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not check_format(path, state):
         raise DataError(f"{path}: not a degla-fast training checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise DataError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
     for key in ("student", "optimizer", "step", "epoch", "batch"):
         if key not in state:
             raise DataError(f"{path}: training checkpoint lacks {key!r} (written by export, not by train?)")

@@ -38,3 +38,9 @@ def from_worker(err: DeglaError) -> DeglaError:
         if last.startswith(prefix):
             return type(err)(last[len(prefix):])
     return type(err)(last)
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of an exception from a library, for a one-line error."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

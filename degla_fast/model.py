@@ -18,9 +18,6 @@ import contextlib
 import logging
 import os
 import pickle
-import re
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from .errors import ConfigError, DataError, ShapeError
+from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
+from .errors import ConfigError, DataError, ShapeError, first_line
 
 TINY_MODEL = "degla-tiny"
 PRECISIONS = ("fp32", "bf16", "amp")
-CHECKPOINT_FORMAT = "degla-fast/checkpoint"
-CHECKPOINT_VERSION = 1
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # fp32: fp32 weights, no autocast. bf16: open_clip's OpenAI-style low precision (linear and
@@ -114,7 +110,7 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[precision], device=device)
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
-        raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {_first_line(err)}") from err
+        raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {first_line(err)}") from err
     return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
 
 
@@ -135,11 +131,6 @@ def _without_random_init_warning():
             logger.removeFilter(keep)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision) -> ModelBundle:
     if type(model) is CLIP:
         # Same state, one overridden method: see TrimmedTextCLIP.
@@ -152,75 +143,6 @@ def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision
         preprocess_train=preprocess_train, preprocess_val=preprocess_val, image_size=image_size,
         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), context_length=context_length(model),
         precision=precision)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint path as users give it -> the checkpoint file.
-
-    Accepts the file itself, a ``checkpoints/`` folder or a training output folder (both read
-    ``checkpoints/latest``), or the ``latest`` file. Raises :class:`DataError` when nothing is found.
-    """
-    path = Path(path)
-    if path.is_dir():
-        for latest in (path / "latest", path / "checkpoints" / "latest"):
-            if latest.is_file():
-                return resolve_checkpoint(latest)
-        raise DataError(f"{path}: folder holds no 'latest' or 'checkpoints/latest' file")
-    if path.name == "latest" and path.is_file():
-        try:
-            target = path.parent / path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not a 'latest' pointer (not UTF-8 text at byte {err.start})") from None
-        except OSError as err:
-            raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
-        if not target.name or "\n" in target.name or len(target.name) > 255:
-            raise DataError(f"{path}: not a 'latest' pointer (expected one checkpoint file name)")
-        if not target.is_file():
-            raise DataError(f"{path}: names {target.name!r}, which does not exist in {path.parent}")
-        return target
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint file or folder")
-    return path
-
-
-# The first bytes of what torch.save writes: its zip format, or the legacy format (a pickle, protocol >= 2).
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
-_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; every failure is a one-line :class:`DataError`.
-
-    Only tensors and plain containers and values are unpickled: a file that needs anything
-    else (a class, a function such as ``os.system``, NumPy arrays) is refused and never
-    retried with the unsafe loader, so no checkpoint a user is handed can run code.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
-    if not head:
-        raise DataError(f"{path}: empty file, not a torch checkpoint")
-    if not head.startswith(_TORCH_MAGIC):
-        raise DataError(f"{path}: not a torch checkpoint (it starts with {head!r}, not torch.save's zip or "
-                        "pickle header: a text or JSON file?)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        if "weights_only" not in text and "Weights only" not in text:
-            raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from None
-        found = _REFUSED_GLOBAL.search(text)
-        what = f"it names {found.group(1)}" if found else "it holds pickle instructions beyond tensors and plain values"
-        raise DataError(f"{path}: refused by the safe loader (weights_only=True): {what}; a checkpoint holds only "
-                        "tensors and plain values, and this file is not loaded") from None
-    except (OSError, RuntimeError, EOFError, ValueError, LookupError, TypeError, struct.error) as err:
-        # A corrupt or truncated file: the zip reader and the unpickler raise all of these.
-        raise DataError(f"{path}: not a readable torch checkpoint ({_first_line(err)})") from None
 
 
 def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *,
@@ -237,7 +159,7 @@ def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *
     if pretrained is not None and (Path(pretrained).exists() or Path(pretrained).suffix or os.sep in str(pretrained)):
         path = resolve_checkpoint(pretrained)
         state = None if path.suffix == ".safetensors" else read_checkpoint(path)
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        if check_format(path, state):
             return _from_checkpoint(model, path, state, device, precision)
         if state is not None and not isinstance(state, dict):
             raise DataError(f"{path}: holds a {type(state).__name__}, not a state dict or a degla-fast checkpoint")
@@ -250,8 +172,6 @@ def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *
 
 
 def _from_checkpoint(model: str | None, path: Path, state: dict, device, precision) -> ModelBundle:
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise DataError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
     for key in ("model_name", "student"):
         if key not in state:
             raise DataError(f"{path}: checkpoint lacks the {key!r} field")

@@ -91,7 +91,10 @@ class _QuietData:
         return getattr(self._data, name)
 
     def __iter__(self):
-        it = iter(self._data)
+        return self.batches(iter(self._data))
+
+    def batches(self, it=None):
+        it = self._data.batches() if it is None else it
         while True:
             with self._recorder.pause():
                 try:
@@ -104,10 +107,12 @@ class _QuietData:
 def run(train_args: list[str]) -> dict[int, list[str]]:
     """Run ``degla-fast train train_args`` in this process; {step: [host reads after it]}."""
     import degla_fast.data as data_module
+    from degla_fast.train import builder
     from degla_fast.train import main as train_main
+    from degla_fast.train.checkpointer import Checkpointer
 
     recorder = HostReads()
-    real_build, real_step, real_save = data_module.build_train_data, train_main.train_step, train_main._Saver.save
+    real_build, real_step, real_save = data_module.build_train_data, train_main.train_step, Checkpointer.save
     real_sync = torch.cuda.synchronize
 
     def build(*args, **kwargs):
@@ -125,7 +130,7 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
         recorder.note("torch.cuda.synchronize")
         return real_sync(*args, **kwargs)
 
-    real_make_loss = train_main.make_loss
+    real_make_loss = builder.make_loss
     nan_at = int(os.environ.get("SYNC_COUNT_NAN_AT", "0"))  # this loss call (1-based) is made NaN, on every rank
 
     def make_loss(**kwargs):
@@ -142,15 +147,15 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
         return loss
 
     if nan_at:
-        train_main.make_loss = make_loss
-    data_module.build_train_data, train_main.train_step, train_main._Saver.save = build, step, save
+        builder.make_loss = make_loss
+    data_module.build_train_data, train_main.train_step, Checkpointer.save = build, step, save
     torch.cuda.synchronize = synchronize
     try:
         with recorder:
             status = train_main.main(train_args)
     finally:
-        data_module.build_train_data, train_main.train_step, train_main._Saver.save = real_build, real_step, real_save
-        train_main.make_loss = real_make_loss
+        data_module.build_train_data, train_main.train_step, Checkpointer.save = real_build, real_step, real_save
+        builder.make_loss = real_make_loss
         torch.cuda.synchronize = real_sync
     if status != 0:
         raise SystemExit(f"training failed with status {status}")

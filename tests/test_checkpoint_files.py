@@ -10,7 +10,7 @@ import torch
 
 from degla_fast.errors import ConfigError, DataError
 from degla_fast.io import read_config_mapping
-from degla_fast.train import checkpoint as ckpt
+from degla_fast import checkpoint as ckpt
 
 
 def _payload(step):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from degla_fast.cli import main
-from degla_fast.train import checkpoint as ckpt
+from degla_fast import checkpoint as ckpt
 
 
 def _workspace(root):

@@ -158,7 +158,7 @@ def write_checkpoint(folder, bundle, step, **overrides):
 
 
 def rng_state():
-    from degla_fast.train.checkpoint import rng_state
+    from degla_fast.checkpoint import rng_state
 
     return rng_state()
 

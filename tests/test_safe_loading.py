@@ -12,7 +12,7 @@ import torch
 from degla_fast.cli import main
 from degla_fast.errors import DataError
 from degla_fast.model import read_checkpoint
-from degla_fast.train import checkpoint as ckpt
+from degla_fast import checkpoint as ckpt
 
 
 class Payload:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from degla_fast.errors import ConfigError
+from degla_fast.train import builder
 from degla_fast.train import main as train_main
 from degla_fast.train.config import load_config
 from degla_fast.train.metrics import read_metrics
@@ -173,7 +174,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_pat
 
         return loss
 
-    monkeypatch.setattr(train_main, "make_loss", flaky_make_loss)
+    monkeypatch.setattr(builder, "make_loss", flaky_make_loss)
     out = tmp_path / "nan"
     status = train_main.main(base_args(synth, out, "--max-steps", "50", "--set", "max_nonfinite_steps=3", *extra))
     err = capsys.readouterr().err
@@ -460,7 +461,7 @@ def test_ema_dtype_keeps_an_fp32_state_and_bf16_means_a_forward_copy(synth, tmp_
 
     config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "ema.decay": 0.9996, "precision": "fp32"})
     student = create_model(TINY_MODEL).model
-    teacher = train_main._make_teacher(student, config, None)
+    teacher = builder._make_teacher(student, config, None)
     assert teacher.dtype == torch.float32 and teacher.flat.dtype == torch.float32
     assert teacher.forward_dtype == forward
     assert {p.dtype for p in teacher.module.parameters()} == {forward or torch.float32}
@@ -490,7 +491,7 @@ def test_ema_dtype_same_follows_the_forward_precision(synth, precision, name, fo
     from degla_fast.model import TINY_MODEL, create_model
 
     config = load_config(None, {"data.path": str(synth), "ema.dtype": name, "precision": precision})
-    teacher = train_main._make_teacher(create_model(TINY_MODEL).model, config, None)
+    teacher = builder._make_teacher(create_model(TINY_MODEL).model, config, None)
     assert teacher.forward_dtype == forward and teacher.flat.dtype == torch.float32
     assert {p.dtype for p in teacher.module.parameters()} == {forward or torch.float32}
 

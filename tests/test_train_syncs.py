@@ -52,7 +52,7 @@ def test_plain_run_reads_the_device_once_per_log_interval(synth, tmp_path, preci
 def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
     # A NaN loss at step 2 is skipped on the device; the host learns it at step 3's read.
     import sync_count_worker
-    from degla_fast.train import main as train_main
+    from degla_fast.train import builder
     from degla_fast.train import step as step_module
 
     real_make_loss, calls = step_module.make_loss, {"n": 0}
@@ -69,7 +69,7 @@ def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
 
         return loss
 
-    monkeypatch.setattr(train_main, "make_loss", flaky_make_loss)
+    monkeypatch.setattr(builder, "make_loss", flaky_make_loss)
     steps = sync_count_worker.run(train_args(synth, tmp_path / "nan"))
     # 7 batches for 6 applied steps: reads at batches 3 (finds the skip: step 2), 4 (step 3), 7 (step 6)
     assert steps == {1: [], 2: [], 3: ["tolist"], 4: ["tolist"], 5: [], 6: [], 7: ["tolist"]}

@@ -28,11 +28,13 @@ class Batch:
     tokens: int64 ``[B*(1+K), L]``: ``B`` positives then ``B*K`` negatives, sample-major; ``L`` is the
         longest caption of this batch incl. end-of-text (``context_length`` when not trimming).
     indices: int64 ``[B]``, the records' positions in the data file.
+    position: the batch's index in its epoch (what a resume point counts).
     """
 
     images: torch.Tensor
     tokens: torch.Tensor
     indices: torch.Tensor
+    position: int = -1
 
 
 class TrainData:
@@ -110,7 +112,7 @@ class TrainData:
         images normalised there."""
         if self.device.type == "cuda":
             tensor = tensor.to(self.device, non_blocking=True)
-        if tensor.dtype != torch.uint8:
+        if tensor.dtype != torch.uint8 or tensor.numel() == 0:  # empty: a batch of unreadable images only
             return tensor
         if self._norm is None or self._norm[0].device != tensor.device:
             self._norm = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(tensor.device)
@@ -130,13 +132,19 @@ class TrainData:
     def __del__(self):
         self.close()
 
-    def __iter__(self):
+    def batches(self):
+        """Every batch of the epoch from ``start_batch`` on, with its ``position``, including those
+        whose images were all unreadable (``skip_bad_images``: no rows); counts ``bad_images``."""
         self.bad_images = 0
-        for images, tokens, indices, bad in self._batches():
+        for position, (images, tokens, indices, bad) in enumerate(self._batches(), start=self.start_batch):
             self.bad_images += len(bad)
-            if len(indices) == 0:
-                continue
-            yield Batch(images, tokens, indices)
+            yield Batch(images, tokens, indices, position)
+
+    def __iter__(self):
+        """The epoch's batches that hold images; a warning at its end counts the skipped images."""
+        for batch in self.batches():
+            if len(batch.indices):
+                yield batch
         if self.bad_images:
             warnings.warn(f"epoch {self.epoch}: skipped {self.bad_images} unreadable image(s) in {self.source}",
                           stacklevel=2)

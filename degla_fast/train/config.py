@@ -25,9 +25,12 @@ EMA_DTYPES = ("same", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None):
-    """A dataclass field with its one-line doc and optional allowed values / lower bound."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None, *,
+       flag: str | bool = False):
+    """A dataclass field with its one-line doc and optional allowed values / lower bound.
+    ``flag``: the field is also a ``degla-fast train`` flag, named after the field (True) or as
+    given (``"data"`` for ``--data``); see :func:`add_flags`."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "flag": flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,11 +40,11 @@ def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | No
 class DataConfig:
     """Where the training pairs come from and how they are batched."""
 
-    path: str = _f("", "training data: a DeGLA .json, a .csv/.tsv, or WebDataset shards ('shards-{000..009}.tar')")
-    image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)")
+    path: str = _f("", "training data: a DeGLA .json, a .csv/.tsv, or WebDataset shards ('shards-{000..009}.tar')", flag='data')
+    image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)", flag=True)
     batch_size: int = _f(32, "images per process per step (the global batch is this times the number of processes)",
-                         minimum=1)
-    num_workers: int = _f(2, "data-loading worker processes per training process", minimum=0)
+                         minimum=1, flag=True)
+    num_workers: int = _f(2, "data-loading worker processes per training process", minimum=0, flag=True)
     pipeline: str = _f("auto", "image pipeline: DALI on the GPU or torch", PIPELINES)
     skip_bad_images: bool = _f(False, "skip unreadable images (counted) instead of stopping with an error")
     sample_with_replacement: bool = _f(False, "pick negatives with replacement when a caption has fewer than K")
@@ -52,33 +55,38 @@ class DataConfig:
 class ModelConfig:
     """The CLIP model being fine-tuned."""
 
-    name: str = _f("ViT-B-32-quickgelu", "open_clip model name, e.g. 'ViT-B-32-quickgelu' or 'degla-tiny'")
+    name: str = _f("ViT-B-32-quickgelu", "open_clip model name, e.g. 'ViT-B-32-quickgelu' or 'degla-tiny'", flag='model')
     pretrained: str | None = _f("openai", "open_clip pretrained tag, a state-dict file or a degla-fast checkpoint; "
-                                          "null for random weights")
-    compile: bool = _f(False, "torch.compile the student's towers (GPU; first steps are slow while it compiles)")
-    grad_checkpointing: bool = _f(False, "activation checkpointing in both towers: less memory, one more forward")
+                                          "null for random weights", flag=True)
+    compile: bool = _f(False, "torch.compile the student's towers (GPU; first steps are slow while it compiles)", flag=True)
+    grad_checkpointing: bool = _f(False, "activation checkpointing in both towers: less memory, one more forward", flag=True)
 
 
 @dataclass
 class LossConfig:
     """DeGLA loss settings (num_negatives 0 gives the plain CLIP loss)."""
 
-    num_negatives: int = _f(4, "hard negatives per caption, K; 0 trains with the plain CLIP loss", minimum=0)
-    igc_weight: float = _f(0.1, "weight of the image-grounded contrast (IGC)", minimum=0.0)
-    tgc_weight: float = _f(0.1, "weight of the text-grounded contrast (TGC)", minimum=0.0)
-    distill_weight: float = _f(0.005, "weight of the self-distillation toward the EMA teacher", minimum=0.0)
+    num_negatives: int = _f(4, "hard negatives per caption, K; 0 trains with the plain CLIP loss", minimum=0, flag=True)
+    igc_weight: float = _f(0.1, "weight of the image-grounded contrast (IGC)", minimum=0.0, flag=True)
+    tgc_weight: float = _f(0.1, "weight of the text-grounded contrast (TGC)", minimum=0.0, flag=True)
+    distill_weight: float = _f(0.005, "weight of the self-distillation toward the EMA teacher", minimum=0.0, flag=True)
     tgc_scale: float = _f(10.0, "fixed logit scale of TGC (1 / temperature)", minimum=0.0)
     backend: str = _f("auto", "loss implementation", LOSS_BACKENDS)
     official_tgc_indexing: bool = _f(False, "reproduce the released code's TGC negative indexing (comparison only)")
     local_loss: bool = _f(True, "each process's samples are the anchors against all gathered features")
     gather_with_grad: bool = _f(True, "gather features across processes with autograd (exact global gradient)")
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the loss reads teacher features (TGC's positives or the distillation target)."""
+        return self.num_negatives > 0 and (self.tgc_weight != 0 or self.distill_weight != 0)
+
 
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = _f(1e-6, "peak learning rate", minimum=0.0)
+    lr: float = _f(1e-6, "peak learning rate", minimum=0.0, flag=True)
     weight_decay: float = _f(0.1, "AdamW weight decay (never applied to gains, biases or logit_scale)", minimum=0.0)
     beta1: float = _f(0.9, "AdamW beta1", minimum=0.0)
     beta2: float = _f(0.98, "AdamW beta2", minimum=0.0)
@@ -88,7 +96,7 @@ class OptimConfig:
     max_grad_norm: float = _f(0.0, "clip the gradient norm to this value; 0 disables clipping", minimum=0.0)
     fused: bool = _f(True, "fused AdamW kernel where the device supports it")
     fused_ema: bool = _f(False, "one pass for AdamW and the EMA teacher update (AdamWEMA, backend ema.backend); "
-                                "not with DeepSpeed or without a teacher")
+                                "not with DeepSpeed or without a teacher", flag=True)
 
 
 @dataclass
@@ -113,29 +121,32 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "the loss"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "optimiser and schedule"})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"doc": "the EMA teacher"})
-    output: str = _f("runs/train", "output folder: metrics.jsonl, checkpoints/, tensorboard/")
-    epochs: int = _f(5, "passes over the data; the run length unless max_steps is set", minimum=1)
+    output: str = _f("runs/train", "output folder: metrics.jsonl, checkpoints/, tensorboard/", flag=True)
+    epochs: int = _f(5, "passes over the data; the run length unless max_steps is set", minimum=1, flag=True)
     max_steps: int = _f(0, "run length in optimiser steps (overrides epochs; the schedule spans it); 0 = epochs",
-                        minimum=0)
-    seed: int = _f(42, "seed of the model-independent randomness: data order, negatives, augmentation")
+                        minimum=0, flag=True)
+    seed: int = _f(42, "seed of the model-independent randomness: data order, negatives, augmentation", flag=True)
     precision: str = _f("bf16", "bf16 = bf16 autocast over fp32 weights, bf16 features into the loss (which "
                                 "accumulates in fp32) and a bf16 teacher forward copy; fp32; amp = fp16 autocast + "
-                                "loss scaling on CUDA (bf16 autocast elsewhere)", PRECISIONS)
-    device: str = _f("auto", "cuda when available, else cpu", DEVICES)
-    resume: str | None = _f(None, "'latest' (this output's newest checkpoint, or a fresh start) or a checkpoint path")
-    deepspeed: str | None = _f(None, "DeepSpeed JSON config (ZeRO stage, offload); null trains without DeepSpeed")
-    report_to: str = _f("none", "where metrics also go besides metrics.jsonl", REPORTERS)
+                                "loss scaling on CUDA (bf16 autocast elsewhere)", PRECISIONS, flag=True)
+    device: str = _f("auto", "cuda when available, else cpu", DEVICES, flag=True)
+    overwrite: bool = _f(False, "start a new run in an output folder that holds one: its files are moved to "
+                                "OUTPUT/previous/<time>/ first (without it such a folder is refused unless resuming)",
+                         flag=True)
+    resume: str | None = _f(None, "'latest' (this output's newest checkpoint, or a fresh start) or a checkpoint path", flag=True)
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config (ZeRO stage, offload); null trains without DeepSpeed", flag=True)
+    report_to: str = _f("none", "where metrics also go besides metrics.jsonl", REPORTERS, flag=True)
     progress: bool = _f(True, "progress bar on rank 0 (also off when stderr is not a terminal)")
     log_every: int = _f(50, "write a metrics row every this many steps; also how often the host reads the device "
                             "(losses, skipped steps, stop signals): the only host sync between those steps",
-                        minimum=1)
+                        minimum=1, flag=True)
     save_every: int = _f(500, "checkpoint every this many steps (and always at the end); 0 = only at the end",
-                         minimum=0)
+                         minimum=0, flag=True)
     keep_last: int = _f(3, "checkpoints kept on disk (older ones are deleted)", minimum=1)
     max_nonfinite_steps: int = _f(5, "consecutive non-finite losses tolerated before saving and stopping",
                                   minimum=1)
     profile_phases: bool = _f(False, "synchronise the device between phases so that the data/forward/backward/EMA "
-                                     "times cover the device's work (a host sync at each phase: for profiling only)")
+                                     "times cover the device's work (a host sync at each phase: for profiling only)", flag=True)
 
 
 # ---------------------------------------------------------------- building and validating
@@ -254,14 +265,44 @@ def _check(config: TrainConfig) -> None:
     if config.optim.min_lr_ratio > 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {config.optim.min_lr_ratio}")
     if config.optim.fused_ema:
-        from .step import needs_teacher
-
         if config.deepspeed is not None:
             raise ConfigError("optim.fused_ema: not available with deepspeed (ZeRO steps its own flat partitions, "
                               "which AdamWEMA cannot map to the teacher); drop --fused-ema or --deepspeed")
-        if not needs_teacher(config.loss.num_negatives, config.loss.tgc_weight, config.loss.distill_weight):
+        if not config.loss.needs_teacher:
             raise ConfigError("optim.fused_ema: this run has no EMA teacher to move (loss.num_negatives is 0, or "
                               "loss.tgc_weight and loss.distill_weight are both 0); drop --fused-ema")
+
+
+# ---------------------------------------------------------------- command-line flags
+
+
+def _flag_fields(cls=TrainConfig, prefix: str = ""):
+    """(flag name, dotted field, type, metadata) of every field declared with ``flag``."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_section(hints[f.name]):
+            yield from _flag_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("flag"):
+            flag = f.metadata["flag"]
+            yield (f.name if flag is True else flag).replace("_", "-"), f"{prefix}{f.name}", hints[f.name], f.metadata
+
+
+def add_flags(parser) -> None:
+    """One ``argparse`` flag per field declared with ``flag`` (its doc is the help; a bool field
+    is a switch that sets it true). :func:`flag_overrides` reads them back."""
+    for flag, dotted, tp, meta in _flag_fields():
+        base, _ = _base_type(tp)
+        choices = f" [{', '.join(meta['choices'])}]" if meta.get("choices") else ""
+        help_text = f"{meta['doc']}{choices} ({dotted})".replace("%", "%%")
+        if base is bool:
+            parser.add_argument(f"--{flag}", dest=dotted, action="store_const", const=True, help=help_text)
+        else:  # values are checked by load_config, which names the field
+            parser.add_argument(f"--{flag}", dest=dotted, metavar=dotted.rsplit(".", 1)[-1].upper(), help=help_text)
+
+
+def flag_overrides(args) -> dict[str, Any]:
+    """dotted field -> value of every flag :func:`add_flags` declared (None: not given)."""
+    return {dotted: getattr(args, dotted, None) for _, dotted, _, _ in _flag_fields()}
 
 
 def to_dict(config: TrainConfig) -> dict:

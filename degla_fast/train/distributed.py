@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import read_config_mapping
 
 
@@ -114,6 +114,16 @@ def gather_objects(obj: Any, info: DistInfo) -> list:
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def raise_on_any_rank(error: str | None, info: DistInfo) -> None:
+    """A :class:`DataError` with the first rank's ``error`` on every rank when any rank has one
+    (a user error found on one rank, such as a failed write on rank 0, must not leave the others
+    waiting at the next collective). One small all-gather; nothing on one process but the raise."""
+    errors = [error] if not info.distributed else gather_objects(error, info)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise DataError(first)
 
 
 def mean_across(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
-from ..model import resolve_checkpoint
+from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
 from ..io import atomic_write, cannot_write
-from .checkpoint import _NAME, load_checkpoint
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "student") -> tuple[Path, str]:
@@ -26,7 +25,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "
     if out.exists() and _same_file(out, path):
         raise ConfigError(f"export: the output {out} is the checkpoint being exported; choose another file name "
                           "(the training checkpoint would be replaced and the run could not resume)")
-    if (out.parent / "latest").is_file() and (out.name == "latest" or _NAME.match(out.name)):
+    if (out.parent / "latest").is_file() and (out.name == "latest" or is_checkpoint_name(out.name)):
         raise ConfigError(f"export: the output {out} is part of a run's checkpoints folder (it holds 'latest'); "
                           "choose a file outside it")
     if out.is_dir():

@@ -1,0 +1,259 @@
+"""Everything a training run is made of, built once: :func:`build_run` returns a :class:`Run`.
+
+Order matters in a few places, each said where it happens: the same initial weights on every
+rank, the student's weights before any wrapping, the teacher before the fused optimiser (which
+moves it) but after a DeepSpeed engine (a ZeRO-3 teacher is sharded like the engine's student),
+the resume state after everything it restores into.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint as files
+from ..errors import ConfigError, DataError
+from ..io import cannot_write, write_text_atomic
+from . import distributed as dist_utils
+from .checkpointer import Checkpointer
+from .config import TrainConfig, to_dict
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+from .step import MAX_LOGIT_SCALE, StepParts, autocast_dtype, clamp_logit_scale_, make_loss
+
+
+@dataclass
+class Run:
+    """One training run, ready to step: what :func:`build_run` made and where it starts."""
+
+    config: TrainConfig
+    info: dist_utils.DistInfo
+    model_name: str
+    student: torch.nn.Module  # the bare model (also inside ``engine`` or DDP)
+    data: Any  # degla_fast.data.TrainData
+    teacher: Any  # EMATeacher or None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: Any  # the DeepSpeed engine or None
+    scaler: Any  # torch.amp.GradScaler (fp16) or None
+    parts: StepParts  # what train_step touches: model, loss, optimiser, ...
+    checkpointer: Checkpointer
+    logger: MetricsLogger | None  # rank 0 only
+    total_steps: int
+    start: tuple[int, int, int] = (0, 0, 0)  # (step, epoch, batch) to continue from
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def sharded(self) -> bool:
+        """A ZeRO-3 run: parameters (the teacher's too) are partitioned across ranks."""
+        return self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    def warn(self, message: str) -> None:
+        if self.logger is not None:
+            self.logger.warn(message)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        self.data.close()
+
+
+def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | None) -> Run:
+    """The :class:`Run` ``config`` describes, restored from ``config.resume`` when it names a checkpoint."""
+    from ..data import build_train_data
+    from ..model import load_model
+
+    output = Path(config.output)
+    checkpointer = Checkpointer(output / "checkpoints", config.resume, info)
+    archive = _check_output(output, config, resuming=checkpointer.resuming)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (random ones included)
+    # On resume the weights come from the checkpoint: never fetch pretrained ones again.
+    pretrained = None if checkpointer.resuming else config.model.pretrained
+    bundle = load_model(config.model.name, pretrained, device="cpu", precision="fp32")
+    student = bundle.model.to(info.device)
+    if config.model.grad_checkpointing:
+        student.set_grad_checkpointing(True)
+    checkpointer.restore_weights(student)
+
+    data = build_train_data(
+        config.data.path, tokenizer=bundle.tokenizer, image_size=bundle.image_size, mean=bundle.mean,
+        std=bundle.std, batch_size=config.data.batch_size, num_negatives=config.loss.num_negatives,
+        image_root=config.data.image_root, seed=config.seed, rank=info.rank, world_size=info.world_size,
+        num_workers=config.data.num_workers, pipeline=config.data.pipeline, device=str(info.device),
+        skip_bad_images=config.data.skip_bad_images, sample_with_replacement=config.data.sample_with_replacement,
+        trim_text=config.data.trim_text)
+    if len(data) == 0:
+        raise DataError(f"data.path: {config.data.path} holds fewer than one batch per process "
+                        f"({data.num_samples} samples, batch {config.data.batch_size} x {info.world_size} processes)")
+    total_steps = config.max_steps or config.epochs * len(data)
+
+    teacher, optimizer, engine, model = _teacher_and_optimizer(student, config, info, ds_config)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.optim.warmup_steps, total_steps=total_steps,
+                                min_ratio=config.optim.min_lr_ratio)
+    sharded = engine is not None and engine.zero_optimization_stage() == 3
+    if config.model.compile:
+        # In place, so state-dict keys stay those of open_clip. A ZeRO-3 teacher keeps eager
+        # towers: its parameters are gathered by hooks around each module's forward.
+        for tower_owner in [student] + ([teacher.module] if teacher is not None and not sharded else []):
+            tower_owner.visual.compile()
+            tower_owner.transformer.compile()
+    amp_dtype = autocast_dtype(config.precision, info.device, engine is not None)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    loss = config.loss
+    loss_fn = make_loss(num_negatives=loss.num_negatives, igc_weight=loss.igc_weight, tgc_weight=loss.tgc_weight,
+                        distill_weight=loss.distill_weight, tgc_scale=loss.tgc_scale, backend=loss.backend,
+                        official_tgc_indexing=loss.official_tgc_indexing, local_loss=loss.local_loss,
+                        gather_with_grad=loss.gather_with_grad, rank=info.rank, world_size=info.world_size)
+    parts = StepParts(
+        model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+        clamp_logit_scale=(lambda: clamp_logit_scale_(student)) if engine is None else
+        (lambda: dist_utils.clamp_logit_scale_deepspeed(student, MAX_LOGIT_SCALE)),
+        teacher=teacher, engine=engine, scaler=scaler, autocast_dtype=amp_dtype,
+        # A 16-bit teacher copy needs autocast even in an fp32 run (its inputs are fp32); autocast
+        # leaves its 16-bit weights as they are.
+        teacher_autocast_dtype=amp_dtype or getattr(teacher, "forward_dtype", None),
+        max_grad_norm=config.optim.max_grad_norm,
+        # Phase times cover the device's work only with profile_phases (a device sync at each lap).
+        sync=torch.cuda.synchronize if (info.device.type == "cuda" and config.profile_phases) else None,
+        optimizer_moves_teacher=config.optim.fused_ema,
+        all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info))
+    run = Run(config=config, info=info, model_name=bundle.name, student=student, data=data, teacher=teacher,
+              optimizer=optimizer, scheduler=scheduler, engine=engine, scaler=scaler, parts=parts,
+              checkpointer=checkpointer, logger=None, total_steps=total_steps)
+    run.start = checkpointer.restore_state(run)
+    if not checkpointer.resuming:
+        torch.manual_seed(config.seed + info.rank)
+    # Written once everything a user can get wrong has been read: a mistake leaves no trace.
+    _write_output(output, config, info, archive)
+    if info.is_main:
+        run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
+                                   resume_step=run.start[0] if checkpointer.resuming else None,
+                                   progress=config.progress, report_to=config.report_to, run_config=to_dict(config))
+    return run
+
+
+def _teacher_and_optimizer(student, config: TrainConfig, info, ds_config):
+    """``(teacher, optimizer, engine, model)``; ``model`` is what the step calls (the engine, DDP or the student).
+
+    The teacher (None when the loss needs none) is a copy of the student made once, here: before
+    the optimiser with ``optim.fused_ema`` (AdamWEMA moves it; never with DeepSpeed), after the
+    engine under DeepSpeed (``EMATeacher.from_deepspeed``: under ZeRO-3 sharded like the student).
+    """
+    optim = config.optim
+    kwargs = dict(lr=optim.lr, weight_decay=optim.weight_decay, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                  fused=optim.fused, ema_backend=config.ema.backend)
+    engine = None
+    if ds_config is not None:
+        optimizer = build_optimizer(student, **kwargs)
+        engine = dist_utils.wrap_deepspeed(student, optimizer, ds_config)
+    teacher = _make_teacher(student, config, engine) if config.loss.needs_teacher else None
+    if engine is not None:
+        return teacher, optimizer, engine, engine
+    optimizer = build_optimizer(student, teacher=teacher if optim.fused_ema else None, **kwargs)
+    model = student
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return teacher, optimizer, None, model
+
+
+def _teacher_dtype(name: str, forward: torch.dtype | None = None):
+    """The dtype of the teacher's forward copy for ``ema.dtype`` (None: none) when the student's
+    forward runs under autocast ``forward`` (None: fp32). The EMA state is always fp32: a bf16
+    state would not move at decay 0.9996 (docs/ema.md)."""
+    return {"same": forward, "fp32": None, "bf16": torch.bfloat16}[name]
+
+
+def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
+    """The EMA teacher, a copy of ``student`` as it is now (a replica; under ZeRO-3 sharded like it)."""
+    from ..ema import EMATeacher
+
+    kwargs = dict(decay=config.ema.decay, backend=config.ema.backend)
+    device = next(student.parameters()).device
+    # ema.dtype same with precision bf16, or bf16: fp32 state + a bf16 forward copy
+    forward_dtype = _teacher_dtype(config.ema.dtype, autocast_dtype(config.precision, device, engine is not None))
+    if engine is None:
+        return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
+    fresh = None
+    if engine.zero_optimization_stage() != 3:
+        kwargs["forward_dtype"] = forward_dtype
+    else:  # fp32 shards and no copy: the teacher's forward runs under bf16 autocast instead
+        from ..model import create_model
+
+        fresh = create_model(config.model.name, None, device="cpu").model  # weights come from the shards
+        dist_utils.mark_zero3_leaves(fresh)
+    with dist_utils.zero_dim_safe_broadcasts():
+        return EMATeacher.from_deepspeed(engine, fresh, **kwargs)
+
+
+# What a run leaves in its output folder (besides wandb's own folder).
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
+
+
+def _check_output(output: Path, config: TrainConfig, *, resuming: bool) -> list[str]:
+    """Refuse an output folder that holds another run when this one does not resume it (unless
+    ``overwrite``); returns the files :func:`_write_output` moves aside (``overwrite``). Read-only,
+    on every rank."""
+    if resuming or not _holds_run(output):
+        return []
+    held = [name for name in _RUN_FILES if (output / name).exists()]
+    if config.overwrite:
+        return held
+    if config.resume == "latest":  # a preempted job resubmitted before its first checkpoint
+        return []
+    raise ConfigError(f"output: {output} already holds a run ({', '.join(held)}); resume it with --resume latest, "
+                      f"choose another --output, or pass --overwrite to move its files to {output / 'previous'}/ "
+                      "and start again")
+
+
+def _holds_run(output: Path) -> bool:
+    """Whether ``output`` holds a run's metrics or checkpoints (a config alone is no run yet)."""
+    checkpoints = output / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(files.is_checkpoint_name(p.name) or p.name == "latest"
+                                                  for p in checkpoints.iterdir())
+    metrics = output / "metrics.jsonl"
+    return has_checkpoint or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def _write_output(output: Path, config: TrainConfig, info, archive: list[str]) -> None:
+    """On rank 0: the output folder, the previous run's files moved to ``previous/<time>/``
+    (``archive``), torn temporary files of a killed save removed, ``config.yaml``. A failure is
+    ``cannot write PATH: reason`` on every rank."""
+    error = None
+    if info.is_main:
+        try:
+            _write_output_files(output, config, archive)
+        except DataError as err:
+            error = str(err)
+    dist_utils.raise_on_any_rank(error, info)
+
+
+def _write_output_files(output: Path, config: TrainConfig, archive: list[str]) -> None:
+    import yaml
+
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if archive:
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+            previous = output / "previous" / stamp
+            while previous.exists():  # two overwrites within a second
+                n += 1
+                previous = output / "previous" / f"{stamp}-{n}"
+            previous.mkdir(parents=True)
+            for name in archive:
+                (output / name).rename(previous / name)
+            print(f"degla-fast train: moved the previous run's {', '.join(archive)} to {previous}", flush=True)
+        (output / "checkpoints").mkdir(exist_ok=True)
+        for path in files.remove_stale_temporaries(output / "checkpoints"):
+            print(f"degla-fast train: removed {path}, left by an interrupted save", flush=True)
+        write_text_atomic(output / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    except OSError as err:
+        raise cannot_write(err.filename or output, err) from None
