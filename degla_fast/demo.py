@@ -1,109 +1,52 @@
 """``make train`` (``python -m degla_fast.demo``): the whole DeGLA story on a CPU in minutes.
 
-1. render the synthetic compositional dataset (coloured shapes in spatial relations);
-2. pre-train the tiny CLIP (``degla-tiny``) from random weights with the plain CLIP loss: the
-   stand-in for a pretrained CLIP;
-3. fine-tune it with DeGLA (4 hard negatives per caption, IGC, TGC, EMA self-distillation);
-4. print a before/after table of compositional accuracy (held-out swap / replace / add choices)
-   and zero-shot accuracy (shape and colour classification).
+1. render the synthetic world: a broad pre-training distribution and a narrow, relation-rich
+   fine-tuning one with 5 hard negatives per caption (docs/synthetic.md);
+2. pre-train the tiny CLIP (``degla-synth``) from random weights with the plain CLIP loss on the
+   broad distribution: the stand-in for a web-pretrained CLIP (a bag-of-words start point);
+3. fine-tune it twice on the narrow distribution, with NegCLIP (hard negatives only) and with
+   DeGLA (hard negatives, IGC, TGC, EMA self-distillation);
+4. print one table (start point, NegCLIP and DeGLA side by side, chance levels beside them) of
+   held-out compositional accuracy, every zero-shot task, and the pairwise accuracy on the
+   fine-tuning set's own hard negatives; write it with a bar chart (``OUTPUT/results.png``).
 
-Every stage is a normal ``degla-fast`` run under ``OUTPUT/`` (default ``runs/demo``); running
-the demo again reuses finished stages and resumes an interrupted one.
+The recipe is the experiment's (:class:`degla_fast.experiment.Settings`, one seed); every stage is
+a normal ``degla-fast`` run under ``OUTPUT/`` (default ``runs/demo``) cached by
+:mod:`degla_fast.stages`: running the demo again reuses finished stages and resumes an interrupted one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DeglaError
 
-
-@dataclass
-class DemoSettings:
-    """Sizes of the demo (defaults: a few minutes on 2 CPU cores)."""
-
-    images: int = 2000
-    eval_items: int = 200
-    zeroshot_items: int = 40
-    batch_size: int = 32
-    pretrain_steps: int = 600
-    pretrain_lr: float = 1e-3
-    finetune_steps: int = 150
-    finetune_lr: float = 5e-5
-    num_negatives: int = 4
-    seed: int = 0
+ROWS = (("compositional: swap", "swap"), ("compositional: replace", "replace"), ("compositional: add", "add"),
+        ("compositional: average", "compositional_avg"))
+TRAIN_ROW = ("train set's own hard negatives (pairwise)", "train_pairwise")
 
 
-QUICK = DemoSettings(images=64, eval_items=4, zeroshot_items=2, batch_size=8, pretrain_steps=4, finetune_steps=3)
+def settings(quick: bool):
+    """The experiment's recipe with one seed (``quick``: seconds-long smoke sizes)."""
+    from .experiment import QUICK, Settings
+
+    if quick:
+        return Settings(**{**QUICK, "pretrain_steps": 4, "finetune_steps": 3, "seeds": [0]})
+    return Settings(seeds=[0])
 
 
-def _synth(folder: Path, s: DemoSettings, progress: bool) -> Path:
-    """The dataset in ``folder``, rendered unless the same one is already there."""
-    from .data.synthetic import VERSION, generate
-    from .io import write_text_atomic
-
-    stamp = {"version": VERSION, "images": s.images, "eval_items": s.eval_items, "zeroshot_items": s.zeroshot_items, "seed": s.seed}
-    stamp_file = folder / "demo-stamp.json"
-    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-        generate(folder, s.images, s.seed, eval_items=s.eval_items, zeroshot_items=s.zeroshot_items,
-                 progress=progress)
-        write_text_atomic(stamp_file, json.dumps(stamp))
-    return folder
-
-
-def _train_stage(output: Path, data: Path, s: DemoSettings, *, pretrained: str | None, negatives: bool,
-                 progress: bool) -> Path:
-    """One training run; ``resume: latest`` makes a finished run a no-op and an interrupted one continue."""
-    from .train.config import load_config
-    from .train.main import train
-
-    steps = s.finetune_steps if negatives else s.pretrain_steps
-    config = load_config(None, {
-        "data.path": str(data / "train.json"), "data.batch_size": s.batch_size, "data.num_workers": 0,
-        "data.pipeline": "torch", "model.name": "degla-tiny", "model.pretrained": pretrained or "none",
-        "loss.num_negatives": s.num_negatives if negatives else 0,
-        "optim.lr": s.finetune_lr if negatives else s.pretrain_lr,
-        "optim.warmup_steps": max(1, min(50, steps // 10)),
-        "epochs": 10_000, "max_steps": steps, "seed": s.seed, "precision": "fp32", "device": "cpu",
-        "output": str(output), "resume": "latest", "save_every": max(1, steps // 4), "keep_last": 1,
-        "log_every": 10 if steps >= 10 else 1, "progress": progress, "profile_phases": False,
-    })
-    train(config)
-    return output
-
-
-def _evaluate(run: Path, data: Path) -> dict:
-    """Synthetic metrics of ``run``'s newest checkpoint, cached next to it."""
-    from .model import load_model
-    from .model import resolve_checkpoint
-    from .io import write_text_atomic
-
-    checkpoint = resolve_checkpoint(run)
-    cache = run / "demo-eval.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("checkpoint") == checkpoint.name:
-            return cached["metrics"]
-    from .evaluate.synthetic import evaluate_synthetic
-
-    metrics = evaluate_synthetic(load_model(None, checkpoint), data, device="cpu")
-    write_text_atomic(cache, json.dumps({"checkpoint": checkpoint.name, "metrics": metrics}, indent=1))
-    return metrics
-
-
-def table(before: dict, after: dict) -> str:
-    """Markdown before/after table of the synthetic metrics (percentages)."""
-    rows = [("compositional: swap", "swap"), ("compositional: replace", "replace"), ("compositional: add", "add"),
-            ("compositional: average", "compositional_avg"), ("zero-shot: shape", "zeroshot_shape"),
-            ("zero-shot: colour", "zeroshot_colour"), ("zero-shot: average", "zeroshot_avg")]
-    lines = ["| metric (accuracy %) | before (CLIP loss) | after (DeGLA) | change |", "|---|---:|---:|---:|"]
+def table(columns: dict[str, dict], chance: dict) -> str:
+    """Markdown table: one row per metric, a chance column, then one column per model (percentages)."""
+    names = list(columns)
+    zs = [k for k in chance if k.startswith("zeroshot_") and k != "zeroshot_avg"]
+    rows = list(ROWS) + [(f"zero-shot: {k[len('zeroshot_'):]}", k) for k in zs] + [("zero-shot: average", "zeroshot_avg"),
+                                                                                   TRAIN_ROW]
+    lines = ["| metric (accuracy %) | chance | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for label, key in rows:
-        lines.append(f"| {label} | {before[key]:.1f} | {after[key]:.1f} | {after[key] - before[key]:+.1f} |")
+        lines.append(f"| {label} | {chance[key]:.1f} | " + " | ".join(f"{columns[n][key]:.1f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -120,29 +63,48 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from . import stages
+    from .experiment import bar_chart, finetune_fields, pretrain_fields
+    from .io import write_bytes_atomic, write_text_atomic
+
     torch.set_num_threads(max(1, args.threads))
-    settings = QUICK if args.quick else DemoSettings()
+    s = settings(args.quick)
     progress = not args.no_progress
     out = Path(args.output)
     start = time.perf_counter()
     try:
-        print(f"[1/4] synthetic dataset -> {out / 'synth'}", flush=True)
-        data = _synth(out / "synth", settings, progress)
-        print(f"[2/4] pre-train degla-tiny with the plain CLIP loss ({settings.pretrain_steps} steps) "
-              f"-> {out / 'pretrain'}", flush=True)
-        pre = _train_stage(out / "pretrain", data, settings, pretrained=None, negatives=False, progress=progress)
-        print(f"[3/4] fine-tune with DeGLA ({settings.finetune_steps} steps, K={settings.num_negatives}) "
-              f"-> {out / 'degla'}", flush=True)
-        post = _train_stage(out / "degla", data, settings, pretrained=str(pre), negatives=True, progress=progress)
-        print("[4/4] evaluate on held-out compositional and zero-shot sets", flush=True)
-        result = table(_evaluate(pre, data), _evaluate(post, data))
+        from .data.synthetic import VERSION
+
+        print(f"[1/5] synthetic world (pre-training + fine-tuning distributions) -> {out / 'synth'}", flush=True)
+        data = stages.synth_stage(out / "synth", progress=progress, **s.data_sizes())
+        depends = {"synthetic_version": VERSION, "data": s.data_sizes()}
+        print(f"[2/5] pre-train {s.model} with the plain CLIP loss on the broad distribution "
+              f"({s.pretrain_steps} steps) -> {out / 'pretrain'}", flush=True)
+        pre = stages.train_stage(out / "pretrain", pretrain_fields(s, data), progress=progress, depends=depends)
+        seed = s.seeds[0]
+        runs = {}
+        for step, (variant, name) in enumerate((("negclip", "NegCLIP"), ("degla", "DeGLA")), start=3):
+            print(f"[{step}/5] fine-tune with {name} on the narrow distribution ({s.finetune_steps} steps, "
+                  f"K={s.num_negatives}) -> {out / variant}", flush=True)
+            runs[name] = stages.train_stage(out / variant, finetune_fields(s, data, pre, variant, seed),
+                                            progress=progress, depends={**depends, "start": str(pre)})
+        print("[5/5] evaluate on the held-out test split", flush=True)
+        columns = {"start point (CLIP loss)": stages.eval_stage(pre, data, "test"),
+                   **{name: stages.eval_stage(run, data, "test") for name, run in runs.items()}}
+        chance = stages.chance_levels(data)
     except DeglaError as err:
         print(f"degla-fast demo: error: {err}", file=sys.stderr)
         return 2
-    from .io import write_text_atomic
-
-    write_text_atomic(out / "results.md", result + "\n")
-    print(f"\n{result}\n\n(table saved to {out / 'results.md'}; {time.perf_counter() - start:.0f} s)")
+    result = table(columns, chance)
+    labels = {k: k for k in columns}
+    summary = {k: {m: {"mean": v, "std": 0.0, "n": 1} for m, v in metrics.items()} for k, metrics in columns.items()}
+    write_bytes_atomic(out / "results.png", bar_chart(summary, labels, chance, title="make train: one seed, test split"))
+    note = (f"{s.model}: pre-trained {s.pretrain_steps} steps, fine-tuned {s.finetune_steps} steps (lr "
+            f"{s.finetune_lr:g}, batch {s.batch_size}, K={s.num_negatives}, distillation {s.distill_weight:g}, "
+            f"EMA decay {s.ema_decay:g}); seed {seed}; held-out test split.")
+    write_text_atomic(out / "results.md", f"{note}\n\n{result}\n")
+    print(f"\n{note}\n\n{result}\n\n(table saved to {out / 'results.md'}, chart to {out / 'results.png'}; "
+          f"{time.perf_counter() - start:.0f} s)")
     return 0
 
 

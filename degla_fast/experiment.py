@@ -1,68 +1,92 @@
-"""``degla-fast experiment``: the local analog of DeGLA's ablation, on the synthetic dataset.
+"""``degla-fast experiment``: the local analog of DeGLA's ablation (method doc section 8).
 
-One tiny CLIP (``degla-tiny``) is pre-trained once from random weights with the plain CLIP loss on the
-synthetic training captions. Four fine-tunings start from it, each with several seeds:
+One tiny CLIP (``degla-synth``) is pre-trained once from random weights with the plain CLIP loss on
+the synthetic world's broad pre-training distribution: the shared, cached start point. Five
+fine-tunings on the narrow, relation-rich fine-tuning distribution start from it, each with
+several seeds (the fine-tuning seed: data order, which 4 of the 5 negatives, augmentation):
 
-(a) ``clip``     the plain CLIP loss (no negatives): the control;
-(b) ``negclip``  hard negatives in the global image-to-text softmax only (NegCLIP);
-(c) ``igc_tgc``  (b) + the local IGC and TGC losses, no self-distillation;
-(d) ``degla``    (c) + self-distillation toward the EMA teacher: full DeGLA.
+(a) ``clip``          the plain CLIP loss (no negatives): the control;
+(b) ``negclip``       hard negatives in the global image-to-text softmax only (NegCLIP);
+(c) ``igc_tgc``       (b) + the local IGC and TGC losses, no self-distillation;
+(d) ``degla``         (c) + self-distillation toward the EMA teacher: full DeGLA;
+(e) ``degla_release`` (d) with the released code's TGC indexing (``loss.official_tgc_indexing``).
 
-Every model is scored on the held-out compositional sets (swap / replace / add, unseen object-relation
-combinations) and the two zero-shot tasks (shape, colour). Results go to ``OUTPUT/results.md`` (markdown,
-mean +- standard deviation over seeds), ``OUTPUT/results.png`` (bar chart) and ``OUTPUT/results.json``.
-Finished runs are kept (``OUTPUT/runs/<variant>-seed<S>/eval.json``), so an interrupted experiment
-resumes where it stopped when started again with the same settings.
+Every model is scored on one split of the held-out sets (``--split``: ``val`` for choosing
+settings, ``test`` for reporting): compositional choices on unseen object/relation combinations
+and five zero-shot tasks, plus the pairwise accuracy on the fine-tuning set's own hard negatives.
+``OUTPUT/results.md`` holds mean ± std over seeds and the paired differences (same seed) with 95 %
+confidence intervals, ``OUTPUT/results.png`` the same as bars with error bars, ``OUTPUT/results.json``
+everything. Every stage is cached (:mod:`degla_fast.stages`): a second invocation, or one with more
+seeds, reuses what is finished.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DeglaError
+from .errors import ConfigError
 from .io import write_bytes_atomic, write_json_atomic
 
-# variant -> (label, loss settings)
+# variant -> (label, loss fields)
 VARIANTS = {
-    "clip": ("(a) CLIP loss", {"negatives": False, "igc_weight": 0.0, "tgc_weight": 0.0, "distill_weight": 0.0}),
-    "negclip": ("(b) NegCLIP", {"negatives": True, "igc_weight": 0.0, "tgc_weight": 0.0, "distill_weight": 0.0}),
-    "igc_tgc": ("(c) + IGC + TGC", {"negatives": True, "igc_weight": 0.1, "tgc_weight": 0.1, "distill_weight": 0.0}),
-    "degla": ("(d) DeGLA", {"negatives": True, "igc_weight": 0.1, "tgc_weight": 0.1, "distill_weight": 0.005}),
+    "clip": ("(a) CLIP loss", {"negatives": False, "igc": False, "distill": False, "release_tgc": False}),
+    "negclip": ("(b) NegCLIP", {"negatives": True, "igc": False, "distill": False, "release_tgc": False}),
+    "igc_tgc": ("(c) NegCLIP + IGC + TGC", {"negatives": True, "igc": True, "distill": False, "release_tgc": False}),
+    "degla": ("(d) DeGLA", {"negatives": True, "igc": True, "distill": True, "release_tgc": False}),
+    "degla_release": ("(e) DeGLA, release TGC", {"negatives": True, "igc": True, "distill": True, "release_tgc": True}),
 }
 BASELINE = "pretrained"
-METRICS = ("swap", "replace", "add", "compositional_avg", "zeroshot_shape", "zeroshot_colour", "zeroshot_avg")
 COMPOSITIONAL = ("swap", "replace", "add", "compositional_avg")
-ZEROSHOT = ("zeroshot_shape", "zeroshot_colour", "zeroshot_avg")
-PRETRAIN_KEYS = ("synthetic_version", "images", "eval_items", "zeroshot_items", "data_seed", "batch_size", "pretrain_steps", "pretrain_lr",
-                 "warmup_steps", "device", "model")
+TRAIN_METRIC = "train_pairwise"
+# (name, minuend, subtrahend, metric): the paired differences that carry the paper's claims
+CONTRASTS = (
+    ("NegCLIP - start", "negclip", BASELINE, "compositional_avg"),
+    ("NegCLIP - start", "negclip", BASELINE, "zeroshot_avg"),
+    ("NegCLIP - start", "negclip", BASELINE, TRAIN_METRIC),
+    ("+IGC+TGC - NegCLIP", "igc_tgc", "negclip", "compositional_avg"),
+    ("DeGLA - NegCLIP", "degla", "negclip", "compositional_avg"),
+    ("DeGLA - NegCLIP", "degla", "negclip", "zeroshot_avg"),
+    ("DeGLA - (+IGC+TGC)", "degla", "igc_tgc", "zeroshot_avg"),
+    ("fixed - release TGC", "degla", "degla_release", "compositional_avg"),
+    ("fixed - release TGC", "degla", "degla_release", "zeroshot_avg"),
+)
+# two-sided 95 % Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 
 
 @dataclass
 class Settings:
-    """Sizes and hyper-parameters of the experiment (defaults: about 20 minutes on 2 CPU cores)."""
+    """Sizes and hyper-parameters (defaults: chosen on the validation split, docs/experiment.md)."""
 
-    images: int = 2000            # synthetic training scenes
-    eval_items: int = 200         # items per held-out compositional subset
-    zeroshot_items: int = 40      # images per zero-shot class
+    images: int = 3000             # fine-tuning scenes (5 hard negatives each)
+    pretrain_images: int = 6000    # pre-training scenes (broad, captions only)
+    eval_items: int = 200          # items per compositional subset (test split; val has half)
+    zeroshot_items: int = 40       # images per zero-shot class (test split; val has 30)
     data_seed: int = 0
     batch_size: int = 32
-    num_negatives: int = 4        # K for variants (b)-(d)
-    pretrain_steps: int = 800
+    num_negatives: int = 4         # K, drawn each step from the 5 negatives of a caption
+    pretrain_steps: int = 1000
     pretrain_lr: float = 1e-3
-    finetune_steps: int = 100
-    finetune_lr: float = 2e-4
+    finetune_steps: int = 200
+    finetune_lr: float = 5e-4
     warmup_steps: int = 20
-    ema_decay: float = 0.9996
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    igc_weight: float = 0.1
+    tgc_weight: float = 0.1
+    distill_weight: float = 0.005
+    ema_decay: float = 0.99
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    split: str = "test"            # "val" while choosing settings, "test" to report
     device: str = "cpu"
-    threads: int = 1              # CPU threads; 1 is far faster than 2 when other work shares the cores
-    model: str = "degla-tiny"
+    threads: int = 1               # torch threads per process
+    jobs: int = 2                  # fine-tuning runs in parallel (processes)
+    model: str = "degla-synth"
 
     def validate(self) -> None:
         """ConfigError naming the first bad setting."""
@@ -71,104 +95,89 @@ class Settings:
             raise ConfigError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
         if not self.seeds:
             raise ConfigError("--seeds: give at least one seed")
-        for name in ("images", "eval_items", "zeroshot_items", "batch_size", "pretrain_steps", "finetune_steps",
-                     "threads"):
+        if self.split not in ("val", "test"):
+            raise ConfigError(f"--split: must be val or test, got {self.split!r}")
+        for name in ("images", "pretrain_images", "eval_items", "zeroshot_items", "batch_size", "pretrain_steps",
+                     "finetune_steps", "threads", "jobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
 
-
-QUICK = dict(images=48, eval_items=4, zeroshot_items=2, batch_size=8, pretrain_steps=3, finetune_steps=2,
-             warmup_steps=1, seeds=[0])
-
-
-# ---------------------------------------------------------------------------------------------- steps
-
-def _stamp_matches(folder: Path, stamp: dict) -> bool:
-    path = folder / "settings.json"
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")) == stamp
+    def data_sizes(self) -> dict:
+        return {"num_images": self.images, "pretrain_images": self.pretrain_images, "seed": self.data_seed,
+                "eval_items": self.eval_items, "zeroshot_items": self.zeroshot_items,
+                "val_eval_items": max(1, self.eval_items // 2), "val_zeroshot_items": max(1, self.zeroshot_items * 3 // 4)}
 
 
-def prepare_data(settings: Settings, folder: Path, progress: bool) -> Path:
-    """The synthetic dataset in ``folder`` (rendered unless an identical one is already there)."""
-    from .data.synthetic import VERSION as SYNTHETIC_VERSION, generate
-
-    stamp = {**{k: getattr(settings, k) for k in ("images", "eval_items", "zeroshot_items", "data_seed")},
-             "synthetic_version": SYNTHETIC_VERSION}
-    if not _stamp_matches(folder, stamp):
-        generate(folder, settings.images, settings.data_seed, eval_items=settings.eval_items,
-                 zeroshot_items=settings.zeroshot_items, progress=progress)
-        write_json_atomic(folder / "settings.json", stamp)
-    return folder
+QUICK = dict(images=48, pretrain_images=48, eval_items=4, zeroshot_items=2, batch_size=8, pretrain_steps=3,
+             finetune_steps=2, warmup_steps=1, seeds=[0, 1], jobs=1)
 
 
-def train_config(settings: Settings, data: Path, output: Path, *, pretrained: str | None, steps: int, lr: float,
-                 seed: int, negatives: bool, igc_weight: float, tgc_weight: float, distill_weight: float,
-                 progress: bool) -> dict:
-    """The trainer's YAML configuration (as a dict) of one run."""
-    return {
-        "data": {"path": str(data / "train.json"), "batch_size": settings.batch_size, "num_workers": 0,
-                 "pipeline": "torch"},
-        "model": {"name": settings.model, "pretrained": pretrained},
-        "loss": {"num_negatives": settings.num_negatives if negatives else 0, "igc_weight": igc_weight,
-                 "tgc_weight": tgc_weight, "distill_weight": distill_weight},
-        "optim": {"lr": lr, "warmup_steps": min(settings.warmup_steps, steps - 1)},
-        "ema": {"decay": settings.ema_decay},
-        "output": str(output), "epochs": 10_000, "max_steps": steps, "seed": seed, "precision": "fp32",
-        "device": settings.device, "save_every": 0, "keep_last": 1, "progress": progress, "log_every": 10,
-        "profile_phases": False,
-    }
+# ---------------------------------------------------------------------------------------------- stages
+
+def pretrain_fields(settings: Settings, data: Path) -> dict:
+    """The trainer fields of the start point: the CLIP loss on the pre-training distribution."""
+    return {"data.path": str(data / "pretrain.json"), "data.batch_size": settings.batch_size,
+            "model.name": settings.model, "model.pretrained": "none", "loss.num_negatives": 0,
+            "optim.lr": settings.pretrain_lr, "optim.warmup_steps": min(50, settings.pretrain_steps - 1),
+            "max_steps": settings.pretrain_steps, "seed": settings.data_seed, "device": settings.device}
 
 
-def train(config: dict, folder: Path) -> Path:
-    """Run ``degla-fast train`` on ``config`` (written to ``folder/ablation.yaml``; the trainer adds its full
-    ``config.yaml``); returns the run folder."""
-    import yaml
-
-    from .train.main import main as train_main
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = write_bytes_atomic(folder / "ablation.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-    status = train_main(["--config", str(config_path)])
-    if status != 0:
-        raise DeglaError(f"training run {folder} failed (exit status {status}; its error is printed above)")
-    return folder
-
-
-def evaluate(run_folder: Path, data: Path, settings: Settings, progress: bool) -> dict:
-    """Synthetic metrics of the newest checkpoint in ``run_folder``, saved to ``run_folder/eval.json``."""
-    from .evaluate.synthetic import evaluate_synthetic
-    from .model import load_model
-
-    bundle = load_model(None, str(run_folder), device=settings.device)
-    metrics = evaluate_synthetic(bundle, data, device=settings.device, progress=progress)
-    write_json_atomic(run_folder / "eval.json", metrics)
-    return metrics
+def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, seed: int) -> dict:
+    """The trainer fields of one fine-tuning run."""
+    v = VARIANTS[variant][1]
+    return {"data.path": str(data / "train.json"), "data.batch_size": settings.batch_size,
+            "model.name": settings.model, "model.pretrained": str(start),
+            "loss.num_negatives": settings.num_negatives if v["negatives"] else 0,
+            "loss.igc_weight": settings.igc_weight if v["igc"] else 0.0,
+            "loss.tgc_weight": settings.tgc_weight if v["igc"] else 0.0,
+            "loss.distill_weight": settings.distill_weight if v["distill"] else 0.0,
+            "loss.official_tgc_indexing": v["release_tgc"], "ema.decay": settings.ema_decay,
+            "optim.lr": settings.finetune_lr, "optim.warmup_steps": min(settings.warmup_steps, settings.finetune_steps - 1),
+            "max_steps": settings.finetune_steps, "seed": seed, "device": settings.device}
 
 
-def _run(name: str, folder: Path, stamp: dict, work) -> tuple[dict, float]:
-    """Metrics of a run: reused from ``folder/eval.json`` when its settings stamp matches, else ``work()``."""
-    if _stamp_matches(folder, stamp) and (folder / "eval.json").is_file():
-        return json.loads((folder / "eval.json").read_text(encoding="utf-8")), 0.0
-    start = time.perf_counter()
-    metrics = work()
-    write_json_atomic(folder / "settings.json", stamp)
-    elapsed = time.perf_counter() - start
-    print(f"{name}: compositional {metrics['compositional_avg']:.1f}, zero-shot {metrics['zeroshot_avg']:.1f} "
-          f"({elapsed:.0f} s)", flush=True)
-    return metrics, elapsed
+def prepare(settings: Settings, output: Path, progress: bool = False) -> tuple[Path, Path, dict]:
+    """(data folder, start-point run folder, the start point's stamp): both stages cached."""
+    from . import stages
+    from .data.synthetic import VERSION
+
+    data = stages.synth_stage(output / "data", progress=progress, **settings.data_sizes())
+    depends = {"synthetic_version": VERSION, "data": settings.data_sizes()}
+    start = stages.train_stage(output / "runs" / BASELINE, pretrain_fields(settings, data), progress=progress,
+                               name="start point (CLIP loss pre-training)", depends=depends)
+    return data, start, depends
+
+
+def _finetune_job(job: tuple) -> tuple[str, int, dict, float]:
+    """Worker: one fine-tuning run and its evaluation (each cached), in its own process."""
+    import torch
+
+    from . import stages
+
+    settings, output, data, start, depends, variant, seed = job
+    torch.set_num_threads(settings.threads)
+    t0 = time.perf_counter()
+    folder = output / "runs" / f"{variant}-seed{seed}"
+    stages.train_stage(folder, finetune_fields(settings, data, start, variant, seed), name=folder.name,
+                       depends={**depends, "start": str(start)}, log=None)
+    metrics = stages.eval_stage(folder, data, settings.split, device=settings.device, log=None)
+    return variant, seed, metrics, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- summary
 
-def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{variant: [metrics of each seed]} -> {variant: {metric: {"mean", "std", "min", "max", "n"}}}.
+def _metric_names(per_seed: dict) -> list[str]:
+    first = next(iter(per_seed.values()))[0]
+    return list(first)
 
-    ``std`` is the sample standard deviation over seeds (0 for a single seed).
-    """
+
+def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: [metrics of each seed]} -> {variant: {metric: {"mean", "std", "min", "max", "n"}}};
+    ``std`` is the sample standard deviation over seeds (0 for a single seed)."""
     out = {}
     for variant, runs in per_seed.items():
         out[variant] = {}
-        for metric in METRICS:
+        for metric in runs[0]:
             values = [run[metric] for run in runs]
             out[variant][metric] = {
                 "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -176,45 +185,115 @@ def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def markdown(summary: dict, labels: dict[str, str]) -> str:
-    """The summary as a markdown table: one row per variant, "mean ± std" per metric."""
-    header = "| model | " + " | ".join(METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
-    for variant, stats in summary.items():
-        cells = []
-        for metric in METRICS:
-            s = stats[metric]
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean difference a - b over paired seeds with its 95 % t interval (``b`` of length 1: a
+    shared value, such as the start point, subtracted from every seed)."""
+    b = b * len(a) if len(b) == 1 else b
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": len(d)}
+    half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(d)}
+
+
+def contrasts(per_seed: dict[str, list[dict]]) -> list[dict]:
+    """The paired differences of :data:`CONTRASTS` whose variants were run."""
+    out = []
+    for name, a, b, metric in CONTRASTS:
+        if a in per_seed and b in per_seed:
+            out.append({"name": name, "metric": metric, **paired([r[metric] for r in per_seed[a]],
+                                                                 [r[metric] for r in per_seed[b]])})
+    return out
+
+
+def table_metrics(metrics) -> list[str]:
+    """The metrics a table shows, in order: compositional categories and average, every zero-shot task
+    and the average, the training-set pairwise accuracy (per-subset numbers stay in the JSON)."""
+    metrics = list(metrics)
+    zs = [m for m in metrics if m.startswith("zeroshot_") and m != "zeroshot_avg"]
+    return [m for m in (*COMPOSITIONAL, *zs, "zeroshot_avg", TRAIN_METRIC) if m in metrics]
+
+
+def _label(metric: str) -> str:
+    return {"compositional_avg": "compositional avg", "zeroshot_avg": "zero-shot avg",
+            TRAIN_METRIC: "train pairwise"}.get(metric, metric.replace("zeroshot_", "zs "))
+
+
+def markdown(summary: dict, labels: dict[str, str], chance: dict | None = None) -> str:
+    """The summary as a markdown table: one column per model ("mean ± std"), one row per metric."""
+    variants = list(summary)
+    metrics = table_metrics(next(iter(summary.values())))
+    header = "| metric | " + ("chance | " if chance else "") + " | ".join(labels[v] for v in variants) + " |"
+    lines = [header, "|---|" + ("---:|" if chance else "") + "---:|" * len(variants)]
+    for metric in metrics:
+        cells = [f"{chance[metric]:.1f}"] if chance else []
+        for v in variants:
+            s = summary[v][metric]
             cells.append(f"{s['mean']:.1f}" if s["n"] == 1 else f"{s['mean']:.1f} ± {s['std']:.1f}")
-        lines.append(f"| {labels[variant]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(metric)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def bar_chart(summary: dict, labels: dict[str, str]) -> bytes:
-    """PNG bytes: compositional (left) and zero-shot (right) accuracy per model, error bars = std."""
+def contrast_table(rows: list[dict]) -> str:
+    """Markdown table of paired differences with their 95 % intervals."""
+    lines = ["| paired difference (same seed) | metric | mean | 95 % CI | excludes 0 |", "|---|---|---:|---|---|"]
+    for r in rows:
+        ci = "n/a" if math.isnan(r["low"]) else f"[{r['low']:+.1f}, {r['high']:+.1f}]"
+        sign = "n/a" if math.isnan(r["low"]) else ("yes" if r["low"] > 0 or r["high"] < 0 else "no")
+        lines.append(f"| {r['name']} | {_label(r['metric'])} | {r['mean']:+.1f} | {ci} | {sign} |")
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None, rows: list[dict] | None = None,
+              title: str = "") -> bytes:
+    """PNG bytes: compositional and zero-shot accuracy per model (error bars = std over seeds),
+    chance levels as ticks, and (when given) the paired differences with their 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [4, 3]})
+    metrics_all = list(next(iter(summary.values())))
+    comp = [m for m in (*COMPOSITIONAL, TRAIN_METRIC) if m in metrics_all]
+    zs = [m for m in metrics_all if m.startswith("zeroshot_")]
+    ncols = 3 if rows else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.6),
+                             gridspec_kw={"width_ratios": [len(comp), len(zs)] + ([4] if rows else [])})
     variants = list(summary)
     width = 0.8 / len(variants)
-    for ax, metrics, title in ((axes[0], COMPOSITIONAL, "held-out compositional accuracy (%)"),
-                               (axes[1], ZEROSHOT, "zero-shot accuracy (%)")):
+    for ax, metrics, name in ((axes[0], comp, "held-out compositional (%)"), (axes[1], zs, "zero-shot (%)")):
         for i, variant in enumerate(variants):
             xs = [m + (i - (len(variants) - 1) / 2) * width for m in range(len(metrics))]
-            means = [summary[variant][m]["mean"] for m in metrics]
-            stds = [summary[variant][m]["std"] for m in metrics]
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=labels[variant])
+            ax.bar(xs, [summary[variant][m]["mean"] for m in metrics], width,
+                   yerr=[summary[variant][m]["std"] for m in metrics], capsize=2, label=labels[variant])
+        if chance:
+            for k, m in enumerate(metrics):
+                ax.hlines(chance[m], k - 0.45, k + 0.45, colors="black", linestyles=":", linewidth=1.2,
+                          label="chance" if k == 0 and ax is axes[0] else None)
         ax.set_xticks(range(len(metrics)))
-        ax.set_xticklabels([m.replace("zeroshot_", "").replace("compositional_", "") for m in metrics])
-        ax.set_title(title)
+        ax.set_xticklabels([_label(m).replace("compositional ", "comp ") for m in metrics], fontsize=8)
+        ax.set_title(name)
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].axhline(50, color="grey", linestyle=":", linewidth=1)  # chance for a two-way choice
+    if rows:
+        ax = axes[2]
+        names = [f"{r['name']}\n{_label(r['metric'])}" for r in rows]
+        ys = list(range(len(rows)))[::-1]
+        means = [r["mean"] for r in rows]
+        err = [[0 if math.isnan(r["low"]) else r["mean"] - r["low"] for r in rows],
+               [0 if math.isnan(r["high"]) else r["high"] - r["mean"] for r in rows]]
+        ax.errorbar(means, ys, xerr=err, fmt="o", capsize=3, color="tab:red")
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_title("paired differences, 95 % CI (points)")
+        ax.grid(axis="x", alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(variants), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -237,59 +316,75 @@ def run_experiment(settings: Settings, output: str | Path, progress: bool = Fals
 
 
 def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
+    from . import stages
+
     started = time.perf_counter()
     timings = {}
-
+    print(f"[1/3] synthetic world and start point -> {output}", flush=True)
     t0 = time.perf_counter()
-    data = prepare_data(settings, output / "data", progress)
-    timings["data_s"] = time.perf_counter() - t0
+    data, start, depends = prepare(settings, output, progress)
+    timings["prepare_s"] = time.perf_counter() - t0
+    baseline = stages.eval_stage(start, data, settings.split, device=settings.device)
 
-    from .data.synthetic import VERSION as SYNTHETIC_VERSION
+    jobs = [(settings, output, data, start, depends, v, s) for v in settings.variants for s in settings.seeds]
+    print(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
+          f"{settings.jobs} at a time)", flush=True)
+    t0 = time.perf_counter()
+    results = {}
+    if settings.jobs > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    # A new renderer version changes the data, so every run stamped with it is redone.
-    common = {**{k: v for k, v in asdict(settings).items() if k not in ("seeds", "variants", "threads")},
-              "synthetic_version": SYNTHETIC_VERSION}
-    pre_folder = output / "runs" / BASELINE
-    # the start point does not depend on the fine-tuning settings: changing those reuses it
-    pre_stamp = {"kind": BASELINE, **{k: common[k] for k in PRETRAIN_KEYS}}
-    baseline, timings["pretrain_s"] = _run(BASELINE, pre_folder, pre_stamp, lambda: evaluate(train(train_config(
-        settings, data, pre_folder, pretrained=None, steps=settings.pretrain_steps, lr=settings.pretrain_lr,
-        seed=settings.data_seed, progress=progress, **{k: v for k, v in VARIANTS["clip"][1].items()}),
-        pre_folder), data, settings, progress))
-    pretrained_checkpoint = str(pre_folder / "checkpoints")
+        with ProcessPoolExecutor(settings.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for variant, seed, metrics, elapsed in pool.map(_finetune_job, jobs):
+                results[variant, seed] = metrics
+                print(f"  {variant}-seed{seed}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
+                      f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({elapsed:.0f} s)",
+                      flush=True)
+    else:
+        for job in jobs:
+            variant, seed, metrics, elapsed = _finetune_job(job)
+            results[variant, seed] = metrics
+            print(f"  {variant}-seed{seed}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
+                  f"{metrics['zeroshot_avg']:.1f} ({elapsed:.0f} s)", flush=True)
+        torch_threads(settings.threads)
+    timings["finetune_s"] = time.perf_counter() - t0
 
-    per_seed: dict[str, list[dict]] = {BASELINE: [baseline]}
-    timings["finetune_s"] = 0.0
-    for variant in settings.variants:
-        per_seed[variant] = []
-        for seed in settings.seeds:
-            name = f"{variant}-seed{seed}"
-            folder = output / "runs" / name
-            stamp = {"kind": variant, "seed": seed, **common}
-            config = train_config(settings, data, folder, pretrained=pretrained_checkpoint,
-                                  steps=settings.finetune_steps, lr=settings.finetune_lr, seed=seed,
-                                  progress=progress, **VARIANTS[variant][1])
-            metrics, elapsed = _run(name, folder, stamp,
-                                    lambda: evaluate(train(config, folder), data, settings, progress))
-            timings["finetune_s"] += elapsed
-            per_seed[variant].append(metrics)
-
-    labels = {BASELINE: "pre-trained (start point)", **{v: label for v, (label, _) in VARIANTS.items()}}
+    print("[3/3] summary", flush=True)
+    per_seed = {BASELINE: [baseline], **{v: [results[v, s] for s in settings.seeds] for v in settings.variants}}
+    labels = {BASELINE: "start point (CLIP pre-training)", **{v: label for v, (label, _) in VARIANTS.items()}}
     summary = summarize(per_seed)
+    rows = contrasts(per_seed)
+    chance = stages.chance_levels(data)
     timings["total_s"] = time.perf_counter() - started
-    results = {"settings": asdict(settings), "summary": summary, "per_seed": per_seed, "timings": timings}
-    table = markdown(summary, labels)
+    out = {"settings": asdict(settings), "summary": summary, "per_seed": per_seed, "contrasts": rows,
+           "chance": chance, "timings": timings}
+    table, diffs = markdown(summary, labels, chance), contrast_table(rows)
     seeds = ", ".join(map(str, settings.seeds))
+    head = (f"Synthetic ablation on the **{settings.split}** split: {settings.model}, pre-trained "
+            f"{settings.pretrain_steps} steps (lr {settings.pretrain_lr:g}) with the CLIP loss on the broad "
+            f"distribution, fine-tuned {settings.finetune_steps} steps (lr {settings.finetune_lr:g}, batch "
+            f"{settings.batch_size}, K={settings.num_negatives}, IGC/TGC {settings.igc_weight:g}/{settings.tgc_weight:g}, "
+            f"distillation {settings.distill_weight:g}, EMA decay {settings.ema_decay:g}) on the narrow one; seeds "
+            f"{seeds}; mean ± sample std over seeds; accuracies in %.")
     write_bytes_atomic(output / "results.md", (
-        f"Synthetic ablation: {settings.model}, pre-trained {settings.pretrain_steps} steps with the CLIP loss, "
-        f"fine-tuned {settings.finetune_steps} steps (batch {settings.batch_size}, K={settings.num_negatives}), "
-        f"seeds {seeds}; mean ± sample std over seeds; accuracies in %.\n\n{table}\n\n"
-        f"Wall time: {timings['total_s']:.0f} s (this invocation; reused runs count 0).\n").encode())
-    write_bytes_atomic(output / "results.png", bar_chart(summary, labels))
-    write_json_atomic(output / "results.json", results)
+        f"{head}\n\n{table}\n\n{diffs}\n\nWall time: {timings['total_s']:.0f} s (this invocation; reused stages "
+        f"count 0).\n").encode())
+    write_bytes_atomic(output / "results.png", bar_chart(summary, labels, chance, rows,
+                                                         f"{settings.split} split, seeds {seeds}"))
+    write_json_atomic(output / "results.json", out)
     print(table)
-    print(f"wrote {output / 'results.md'}, {output / 'results.png'}, {output / 'results.json'}")
-    return results
+    print()
+    print(diffs)
+    print(f"wrote {output / 'results.md'}, {output / 'results.png'}, {output / 'results.json'} "
+          f"({timings['total_s']:.0f} s)")
+    return out
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -300,11 +395,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help=f"fine-tuning seeds ({defaults.seeds})")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help=f"subset of {', '.join(VARIANTS)} (default: all)")
-    for name in ("images", "eval_items", "zeroshot_items", "batch_size", "num_negatives", "pretrain_steps",
-                 "finetune_steps", "warmup_steps", "threads"):
+    parser.add_argument("--split", default=None, help="val (choosing settings) or test (reporting; default)")
+    for name in ("images", "pretrain_images", "eval_items", "zeroshot_items", "batch_size", "num_negatives",
+                 "pretrain_steps", "finetune_steps", "warmup_steps", "threads", "jobs", "data_seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default {getattr(defaults, name)}")
-    for name in ("pretrain_lr", "finetune_lr", "ema_decay"):
+    for name in ("pretrain_lr", "finetune_lr", "ema_decay", "igc_weight", "tgc_weight", "distill_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {getattr(defaults, name)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")

@@ -1,11 +1,17 @@
-"""The ablation experiment: its summary math, and a seconds-long smoke run of the whole pipeline."""
+"""The ablation experiment: its summary and paired-difference math, the one stage cache, and a smoke
+run of the whole pipeline (``degla-fast experiment --quick``)."""
 import json
+import math
 import statistics
 
 import pytest
 
+from degla_fast import stages
 from degla_fast.errors import ConfigError
-from degla_fast.experiment import METRICS, QUICK, Settings, markdown, run_experiment, summarize
+from degla_fast.experiment import (QUICK, VARIANTS, Settings, contrast_table, contrasts, finetune_fields, markdown,
+                                   paired, run_experiment, summarize)
+
+METRICS = ("swap", "compositional_avg", "zeroshot_shape", "zeroshot_avg", "train_pairwise")
 
 
 def _metrics(base: float) -> dict:
@@ -19,11 +25,28 @@ def test_summarize_mean_and_sample_std_over_seeds():
     assert swap["mean"] == pytest.approx(60.0)
     assert swap["std"] == pytest.approx(statistics.stdev([50.0, 60.0, 70.0]))   # 10
     assert (swap["min"], swap["max"], swap["n"]) == (50.0, 70.0, 3)
-    assert summary["negclip"]["zeroshot_avg"]["mean"] == pytest.approx(60.0 + METRICS.index("zeroshot_avg"))
-    assert summary["pretrained"]["add"] == {"mean": 42.0, "std": 0.0, "min": 42.0, "max": 42.0, "n": 1}
-    table = markdown(summary, {"negclip": "(b) NegCLIP", "pretrained": "start"})
-    assert "| (b) NegCLIP | 60.0 ± 10.0 | 61.0 ± 10.0 |" in table
-    assert "| start | 40.0 | 41.0 |" in table
+    assert summary["pretrained"]["compositional_avg"] == {"mean": 41.0, "std": 0.0, "min": 41.0, "max": 41.0, "n": 1}
+    table = markdown(summary, {"negclip": "(b) NegCLIP", "pretrained": "start"}, {m: 50.0 for m in METRICS})
+    assert "| metric | chance | (b) NegCLIP | start |" in table
+    assert "| swap | 50.0 | 60.0 ± 10.0 | 40.0 |" in table
+
+
+def test_paired_differences_and_their_t_interval():
+    d = paired([3.0, 5.0, 4.0, 6.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0])   # differences 2, 4, 3, 5, 1
+    half = 2.776 * statistics.stdev([2, 4, 3, 5, 1]) / math.sqrt(5)
+    assert d["mean"] == pytest.approx(3.0) and d["n"] == 5
+    assert (d["low"], d["high"]) == (pytest.approx(3.0 - half), pytest.approx(3.0 + half))
+    shared = paired([3.0, 5.0], [1.0])   # a shared start point is subtracted from every seed
+    assert shared["mean"] == pytest.approx(3.0)
+    one = paired([3.0], [1.0])
+    assert one["mean"] == 2.0 and math.isnan(one["low"])
+    per_seed = {"negclip": [_metrics(50.0), _metrics(52.0)], "degla": [_metrics(51.0), _metrics(54.0)],
+                "pretrained": [_metrics(40.0)]}
+    rows = contrasts(per_seed)
+    names = {(r["name"], r["metric"]) for r in rows}
+    assert ("DeGLA - NegCLIP", "zeroshot_avg") in names and ("NegCLIP - start", "train_pairwise") in names
+    assert not any(r["name"].startswith("fixed") for r in rows)   # degla_release was not run
+    assert "| DeGLA - NegCLIP | compositional avg | +1.5 |" in contrast_table(rows)
 
 
 def test_bad_settings_name_the_flag():
@@ -31,25 +54,55 @@ def test_bad_settings_name_the_flag():
         Settings(variants=["simclr"]).validate()
     with pytest.raises(ConfigError, match="--finetune-steps"):
         Settings(finetune_steps=0).validate()
+    with pytest.raises(ConfigError, match="--split"):
+        Settings(split="train").validate()
+
+
+def test_variants_map_to_trainer_fields(tmp_path):
+    s = Settings()
+    fields = {v: finetune_fields(s, tmp_path, tmp_path / "start", v, 3) for v in VARIANTS}
+    assert fields["clip"]["loss.num_negatives"] == 0
+    assert fields["negclip"]["loss.num_negatives"] == 4 and fields["negclip"]["loss.igc_weight"] == 0.0
+    assert fields["igc_tgc"]["loss.tgc_weight"] == s.tgc_weight and fields["igc_tgc"]["loss.distill_weight"] == 0.0
+    assert fields["degla"]["loss.distill_weight"] == s.distill_weight
+    assert fields["degla_release"]["loss.official_tgc_indexing"] is True
+    assert fields["degla"]["loss.official_tgc_indexing"] is False
+    for f in fields.values():   # every field is a real trainer field
+        stages.train_config(tmp_path / "x", {**f, "data.path": "x.json"})
+
+
+def test_run_stage_runs_once_per_stamp(tmp_path):
+    calls = []
+
+    def work():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert stages.run_stage(tmp_path / "a", {"k": 1}, work, log=None) == ({"value": 1}, pytest.approx(0.0, abs=5))
+    assert stages.run_stage(tmp_path / "a", {"k": 1}, work, log=None) == ({"value": 1}, 0.0)
+    assert stages.run_stage(tmp_path / "a", {"k": 2}, work, log=None)[0] == {"value": 2}
+    assert len(calls) == 2
 
 
 def test_quick_experiment_writes_table_chart_and_json(tmp_path):
     settings = Settings(**QUICK)
     results = run_experiment(settings, tmp_path)
     summary = results["summary"]
-    assert set(summary) == {"pretrained", "clip", "negclip", "igc_tgc", "degla"}
+    assert set(summary) == {"pretrained", *VARIANTS}
     for variant in summary.values():
         for stats in variant.values():
             assert 0.0 <= stats["mean"] <= 100.0
-    table = (tmp_path / "results.md").read_text()
-    assert "(d) DeGLA" in table and "compositional_avg" in table
+        assert {"compositional_avg", "zeroshot_avg", "train_pairwise", "zeroshot_texture"} <= set(variant)
+    assert results["chance"]["zeroshot_shape"] == pytest.approx(12.5)
+    text = (tmp_path / "results.md").read_text()
+    assert "(d) DeGLA" in text and "compositional avg" in text and "fixed - release TGC" in text
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
     # the fine-tuned runs really used their loss settings
-    config = (tmp_path / "runs" / "negclip-seed0" / "ablation.yaml").read_text()
-    assert "num_negatives: 4" in config and "igc_weight: 0.0" in config
-    # a second invocation reuses every finished run
+    config = (tmp_path / "runs" / "degla_release-seed0" / "stage-config.yaml").read_text()
+    assert "num_negatives: 4" in config and "official_tgc_indexing: true" in config
+    # a second invocation reuses every finished stage
     again = run_experiment(settings, tmp_path)
     assert again["per_seed"] == results["per_seed"]
-    assert again["timings"]["finetune_s"] == 0.0
+    assert again["timings"]["finetune_s"] < 30

@@ -22,6 +22,7 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     # 128 pixels: the detector below reads shapes reliably at this size
     S.generate(out, num_images=60, seed=3, eval_items=8, zeroshot_items=3, image_size=128, progress=False)
+    assert (out / "pretrain.json").is_file()
     return out
 
 
@@ -118,7 +119,9 @@ def test_train_captions_and_negatives_agree_with_the_pixels(data_dir):
             assert not true_for(negative, objects, BIG), (record["image"], negative, objects)
 
 
-def test_eval_sets_agree_with_the_pixels(data_dir):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_eval_sets_agree_with_the_pixels(data_dir, split):
+    data_dir = data_dir if split == "test" else data_dir / "val"
     seen = set()
     for subset in S.EVAL_SUBSETS:
         items = json.loads((data_dir / "eval" / f"{subset}.json").read_text())
@@ -145,15 +148,63 @@ def test_eval_sets_agree_with_the_pixels(data_dir):
                 assert all(c is not None for _, c, _ in negative[0])
 
 
-def test_zeroshot_sets(data_dir):
-    for task, classes in (("shape", SHAPES), ("colour", tuple(COLOURS))):
-        spec = json.loads((data_dir / "zeroshot" / f"{task}.json").read_text())
-        assert spec["classnames"] == list(classes)
-        assert all("{}" in t for t in spec["templates"]) and len(spec["templates"]) >= 3
-        assert len(spec["items"]) == 3 * len(classes)
-        for item in spec["items"]:
-            (obj,) = detect(data_dir / "zeroshot" / "images" / item["filename"])
-            assert obj[task] == classes[item["label"]], (task, item, obj)
+def test_zeroshot_tasks_have_balanced_labels_in_both_splits(data_dir):
+    for split in ("test", "val"):
+        root = data_dir if split == "test" else data_dir / "val"
+        for task, classes in S.ZEROSHOT_CLASSES.items():
+            spec = json.loads((root / "zeroshot" / f"{task}.json").read_text())
+            assert spec["classnames"] == list(classes)
+            assert all("{}" in t for t in spec["templates"]) and len(spec["templates"]) >= 3
+            labels = [item["label"] for item in spec["items"]]
+            assert len(labels) == 3 * len(classes)
+            assert {c: labels.count(c) for c in range(len(classes))} == {c: 3 for c in range(len(classes))}, (split, task)
+            assert all((root / "zeroshot" / "images" / item["filename"]).is_file() for item in spec["items"])
+
+
+def test_zeroshot_scenes_show_their_label():
+    for task, classes in S.ZEROSHOT_CLASSES.items():
+        for i in range(3 * len(classes)):
+            scene, label = S.zeroshot_item(0, task, i, "val")
+            if task == "count":
+                assert len(scene) == label + 2 and len(set((o.shape, o.colour, o.size, o.texture) for o in scene)) == 1
+            else:
+                assert len(scene) == 1 and getattr(scene[0], task) == classes[label]
+
+
+def test_solid_shapes_of_the_zeroshot_shape_task_agree_with_the_pixels(tmp_path):
+    # the detector reads the fine-tuning vocabulary's solid shapes; render those zero-shot items alone
+    checked = 0
+    for i in range(40):
+        scene, label = S.zeroshot_item(1, "shape", i)
+        o = scene[0]
+        if o.texture != "solid" or o.shape not in S.FT_SHAPES or o.colour not in S.FT_COLOURS:
+            continue
+        path = tmp_path / f"{i}.png"
+        S.render(scene, 128, __import__("random").Random(i)).save(path)
+        (found,) = detect(path)
+        assert (found["shape"], found["colour"]) == (o.shape, o.colour)
+        checked += 1
+    assert checked >= 1
+
+
+def test_pretraining_captions_are_true_broad_and_mostly_without_relations(data_dir):
+    records = json.loads((data_dir / "pretrain.json").read_text())
+    assert len(records) == 60 and all("enhanced" not in r for r in records)
+    assert all((data_dir / r["image"]).is_file() for r in records)
+    kinds, words = [], set()
+    for i in range(300):
+        scene, caption = S.pretrain_item(3, i)
+        assert S.is_true(caption, scene), caption
+        kinds.append(caption.kind)
+        words |= set(caption.text().split())
+    assert kinds.count("rel") < 0.25 * len(kinds) and kinds.count("count") > 0.1 * len(kinds)
+    # the broad vocabulary: shapes, colours, sizes, textures and counts the fine-tuning set never names
+    assert {"star", "hexagon", "pink", "cyan", "striped", "dotted", "small", "big", "three"} <= words
+    ft_words = set()
+    for i in range(300):
+        ft_words |= set(S.train_item(3, i)[1].text().split())
+    assert not {"star", "hexagon", "semicircle", "pink", "cyan", "striped", "dotted", "checkered", "small", "big",
+                "medium", "two", "three", "four"} & ft_words
 
 
 def test_images_are_rgb_jpegs_of_the_asked_size(tmp_path):
@@ -174,22 +225,29 @@ def test_deterministic_by_seed(tmp_path):
     assert first["train/000001.jpg"] != other["train/000001.jpg"]
 
 
-def test_evaluation_combinations_never_occur_in_training():
-    train = set()
-    for i in range(400):
-        scene, caption, _ = S.train_item(0, i)
-        if len(scene) == 2:
-            # the relation of objects 0 and 1, read back from where they were drawn
-            relation = next(r for r in RELATIONS if S.holds(r, scene[0], scene[1]))
-            train.add(S.combination_key(scene, relation))
-    held = set()
+def _keys_of_eval(split):
+    keys = set()
     for subset in S.EVAL_SUBSETS:
         for i in range(30):
-            scene, _, _ = S.eval_item(0, subset, i)
+            scene, _, _ = S.eval_item(0, subset, i, split)
             relation = next(r for r in RELATIONS if S.holds(r, scene[0], scene[1]))
-            held.add(S.combination_key(scene, relation))
-    assert len(train) > 200 and len(held) > 150
-    assert not train & held
+            keys.add(S.combination_key(scene, relation))
+    return keys
+
+
+def test_splits_are_disjoint_in_their_held_out_combinations():
+    train = set()
+    for i in range(400):
+        scene, _, _ = S.train_item(0, i)
+        train |= set(S.scene_keys(scene))  # every related pair of objects, read back from where they were drawn
+    pretrain = set()
+    for i in range(400):
+        pretrain |= set(S.scene_keys(S.pretrain_item(0, i)[0]))
+    val, test = _keys_of_eval("val"), _keys_of_eval("test")
+    assert len(train) > 200 and len(pretrain) > 200 and len(val) > 100 and len(test) > 100
+    assert not (train | pretrain) & (val | test)
+    assert not val & test
+    assert {S.split_of(k) for k in val} == {"val"} and {S.split_of(k) for k in test} == {"test"}
 
 
 def test_every_negative_type_is_used():
@@ -215,8 +273,10 @@ def test_cli(tmp_path, capsys):
                      "--zeroshot-items", "1", "--seed", "2", "--no-progress"]) == 0
     assert len(json.loads((tmp_path / "train.json").read_text())) == 4
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest == {"format": "degla-fast/synthetic", "version": S.VERSION, "images": 4, "seed": 2,
-                        "eval_items": 1, "zeroshot_items": 1, "image_size": 64}
+    assert manifest == {"format": "degla-fast/synthetic", "version": S.VERSION, "images": 4, "pretrain_images": 4,
+                        "seed": 2, "eval_items": 1, "zeroshot_items": 1, "val_eval_items": 1, "val_zeroshot_items": 1,
+                        "image_size": 64, "zeroshot_tasks": list(S.ZEROSHOT_TASKS)}
+    assert len(json.loads((tmp_path / "pretrain.json").read_text())) == 4
     assert "train.json" in capsys.readouterr().out
     assert cli.main(["synth", "--out", str(tmp_path / "x"), "--images", "0"]) == 2
     error = capsys.readouterr().err

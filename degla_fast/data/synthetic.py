@@ -1,21 +1,35 @@
-"""The synthetic compositional dataset: coloured shapes in spatial relations.
+"""The synthetic compositional world: a broad pre-training distribution and a narrow fine-tuning one.
 
-``degla-fast synth --out DIR [--images N] [--seed S]`` renders scenes such as "a red circle to
-the left of a blue square" and writes, all in the formats the rest of degla-fast reads:
+``degla-fast synth --out DIR`` renders two training distributions, the way CLIP is pre-trained on
+the web and then fine-tuned on COCO:
 
-- ``DIR/train.json``: DeGLA records ``{"image": "train/000000.jpg", "original": caption,
-  "enhanced": [5 hard negatives]}``, one negative per type (swap objects, swap attributes,
-  replace an attribute, replace an object, reorder the relation);
-- ``DIR/eval/<subset>.json`` (SugarCrepe's format) for swap_obj, swap_att, replace_obj,
-  replace_att, replace_rel, add_obj and add_att, over images in ``DIR/eval/images/``;
-- ``DIR/zeroshot/{shape,colour}.json``: classification sets over images in ``DIR/zeroshot/images/``;
+- **pre-training** (``DIR/pretrain.json``, images in ``DIR/pretrain/``): 8 shapes, 8 colours, 3
+  sizes, 4 textures (solid, striped, dotted, checkered), 1-4 objects, tinted backgrounds; captions
+  name objects and some of their attributes ("a big striped red star", "three small blue
+  circles", "a dotted green hexagon and a pink cross"), only a sixth of them state a relation.
+  Records carry no hard negatives: this is the CLIP-loss start point's data.
+- **fine-tuning** (``DIR/train.json``, images in ``DIR/train/``): narrower (5 shapes, 6 colours,
+  one size, solid, near-grey backgrounds), relation-rich captions of two or three objects
+  ("a red circle to the left of a blue square"), each with 5 hard negatives, one of each type of
+  the method doc (section 6): swap objects, swap attributes, replace an attribute, replace an
+  object, reorder the relation (DeGLA records ``{"image", "original", "enhanced"}``).
+
+Held-out tests, each in a validation and a test split (settings are chosen on ``val/``, results
+reported on the test split):
+
+- ``DIR/eval/<subset>.json`` and ``DIR/val/eval/<subset>.json`` (SugarCrepe's format): swap_obj,
+  swap_att, replace_obj, replace_att, replace_rel, add_obj, add_att on fine-tuning-style scenes
+  whose object/relation combination never occurs in any training image (a fixed hash split of the
+  combinations into train / val / test: the splits are disjoint);
+- ``DIR/zeroshot/<task>.json`` and ``DIR/val/zeroshot/<task>.json``: shape (8-way), colour
+  (8-way), size (3-way), texture (4-way) and count (2, 3 or 4 objects) classification, balanced
+  classes. Size, texture, count and three of the shapes never appear in fine-tuning: these are
+  the abilities pre-training teaches and fine-tuning can make the model forget.
 - ``DIR/manifest.json``: :data:`VERSION` and the arguments (compare it to skip re-rendering).
 
 Captions are built from a structured description of the scene, and every negative is checked
-against the scene: it is kept only when it is false for the image. The evaluation scenes use
-object/relation combinations that never occur in training (a fixed hash split of the
-combinations), so the compositional sets measure generalisation, not memory. Everything is a
-pure function of the seed and the arguments.
+against the scene: it is kept only when it is false for the image. Everything is a pure function
+of the seed and the arguments.
 """
 from __future__ import annotations
 
@@ -23,6 +37,7 @@ import argparse
 import hashlib
 import io
 import itertools
+import math
 import os
 import random
 import sys
@@ -32,37 +47,59 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 from ..io import cannot_write, write_bytes_atomic, write_json_atomic
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# The broad (pre-training) vocabulary; the fine-tuning world uses the first entries only.
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "semicircle")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215),
-           "yellow": (235, 205, 35), "purple": (140, 60, 185), "orange": (245, 135, 25)}
-SIZES = {"small": 0.14, "big": 0.21}  # radius as a fraction of the image side
+           "yellow": (235, 205, 35), "purple": (140, 60, 185), "orange": (245, 135, 25),
+           "pink": (245, 120, 190), "cyan": (40, 200, 215)}
+SIZES = {"small": 0.10, "medium": 0.15, "big": 0.21}  # radius as a fraction of the image side
+TEXTURES = ("solid", "striped", "dotted", "checkered")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+PLURALS = {"cross": "crosses"}
+FT_SHAPES = SHAPES[:5]
+FT_COLOURS = tuple(COLOURS)[:6]
+FT_SIZE = "medium"
+FT_TEXTURE = "solid"
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 EVAL_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
+SPLITS = ("val", "test")
+ZEROSHOT_CLASSES = {
+    "shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
+    "count": ("two", "three", "four"),
+}
+ZEROSHOT_TASKS = tuple(ZEROSHOT_CLASSES)
 ZEROSHOT_TEMPLATES = {
-    "shape": ["a photo of a {}.", "a drawing of a {}.", "a {} shape.", "a coloured {}.", "a {} on a plain background."],
-    "colour": ["a photo of a {} shape.", "a drawing of a {} shape.", "something coloured {}.",
-               "a shape that is {}.", "the colour {}."],
+    "shape": ["a {}", "a photo of a {}", "a drawing of a {}", "there is a {}", "an image of a {}"],
+    "colour": ["a {} shape", "a photo of a {} shape", "a drawing of a {} shape", "there is a {} shape",
+               "an image of a {} shape"],
+    "size": ["a {} shape", "a photo of a {} shape", "a drawing of a {} shape", "there is a {} shape",
+             "an image of a {} shape"],
+    "texture": ["a {} shape", "a photo of a {} shape", "a drawing of a {} shape", "there is a {} shape",
+                "an image of a {} shape"],
+    "count": ["{} shapes", "a photo of {} shapes", "a drawing of {} shapes", "there are {} shapes",
+              "an image of {} shapes"],
 }
 REL_TEMPLATES = ("{0} {rel} {1}", "a photo of {0} {rel} {1}", "there is {0} {rel} {1}",
                  "{0} placed {rel} {1}", "an image of {0} {rel} {1}")
-LIST_TEMPLATES = ("{all}", "a photo of {all}", "a picture with {all}", "{all} on a plain background",
-                  "an image showing {all}")
-SINGLE_TEMPLATES = ("{0}", "a photo of {0}", "a drawing of {0}", "{0} on a plain background", "there is {0}")
+LIST_TEMPLATES = ("{all}", "a photo of {all}", "a drawing of {all}", "there is {all}", "an image of {all}")
+SINGLE_TEMPLATES = ("{0}", "a photo of {0}", "a drawing of {0}", "there is {0}", "an image of {0}")
+COUNT_TEMPLATES = ("{0}", "a photo of {0}", "a drawing of {0}", "there are {0}", "an image of {0}")
 NUM_NEGATIVES = 5
-VERSION = 1  # bumped whenever the same arguments would render a different dataset
+VERSION = 2  # bumped whenever the same arguments would render a different dataset
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges at any image size
-_HELD_OUT_PERCENT = 20  # share of two-object combinations reserved for evaluation
+_VAL_PERCENT, _TEST_PERCENT = 15, 15  # shares of two-object combinations reserved for val and test
 
 
 @dataclass(frozen=True)
 class Obj:
-    """One shape in a scene; ``x``, ``y``, ``radius`` in fractions of the image side."""
+    """One shape in a scene; ``x``, ``y`` in fractions of the image side."""
 
     shape: str
     colour: str
     size: str
-    x: float
-    y: float
+    x: float = 0.5
+    y: float = 0.5
+    texture: str = FT_TEXTURE
 
     @property
     def radius(self) -> float:
@@ -71,25 +108,34 @@ class Obj:
 
 @dataclass(frozen=True)
 class Mention:
-    """A noun phrase of a caption: ``None`` attributes are not mentioned (and match anything)."""
+    """A noun phrase of a caption: ``None`` attributes are not mentioned (and match anything);
+    ``shape`` None is the generic noun "shape"; ``count`` > 1 is a plural ("three red circles")."""
 
-    shape: str
-    colour: str | None
-    size: str | None
+    shape: str | None
+    colour: str | None = None
+    size: str | None = None
+    texture: str | None = None
+    count: int = 1
 
     def matches(self, obj: Obj) -> bool:
-        return (self.shape == obj.shape and self.colour in (None, obj.colour)
-                and self.size in (None, obj.size))
+        return (self.shape in (None, obj.shape) and self.colour in (None, obj.colour)
+                and self.size in (None, obj.size) and self.texture in (None, obj.texture))
 
     def text(self) -> str:
-        words = [w for w in (self.size, self.colour, self.shape) if w is not None]
+        noun = self.shape or "shape"
+        if self.count > 1:
+            noun = PLURALS.get(noun, noun + "s")
+        words = [w for w in (self.size, self.texture, self.colour) if w is not None] + [noun]
+        if self.count > 1:
+            return COUNT_WORDS[self.count] + " " + " ".join(words)
         return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
 @dataclass(frozen=True)
 class Caption:
     """A structured caption: ``kind`` is "single" (1 mention), "list" (2-3 mentions joined with
-    "and") or "rel" (mention 0, ``relation``, mention 1); ``template`` indexes the kind's templates."""
+    "and"), "rel" (mention 0, ``relation``, mention 1) or "count" (one plural mention, true when
+    exactly that many objects match); ``template`` indexes the kind's templates."""
 
     kind: str
     mentions: tuple
@@ -102,6 +148,8 @@ class Caption:
             return REL_TEMPLATES[self.template].format(*phrases, rel=self.relation)
         if self.kind == "single":
             return SINGLE_TEMPLATES[self.template].format(*phrases)
+        if self.kind == "count":
+            return COUNT_TEMPLATES[self.template].format(*phrases)
         joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
         return LIST_TEMPLATES[self.template].format(all=joined)
 
@@ -116,7 +164,11 @@ def holds(relation: str, a: Obj, b: Obj) -> bool:
 
 def is_true(caption: Caption, scene: tuple) -> bool:
     """Whether ``caption`` describes the scene (a tuple of :class:`Obj`): every mention matches a
-    distinct object and, for "rel" captions, the relation holds between the two matched objects."""
+    distinct object and, for "rel" captions, the relation holds between the two matched objects;
+    a "count" caption is true when exactly ``count`` objects match its mention."""
+    if caption.kind == "count":
+        m = caption.mentions[0]
+        return sum(m.matches(o) for o in scene) == m.count
     for chosen in itertools.permutations(scene, len(caption.mentions)):
         if all(m.matches(o) for m, o in zip(caption.mentions, chosen)):
             if caption.kind != "rel" or holds(caption.relation, chosen[0], chosen[1]):
@@ -125,6 +177,7 @@ def is_true(caption: Caption, scene: tuple) -> bool:
 
 
 # ---- negatives: each function lists every caption its rule can produce from ``c`` ----------
+# (within the fine-tuning vocabulary: negatives are made for fine-tuning and evaluation captions)
 
 def swap_obj(c: Caption) -> list:
     out = []
@@ -137,7 +190,8 @@ def swap_obj(c: Caption) -> list:
 
 def swap_att(c: Caption) -> list:
     out = []
-    for (i, j), attr in itertools.product(itertools.combinations(range(len(c.mentions)), 2), ("colour", "size")):
+    for (i, j), attr in itertools.product(itertools.combinations(range(len(c.mentions)), 2),
+                                          ("colour", "size", "texture")):
         a, b = getattr(c.mentions[i], attr), getattr(c.mentions[j], attr)
         if a is not None and b is not None:
             m = list(c.mentions)
@@ -147,15 +201,12 @@ def swap_att(c: Caption) -> list:
 
 
 def replace_att(c: Caption) -> list:
-    out = []
-    for i, (attr, values) in itertools.product(range(len(c.mentions)), (("colour", COLOURS), ("size", SIZES))):
-        if getattr(c.mentions[i], attr) is not None:
-            out += [_with_mention(c, i, **{attr: v}) for v in values if v != getattr(c.mentions[i], attr)]
-    return out
+    return [_with_mention(c, i, colour=v) for i in range(len(c.mentions)) if c.mentions[i].colour is not None
+            for v in FT_COLOURS if v != c.mentions[i].colour]
 
 
 def replace_obj(c: Caption) -> list:
-    return [_with_mention(c, i, shape=s) for i in range(len(c.mentions)) for s in SHAPES
+    return [_with_mention(c, i, shape=s) for i in range(len(c.mentions)) for s in FT_SHAPES
             if s != c.mentions[i].shape]
 
 
@@ -170,14 +221,12 @@ def replace_rel(c: Caption) -> list:
 def add_obj(c: Caption) -> list:
     if c.kind != "list" or len(c.mentions) >= 3:
         return []
-    uses_size = c.mentions[0].size is not None
-    return [replace(c, mentions=c.mentions + (Mention(s, col, size if uses_size else None),))
-            for s, col, size in itertools.product(SHAPES, COLOURS, SIZES) if uses_size or size == "big"]
+    return [replace(c, mentions=c.mentions + (Mention(s, col),)) for s, col in itertools.product(FT_SHAPES, FT_COLOURS)]
 
 
 def add_att(c: Caption) -> list:
     return [_with_mention(c, i, colour=col) for i in range(len(c.mentions)) if c.mentions[i].colour is None
-            for col in COLOURS]
+            for col in FT_COLOURS]
 
 
 def _with_mention(c: Caption, i: int, **change) -> Caption:
@@ -212,14 +261,52 @@ def train_negatives(caption: Caption, scene: tuple, rng: random.Random) -> list:
     return chosen
 
 
+# ---- the split of two-object combinations ----------------------------------------------------
+
+def combination_key(scene: tuple, relation: str | None) -> str:
+    """What two objects in a relation show, independent of layout, size and texture: the objects'
+    colours and shapes and their relation, written with "to the left of" / "above" only (a
+    right-of scene is its mirror left-of scene)."""
+    a, b = scene
+    if relation in ("to the right of", "below"):
+        a, b, relation = b, a, {"to the right of": "to the left of", "below": "above"}[relation]
+    return f"{a.colour} {a.shape}|{relation}|{b.colour} {b.shape}"
+
+
+def split_of(key: str) -> str:
+    """"val", "test" or "train": the fixed hash split of two-object combinations."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+    return "val" if bucket < _VAL_PERCENT else "test" if bucket < _VAL_PERCENT + _TEST_PERCENT else "train"
+
+
+def is_held_out(key: str) -> bool:
+    """Whether a two-object combination is reserved for evaluation (validation or test)."""
+    return split_of(key) != "train"
+
+
+def scene_keys(scene: tuple) -> list:
+    """The combination keys of every pair of objects in ``scene`` that stand in a relation."""
+    return [combination_key((a, b), r) for a, b in itertools.permutations(scene, 2) for r in RELATIONS
+            if holds(r, a, b)]
+
+
+def trainable(scene: tuple) -> bool:
+    """Whether a scene may appear in training: no pair of its objects shows a held-out combination."""
+    return not any(is_held_out(k) for k in scene_keys(scene))
+
+
 # ---- scenes --------------------------------------------------------------------------------
 
-def _random_object(rng: random.Random, x: float = 0.5, y: float = 0.5) -> Obj:
-    return Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), x, y)
+def _broad_object(rng: random.Random, sizes=tuple(SIZES)) -> Obj:
+    return Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(sizes), texture=rng.choice(TEXTURES))
+
+
+def _ft_object(rng: random.Random) -> Obj:
+    return Obj(rng.choice(FT_SHAPES), rng.choice(FT_COLOURS), FT_SIZE)
 
 
 def _place_free(rng: random.Random, objs: list) -> tuple:
-    """Scatter ``objs`` without overlaps (rejection sampling; always succeeds for <= 3 objects)."""
+    """Scatter ``objs`` without overlaps (rejection sampling)."""
     while True:
         placed = []
         for o in objs:
@@ -245,149 +332,270 @@ def _place_relation(rng: random.Random, a: Obj, b: Obj, relation: str) -> tuple:
             return a2, b2
 
 
-def combination_key(scene: tuple, relation: str | None) -> str:
-    """What a two-object scene shows, independent of layout: the objects and their relation,
-    written with "to the left of" / "above" only (a right-of scene is its mirror left-of scene)."""
-    a, b = scene
-    if relation in ("to the right of", "below"):
-        a, b, relation = b, a, {"to the right of": "to the left of", "below": "above"}[relation]
-    return f"{a.size} {a.colour} {a.shape}|{relation}|{b.size} {b.colour} {b.shape}"
-
-
-def is_held_out(key: str) -> bool:
-    """Whether a two-object combination is reserved for evaluation (a fixed hash split)."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100 < _HELD_OUT_PERCENT
-
-
-def _pair_scene(rng: random.Random, held_out: bool) -> tuple:
-    """Two objects in a relation, from the evaluation or the training side of the split."""
+def _pair_scene(rng: random.Random, split: str, make=_ft_object) -> tuple:
+    """Two objects in a relation whose combination belongs to ``split`` ("train", "val", "test")."""
     while True:
         relation = rng.choice(RELATIONS)
-        a, b = _random_object(rng), _random_object(rng)
-        if is_held_out(combination_key((a, b), relation)) == held_out:
+        a, b = make(rng), make(rng)
+        if split_of(combination_key((a, b), relation)) == split:
             return _place_relation(rng, a, b, relation), relation
 
 
-def _mentions(rng: random.Random, scene: tuple, with_size: bool, drop_colour: bool) -> tuple:
-    mentions = [Mention(o.shape, o.colour, o.size if with_size else None) for o in scene]
+def _train_scene(rng: random.Random, objs_fn) -> tuple:
+    """A scattered scene of the objects ``objs_fn()`` that shows no held-out combination (a few
+    layouts are tried, then new objects are drawn)."""
+    while True:
+        objs = objs_fn()
+        for _ in range(5):
+            scene = _place_free(rng, objs)
+            if trainable(scene):
+                return scene
+
+
+_FLIP = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def _ft_caption(rng: random.Random, scene: tuple, relation: str | None, kind: str, drop_colour: bool = False) -> Caption:
+    """A true fine-tuning-style caption of ``scene`` (colours and shapes only; ``relation`` is that
+    of objects 0 and 1, or None)."""
+    mentions = [Mention(o.shape, o.colour) for o in scene]
     if drop_colour:
         i = rng.randrange(len(mentions))
         mentions[i] = replace(mentions[i], colour=None)
-    return tuple(mentions)
-
-
-def _caption(rng: random.Random, scene: tuple, relation: str | None, kind: str, drop_colour: bool = False) -> Caption:
-    """A true caption of ``scene`` (``relation`` is that of objects 0 and 1, or None)."""
-    mentions = _mentions(rng, scene, rng.random() < 0.4, drop_colour)
+    mentions = tuple(mentions)
     templates = {"rel": REL_TEMPLATES, "list": LIST_TEMPLATES, "single": SINGLE_TEMPLATES}[kind]
     if kind == "rel" and rng.random() < 0.5:
-        # the same fact from the other object's side
-        mentions, relation = mentions[::-1], {"to the left of": "to the right of", "to the right of": "to the left of",
-                                              "above": "below", "below": "above"}[relation]
+        mentions, relation = mentions[::-1], _FLIP[relation]  # the same fact from the other object's side
+    if kind == "list":
+        mentions = tuple(rng.sample(mentions, len(mentions)))
     caption = Caption(kind, mentions, relation if kind == "rel" else None, rng.randrange(len(templates)))
     assert is_true(caption, scene), caption
     return caption
 
 
-def train_item(seed: int, index: int) -> tuple:
-    """Training scene ``index`` -> (scene, caption, negatives). Mostly two objects in a relation,
-    some single objects and some three-object scenes."""
-    rng = random.Random(f"{seed}/train/{index}")
+def _broad_mention(rng: random.Random, o: Obj, count: int = 1) -> Mention:
+    """A web-style noun phrase: each attribute named or not, sometimes the generic noun "shape"."""
+    return Mention(o.shape if rng.random() < 0.9 else None, o.colour if rng.random() < 0.75 else None,
+                   o.size if rng.random() < 0.5 else None, o.texture if rng.random() < 0.5 else None, count)
+
+
+def pretrain_item(seed: int, index: int) -> tuple:
+    """Pre-training scene ``index`` -> (scene, caption): one object (30 %), 2-4 identical objects
+    with a count caption (20 %), 2-3 objects with a list caption (35 %) or two objects with a
+    relation caption (15 %); broad attributes throughout."""
+    rng = random.Random(f"{seed}/pretrain/{index}")
     draw = rng.random()
-    if draw < 0.15:
-        scene = _place_free(rng, [_random_object(rng)])
-        caption = _caption(rng, scene, None, "single")
-    elif draw < 0.3:
-        scene = _place_free(rng, [_random_object(rng) for _ in range(3)])
-        caption = _caption(rng, scene, None, "list", drop_colour=rng.random() < 0.1)
+    if draw < 0.3:
+        scene = _place_free(rng, [_broad_object(rng)])
+        caption = Caption("single", (_broad_mention(rng, scene[0]),), template=rng.randrange(len(SINGLE_TEMPLATES)))
+    elif draw < 0.5:
+        n = rng.randint(2, 4)
+        scene = _train_scene(rng, lambda: [_broad_object(rng, ("small", "medium"))] * n)
+        caption = Caption("count", (_broad_mention(rng, scene[0], n),), template=rng.randrange(len(COUNT_TEMPLATES)))
+    elif draw < 0.85:
+        n = rng.randint(2, 3)
+        scene = _train_scene(rng, lambda: [_broad_object(rng, ("small", "medium") if n == 3 else tuple(SIZES))
+                                           for _ in range(n)])
+        caption = Caption("list", tuple(_broad_mention(rng, o) for o in rng.sample(scene, n)),
+                          template=rng.randrange(len(LIST_TEMPLATES)))
     else:
-        scene, relation = _pair_scene(rng, held_out=False)
-        caption = _caption(rng, scene, relation, "rel" if rng.random() < 0.75 else "list",
-                           drop_colour=rng.random() < 0.1)
+        scene, relation = _pair_scene(rng, "train", lambda r: _broad_object(r, ("small", "medium")))
+        mentions = tuple(_broad_mention(rng, o) for o in scene)
+        if rng.random() < 0.5:
+            mentions, relation = mentions[::-1], _FLIP[relation]
+        caption = Caption("rel", mentions, relation, rng.randrange(len(REL_TEMPLATES)))
+    if not is_true(caption, scene):  # a generic mention that happens to match another object too
+        return pretrain_item(seed, index + 1_000_003)
+    return scene, caption
+
+
+def train_item(seed: int, index: int) -> tuple:
+    """Fine-tuning scene ``index`` -> (scene, caption, negatives): two objects in a relation (80 %,
+    a relation caption) or three objects (20 %: half the time a relation caption of two of them,
+    else a list caption of all three)."""
+    rng = random.Random(f"{seed}/train/{index}")
+    if rng.random() < 0.8:
+        scene, relation = _pair_scene(rng, "train")
+        caption = _ft_caption(rng, scene, relation, "rel", drop_colour=rng.random() < 0.1)
+    else:
+        while True:
+            pair, relation = _pair_scene(rng, "train")
+            third = _place_free(rng, [_ft_object(rng)])[0]
+            scene = pair + (third,)
+            if all((third.x - o.x) ** 2 + (third.y - o.y) ** 2 >= (2 * third.radius + 0.04) ** 2 for o in pair) \
+                    and trainable(scene):
+                break
+        if rng.random() < 0.5:
+            caption = _ft_caption(rng, scene[:2], relation, "rel")
+            if not is_true(caption, scene) or any(is_true(n, scene) for n in reorder_rel(caption)):
+                caption = _ft_caption(rng, scene, None, "list")
+        else:
+            caption = _ft_caption(rng, scene, None, "list")
     return scene, caption, train_negatives(caption, scene, rng)
 
 
-def eval_item(seed: int, subset: str, index: int) -> tuple:
+def eval_item(seed: int, subset: str, index: int, split: str = "test") -> tuple:
     """Evaluation item ``index`` of ``subset`` -> (scene, caption, negative caption text), on a
-    held-out two-object combination."""
-    rng = random.Random(f"{seed}/eval/{subset}/{index}")
+    two-object combination of the ``split`` ("val" or "test") side of the hash split."""
+    rng = random.Random(f"{seed}/eval/{split}/{subset}/{index}")
     while True:
-        scene, relation = _pair_scene(rng, held_out=True)
+        scene, relation = _pair_scene(rng, split)
         kind = "list" if subset == "add_obj" else "rel" if subset == "replace_rel" else rng.choice(("rel", "list"))
-        caption = _caption(rng, scene, relation, kind, drop_colour=subset == "add_att")
+        caption = _ft_caption(rng, scene, relation, kind, drop_colour=subset == "add_att")
         options = false_negatives(EVAL_NEGATIVES[subset], caption, scene)
         if options:
             return scene, caption, rng.choice(options)
 
 
-def zeroshot_item(seed: int, task: str, index: int) -> tuple:
-    """Zero-shot item ``index`` of ``task`` ("shape" or "colour") -> (one-object scene, label)."""
-    rng = random.Random(f"{seed}/zeroshot/{task}/{index}")
-    scene = _place_free(rng, [_random_object(rng)])
-    classes = SHAPES if task == "shape" else tuple(COLOURS)
-    return scene, classes.index(scene[0].shape if task == "shape" else scene[0].colour)
+def zeroshot_item(seed: int, task: str, index: int, split: str = "test") -> tuple:
+    """Zero-shot item ``index`` of ``task`` -> (scene, label); labels cycle through the classes,
+    so every class has the same number of items; the other attributes are random."""
+    rng = random.Random(f"{seed}/zeroshot/{split}/{task}/{index}")
+    classes = ZEROSHOT_CLASSES[task]
+    label = index % len(classes)
+    if task == "count":
+        o = _broad_object(rng, ("small", "medium"))
+        return _place_free(rng, [o] * (label + 2)), label
+    o = _broad_object(rng)
+    o = replace(o, **{task: classes[label]})
+    return _place_free(rng, [o]), label
 
 
 # ---- rendering and files -------------------------------------------------------------------
 
-def render(scene: tuple, image_size: int, rng: random.Random):
-    """Draw ``scene`` on a light, slightly tinted background -> RGB ``PIL.Image`` of ``image_size``^2."""
+_PATTERNS: dict = {}
+
+
+def _pattern(texture: str, side: int):
+    """An "L" mask of ``side``^2: 255 where a texture shows the object's light tint."""
+    key = (texture, side)
+    if key not in _PATTERNS:
+        from PIL import Image, ImageDraw
+
+        image = Image.new("L", (side, side), 0)
+        draw = ImageDraw.Draw(image)
+        p = max(4, side // 16)  # the texture's period
+        if texture == "striped":
+            for k in range(-side, side, p):
+                draw.polygon([(k, 0), (k + p // 2, 0), (k + p // 2 + side, side), (k + side, side)], fill=255)
+        elif texture == "dotted":
+            for y in range(0, side, p):
+                for x in range(0, side, p):
+                    c = p / 2
+                    draw.ellipse((x + c - p * 0.28, y + c - p * 0.28, x + c + p * 0.28, y + c + p * 0.28), fill=255)
+        elif texture == "checkered":
+            for y in range(0, side, p):
+                for x in range(0, side, p):
+                    if (x // p + y // p) % 2:
+                        draw.rectangle((x, y, x + p - 1, y + p - 1), fill=255)
+        _PATTERNS[key] = image
+    return _PATTERNS[key]
+
+
+def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = r * 0.85  # similar area to the circle
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.36
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    elif shape == "star":
+        points = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                   cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+        draw.polygon(points, fill=fill)
+    elif shape == "hexagon":
+        draw.polygon([(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)],
+                     fill=fill)
+    else:  # semicircle: the upper half of a disc, centred on its area
+        draw.pieslice((cx - r * 1.1, cy - r * 0.7, cx + r * 1.1, cy + r * 1.5), 180, 360, fill=fill)
+
+
+def render(scene: tuple, image_size: int, rng: random.Random, background: str = "plain"):
+    """Draw ``scene`` -> RGB ``PIL.Image`` of ``image_size``^2. ``background``: "plain" (light,
+    slightly tinted: the fine-tuning and evaluation images) or "tinted" (any light colour)."""
     from PIL import Image, ImageDraw
 
     side = image_size * _SUPERSAMPLE
-    background = tuple(rng.randint(222, 250) for _ in range(3))
-    image = Image.new("RGB", (side, side), background)
-    draw = ImageDraw.Draw(image)
+    low = 222 if background == "plain" else 175
+    base = rng.randint(low, 250)
+    spread = 14 if background == "plain" else 60
+    bg = tuple(min(255, max(low, base + rng.randint(-spread, spread))) for _ in range(3))
+    image = Image.new("RGB", (side, side), bg)
     for o in scene:
         colour = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[o.colour])
         cx, cy, r = o.x * side, o.y * side, o.radius * side
-        if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-        elif o.shape == "square":
-            h = r * 0.85  # similar area to the circle
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=colour)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)], fill=colour)
-        elif o.shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
-        else:  # cross
-            w = r * 0.36
-            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
-            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+        if o.texture == "solid":
+            _draw_shape(ImageDraw.Draw(image), o.shape, cx, cy, r, colour)
+            continue
+        mask = Image.new("L", (side, side), 0)
+        _draw_shape(ImageDraw.Draw(mask), o.shape, cx, cy, r, 255)
+        light = tuple(int(c + (255 - c) * 0.6) for c in colour)
+        fill = Image.composite(Image.new("RGB", (side, side), light), Image.new("RGB", (side, side), colour),
+                               _pattern(o.texture, side))
+        image.paste(fill, (0, 0), mask)
     return image.reduce(_SUPERSAMPLE)
 
 
-def _write_image(path: Path, scene: tuple, image_size: int, rng: random.Random) -> None:
+def _write_image(path: Path, scene: tuple, image_size: int, rng: random.Random, background: str = "plain") -> None:
     buffer = io.BytesIO()
-    render(scene, image_size, rng).save(buffer, format="JPEG", quality=95)
+    render(scene, image_size, rng, background).save(buffer, format="JPEG", quality=95)
     write_bytes_atomic(path, buffer.getvalue())
 
 
 def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, *, eval_items: int = 200,
-             zeroshot_items: int = 40, image_size: int = 64, progress: bool | None = None) -> Path:
-    """Render the dataset into ``out_dir`` and return the path of ``train.json``.
+             zeroshot_items: int = 40, image_size: int = 64, pretrain_images: int | None = None,
+             val_eval_items: int | None = None, val_zeroshot_items: int | None = None,
+             progress: bool | None = None) -> Path:
+    """Render the dataset into ``out_dir`` and return the path of ``train.json`` (fine-tuning).
 
-    ``num_images`` training scenes; ``eval_items`` items per evaluation subset; ``zeroshot_items``
-    images per class of each zero-shot task; square JPEGs of ``image_size`` pixels. ``progress``:
-    a progress bar on stderr (``None``: only when stderr is a terminal). Raises :class:`ConfigError`
-    for counts below 1 or an image size below 16.
+    ``num_images`` fine-tuning scenes; ``pretrain_images`` pre-training scenes (default: as many);
+    ``eval_items`` items per compositional subset and ``zeroshot_items`` images per zero-shot class
+    in the test split (``val_eval_items`` / ``val_zeroshot_items`` in the validation split, default
+    the same); square JPEGs of ``image_size`` pixels. ``progress``: a progress bar on stderr
+    (``None``: only when stderr is a terminal). Raises :class:`ConfigError` for counts below 1
+    or an image size below 16.
     """
     from tqdm import tqdm
 
-    for name, value, low in (("images", num_images, 1), ("eval_items", eval_items, 1),
-                             ("zeroshot_items", zeroshot_items, 1), ("image_size", image_size, 16)):
+    pretrain_images = num_images if pretrain_images is None else pretrain_images
+    val_eval_items = eval_items if val_eval_items is None else val_eval_items
+    val_zeroshot_items = zeroshot_items if val_zeroshot_items is None else val_zeroshot_items
+    for name, value, low in (("images", num_images, 1), ("pretrain_images", pretrain_images, 1),
+                             ("eval_items", eval_items, 1), ("zeroshot_items", zeroshot_items, 1),
+                             ("val_eval_items", val_eval_items, 1), ("val_zeroshot_items", val_zeroshot_items, 1),
+                             ("image_size", image_size, 16)):
         if int(value) != value or value < low:
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"cannot write {out}: is a file, not a folder (--out names the dataset's folder)")
-    for folder in ("train", "eval/images", "zeroshot/images"):
+    splits = {"test": (out, eval_items, zeroshot_items), "val": (out / "val", val_eval_items, val_zeroshot_items)}
+    folders = ["train", "pretrain"] + [str((base / sub).relative_to(out)) for base, _, _ in splits.values()
+                                       for sub in ("eval/images", "zeroshot/images")]
+    for folder in folders:
         try:
             (out / folder).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise cannot_write(out / folder, err) from None
-    total = num_images + eval_items * len(EVAL_SUBSETS) + zeroshot_items * (len(SHAPES) + len(COLOURS))
+    per_task = sum(len(c) for c in ZEROSHOT_CLASSES.values())
+    total = num_images + pretrain_images + sum(e * len(EVAL_SUBSETS) + z * per_task for _, e, z in splits.values())
     bar = tqdm(total=total, desc="synth", unit="img", disable=not (sys.stderr.isatty() if progress is None else progress))
+
+    records = []
+    for i in range(pretrain_images):
+        scene, caption = pretrain_item(seed, i)
+        _write_image(out / "pretrain" / f"{i:06d}.jpg", scene, image_size,
+                     random.Random(f"{seed}/pixels/pretrain/{i}"), "tinted")
+        records.append({"image": f"pretrain/{i:06d}.jpg", "original": caption.text()})
+        bar.update()
+    write_json_atomic(out / "pretrain.json", records)
 
     records = []
     for i in range(num_images):
@@ -397,46 +605,52 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
         bar.update()
     write_json_atomic(out / "train.json", records)
 
-    number = 0
-    for subset in EVAL_SUBSETS:
-        items = {}
-        for i in range(eval_items):
-            scene, caption, negative = eval_item(seed, subset, i)
-            filename = f"{number:06d}.jpg"
-            _write_image(out / "eval" / "images" / filename, scene, image_size,
-                         random.Random(f"{seed}/pixels/eval/{number}"))
-            items[str(number)] = {"filename": filename, "caption": caption.text(), "negative_caption": negative}
-            number += 1
-            bar.update()
-        write_json_atomic(out / "eval" / f"{subset}.json", items)
+    for split, (base, n_eval, n_zero) in splits.items():
+        number = 0
+        for subset in EVAL_SUBSETS:
+            items = {}
+            for i in range(n_eval):
+                scene, caption, negative = eval_item(seed, subset, i, split)
+                filename = f"{number:06d}.jpg"
+                _write_image(base / "eval" / "images" / filename, scene, image_size,
+                             random.Random(f"{seed}/pixels/{split}/eval/{number}"))
+                items[str(number)] = {"filename": filename, "caption": caption.text(), "negative_caption": negative}
+                number += 1
+                bar.update()
+            write_json_atomic(base / "eval" / f"{subset}.json", items)
 
-    number = 0
-    for task, classes in (("shape", SHAPES), ("colour", tuple(COLOURS))):
-        items = []
-        for i in range(zeroshot_items * len(classes)):
-            scene, label = zeroshot_item(seed, task, i)
-            filename = f"{number:06d}.jpg"
-            _write_image(out / "zeroshot" / "images" / filename, scene, image_size,
-                         random.Random(f"{seed}/pixels/zeroshot/{number}"))
-            items.append({"filename": filename, "label": label})
-            number += 1
-            bar.update()
-        write_json_atomic(out / "zeroshot" / f"{task}.json",
-                    {"classnames": list(classes), "templates": ZEROSHOT_TEMPLATES[task], "items": items})
+        number = 0
+        for task, classes in ZEROSHOT_CLASSES.items():
+            items = []
+            for i in range(n_zero * len(classes)):
+                scene, label = zeroshot_item(seed, task, i, split)
+                filename = f"{number:06d}.jpg"
+                _write_image(base / "zeroshot" / "images" / filename, scene, image_size,
+                             random.Random(f"{seed}/pixels/{split}/zeroshot/{number}"), "tinted")
+                items.append({"filename": filename, "label": label})
+                number += 1
+                bar.update()
+            write_json_atomic(base / "zeroshot" / f"{task}.json",
+                              {"classnames": list(classes), "templates": ZEROSHOT_TEMPLATES[task], "items": items})
     bar.close()
-    write_json_atomic(out / "manifest.json", {"format": "degla-fast/synthetic", "version": VERSION, "images": num_images,
-                                        "seed": seed, "eval_items": eval_items, "zeroshot_items": zeroshot_items,
-                                        "image_size": image_size})
+    write_json_atomic(out / "manifest.json", {
+        "format": "degla-fast/synthetic", "version": VERSION, "images": num_images, "pretrain_images": pretrain_images,
+        "seed": seed, "eval_items": eval_items, "zeroshot_items": zeroshot_items, "val_eval_items": val_eval_items,
+        "val_zeroshot_items": val_zeroshot_items, "image_size": image_size, "zeroshot_tasks": list(ZEROSHOT_TASKS)})
     return out / "train.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``degla-fast synth``."""
     parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
-    parser.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
+    parser.add_argument("--images", type=int, default=2000, help="fine-tuning images (default 2000)")
+    parser.add_argument("--pretrain-images", type=int, default=None,
+                        help="pre-training images (default: as many as --images)")
     parser.add_argument("--seed", type=int, default=0, help="everything is a pure function of the seed (default 0)")
-    parser.add_argument("--eval-items", type=int, default=200, help="items per evaluation subset (default 200)")
-    parser.add_argument("--zeroshot-items", type=int, default=40, help="zero-shot images per class (default 40)")
+    parser.add_argument("--eval-items", type=int, default=200, help="items per compositional subset, per split "
+                                                                    "(default 200)")
+    parser.add_argument("--zeroshot-items", type=int, default=40, help="zero-shot images per class, per split "
+                                                                       "(default 40)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -446,9 +660,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         train_json = generate(args.out, args.images, args.seed, eval_items=args.eval_items,
                               zeroshot_items=args.zeroshot_items, image_size=args.image_size,
+                              pretrain_images=args.pretrain_images,
                               progress=False if args.no_progress else None)
     except OSError as err:  # a full disk, a file where an image folder should be
         raise cannot_write(args.out, err) from None
-    print(f"wrote {train_json} ({args.images} images), {train_json.parent / 'eval'} "
-          f"({len(EVAL_SUBSETS)} subsets x {args.eval_items}) and {train_json.parent / 'zeroshot'}")
+    root = train_json.parent
+    print(f"wrote {root / 'pretrain.json'} (pre-training), {train_json} ({args.images} fine-tuning images), "
+          f"{root / 'eval'} and {root / 'zeroshot'} (test), {root / 'val'} (validation)")
     return 0

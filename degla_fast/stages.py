@@ -1,0 +1,191 @@
+"""Run a stage once: the one cache scheme of ``make train`` (:mod:`degla_fast.demo`) and ``make
+experiment`` (:mod:`degla_fast.experiment`).
+
+A stage is a folder and a *stamp*, a JSON-able dict of everything its output depends on. When
+``FOLDER/stage.json`` holds the same stamp, the stage is finished and its saved result is returned;
+otherwise the work runs (training stages resume an interrupted run from its newest checkpoint) and
+the stamp and result are written last, atomically, so an interrupted stage is never taken for a
+finished one.
+
+The stages: :func:`synth_stage` (render the synthetic world), :func:`train_stage` (one
+``degla-fast train`` run, configured through the trainer's own fields) and :func:`eval_stage`
+(held-out compositional and zero-shot accuracy on one split, plus the pairwise accuracy of the
+training set's own hard negatives, :func:`train_pairwise`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .io import write_json_atomic
+
+STAGE_FILE = "stage.json"
+PAIRWISE_RECORDS = 400  # training records whose hard negatives are probed
+
+
+def register_model_configs() -> None:
+    """Make every model JSON of ``degla_fast/model_configs`` (e.g. ``degla-synth``) known to open_clip."""
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
+
+
+def finished(folder: Path, stamp: dict) -> dict | None:
+    """The saved result of ``folder`` when its stamp equals ``stamp``, else None."""
+    path = Path(folder) / STAGE_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["result"] if saved.get("stamp") == json.loads(json.dumps(stamp)) else None
+
+
+def run_stage(folder: str | Path, stamp: dict, work: Callable[[], dict], name: str | None = None,
+              log: Callable[[str], None] | None = print) -> tuple[dict, float]:
+    """(result, seconds spent): ``work()``'s result, computed once per stamp; 0 s when reused."""
+    folder = Path(folder)
+    result = finished(folder, stamp)
+    if result is not None:
+        if log:
+            log(f"  {name or folder.name}: reused ({folder})")
+        return result, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = work()
+    elapsed = time.perf_counter() - start
+    write_json_atomic(folder / STAGE_FILE, {"stamp": stamp, "result": result, "seconds": elapsed})
+    if log:
+        log(f"  {name or folder.name}: done in {elapsed:.0f} s")
+    return result, elapsed
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def synth_stage(folder: str | Path, *, progress: bool = False, log=print, **sizes) -> Path:
+    """The synthetic world in ``folder`` (:func:`degla_fast.data.synthetic.generate` with ``sizes``)."""
+    from .data.synthetic import VERSION, generate
+
+    stamp = {"stage": "synth", "version": VERSION, **sizes}
+    run_stage(folder, stamp, lambda: {"train": str(generate(folder, progress=progress, **sizes))}, "data", log)
+    return Path(folder)
+
+
+def train_config(output: str | Path, fields: dict):
+    """The trainer's :class:`TrainConfig` of a stage: quiet CPU defaults, then ``fields`` (dotted names)."""
+    from .train.config import load_config
+
+    defaults = {"data.num_workers": 0, "data.pipeline": "torch", "precision": "fp32", "device": "cpu",
+                "epochs": 10_000, "save_every": 0, "keep_last": 1, "log_every": 10, "profile_phases": False,
+                "resume": "latest"}
+    return load_config(None, {**defaults, **fields, "output": str(output)})
+
+
+def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=print, name: str | None = None,
+                depends: dict | None = None) -> Path:
+    """One ``degla-fast train`` run into ``folder`` with the configuration ``fields`` (dotted
+    field names, see ``degla-fast train --help-config``); ``depends``: more of the stamp (the
+    dataset's version, the stamp of the start point). ``resume: latest`` continues an interrupted run."""
+    from .train.main import train
+
+    register_model_configs()
+    folder = Path(folder)
+    config = train_config(folder, {**fields, "progress": progress})
+    stamp = {"stage": "train", "fields": {k: v for k, v in fields.items()}, **(depends or {})}
+
+    def work() -> dict:
+        import yaml
+
+        from .train.config import to_dict
+
+        (folder).mkdir(parents=True, exist_ok=True)
+        (folder / "stage-config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        train(config)
+        return {"checkpoint": str(folder / "checkpoints")}
+
+    run_stage(folder, stamp, work, name, log)
+    return folder
+
+
+def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=print, device: str = "cpu") -> dict:
+    """Metrics of ``run``'s newest checkpoint on ``split`` ("val" or "test") of the synthetic world
+    ``data``, cached as the stage ``run/eval-<split>``; see :func:`evaluate`."""
+    from .model import resolve_checkpoint
+
+    run = Path(run)
+    checkpoint = resolve_checkpoint(run)
+    stamp = {"stage": "eval", "split": split, "checkpoint": str(checkpoint), "mtime": checkpoint.stat().st_mtime_ns,
+             "data": str(data)}
+    result, _ = run_stage(run / f"eval-{split}", stamp, lambda: evaluate(checkpoint, data, split, device=device),
+                          f"{run.name} on {split}", log)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def split_dir(data: str | Path, split: str) -> Path:
+    """Where ``split``'s held-out sets are: the test split at the top, the validation split in ``val/``."""
+    return Path(data) if split == "test" else Path(data) / "val"
+
+
+def zeroshot_tasks(data: str | Path) -> list[str]:
+    """The zero-shot tasks of a rendered world (from its manifest)."""
+    from .data.synthetic import ZEROSHOT_TASKS
+
+    manifest = Path(data) / "manifest.json"
+    if manifest.is_file():
+        return list(json.loads(manifest.read_text(encoding="utf-8")).get("zeroshot_tasks", ZEROSHOT_TASKS))
+    return list(ZEROSHOT_TASKS)
+
+
+def chance_levels(data: str | Path) -> dict:
+    """Chance accuracy (%) of every metric: 50 for the two-way compositional choices, 100 / classes
+    for each zero-shot task (balanced labels), and their averages."""
+    from .data.synthetic import EVAL_SUBSETS
+
+    root = split_dir(data, "test")
+    out = {k: 50.0 for k in ("swap", "replace", "add", "compositional_avg", "train_pairwise", *EVAL_SUBSETS)}
+    classes = {t: len(json.loads((root / "zeroshot" / f"{t}.json").read_text())["classnames"])
+               for t in zeroshot_tasks(data)}
+    out.update({f"zeroshot_{t}": 100.0 / n for t, n in classes.items()})
+    out["zeroshot_avg"] = sum(100.0 / n for n in classes.values()) / len(classes)
+    return out
+
+
+def train_pairwise(encoder, data: str | Path, records: int = PAIRWISE_RECORDS) -> float:
+    """Pairwise accuracy (%) on the fine-tuning set's own hard negatives: over the first ``records``
+    records of ``train.json`` and each of their negatives, how often the image is closer to its
+    caption than to the negative (what NegCLIP's training objective rehearses)."""
+    from .evaluate.encode import ChoiceItem, ImageRef
+    from .evaluate.metrics import accuracy, choice_correct
+
+    data = Path(data)
+    items = []
+    for record in json.loads((data / "train.json").read_text(encoding="utf-8"))[:records]:
+        image = ImageRef(data / record["image"])
+        items += [ChoiceItem(image, (record["original"], negative)) for negative in record["enhanced"]]
+    return accuracy(choice_correct(encoder.choice_scores(items, "train negatives")))
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, device: str = "cpu") -> dict:
+    """{swap, replace, add (SugarCrepe-style category means), compositional_avg, each subset,
+    zeroshot_<task> for every task, zeroshot_avg, train_pairwise}: accuracies in %."""
+    from .evaluate.compositional import SUGARCREPE_CATEGORIES, evaluate_sugarcrepe
+    from .evaluate.encode import Encoder
+    from .evaluate.metrics import mean
+    from .evaluate.zeroshot import evaluate_zeroshot
+    from .model import load_model
+
+    register_model_configs()
+    root = split_dir(data, split)
+    encoder = Encoder(load_model(None, checkpoint, device=device), device=device, batch_size=256)
+    comp = evaluate_sugarcrepe(encoder, root / "eval", root / "eval" / "images").metrics
+    out = {k: float(v) for k, v in comp.items()}
+    out["compositional_avg"] = mean(comp[c] for c in SUGARCREPE_CATEGORIES)
+    tasks = zeroshot_tasks(data)
+    for task in tasks:
+        zs = evaluate_zeroshot(encoder, root / "zeroshot" / f"{task}.json", root / "zeroshot" / "images")
+        out[f"zeroshot_{task}"] = float(zs.metrics["top1"])
+    out["zeroshot_avg"] = mean(out[f"zeroshot_{t}"] for t in tasks)
+    out["train_pairwise"] = float(train_pairwise(encoder, data))
+    return out
