@@ -29,15 +29,11 @@ from open_clip.model import CLIP
 
 from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
 from .errors import ConfigError, DataError, ShapeError, first_line
+from .precision import check_precision
 
 TINY_MODEL = "degla-tiny"
-PRECISIONS = ("fp32", "bf16", "amp")
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-# fp32: fp32 weights, no autocast. bf16: open_clip's OpenAI-style low precision (linear and
-# attention weights in bf16, layer norms in fp32). amp: fp32 weights; the caller runs the forward
-# under :func:`autocast` (bf16 on the CPU, fp16 or bf16 on the GPU).
-_OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "bf16", "amp": "fp32"}
 # Pooling types that read a position at or before the end-of-text token: trimming is exact.
 _TRIM_SAFE_POOLING = ("argmax", "eos", "first")
 
@@ -64,7 +60,9 @@ class ModelBundle:
     ``tokenizer``: ``list[str] -> LongTensor[N, context_length]`` (zero-padded);
     ``preprocess_train`` / ``preprocess_val``: ``PIL.Image -> FloatTensor[3, image_size, image_size]``
     (normalised with ``mean`` / ``std``); ``pretrained``: where the weights came from (an open_clip
-    tag, a state-dict file or a degla-fast checkpoint file), ``None`` for a random initialisation.
+    tag, a state-dict file or a degla-fast checkpoint file), ``None`` for a random initialisation;
+    ``precision``: what its forwards run under (``degla_fast.precision.autocast(bundle.precision,
+    device)``); the weights are fp32 in every precision.
     """
 
     model: torch.nn.Module
@@ -80,21 +78,18 @@ class ModelBundle:
     precision: str = "fp32"
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
 def create_model(name: str, pretrained: str | None = None, *, device: str | torch.device = "cpu",
                  precision: str = "fp32") -> ModelBundle:
     """Build an open_clip model with its tokenizer and image transforms.
 
     ``name``: an open_clip model name (``"ViT-B-32"``, :data:`TINY_MODEL`, ``"hf-hub:..."``);
     ``pretrained``: an open_clip tag (``"openai"``), a local state-dict file, or ``None`` for random
-    weights; ``precision`` in :data:`PRECISIONS`. Raises :class:`ConfigError` for unknown names,
-    tags or precisions and :class:`DataError` when the weights cannot be read.
+    weights; ``precision``: one of ``degla_fast.precision.PRECISIONS``, recorded on the bundle
+    (the autocast its forwards run under; the weights are fp32 in every precision). Raises
+    :class:`ConfigError` for unknown names, tags or precisions and :class:`DataError` when the
+    weights cannot be read.
     """
-    _check_precision(precision)
+    check_precision(precision)
     schema, _ = open_clip.factory.parse_model_name(name)
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
         raise ConfigError(f"model: unknown open_clip model {name!r} (e.g. {TINY_MODEL!r}, 'ViT-B-32'; "
@@ -108,7 +103,7 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
     try:
         with quiet:
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[precision], device=device)
+                name, pretrained=pretrained, precision="fp32", device=device)
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {first_line(err)}") from err
     return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
@@ -154,7 +149,7 @@ def load_model(model: str | None, pretrained: str | os.PathLike | None = None, *
     the checkpoint's ``model_name`` (a different name is a :class:`ConfigError`). Anything else goes
     to :func:`create_model`.
     """
-    _check_precision(precision)
+    check_precision(precision)
     # open_clip tags are bare words; anything else names a file or folder.
     if pretrained is not None and (Path(pretrained).exists() or Path(pretrained).suffix or os.sep in str(pretrained)):
         path = resolve_checkpoint(pretrained)
@@ -183,21 +178,9 @@ def _from_checkpoint(model: str | None, path: Path, state: dict, device, precisi
     if missing or unexpected:
         raise DataError(f"{path}: student weights do not fit {state['model_name']!r} "
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    if precision == "bf16":
-        open_clip.model.convert_weights_to_lp(bundle.model, dtype=torch.bfloat16)
     bundle.model.to(device)
     bundle.pretrained, bundle.precision = str(path), precision
     return bundle
-
-
-def autocast(precision: str, device: str | torch.device = "cpu"):
-    """Context for a forward pass at ``precision``: autocast for ``"amp"`` (fp16 on CUDA, bf16 on
-    other devices), nothing otherwise."""
-    _check_precision(precision)
-    device_type = torch.device(device).type
-    if precision != "amp":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

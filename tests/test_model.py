@@ -9,8 +9,9 @@ from open_clip.model import CLIP
 from open_clip.transformer import Transformer
 
 from degla_fast.errors import ConfigError, DataError, ShapeError
-from degla_fast.model import (TINY_MODEL, ModelBundle, TrimmedTextCLIP, autocast, clip_features, create_model,
-                              encode_image, encode_text, load_model, pad_tokens, trim_tokens)
+from degla_fast.model import (TINY_MODEL, ModelBundle, TrimmedTextCLIP, clip_features, create_model, encode_image,
+                              encode_text, load_model, pad_tokens, trim_tokens)
+from degla_fast.precision import autocast, autocast_dtype
 
 CAPTIONS = ["a red circle", "a small blue square to the left of a big green triangle",
             "two shapes", "a yellow star above a purple hexagon and an orange circle"]
@@ -132,16 +133,23 @@ def test_teacher_copy_keeps_the_trimmed_path(bundle):
 
 
 def test_bf16_and_amp_precisions():
+    # One meaning of each precision: an autocast over fp32 weights (degla_fast.precision).
     low = create_model(TINY_MODEL, precision="bf16")
-    assert low.model.visual.conv1.weight.dtype == torch.bfloat16 and low.precision == "bf16"
+    assert low.model.visual.conv1.weight.dtype == torch.float32 and low.precision == "bf16"
     tokens = low.tokenizer(CAPTIONS)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(low.precision, "cpu"):
         features = encode_text(low.model, trim_tokens(tokens))
+        assert features.dtype == torch.bfloat16
         torch.testing.assert_close(features.float(), padded_reference(low.model, tokens).float(), rtol=0, atol=2e-2)
     amp = create_model(TINY_MODEL, precision="amp")
     assert amp.model.visual.conv1.weight.dtype == torch.float32
     with torch.no_grad(), autocast("amp", "cpu"):
         assert encode_image(amp.model, torch.randn(2, 3, 64, 64)).dtype == torch.bfloat16
+    with torch.no_grad(), autocast("fp32", "cpu"):
+        assert encode_image(amp.model, torch.randn(2, 3, 64, 64)).dtype == torch.float32
+    cuda = torch.device("cuda")  # the rule needs no GPU
+    assert [autocast_dtype(p, cuda) for p in ("fp32", "bf16", "amp")] == [None, torch.bfloat16, torch.float16]
+    assert autocast_dtype("amp", cuda, deepspeed=True) == autocast_dtype("amp", "cpu") == torch.bfloat16
 
 
 def write_checkpoint(folder, bundle, step, **overrides):
