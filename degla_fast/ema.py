@@ -25,6 +25,7 @@ import torch
 
 from .backends import EMA_BACKENDS, check_backend, resolve_backend
 from .errors import ConfigError, ShapeError
+from .plan_cache import PlanCache
 
 #: Teacher parameters start on multiples of this many elements in the flat buffer (128 bytes
 #: in fp32): every view is aligned for vector loads whatever the preceding tensor's size.
@@ -32,7 +33,8 @@ _FLAT_ALIGN = 32
 _PLAN_CACHE_SIZE = 4
 
 
-def _check_decay(decay: float) -> float:
+def check_decay(decay: float) -> float:
+    """``decay`` as a float, or a ConfigError unless it is in [0, 1]."""
     decay = float(decay)
     if not 0.0 <= decay <= 1.0:  # also rejects NaN
         raise ConfigError(f"decay must be in [0, 1]; got {decay}")
@@ -61,7 +63,7 @@ def _teacher_settings(decay: float, backend: str, dtype: torch.dtype | None,
         forward_dtype = None
     if forward_dtype is not None and forward_dtype not in _FORWARD_DTYPES:
         raise ConfigError(f"forward_dtype must be torch.bfloat16, torch.float16 or None; got {forward_dtype}")
-    return _check_decay(decay), check_backend(backend), forward_dtype
+    return check_decay(decay), check_backend(backend), forward_dtype
 
 
 def _validate(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
@@ -90,8 +92,9 @@ def _group(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> 
     return groups
 
 
-def _torch_lerp_(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float) -> None:
-    """One group (fp32 teacher) through ``torch._foreach_lerp_``, the student cast to fp32 if it is not."""
+def torch_lerp_(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    """One group (fp32 teacher) through ``torch._foreach_lerp_``, the student cast to fp32 if it
+    is not: the torch backend's EMA step (``weight`` = 1 - decay, a float or a 0-d tensor)."""
     if teacher[0].dtype == student[0].dtype:
         torch._foreach_lerp_(teacher, student, weight)
     else:
@@ -104,7 +107,7 @@ class _Updater:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self._plans: dict = {}
+        self._plans = PlanCache(_PLAN_CACHE_SIZE)
 
     def prepare(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
                 copy_of: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple]:
@@ -128,20 +131,17 @@ class _Updater:
 
     def _plan(self, ts: list[torch.Tensor], ss: list[torch.Tensor], copy_base: torch.Tensor | None):
         from .kernels import ema as kernel
+        from .kernels.multi_tensor import VECTOR_BYTES, addressable
 
         copy_dtype = None if copy_base is None else copy_base.dtype
-        if not kernel.supported(ts[0].dtype, ss[0].dtype, copy_dtype) or not kernel.can_plan(ts, ss):
+        if not kernel.supported(ts[0].dtype, ss[0].dtype, copy_dtype) or not addressable(ts, ss):
             # Dtypes the kernel is not compiled for (e.g. a float64 student) or non-contiguous
             # tensors: the torch path handles any dtype and layout.
             return None
         key = ((ts[0].dtype, ss[0].dtype) + tuple(t.data_ptr() for t in ts) + tuple(s.data_ptr() for s in ss)
                + tuple(t.numel() for t in ts))
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= _PLAN_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[key] = kernel.build_plan(ts, ss)
-        if plan.t_align > 1 and copy_base is not None and copy_base.data_ptr() % 16:
+        plan = self._plans.get(key, lambda: kernel.build_plan(ts, ss))
+        if plan.t_align > 1 and copy_base is not None and copy_base.data_ptr() % VECTOR_BYTES:
             return None  # a forward copy off 16 bytes with an aligned plan: not a gated variant
         return plan
 
@@ -155,23 +155,16 @@ class _Updater:
         scalar, so those jobs go through ``torch._foreach_lerp_`` (the same lerp, one more pass
         for a forward copy).
         """
-        from .kernels import ema as kernel
-
         with torch.no_grad():
-            if apply is not None:
-                for _, ts, ss, copies in jobs:
-                    w = apply.to(device=ts[0].device, dtype=ts[0].dtype) * weight
-                    same = ts[0].dtype == ss[0].dtype
-                    torch._foreach_lerp_(ts, ss if same else [s.to(ts[0].dtype) for s in ss], w)
-                    if copies is not None:
-                        torch._foreach_copy_(copies, ts)
-                return
             for plan, ts, ss, copies in jobs:
-                if plan is None:
-                    _torch_lerp_(ts, ss, weight)
+                if plan is None or apply is not None:
+                    w = weight if apply is None else apply.to(device=ts[0].device, dtype=ts[0].dtype) * weight
+                    torch_lerp_(ts, ss, w)
                     if copies is not None:
                         torch._foreach_copy_(copies, ts)
                 else:
+                    from .kernels import ema as kernel
+
                     kernel.launch(plan, ts[0], ss[0], weight, copy_base=None if copies is None else copies[0])
 
 
@@ -190,7 +183,7 @@ def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterab
     tensor index), ConfigError (a ValueError) on a bad decay or backend.
     """
     teacher, student = list(teacher_tensors), list(student_tensors)
-    decay, backend = _check_decay(decay), check_backend(backend)
+    decay, backend = check_decay(decay), check_backend(backend)
     _validate(teacher, student)
     updater = _UPDATERS[backend]
     updater.run(updater.prepare(teacher, student), 1.0 - decay)

@@ -158,21 +158,22 @@ class TritonLocalTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float):
-        from .kernels import degla_loss as k
+        from .kernels import degla_loss as kernels
 
-        tgc, lse, dist = k.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale)
+        tgc, lse, dist = kernels.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale)
         ctx.save_for_backward(text, teacher_text, image, teacher_image, lse)
         ctx.args = (num_negatives, tgc_scale)
         return tgc.mean(), dist.sum()
 
     @staticmethod
     def backward(ctx, grad_tgc, grad_dist):
-        from .kernels import degla_loss as k
+        from .kernels import degla_loss as kernels
 
         text, teacher_text, image, teacher_image, lse = ctx.saved_tensors
         num_negatives, tgc_scale = ctx.args
         grad_out = torch.stack([grad_tgc, grad_dist]).float()
-        dtext, dimage = k.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, lse, grad_out)
+        dtext, dimage = kernels.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, lse,
+                                               grad_out)
         return dtext.to(text.dtype), None, dimage.to(image.dtype), None, None, None
 
 

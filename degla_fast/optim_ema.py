@@ -24,23 +24,35 @@ CUDA when Triton is importable, torch otherwise). Arithmetic is fp32.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
 from .backends import check_backend, resolve_backend
-from .ema import EMATeacher, _check_decay, _torch_lerp_, ema_update_
+from .ema import EMATeacher, check_decay, ema_update_, torch_lerp_
 from .errors import ConfigError, ShapeError
+from .plan_cache import PlanCache
 
 _CACHE_SIZE = 8
-_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "teachers")
+
+
+class _Streams(NamedTuple):
+    """The five equally long tensor lists of one AdamW + EMA group (index i: one parameter)."""
+
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    teachers: list
+
+
+_LISTS = _Streams._fields
 
 
 # --- checks -----------------------------------------------------------------------------------
 
-def _check_hyper(*, step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 decay: float, clamp_max: float | None = None) -> dict:
+def _check_hyperparameters(*, step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                           decay: float, clamp_max: float | None = None) -> dict:
     """The hyperparameters as floats (``clamp_max`` float or None), or ConfigError naming the bad
     one (NaN fails every test)."""
     values = {"step": float(step), "lr": float(lr), "beta1": float(beta1), "beta2": float(beta2),
@@ -52,7 +64,7 @@ def _check_hyper(*, step: float, lr: float, beta1: float, beta2: float, eps: flo
     for name, (ok, rule) in checks.items():
         if not ok:
             raise ConfigError(f"adamw_ema_step_: {name} must be {rule}; got {values[name]}")
-    values["decay"] = _check_decay(decay)
+    values["decay"] = check_decay(decay)
     if clamp_max is not None and math.isnan(float(clamp_max)):
         raise ConfigError("adamw_ema_step_: clamp_max must be a number or None; got nan")
     values["clamp_max"] = None if clamp_max is None else float(clamp_max)
@@ -88,111 +100,92 @@ def _validate(lists: Sequence[Sequence[torch.Tensor]], copies: Sequence[torch.Te
 
 # --- torch backend ----------------------------------------------------------------------------
 
-def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, hyper: dict) -> None:
+def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, hyperparameters: dict) -> None:
     """torch's multi-tensor AdamW step (``_multi_tensor_adam``), op for op, so the numbers match it."""
-    lr, beta1, beta2, step = hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["step"]
-    if hyper["weight_decay"] != 0:
-        torch._foreach_mul_(params, 1 - lr * hyper["weight_decay"])
+    lr, beta1, beta2, step = (hyperparameters[name] for name in ("lr", "beta1", "beta2", "step"))
+    if hyperparameters["weight_decay"] != 0:
+        torch._foreach_mul_(params, 1 - lr * hyperparameters["weight_decay"])
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     step_size = (lr / (1 - beta1 ** step)) * -1
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
-    torch._foreach_add_(denom, hyper["eps"])
+    torch._foreach_add_(denom, hyperparameters["eps"])
     torch._foreach_addcdiv_(params, exp_avgs, denom, [step_size] * len(params))
 
 
 def _torch_ema_(teachers, params, copies, weight: float) -> None:
     """The EMA toward ``params`` as ema_update_'s torch backend computes it, then the copies."""
-    _torch_lerp_(teachers, params, weight)
+    torch_lerp_(teachers, params, weight)
     if copies is not None:
         torch._foreach_copy_(copies, teachers)
 
 
 # --- triton backend ---------------------------------------------------------------------------
 
-class _PlanCache:
-    """Block layouts keyed by tensor sizes and per-tensor tables keyed by addresses (small LRUs):
-    a reallocated gradient only costs a new per-tensor table."""
-
-    def __init__(self, size: int = _CACHE_SIZE):
-        self.size = size
-        self._layouts: OrderedDict = OrderedDict()
-        self._tables: OrderedDict = OrderedDict()
-
-    def _get(self, cache: OrderedDict, key, build: Callable):
-        value = cache.get(key)
-        if value is None:
-            if len(cache) >= self.size:
-                cache.popitem(last=False)
-            value = cache[key] = build()
-        cache.move_to_end(key)
-        return value
-
-    def plan(self, streams: Sequence[Sequence[torch.Tensor]], copies: bool):
-        """(layout, table) for six lists (params, grads, exp_avgs, exp_avg_sqs, teachers, copies;
-        ``copies`` False: the sixth list is the teachers), or None when a tensor is not
-        addressable by the kernel (non-contiguous) or of dtypes it is not compiled for."""
-        from .kernels import adamw_ema as kernel
-
-        copy_dtype = streams[5][0].dtype if copies else None
-        if not kernel.supported(streams[4][0].dtype, copy_dtype) or not kernel.can_plan(*streams):
-            return None
-        params = streams[0]
-        numels = tuple(p.numel() for p in params)
-        layout = self._get(self._layouts, (params[0].device, numels),
-                           lambda: kernel.build_layout(numels, params[0].device))
-        key = (numels,) + tuple((ts[0].dtype,) + tuple(t.data_ptr() for t in ts) for ts in streams)
-        table = self._get(self._tables, key, lambda: kernel.build_table(*streams[:5], streams[5] if copies else None))
-        return layout, table
+# Block layouts depend only on the tensor sizes; per-tensor tables on the addresses too, so a
+# reallocated gradient costs only a new per-tensor table.
+_LAYOUTS = PlanCache(_CACHE_SIZE)
+_TABLES = PlanCache(_CACHE_SIZE)
 
 
-_PLANS = _PlanCache()
+def _plan(streams: _Streams, copies: list[torch.Tensor] | None):
+    """(layout, table) of one group for the kernel, or None when a tensor is not addressable by
+    it (non-contiguous) or of dtypes it is not compiled for."""
+    from .kernels import adamw_ema as kernel
+    from .kernels.multi_tensor import addressable
+
+    kernel_streams = [*streams, streams.teachers if copies is None else copies]  # its sixth: the copies
+    copy_dtype = None if copies is None else copies[0].dtype
+    if not kernel.supported(streams.teachers[0].dtype, copy_dtype) or not addressable(*kernel_streams):
+        return None
+    numels = tuple(p.numel() for p in streams.params)
+    device = streams.params[0].device
+    layout = _LAYOUTS.get((device, numels), lambda: kernel.build_layout(numels, device))
+    key = (numels,) + tuple((tensors[0].dtype,) + tuple(t.data_ptr() for t in tensors) for tensors in kernel_streams)
+    return layout, _TABLES.get(key, lambda: kernel.build_table(*streams, copies))
 
 
 # --- prepared launches ------------------------------------------------------------------------
 
 def _prepare(lists, copies, backend: str) -> list[tuple]:
-    """[(plan or None, five lists, copies or None)] per (device, teacher dtype, copy dtype) group,
-    empty tensors left out; plan None = torch path. Inputs already validated."""
+    """[(plan or None, streams, teacher copies or None)] per (device, teacher dtype, copy dtype)
+    group, empty tensors left out; plan None = torch path. Inputs already validated."""
     groups: dict = {}
     for i, p in enumerate(lists[0]):
         if not p.numel():
             continue
         copy = copies[i] if copies is not None else None
         key = (p.device, lists[4][i].dtype, None if copy is None else copy.dtype)
-        five, cs = groups.setdefault(key, ([[] for _ in _LISTS], [] if copy is not None else None))
-        for out, tensors in zip(five, lists):
+        streams, group_copies = groups.setdefault(key, (_Streams(*([] for _ in _LISTS)), None if copy is None else []))
+        for out, tensors in zip(streams, lists):
             out.append(tensors[i])
         if copy is not None:
-            cs.append(copy)
+            group_copies.append(copy)
     jobs = []
-    for (device, _, _), (five, cs) in groups.items():
-        plan = None
-        if resolve_backend(backend, device) == "triton":
-            plan = _PLANS.plan(five + [cs if cs is not None else five[4]], copies=cs is not None)
-        jobs.append((plan, five, cs))
+    for (device, _, _), (streams, group_copies) in groups.items():
+        triton = resolve_backend(backend, device) == "triton"
+        jobs.append((_plan(streams, group_copies) if triton else None, streams, group_copies))
     return jobs
 
 
-def _run(jobs: list[tuple], hyper: dict) -> None:
+def _run(jobs: list[tuple], hyperparameters: dict) -> None:
     """One AdamW + EMA step of every prepared group: one kernel launch each, or the torch ops."""
+    clamp_max = hyperparameters["clamp_max"]
     with torch.no_grad():  # no detach needed: in-place updates of leaves, as optimisers do
-        for plan, five, cs in jobs:
+        for plan, streams, copies in jobs:
             if plan is None:
-                _torch_adamw_(*five[:4], hyper)
-                if hyper["clamp_max"] is not None:
-                    torch._foreach_clamp_max_(five[0], hyper["clamp_max"])
-                _torch_ema_(five[4], five[0], cs, 1.0 - hyper["decay"])
+                _torch_adamw_(streams.params, streams.grads, streams.exp_avgs, streams.exp_avg_sqs, hyperparameters)
+                if clamp_max is not None:
+                    torch._foreach_clamp_max_(streams.params, clamp_max)
+                _torch_ema_(streams.teachers, streams.params, copies, 1.0 - hyperparameters["decay"])
                 continue
             from .kernels import adamw_ema as kernel
 
             layout, table = plan
-            bases = [ts[0] for ts in five] + [(cs or five[4])[0]]
-            kernel.launch(layout, table, bases, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
-                          eps=hyper["eps"], weight_decay=hyper["weight_decay"], step=hyper["step"],
-                          decay=hyper["decay"], write_copy=cs is not None, clamp_max=hyper["clamp_max"])
+            bases = [tensors[0] for tensors in streams] + [(copies or streams.teachers)[0]]
+            kernel.launch(layout, table, bases, write_copy=copies is not None, **hyperparameters)
 
 
 # --- functional form --------------------------------------------------------------------------
@@ -216,11 +209,11 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     """
     lists = [list(x) for x in (params, grads, exp_avgs, exp_avg_sqs, teachers)]
     copies = list(teacher_copies) if teacher_copies is not None else None
-    hyper = _check_hyper(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                         clamp_max=clamp_max)
+    hyperparameters = _check_hyperparameters(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                             weight_decay=weight_decay, decay=decay, clamp_max=clamp_max)
     check_backend(backend)
     _validate(lists, copies)
-    _run(_prepare(lists, copies, backend), hyper)
+    _run(_prepare(lists, copies, backend), hyperparameters)
 
 
 # --- optimiser --------------------------------------------------------------------------------
@@ -290,11 +283,13 @@ class AdamWEMA(torch.optim.Optimizer):
                         clamp_max=clamp_max, amsgrad=False, maximize=False)
         super().__init__(params, defaults)
         for group in self.param_groups:  # the defaults and every group's own values
-            _check_hyper(step=1, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                         weight_decay=group["weight_decay"], decay=group["decay"], clamp_max=group["clamp_max"])
+            _check_hyperparameters(step=1, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                                   eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
+                                   clamp_max=group["clamp_max"])
         self.teacher = teacher
         self._teacher_of = _map_to_teacher(self.param_groups, teacher)
-        self._prepared: dict = {}
+        # A few address sets per group: steps alternating between gradient buffers stay prepared.
+        self._launches = PlanCache(4 * len(self.param_groups))
 
     def __setstate__(self, state: dict) -> None:
         # load_state_dict replaces the groups by the saved ones: one saved by torch's AdamW has no decay.
@@ -348,16 +343,12 @@ class AdamWEMA(torch.optim.Optimizer):
         address changed (a reallocated gradient, a loaded state, ``model.to(...)``)."""
         lists = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
                  [s["exp_avg_sq"] for s in states]]
-        key = tuple(t.data_ptr() for ts in lists for t in ts)
-        jobs = self._prepared.get(key)
-        if jobs is None:
+        def prepare() -> list[tuple]:
             teachers, copies = self._teacher_for(params)
-            lists.append(teachers)
-            _validate(lists, copies)
-            if len(self._prepared) >= 4 * len(self.param_groups):
-                self._prepared.pop(next(iter(self._prepared)))
-            jobs = self._prepared[key] = _prepare(lists, copies, self.backend)
-        return jobs
+            _validate(lists + [teachers], copies)
+            return _prepare(lists + [teachers], copies, self.backend)
+
+        return self._launches.get(tuple(t.data_ptr() for tensors in lists for t in tensors), prepare)
 
     def _step_group(self, group: dict) -> None:
         trained = [p for p in group["params"] if p.grad is not None]
@@ -377,9 +368,10 @@ class AdamWEMA(torch.optim.Optimizer):
             by_step.setdefault(value, []).append(i)
         beta1, beta2 = group["betas"]
         for value, idx in by_step.items():
-            hyper = _check_hyper(step=value, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decay=group["weight_decay"], decay=group["decay"], clamp_max=group["clamp_max"])
-            _run(self._jobs([trained[i] for i in idx], [states[i] for i in idx]), hyper)
+            hyperparameters = _check_hyperparameters(
+                step=value, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decay=group["decay"], clamp_max=group["clamp_max"])
+            _run(self._jobs([trained[i] for i in idx], [states[i] for i in idx]), hyperparameters)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

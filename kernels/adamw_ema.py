@@ -12,12 +12,12 @@ Per element, with fp32 arithmetic (the formula of ``torch.optim.AdamW``, then th
 Each of g, m, v, p, t is read once and p, m, v, t written once, so the teacher update costs
 one read and one write of the teacher instead of a second pass over the parameter.
 
-Addressing follows :mod:`degla_fast.kernels.ema` (every tensor is ``base + element offset``
-from the first tensor of its list; when every tensor of every stream starts on 16 bytes the
-offsets are stored divided by the 16-byte vector of their dtype so the compiler can prove vector
-loads, otherwise all streams use element offsets), with the table split in two levels: a per-block table
+Addressing is :mod:`.multi_tensor`'s (every tensor is ``base + element offset`` from the first
+tensor of its list; when every tensor of every stream starts on 16 bytes the offsets are stored
+divided by the 16-byte vector of their dtype so the compiler can prove vector loads, otherwise
+all streams use element offsets), with the table split in two levels: a per-block table
 (tensor index, block index within the tensor) that depends only on the tensor sizes, and a
-small per-tensor table of offsets and sizes. Gradients are often reallocated between steps
+small per-tensor table of offsets and sizes (:data:`TABLE_COLUMNS`). Gradients are often reallocated between steps
 (``zero_grad(set_to_none=True)``); then only the per-tensor table (7 integers per tensor) is
 rebuilt, never the per-block one (tens of thousands of rows for a CLIP model).
 
@@ -36,17 +36,25 @@ import triton
 import triton.language as tl
 
 from .configs import KernelConfig, make_config
-from .ema import _TYPE_NAMES, _VECTOR_BYTES, _element_offsets, _lerp, arch_for
+from .multi_tensor import TYPE_NAMES, addressable, arch_for, element_offsets, is_aligned, lerp, vector
 
 #: (elements per program, warps) by architecture: 4 fp32 per thread and stream (one 16-byte
 #: vector each of g, m, v, p, t). ptxas -v: at most 61 registers, no spills, no shared memory
 #: on sm_80/sm_90 with Triton 3.6 and 3.8; BLOCK=4096 with 8 warps took 127-194 (docs/ema.md).
 TILES = {80: (1024, 8), 90: (1024, 8)}
-#: Kept for callers that name the block size: the tile of the default architecture.
-DEFAULT_BLOCK = TILES[90][0]
 #: What the kernel is compiled for: everything fp32 but the optional forward copy.
 TEACHER_DTYPES = (torch.float32,)
 COPY_DTYPES = (None, torch.bfloat16, torch.float16)
+#: The six streams, in kernel-argument and table-column order (no copy: the teacher again).
+STREAMS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "teachers", "copies")
+#: Columns of a per-tensor table row: each stream's offset (in units of its alignment), then numel.
+TABLE_COLUMNS = STREAMS + ("numel",)
+# The same columns as the kernel reads them (Triton kernels read only constexpr globals).
+_P_COL, _G_COL, _M_COL, _V_COL, _T_COL, _C_COL, _NUMEL_COL = (tl.constexpr(i) for i in range(len(TABLE_COLUMNS)))
+_TABLE_WIDTH = tl.constexpr(len(TABLE_COLUMNS))
+# Columns of a per-block row: the tensor (a per-tensor table row) and the block within it.
+_TENSOR_COL, _BLOCK_COL = tl.constexpr(0), tl.constexpr(1)
+_LAYOUT_WIDTH = tl.constexpr(2)
 
 
 def tile(arch: int) -> tuple[int, int]:
@@ -59,15 +67,11 @@ def supported(teacher_dtype: torch.dtype, copy_dtype: torch.dtype | None = None)
     return teacher_dtype in TEACHER_DTYPES and copy_dtype in COPY_DTYPES
 
 
-def _vector(dtype: torch.dtype) -> int:
-    return _VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
-
-
 def _aligns(aligned: bool, copy_dtype: torch.dtype | None) -> tuple[int, int, int, int, int, int]:
     """(P, G, M, V, T, C)_ALIGN of an aligned or unaligned table (no copy: C is the teacher)."""
     if not aligned:
         return (1,) * 6
-    return (4,) * 5 + (_vector(copy_dtype or torch.float32),)
+    return (vector(torch.float32),) * 5 + (vector(copy_dtype or torch.float32),)
 
 
 def gate_configs(arch: int) -> list[KernelConfig]:
@@ -79,12 +83,12 @@ def gate_configs(arch: int) -> list[KernelConfig]:
         for aligned in (True, False):
             aligns = _aligns(aligned, c_dtype)
             types = {name: "*fp32" for name in ("P", "G", "M", "V", "T")}
-            types.update(C="*" + _TYPE_NAMES[c_dtype or torch.float32], Blocks="*i32", Table="*i64")
+            types.update(C="*" + TYPE_NAMES[c_dtype or torch.float32], Blocks="*i32", Table="*i64")
             types.update({name: "fp32" for name in ("wd_factor", "avg_weight", "beta2", "sq_weight", "step_size",
                                                     "bc2_sqrt", "eps", "clamp_max", "ema_weight")})
             constexprs = dict(zip(("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN", "T_ALIGN", "C_ALIGN"), aligns))
             constexprs.update(BLOCK=block, WRITE_COPY=c_dtype is not None)
-            copy = _TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
+            copy = TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
             label = {"dtype": f"p/g/m/v=fp32 t=fp32 copy={copy}", "D": "-",
                      "tile": f"BLOCK={block} align={'16B' if aligned else 'none'}"}
             configs.append(make_config(_adamw_ema_kernel, types, constexprs, num_warps=num_warps, num_stages=1,
@@ -96,7 +100,7 @@ def gate_configs(arch: int) -> list[KernelConfig]:
 def _adamw(p, g, m, v, wd_factor, avg_weight, beta2, sq_weight, step_size, bc2_sqrt, eps):
     """One AdamW step of fp32 values; IEEE sqrt/div (``_rn``) as torch's own kernels use."""
     p = p * wd_factor
-    m = _lerp(m, g, avg_weight)
+    m = lerp(m, g, avg_weight)
     v = v * beta2 + sq_weight * (g * g)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + step_size * tl.div_rn(m, denom)
@@ -125,7 +129,7 @@ def _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
     # Before the lerp, so the teacher follows the clamped value (as clamp-then-update does).
     # A select, not tl.minimum: a NaN parameter stays NaN, as torch's clamp keeps it.
     p = tl.where(p > clamp_max, clamp_max, p)
-    t = _lerp(t, p, ema_weight)
+    t = lerp(t, p, ema_weight)
     if MASKED:
         tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=inside)
         tl.store(m_ptrs, m.to(m_ptrs.dtype.element_ty), mask=inside)
@@ -149,18 +153,18 @@ def _adamw_ema_kernel(P, G, M, V, T, C, Blocks, Table,
                       V_ALIGN: tl.constexpr, T_ALIGN: tl.constexpr, C_ALIGN: tl.constexpr,
                       WRITE_COPY: tl.constexpr):
     pid = tl.program_id(0)
-    # Table rows: offsets of p, g, m, v, t, copy (in units of their alignments), then numel.
-    row = Table + tl.load(Blocks + 2 * pid).to(tl.int64) * 7
+    block = Blocks + _LAYOUT_WIDTH * pid
+    row = Table + tl.load(block + _TENSOR_COL).to(tl.int64) * _TABLE_WIDTH
     # A multiple of the constexpr BLOCK, so the alignment of every stream survives the addition.
-    start = tl.load(Blocks + 2 * pid + 1).to(tl.int64) * BLOCK
+    start = tl.load(block + _BLOCK_COL).to(tl.int64) * BLOCK
     lanes = start + tl.arange(0, BLOCK)
-    p_ptrs = P + tl.load(row) * P_ALIGN + lanes
-    g_ptrs = G + tl.load(row + 1) * G_ALIGN + lanes
-    m_ptrs = M + tl.load(row + 2) * M_ALIGN + lanes
-    v_ptrs = V + tl.load(row + 3) * V_ALIGN + lanes
-    t_ptrs = T + tl.load(row + 4) * T_ALIGN + lanes
-    c_ptrs = C + tl.load(row + 5) * C_ALIGN + lanes
-    count = tl.load(row + 6) - start
+    p_ptrs = P + tl.load(row + _P_COL) * P_ALIGN + lanes
+    g_ptrs = G + tl.load(row + _G_COL) * G_ALIGN + lanes
+    m_ptrs = M + tl.load(row + _M_COL) * M_ALIGN + lanes
+    v_ptrs = V + tl.load(row + _V_COL) * V_ALIGN + lanes
+    t_ptrs = T + tl.load(row + _T_COL) * T_ALIGN + lanes
+    c_ptrs = C + tl.load(row + _C_COL) * C_ALIGN + lanes
+    count = tl.load(row + _NUMEL_COL) - start
     inside = tl.arange(0, BLOCK) < count  # unused (and dropped) on the unmasked path
     if count >= BLOCK:  # full blocks: no mask, vector loads
         _block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, t_ptrs, c_ptrs, inside,
@@ -184,19 +188,12 @@ class BlockLayout:
 
 @dataclass
 class TensorTable:
-    """Per-tensor table: ``table`` int64 [num_tensors, 7] (six stream offsets, each divided by its
-    alignment, then numel) and the six alignments (elements). Valid while the tensors stay put."""
+    """Per-tensor table: ``table`` int64 [num_tensors, 7] (:data:`TABLE_COLUMNS`: six stream
+    offsets, each divided by its alignment, then numel) and the six alignments (elements).
+    Valid while the tensors stay put."""
 
     table: torch.Tensor
     aligns: tuple[int, int, int, int, int, int]
-
-
-def can_plan(*streams: Sequence[torch.Tensor]) -> bool:
-    """Whether every list of tensors is contiguous and addressable from its first tensor."""
-    for tensors in streams:
-        if not all(t.is_contiguous() for t in tensors) or _element_offsets(tensors) is None:
-            return False
-    return True
 
 
 def build_layout(numels: Sequence[int], device: torch.device, *, block: int | None = None,
@@ -228,17 +225,16 @@ def build_table(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], e
     teacher column is reused and the kernel does not write copies). All fp32 but the copies
     (bf16 or fp16)."""
     streams = [params, grads, exp_avgs, exp_avg_sqs, teachers, teachers if copies is None else copies]
-    for name, tensors in zip(("params", "grads", "exp_avgs", "exp_avg_sqs", "teachers"), streams):
+    for name, tensors in zip(STREAMS[:5], streams):
         if tensors[0].dtype != torch.float32:
             raise ValueError(f"build_table: {name} must be float32; got {tensors[0].dtype}")
     copy_dtype = None if copies is None else copies[0].dtype
     if not supported(torch.float32, copy_dtype):
         raise ValueError(f"build_table: copies must be bf16 or fp16; got {copy_dtype}")
-    if not can_plan(*streams):
+    if not addressable(*streams):
         raise ValueError("build_table needs contiguous tensors whose addresses differ by whole elements")
-    offsets = [_element_offsets(tensors) for tensors in streams]
-    aligned = all(tensors[0].data_ptr() % _VECTOR_BYTES == 0 and all(o % _vector(tensors[0].dtype) == 0 for o in offs)
-                  for tensors, offs in zip(streams, offsets))
+    offsets = [element_offsets(tensors) for tensors in streams]
+    aligned = all(is_aligned(tensors, offs, vector(tensors[0].dtype)) for tensors, offs in zip(streams, offsets))
     aligns = _aligns(aligned, copy_dtype)
     columns = [[o // align for o in offs] for offs, align in zip(offsets, aligns)]
     columns.append([t.numel() for t in params])

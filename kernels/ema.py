@@ -1,17 +1,15 @@
 """Triton kernel of the EMA update ``t += w * (s - t)`` over many tensors in one launch.
 
 Every teacher tensor is addressed as ``teacher_base + offset`` and every student tensor as
-``student_base + offset`` (element offsets from the first tensor of each list, which may be
-negative), so a whole parameter list is one launch with no per-step allocation: the block
-table (one row per ``BLOCK`` elements of every tensor) is built once by :func:`build_plan`
-and reused while the tensors stay where they are.
+``student_base + offset`` (:mod:`.multi_tensor`), so a whole parameter list is one launch with
+no per-step allocation: the block table (one row per ``BLOCK`` elements of every tensor) is
+built once by :func:`build_plan` and reused while the tensors stay where they are.
 
 Alignment: when every tensor starts on a 16-byte boundary and every offset is a multiple of
 its stream's vector (8 elements for the fp32 teacher, which also puts a 16-bit copy on 16 bytes;
-16 bytes of the student's dtype), offsets are stored divided by that vector and the kernel
-multiplies them back by a compile-time constant, so the compiler can prove 16-byte alignment
-and emit vector loads without ``multiple_of`` hints. Otherwise every stream uses element offsets
-(alignment 1, scalar accesses). Two values per stream, not every power of two: the compile gate
+16 bytes of the student's dtype), offsets are stored divided by that vector (vector loads, see
+:mod:`.multi_tensor`). Otherwise every stream uses element offsets (alignment 1, scalar
+accesses). Two values per stream, not every power of two: the compile gate
 compiles each variant, and the layouts that matter (EMATeacher's flat buffer, allocator-placed
 student parameters, DeepSpeed partitions) are either fully aligned or not at all.
 Full blocks take an unmasked path for the same reason; only each tensor's last block is masked.
@@ -32,16 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import KernelConfig, arch_of, make_config
+from .configs import KernelConfig, make_config
+from .multi_tensor import TYPE_NAMES, VECTOR_BYTES, addressable, arch_for, element_offsets, is_aligned, lerp, vector
 
 #: (elements per program, warps) by architecture: 16 fp32 per thread and stream, 16 KB of fp32
 #: per stream and program. ptxas -v: at most 55 registers, no spills on sm_80/sm_90 with Triton
 #: 3.6 and 3.8 (docs/ema.md has the table); the gate checks every variant.
 TILES = {80: (4096, 8), 90: (4096, 8)}
-#: Kept for callers that name the block size: the tile of the default architecture.
-DEFAULT_BLOCK = TILES[90][0]
-#: Widest vector access the alignment proof aims for.
-_VECTOR_BYTES = 16
 #: Teacher offsets of an aligned plan are multiples of this many elements: 32 bytes of the fp32
 #: state, 16 bytes of a 16-bit forward copy written at the same element offsets.
 _TEACHER_VECTOR = 8
@@ -49,15 +44,6 @@ _TEACHER_VECTOR = 8
 TEACHER_DTYPES = (torch.float32,)
 STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COPY_DTYPES = (None, torch.bfloat16, torch.float16)
-_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def arch_for(device: torch.device) -> int:
-    """The :data:`TILES` key of ``device``: its CUDA architecture, or 90 on the CPU interpreter."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return arch_of(torch.cuda.get_device_capability(device))
-    return 90
 
 
 def tile(arch: int) -> tuple[int, int]:
@@ -74,7 +60,7 @@ def _aligns(aligned: bool, student_dtype: torch.dtype) -> tuple[int, int]:
     """(T_ALIGN, S_ALIGN) of an aligned or unaligned plan."""
     if not aligned:
         return 1, 1
-    return _TEACHER_VECTOR, _VECTOR_BYTES // torch.empty((), dtype=student_dtype).element_size()
+    return _TEACHER_VECTOR, vector(student_dtype)
 
 
 def gate_configs(arch: int) -> list[KernelConfig]:
@@ -86,23 +72,16 @@ def gate_configs(arch: int) -> list[KernelConfig]:
         for c_dtype in COPY_DTYPES:
             for aligned in (True, False):
                 t_align, s_align = _aligns(aligned, s_dtype)
-                types = {"T": "*fp32", "S": "*" + _TYPE_NAMES[s_dtype],
-                         "C": "*" + _TYPE_NAMES[c_dtype or torch.float32],
+                types = {"T": "*fp32", "S": "*" + TYPE_NAMES[s_dtype],
+                         "C": "*" + TYPE_NAMES[c_dtype or torch.float32],
                          "TStart": "*i64", "SStart": "*i64", "Count": "*i32", "weight": "fp32"}
                 constexprs = {"BLOCK": block, "T_ALIGN": t_align, "S_ALIGN": s_align, "WRITE_COPY": c_dtype is not None}
-                copy = _TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
-                label = {"dtype": f"t=fp32 s={_TYPE_NAMES[s_dtype]} copy={copy}", "D": "-",
+                copy = TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
+                label = {"dtype": f"t=fp32 s={TYPE_NAMES[s_dtype]} copy={copy}", "D": "-",
                          "tile": f"BLOCK={block} align={'16B' if aligned else 'none'}"}
                 configs.append(make_config(_ema_kernel, types, constexprs, num_warps=num_warps, num_stages=1,
                                            arch=arch, label=label))
     return configs
-
-
-@triton.jit
-def _lerp(t, s, weight):
-    """torch.lerp's two-sided form in fp32: exact at weight 0 (teacher) and 1 (student)."""
-    d = s - t
-    return tl.where(weight < 0.5, t + weight * d, s - d * (1.0 - weight))
 
 
 @triton.jit
@@ -115,7 +94,7 @@ def _ema_kernel(T, S, C, TStart, SStart, Count, weight,
     if count == BLOCK:
         t = tl.load(T + t_off).to(tl.float32)
         s = tl.load(s_ptrs).to(tl.float32)
-        out = _lerp(t, s, weight)
+        out = lerp(t, s, weight)
         tl.store(T + t_off, out.to(T.dtype.element_ty))
         if WRITE_COPY:
             tl.store(C + t_off, out.to(C.dtype.element_ty))
@@ -123,7 +102,7 @@ def _ema_kernel(T, S, C, TStart, SStart, Count, weight,
         inside = tl.arange(0, BLOCK) < count
         t = tl.load(T + t_off, mask=inside, other=0.0).to(tl.float32)
         s = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
-        out = _lerp(t, s, weight)
+        out = lerp(t, s, weight)
         tl.store(T + t_off, out.to(T.dtype.element_ty), mask=inside)
         if WRITE_COPY:
             tl.store(C + t_off, out.to(C.dtype.element_ty), mask=inside)
@@ -147,31 +126,6 @@ class EmaPlan:
     num_warps: int
 
 
-def is_aligned(tensors: Sequence[torch.Tensor], offsets: Sequence[int], vector: int) -> bool:
-    """Whether the first tensor starts on 16 bytes and every offset is a multiple of ``vector`` elements."""
-    return tensors[0].data_ptr() % _VECTOR_BYTES == 0 and all(o % vector == 0 for o in offsets)
-
-
-def _element_offsets(tensors: Sequence[torch.Tensor]) -> list[int] | None:
-    """Element offsets of each tensor's first element from the first tensor's (None if not whole elements)."""
-    size = tensors[0].element_size()
-    base = tensors[0].data_ptr()
-    deltas = [t.data_ptr() - base for t in tensors]
-    if any(d % size for d in deltas):
-        return None
-    return [d // size for d in deltas]
-
-
-def can_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> bool:
-    """Whether a pair of same-dtype tensor lists can be addressed from one base each.
-
-    Needs dense (contiguous) tensors whose addresses differ by whole elements.
-    """
-    if not all(t.is_contiguous() for t in teacher) or not all(s.is_contiguous() for s in student):
-        return False
-    return _element_offsets(teacher) is not None and _element_offsets(student) is not None
-
-
 def build_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], *,
                block: int | None = None, num_warps: int | None = None) -> EmaPlan:
     """The block table that updates ``teacher[i]`` toward ``student[i]`` for all i in one launch.
@@ -184,15 +138,15 @@ def build_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
     if len(teacher) != len(student) or not teacher:
         raise ValueError(f"build_plan needs two non-empty lists of equal length; got {len(teacher)} and {len(student)}")
     if not supported(teacher[0].dtype, student[0].dtype):
-        raise ValueError(f"build_plan: the kernel takes an fp32 teacher and a {'/'.join(map(_TYPE_NAMES.get, STUDENT_DTYPES))} "
+        raise ValueError(f"build_plan: the kernel takes an fp32 teacher and a {'/'.join(map(TYPE_NAMES.get, STUDENT_DTYPES))} "
                          f"student; got teacher {teacher[0].dtype}, student {student[0].dtype}")
     default_block, default_warps = tile(arch_for(teacher[0].device))
     block = block or default_block
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
-    if not can_plan(teacher, student):
+    if not addressable(teacher, student):
         raise ValueError("build_plan needs contiguous tensors whose addresses differ by whole elements")
-    t_offsets, s_offsets = _element_offsets(teacher), _element_offsets(student)
+    t_offsets, s_offsets = element_offsets(teacher), element_offsets(student)
     _, s_vector = _aligns(True, student[0].dtype)
     aligned = is_aligned(teacher, t_offsets, _TEACHER_VECTOR) and is_aligned(student, s_offsets, s_vector)
     t_align, s_align = _aligns(aligned, student[0].dtype)
@@ -227,9 +181,9 @@ def launch(plan: EmaPlan, teacher_base: torch.Tensor, student_base: torch.Tensor
     if num_blocks == 0:
         return
     if copy_base is not None and (copy_base.dtype not in COPY_DTYPES
-                                  or (plan.t_align > 1 and copy_base.data_ptr() % _VECTOR_BYTES)):
+                                  or (plan.t_align > 1 and copy_base.data_ptr() % VECTOR_BYTES)):
         raise ValueError(f"launch: the forward copy must be bf16 or fp16 (16-byte aligned with an aligned plan); "
-                         f"got {copy_base.dtype} at {copy_base.data_ptr() % _VECTOR_BYTES} bytes past 16")
+                         f"got {copy_base.dtype} at {copy_base.data_ptr() % VECTOR_BYTES} bytes past 16")
     _ema_kernel[(num_blocks,)](
         teacher_base, student_base, teacher_base if copy_base is None else copy_base,
         plan.t_start, plan.s_start, plan.count, float(weight),

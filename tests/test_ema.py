@@ -373,3 +373,13 @@ def test_gate_configs_cover_what_the_launcher_builds(arch):
                 got = variant(plan, t[0], s[0], c)
                 if arch == 90:
                     assert got in gated, got
+
+
+def test_plan_cache_evicts_the_least_recently_used():
+    # The one cache behind the EMA's block tables and AdamWEMA's layouts, tables and launches.
+    from degla_fast.plan_cache import PlanCache
+
+    cache, built = PlanCache(2), []
+    for key in ("a", "b", "a", "c", "a", "b"):
+        assert cache.get(key, lambda: built.append(key) or key.upper()) == key.upper()
+    assert built == ["a", "b", "c", "b"] and len(cache) == 2  # "b" was the least recent when "c" came
