@@ -22,7 +22,9 @@ from .checkpointer import Checkpointer
 from .config import TrainConfig, to_dict
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-from .step import MAX_LOGIT_SCALE, StepParts, autocast_dtype, clamp_logit_scale_, make_loss
+from ..precision import autocast_dtype
+from .optim import MAX_LOGIT_SCALE
+from .step import StepParts, clamp_logit_scale_, make_loss
 
 
 @dataclass
@@ -104,7 +106,7 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
         for tower_owner in [student] + ([teacher.module] if teacher is not None and not sharded else []):
             tower_owner.visual.compile()
             tower_owner.transformer.compile()
-    amp_dtype = autocast_dtype(config.precision, info.device, engine is not None)
+    amp_dtype = autocast_dtype(config.precision, info.device, deepspeed=engine is not None)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     loss = config.loss
@@ -179,7 +181,7 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
     kwargs = dict(decay=config.ema.decay, backend=config.ema.backend)
     device = next(student.parameters()).device
     # ema.dtype same with precision bf16, or bf16: fp32 state + a bf16 forward copy
-    forward_dtype = _teacher_dtype(config.ema.dtype, autocast_dtype(config.precision, device, engine is not None))
+    forward_dtype = _teacher_dtype(config.ema.dtype, autocast_dtype(config.precision, device, deepspeed=engine is not None))
     if engine is None:
         return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
     fresh = None

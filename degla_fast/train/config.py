@@ -13,14 +13,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends import EMA_BACKENDS, LOSS_BACKENDS
+from ..data.loader import PIPELINES
 from ..errors import ConfigError
+from ..functional import needs_teacher
 from ..io import read_config_mapping
+from ..precision import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "amp")
 REPORTERS = ("none", "tensorboard", "wandb")
-PIPELINES = ("auto", "dali", "torch")
-LOSS_BACKENDS = ("auto", "reference", "torch", "triton")
-EMA_BACKENDS = ("auto", "torch", "triton")
 EMA_DTYPES = ("same", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -79,7 +79,7 @@ class LossConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether the loss reads teacher features (TGC's positives or the distillation target)."""
-        return self.num_negatives > 0 and (self.tgc_weight != 0 or self.distill_weight != 0)
+        return needs_teacher(self.num_negatives, self.tgc_weight, self.distill_weight)
 
 
 @dataclass

@@ -6,6 +6,9 @@ from typing import Any
 
 import torch
 
+# open_clip's convention: the learned temperature never exceeds 100.
+MAX_LOGIT_SCALE = math.log(100.0)
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float, *, named: bool = False) -> list[dict]:
     """Two AdamW groups: decayed weight matrices, and undecayed gains, biases, embeddings' scale.
@@ -40,8 +43,16 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
     if teacher is not None:
         from ..optim_ema import AdamWEMA
 
-        return AdamWEMA(param_groups(model, weight_decay, named=True), teacher, lr=lr, betas=betas, eps=eps,
-                        decay=teacher.decay, backend=ema_backend)
+        # logit_scale in a group of its own, clamped inside the step before the teacher moves
+        # toward it: the teacher follows the clamped temperature, as step, clamp, update() does.
+        no_decay, decay = param_groups(model, weight_decay, named=True)
+        scale = [(n, p) for n, p in no_decay["params"] if n == "logit_scale"]
+        no_decay["params"] = [(n, p) for n, p in no_decay["params"] if n != "logit_scale"]
+        # First: open_clip registers logit_scale before the undecayed tensors, so the parameters keep
+        # AdamW's order (and its state's indices).
+        groups = ([{"params": scale, "weight_decay": 0.0, "clamp_max": MAX_LOGIT_SCALE}] if scale else []) + [
+            no_decay, decay]
+        return AdamWEMA(groups, teacher, lr=lr, betas=betas, eps=eps, decay=teacher.decay, backend=ema_backend)
     groups = param_groups(model, weight_decay)
     supported = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=bool(fused and supported) or None)

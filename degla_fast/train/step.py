@@ -8,61 +8,28 @@ benchmarked is what trains.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from ..ema import ema_update_
-from ..functional import LossOutput, clip_loss
+from ..functional import LossOutput
 from ..losses import DeGLALoss
 from ..model import clip_features
-from .optim import skips_on_device
-
-# open_clip's convention: the learned temperature never exceeds 100.
-MAX_LOGIT_SCALE = math.log(100.0)
+from .optim import MAX_LOGIT_SCALE, skips_on_device
 
 
 def make_loss(*, num_negatives: int, igc_weight: float = 0.1, tgc_weight: float = 0.1, distill_weight: float = 0.005,
               tgc_scale: float = 10.0, backend: str = "auto", official_tgc_indexing: bool = False,
-              local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0,
-              world_size: int = 1) -> Callable[..., LossOutput]:
-    """The loss callable ``(img [B,D], txt [B*(1+K),D], scale, t_img, t_txt) -> LossOutput``.
-
-    ``num_negatives == 0`` gives the plain CLIP loss (IGC, TGC and distillation reported as 0).
-    Inputs are not checked for NaN/Inf on the host: the step checks the loss on the device.
-    """
-    dist_args = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
-    if num_negatives > 0:
-        return DeGLALoss(num_negatives=num_negatives, igc_weight=igc_weight, tgc_weight=tgc_weight,
-                         distill_weight=distill_weight, tgc_scale=tgc_scale, backend=backend,
-                         official_tgc_indexing=official_tgc_indexing, check_finite=False, **dist_args)
-
-    def plain_clip(image, text, logit_scale, teacher_image=None, teacher_text=None) -> LossOutput:
-        loss = clip_loss(image, text, logit_scale, num_negatives=0, backend=backend, **dist_args)
-        zero = loss.detach().new_zeros(())
-        return LossOutput(total=loss, clip=loss, igc=zero, tgc=zero, distill=zero)
-
-    return plain_clip
-
-
-def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) -> bool:
-    """Whether the loss reads teacher features (TGC's positives or the distillation target)."""
-    return num_negatives > 0 and (tgc_weight != 0 or distill_weight != 0)
-
-
-def autocast_dtype(precision: str, device: torch.device, deepspeed: bool = False) -> torch.dtype | None:
-    """The forward's autocast dtype (also the dtype of the features the loss gets): None for
-    ``fp32``, bf16 for ``bf16`` (the default); for ``amp`` fp16 on CUDA
-    (with a GradScaler) and bf16 elsewhere or under DeepSpeed (whose own loss scaling belongs to
-    its ``fp16`` config section, which autocast does not need)."""
-    if precision == "fp32":
-        return None
-    if precision == "amp" and device.type == "cuda" and not deepspeed:
-        return torch.float16
-    return torch.bfloat16
+              local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1) -> DeGLALoss:
+    """The loss ``(img [B,D], txt [B*(1+K),D], scale, t_img, t_txt) -> LossOutput``; ``num_negatives
+    == 0`` is the plain CLIP loss (IGC, TGC and distillation 0). Inputs are not checked for
+    NaN/Inf on the host: the step checks the loss on the device."""
+    return DeGLALoss(num_negatives=num_negatives, igc_weight=igc_weight, tgc_weight=tgc_weight,
+                     distill_weight=distill_weight, tgc_scale=tgc_scale, backend=backend,
+                     official_tgc_indexing=official_tgc_indexing, local_loss=local_loss,
+                     gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, check_finite=False)
 
 
 @dataclass
@@ -160,7 +127,6 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
             parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
         if parts.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
-        scale_fix = _TeacherLogitScale(parts.teacher, _student_module(parts)) if fused else None
         if parts.scaler is not None:
             if on_device:  # the loss's flag joins the gradients' in the scaler's found_inf
                 for flag in parts.scaler._per_optimizer_states[id(parts.optimizer)]["found_inf_per_device"].values():
@@ -178,13 +144,11 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
             teacher_moved = fused
         parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
-    parts.clamp_logit_scale()
+    parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
     times["optim"] = _close(optimizer_range, clock)
     ema_range = _open("ema")
-    if teacher_moved:
-        # The fused step moved the teacher toward the unclamped logit_scale: redo that one value.
-        scale_fix.follow_clamped()
-    elif parts.teacher is not None:  # (fused: the scaler skipped the step; the EMA still follows, as unfused)
+    if parts.teacher is not None and not teacher_moved:  # (fused: the scaler skipped the step; the EMA
+        # still follows, as unfused)
         parts.teacher.update(_student_module(parts), apply=1.0 - found_inf if on_device else None)
     times["ema"] = _close(ema_range, clock)
     return StepResult(_detach(out), found_inf == 0, scale.detach(), times)
@@ -228,32 +192,6 @@ def clamp_logit_scale_(model: torch.nn.Module) -> None:
     """``model.logit_scale <= ln 100`` in place (a plain, non-DeepSpeed model)."""
     with torch.no_grad():
         model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-
-
-class _TeacherLogitScale:
-    """The teacher's ``logit_scale`` before a fused step, to redo its EMA toward the clamped value.
-
-    Unfused, the EMA follows the clamp (optimiser step, clamp, ``teacher.update``); AdamWEMA moves
-    the teacher inside the step, before the clamp. Restoring this one value and averaging it
-    toward the clamped student (the update's own lerp and backend) gives the unfused numbers.
-    """
-
-    def __init__(self, teacher, student: torch.nn.Module):
-        self.teacher = teacher
-        self.student = getattr(student, "module", student)  # DDP wraps the student
-        names, states, forwards = teacher.parameter_views()
-        index = names.index("logit_scale")
-        self.state = states[index]
-        self.forward = forwards[index] if forwards is not None else None  # a separate forward_dtype copy
-        self.saved = self.state.detach().clone()
-
-    def follow_clamped(self) -> None:
-        with torch.no_grad():
-            self.state.copy_(self.saved)
-            ema_update_([self.state], [self.student.logit_scale.detach()], self.teacher.decay,
-                        backend=self.teacher.backend)
-            if self.forward is not None:
-                self.forward.copy_(self.state)
 
 
 def _student_module(parts: StepParts) -> torch.nn.Module:
