@@ -204,6 +204,10 @@ def _check_output(output: Path, config: TrainConfig, *, resuming: bool) -> list[
     """Refuse an output folder that holds another run when this one does not resume it (unless
     ``overwrite``); returns the files :func:`_write_output` moves aside (``overwrite``). Read-only,
     on every rank."""
+    existing = next(p for p in (output, *output.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():  # found before any work, so nothing is written
+        where = "is a file" if existing == output else f"{existing} is a file"
+        raise DataError(f"cannot write {output}: {where} (--output names a folder)")
     if resuming or not _holds_run(output):
         return []
     held = [name for name in _RUN_FILES if (output / name).exists()]
