@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 
 from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
+from .data.text import trim_tokens  # noqa: F401 - part of this module's token API (pad_tokens, trim_tokens)
 from .errors import ConfigError, DataError, ShapeError, first_line
 from .precision import check_precision
 
@@ -196,16 +197,6 @@ def context_length(model: torch.nn.Module) -> int:
     if isinstance(net, CLIP):
         return int(net.positional_embedding.shape[0])
     return int(getattr(getattr(net, "text", net), "context_length"))
-
-
-def trim_tokens(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """``[N, L]`` -> ``[N, L']``: drop the trailing columns that are padding in every row (``L' >= 1``).
-
-    Reads the tokens on the host: call it where they still live on the CPU.
-    """
-    used = (tokens != pad_id).any(dim=0).nonzero()
-    length = int(used[-1]) + 1 if used.numel() else 1
-    return tokens[:, :length]
 
 
 def pad_tokens(tokens: torch.Tensor, length: int, pad_id: int = 0) -> torch.Tensor:

@@ -25,7 +25,8 @@ def tokenize_captions(tokenizer: Callable[[list[str]], torch.Tensor], positives:
 
 
 def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """``tokens[:, :L]`` with ``L`` the last non-padding column of any row (pad id 0)."""
+    """``[N, L]`` -> ``[N, L']``: drop the trailing columns that are padding (id 0) in every row
+    (``L' >= 1``). Reads the tokens on the host: call it where they still live on the CPU."""
     nonpad = (tokens != 0).any(dim=0).nonzero()
     length = int(nonpad[-1]) + 1 if nonpad.numel() else 1
     return tokens[:, :length].contiguous()

@@ -68,6 +68,10 @@ class Checkpointer:
             run.engine.load_checkpoint(str(self.folder), tag=state["deepspeed"], load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
         else:
+            saved, groups = len(state["optimizer"]["param_groups"]), len(run.optimizer.param_groups)
+            if saved != groups:  # e.g. optim.fused_ema switched: AdamWEMA gives logit_scale its own group
+                raise ConfigError(f"resume: {self.resume_path} holds an optimiser of {saved} parameter groups, this "
+                                  f"run's has {groups}; resume with the optim.fused_ema setting it was written with")
             run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         if run.scaler is not None and state.get("scaler"):
