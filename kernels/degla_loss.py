@@ -55,6 +55,14 @@ def _dot(a, b, acc, DOT: tl.constexpr):
 
 
 @triton.jit
+def _split_columns(split, tiles_per_split, C, BLOCK_N: tl.constexpr):
+    """The columns ``[first, last)`` of column split ``split``: one walk for the forward and the
+    backward, whose recomputed logits must equal the forward's tile for tile."""
+    first = split * tiles_per_split * BLOCK_N
+    return first, tl.minimum(first + tiles_per_split * BLOCK_N, C)
+
+
+@triton.jit
 def _tile_dots(Q, X, rows, row_ok, cols, col_ok, D, stride_q, stride_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
     """Raw dot products q[rows] . x[cols] of a [BLOCK_M, BLOCK_N] tile, over D in BLOCK_K chunks (fp32)."""
@@ -83,8 +91,7 @@ def _lse_fwd_kernel(Q, X, Scale, MPart, LPart, PosPart, R, C, D, row_offset, str
     m_run = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    first = split * tiles_per_split * BLOCK_N
-    last = tl.minimum(first + tiles_per_split * BLOCK_N, C)
+    first, last = _split_columns(split, tiles_per_split, C, BLOCK_N)
     for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
@@ -120,8 +127,7 @@ def _lse_bwd_kernel(Q, X, Scale, Lse, GradOut, DQ, DX, DScale, R, C, D, row_offs
     alpha = g * scale
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     dscale = tl.zeros([BLOCK_M], tl.float32)
-    first = split * tiles_per_split * BLOCK_N
-    last = tl.minimum(first + tiles_per_split * BLOCK_N, C)
+    first, last = _split_columns(split, tiles_per_split, C, BLOCK_N)
     for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < C
