@@ -22,6 +22,7 @@ def _workspace(root):
                          keep_last=2)
     (root / "notes.txt").write_text("hello, not a checkpoint\n")
     (root / "data.json").write_text(json.dumps({"model": "x"}))
+    (root / "latin1.yaml").write_bytes(b"epochs: 1\nmodel:\n  name: caf\xe9\n")
     (root / "latin1.csv").write_bytes(b"image,caption\na.jpg,un caf\xe9 noir\n")
     (root / "latin1.json").write_bytes(b'[{"image": "a.jpg", "caption": "caf\xe9"}]')
     (root / "nocaption.csv").write_text("image,text2\na.jpg,a dog\n")
@@ -66,6 +67,8 @@ CASES = {
                                        "data.json: not a torch checkpoint"),
     "train CSV without negatives column": (TRAIN + ["--data", "train.csv", "--pretrained", "none",
                                                     "--num-negatives", "4"], "no 'neg_caption' column"),
+    "train --config a non-UTF-8 YAML": (TRAIN + ["--config", "latin1.yaml", "--data", "train.csv"],
+                                        "latin1.yaml: not UTF-8 text (byte 0xe9 at byte offset 28"),
     "train --output onto a file": (["train", "--model", "degla-tiny", "--device", "cpu", "--no-progress", "--output",
                                     "notes.txt", "--set", "data.pipeline=torch", "--num-workers", "0", "--data",
                                     "train.csv", "--pretrained", "none", "--num-negatives", "0", "--batch-size", "1"],
