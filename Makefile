@@ -76,11 +76,15 @@ gpu-check: $(if $(DRY_RUN),$(GPU_SETUP))
 gpu-wheels: setup
 	$(PYTHON) benchmarks/gpu_check.py --download-wheels .gpu-wheels
 
+# The DeGLA story on the synthetic world (docs/synthetic.md): pre-train, NegCLIP and DeGLA fine-tunes,
+# one table + runs/demo/results.png; a second run reuses finished stages.
 train: setup
 	$(PYTHON) -m degla_fast.demo
 
+# The local ablation (docs/experiment.md): 5 variants x 5 seeds, paired 95 % CIs. QUICK=1: the
+# seconds-long smoke run (runs/experiment-quick); EXPERIMENT_ARGS: more flags (e.g. --split val).
 experiment: setup
-	$(PYTHON) -m degla_fast experiment --output runs/experiment
+	$(PYTHON) -m degla_fast experiment $(if $(QUICK),--quick --output runs/experiment-quick,--output runs/experiment) $(EXPERIMENT_ARGS)
 
 # The benchmark suite: full sizes on a GPU, small CPU sizes elsewhere; then RESULTS.md and plots.
 BENCH_JSON = benchmarks/results/pytest-benchmark-$$(hostname).json

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/demo", help="folder for the dataset, runs and table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, meaningless numbers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="fine-tuning runs at a time, in separate processes (default 2: NegCLIP and DeGLA)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the tiny model gains little from more, and "
                              "spinning threads cost much when other work shares the cores)")
@@ -75,22 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .data.synthetic import VERSION
 
-        print(f"[1/5] synthetic world (pre-training + fine-tuning distributions) -> {out / 'synth'}", flush=True)
+        print(f"[1/4] synthetic world (pre-training + fine-tuning distributions) -> {out / 'synth'}", flush=True)
         data = stages.synth_stage(out / "synth", progress=progress, **s.data_sizes())
         depends = {"synthetic_version": VERSION, "data": s.data_sizes()}
-        print(f"[2/5] pre-train {s.model} with the plain CLIP loss on the broad distribution "
+        print(f"[2/4] pre-train {s.model} with the plain CLIP loss on the broad distribution "
               f"({s.pretrain_steps} steps) -> {out / 'pretrain'}", flush=True)
         pre = stages.train_stage(out / "pretrain", pretrain_fields(s, data), progress=progress, depends=depends)
         seed = s.seeds[0]
-        runs = {}
-        for step, (variant, name) in enumerate((("negclip", "NegCLIP"), ("degla", "DeGLA")), start=3):
-            print(f"[{step}/5] fine-tune with {name} on the narrow distribution ({s.finetune_steps} steps, "
-                  f"K={s.num_negatives}) -> {out / variant}", flush=True)
-            runs[name] = stages.train_stage(out / variant, finetune_fields(s, data, pre, variant, seed),
-                                            progress=progress, depends={**depends, "start": str(pre)})
-        print("[5/5] evaluate on the held-out test split", flush=True)
+        print(f"[3/4] fine-tune with NegCLIP and with DeGLA on the narrow distribution, side by side "
+              f"({s.finetune_steps} steps, K={s.num_negatives}) -> {out / 'negclip'}, {out / 'degla'}", flush=True)
+        names = {"negclip": "NegCLIP", "degla": "DeGLA"}
+        jobs = [(out / v, finetune_fields(s, data, pre, v, seed), {**depends, "start": str(pre)}, data, "test")
+                for v in names]
+        done = lambda i, m, sec: print(f"  {names[jobs[i][0].name]}: finished ({sec:.0f} s)", flush=True)
+        finetuned = stages.train_and_evaluate(jobs, args.jobs, args.threads, "cpu", done)
+        print("[4/4] evaluate on the held-out test split", flush=True)
         columns = {"start point (CLIP loss)": stages.eval_stage(pre, data, "test"),
-                   **{name: stages.eval_stage(run, data, "test") for name, run in runs.items()}}
+                   **{names[v]: m for v, m in zip(names, finetuned)}}
         chance = stages.chance_levels(data)
     except DeglaError as err:
         print(f"degla-fast demo: error: {err}", file=sys.stderr)

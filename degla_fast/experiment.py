@@ -148,22 +148,6 @@ def prepare(settings: Settings, output: Path, progress: bool = False) -> tuple[P
     return data, start, depends
 
 
-def _finetune_job(job: tuple) -> tuple[str, int, dict, float]:
-    """Worker: one fine-tuning run and its evaluation (each cached), in its own process."""
-    import torch
-
-    from . import stages
-
-    settings, output, data, start, depends, variant, seed = job
-    torch.set_num_threads(settings.threads)
-    t0 = time.perf_counter()
-    folder = output / "runs" / f"{variant}-seed{seed}"
-    stages.train_stage(folder, finetune_fields(settings, data, start, variant, seed), name=folder.name,
-                       depends={**depends, "start": str(start)}, log=None)
-    metrics = stages.eval_stage(folder, data, settings.split, device=settings.device, log=None)
-    return variant, seed, metrics, time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------------------------------------- summary
 
 def _metric_names(per_seed: dict) -> list[str]:
@@ -326,28 +310,18 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     timings["prepare_s"] = time.perf_counter() - t0
     baseline = stages.eval_stage(start, data, settings.split, device=settings.device)
 
-    jobs = [(settings, output, data, start, depends, v, s) for v in settings.variants for s in settings.seeds]
+    keys = [(v, s) for v in settings.variants for s in settings.seeds]
+    jobs = [(output / "runs" / f"{v}-seed{s}", finetune_fields(settings, data, start, v, s),
+             {**depends, "start": str(start)}, data, settings.split) for v, s in keys]
     print(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
           f"{settings.jobs} at a time)", flush=True)
-    t0 = time.perf_counter()
-    results = {}
-    if settings.jobs > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(settings.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for variant, seed, metrics, elapsed in pool.map(_finetune_job, jobs):
-                results[variant, seed] = metrics
-                print(f"  {variant}-seed{seed}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
-                      f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({elapsed:.0f} s)",
-                      flush=True)
-    else:
-        for job in jobs:
-            variant, seed, metrics, elapsed = _finetune_job(job)
-            results[variant, seed] = metrics
-            print(f"  {variant}-seed{seed}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
-                  f"{metrics['zeroshot_avg']:.1f} ({elapsed:.0f} s)", flush=True)
-        torch_threads(settings.threads)
+    def done(i: int, metrics: dict, seconds: float) -> None:
+        print(f"  {keys[i][0]}-seed{keys[i][1]}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
+              f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({seconds:.0f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, settings.threads, settings.device, done)))
     timings["finetune_s"] = time.perf_counter() - t0
 
     print("[3/3] summary", flush=True)
@@ -379,12 +353,6 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     print(f"wrote {output / 'results.md'}, {output / 'results.png'}, {output / 'results.json'} "
           f"({timings['total_s']:.0f} s)")
     return out
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -189,3 +189,47 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, d
     out["zeroshot_avg"] = mean(out[f"zeroshot_{t}"] for t in tasks)
     out["train_pairwise"] = float(train_pairwise(encoder, data))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- parallel runs
+
+def _train_eval_job(job: tuple) -> tuple[dict, float]:
+    """Worker: :func:`train_stage` then :func:`eval_stage` of one run, in its own process."""
+    import torch
+
+    folder, fields, depends, data, split, threads, device = job
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    train_stage(folder, fields, depends=depends, log=None)
+    return eval_stage(folder, data, split, device=device, log=None), time.perf_counter() - start
+
+
+def train_and_evaluate(jobs: list[tuple], processes: int = 1, threads: int = 1, device: str = "cpu",
+                       on_done: Callable[[int, dict, float], None] | None = None) -> list[dict]:
+    """Train and evaluate several runs, ``processes`` at a time (1: in this process).
+
+    ``jobs``: (run folder, trainer fields, stamp extras, data folder, split). Returns the metrics of
+    each run in order; ``on_done(index, metrics, seconds)`` is called as each one finishes."""
+    full = [(Path(f), fields, depends, Path(data), split, threads, device) for f, fields, depends, data, split in jobs]
+    results: list[dict] = [{}] * len(full)
+    if processes > 1 and len(full) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(processes, len(full)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_eval_job, job): i for i, job in enumerate(full)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i], seconds = future.result()
+                if on_done:
+                    on_done(i, results[i], seconds)
+    else:
+        import torch
+
+        previous = torch.get_num_threads()
+        for i, job in enumerate(full):
+            results[i], seconds = _train_eval_job(job)
+            if on_done:
+                on_done(i, results[i], seconds)
+        torch.set_num_threads(previous)
+    return results

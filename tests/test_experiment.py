@@ -93,7 +93,8 @@ def test_quick_experiment_writes_table_chart_and_json(tmp_path):
         for stats in variant.values():
             assert 0.0 <= stats["mean"] <= 100.0
         assert {"compositional_avg", "zeroshot_avg", "train_pairwise", "zeroshot_texture"} <= set(variant)
-    assert results["chance"]["zeroshot_shape"] == pytest.approx(12.5)
+    assert results["chance"]["zeroshot_colour"] == pytest.approx(12.5)
+    assert results["chance"]["zeroshot_shape"] == pytest.approx(100 / 3)
     text = (tmp_path / "results.md").read_text()
     assert "(d) DeGLA" in text and "compositional avg" in text and "fixed - release TGC" in text
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

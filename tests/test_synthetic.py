@@ -166,25 +166,26 @@ def test_zeroshot_scenes_show_their_label():
         for i in range(3 * len(classes)):
             scene, label = S.zeroshot_item(0, task, i, "val")
             if task == "count":
-                assert len(scene) == label + 2 and len(set((o.shape, o.colour, o.size, o.texture) for o in scene)) == 1
+                assert len(scene) == label + 3 and len(set((o.shape, o.colour, o.size, o.texture) for o in scene)) == 1
             else:
                 assert len(scene) == 1 and getattr(scene[0], task) == classes[label]
 
 
-def test_solid_shapes_of_the_zeroshot_shape_task_agree_with_the_pixels(tmp_path):
-    # the detector reads the fine-tuning vocabulary's solid shapes; render those zero-shot items alone
+def test_broad_objects_are_drawn_as_described(tmp_path):
+    # the detector reads the fine-tuning vocabulary's solid shapes: check the broad world's single
+    # objects of that vocabulary, at every size
     checked = 0
-    for i in range(40):
-        scene, label = S.zeroshot_item(1, "shape", i)
+    for i in range(300):
+        scene, _ = S.pretrain_item(1, i)
         o = scene[0]
-        if o.texture != "solid" or o.shape not in S.FT_SHAPES or o.colour not in S.FT_COLOURS:
+        if len(scene) != 1 or o.texture != "solid" or o.shape not in S.FT_SHAPES or o.colour not in S.FT_COLOURS:
             continue
         path = tmp_path / f"{i}.png"
         S.render(scene, 128, __import__("random").Random(i)).save(path)
         (found,) = detect(path)
-        assert (found["shape"], found["colour"]) == (o.shape, o.colour)
+        assert (found["shape"], found["colour"]) == (o.shape, o.colour), (o, found)
         checked += 1
-    assert checked >= 1
+    assert checked >= 5
 
 
 def test_pretraining_captions_are_true_broad_and_mostly_without_relations(data_dir):
@@ -197,14 +198,14 @@ def test_pretraining_captions_are_true_broad_and_mostly_without_relations(data_d
         assert S.is_true(caption, scene), caption
         kinds.append(caption.kind)
         words |= set(caption.text().split())
-    assert kinds.count("rel") < 0.25 * len(kinds) and kinds.count("count") > 0.1 * len(kinds)
+    assert kinds.count("rel") < 0.25 * len(kinds) and kinds.count("count") > 0.05 * len(kinds)
     # the broad vocabulary: shapes, colours, sizes, textures and counts the fine-tuning set never names
     assert {"star", "hexagon", "pink", "cyan", "striped", "dotted", "small", "big", "three"} <= words
     ft_words = set()
     for i in range(300):
         ft_words |= set(S.train_item(3, i)[1].text().split())
     assert not {"star", "hexagon", "semicircle", "pink", "cyan", "striped", "dotted", "checkered", "small", "big",
-                "medium", "two", "three", "four"} & ft_words
+                "medium", "two", "three", "four", "five"} & ft_words
 
 
 def test_images_are_rgb_jpegs_of_the_asked_size(tmp_path):

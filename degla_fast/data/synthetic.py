@@ -6,7 +6,7 @@ the web and then fine-tuned on COCO:
 - **pre-training** (``DIR/pretrain.json``, images in ``DIR/pretrain/``): 8 shapes, 8 colours, 3
   sizes, 4 textures (solid, striped, dotted, checkered), 1-4 objects, tinted backgrounds; captions
   name objects and some of their attributes ("a big striped red star", "three small blue
-  circles", "a dotted green hexagon and a pink cross"), only a sixth of them state a relation.
+  circles", "a dotted green hexagon and a pink cross"), only about a sixth state a relation.
   Records carry no hard negatives: this is the CLIP-loss start point's data.
 - **fine-tuning** (``DIR/train.json``, images in ``DIR/train/``): narrower (5 shapes, 6 colours,
   one size, solid, near-grey backgrounds), relation-rich captions of two or three objects
@@ -21,10 +21,11 @@ reported on the test split):
   swap_att, replace_obj, replace_att, replace_rel, add_obj, add_att on fine-tuning-style scenes
   whose object/relation combination never occurs in any training image (a fixed hash split of the
   combinations into train / val / test: the splits are disjoint);
-- ``DIR/zeroshot/<task>.json`` and ``DIR/val/zeroshot/<task>.json``: shape (8-way), colour
-  (8-way), size (3-way), texture (4-way) and count (2, 3 or 4 objects) classification, balanced
-  classes. Size, texture, count and three of the shapes never appear in fine-tuning: these are
-  the abilities pre-training teaches and fine-tuning can make the model forget.
+- ``DIR/zeroshot/<task>.json`` and ``DIR/val/zeroshot/<task>.json``: shape (the three shapes
+  fine-tuning never shows), colour (8-way), size (3-way), texture (4-way) and count (3, 4 or 5
+  objects) classification, balanced classes. Sizes, textures, counts and those shapes never
+  appear in fine-tuning: these are the abilities pre-training teaches and fine-tuning can make
+  the model forget.
 - ``DIR/manifest.json``: :data:`VERSION` and the arguments (compare it to skip re-rendering).
 
 Captions are built from a structured description of the scene, and every negative is checked
@@ -54,7 +55,7 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215),
            "pink": (245, 120, 190), "cyan": (40, 200, 215)}
 SIZES = {"small": 0.10, "medium": 0.15, "big": 0.21}  # radius as a fraction of the image side
 TEXTURES = ("solid", "striped", "dotted", "checkered")
-COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 PLURALS = {"cross": "crosses"}
 FT_SHAPES = SHAPES[:5]
 FT_COLOURS = tuple(COLOURS)[:6]
@@ -64,9 +65,10 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 EVAL_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
 SPLITS = ("val", "test")
 ZEROSHOT_CLASSES = {
-    "shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
-    "count": ("two", "three", "four"),
+    "shape": SHAPES[5:], "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
+    "count": ("three", "four", "five"),
 }
+_FIRST_COUNT = 3  # label 0 of the count task
 ZEROSHOT_TASKS = tuple(ZEROSHOT_CLASSES)
 ZEROSHOT_TEMPLATES = {
     "shape": ["a {}", "a photo of a {}", "a drawing of a {}", "there is a {}", "an image of a {}"],
@@ -374,23 +376,25 @@ def _ft_caption(rng: random.Random, scene: tuple, relation: str | None, kind: st
 
 
 def _broad_mention(rng: random.Random, o: Obj, count: int = 1) -> Mention:
-    """A web-style noun phrase: each attribute named or not, sometimes the generic noun "shape"."""
-    return Mention(o.shape if rng.random() < 0.9 else None, o.colour if rng.random() < 0.75 else None,
+    """A web-style noun phrase: each attribute named or not (the colour in 40 %: colour alone would
+    tell most images of a batch apart, and a model that can read colour would never need shape),
+    sometimes the generic noun "shape"."""
+    return Mention(o.shape if rng.random() < 0.95 else None, o.colour if rng.random() < 0.4 else None,
                    o.size if rng.random() < 0.5 else None, o.texture if rng.random() < 0.5 else None, count)
 
 
 def pretrain_item(seed: int, index: int) -> tuple:
-    """Pre-training scene ``index`` -> (scene, caption): one object (30 %), 2-4 identical objects
-    with a count caption (20 %), 2-3 objects with a list caption (35 %) or two objects with a
+    """Pre-training scene ``index`` -> (scene, caption): one object (35 %), 2-5 identical objects
+    with a count caption (12 %), 2-3 objects with a list caption (38 %) or two objects with a
     relation caption (15 %); broad attributes throughout."""
     rng = random.Random(f"{seed}/pretrain/{index}")
     draw = rng.random()
-    if draw < 0.3:
+    if draw < 0.35:
         scene = _place_free(rng, [_broad_object(rng)])
         caption = Caption("single", (_broad_mention(rng, scene[0]),), template=rng.randrange(len(SINGLE_TEMPLATES)))
-    elif draw < 0.5:
-        n = rng.randint(2, 4)
-        scene = _train_scene(rng, lambda: [_broad_object(rng, ("small", "medium"))] * n)
+    elif draw < 0.47:
+        n = rng.randint(2, 5)
+        scene = _train_scene(rng, lambda: [_broad_object(rng, ("small", "medium") if n <= 3 else ("small",))] * n)
         caption = Caption("count", (_broad_mention(rng, scene[0], n),), template=rng.randrange(len(COUNT_TEMPLATES)))
     elif draw < 0.85:
         n = rng.randint(2, 3)
@@ -454,8 +458,8 @@ def zeroshot_item(seed: int, task: str, index: int, split: str = "test") -> tupl
     classes = ZEROSHOT_CLASSES[task]
     label = index % len(classes)
     if task == "count":
-        o = _broad_object(rng, ("small", "medium"))
-        return _place_free(rng, [o] * (label + 2)), label
+        o = _broad_object(rng, ("small",))
+        return _place_free(rng, [o] * (label + _FIRST_COUNT)), label
     o = _broad_object(rng)
     o = replace(o, **{task: classes[label]})
     return _place_free(rng, [o]), label
@@ -529,7 +533,8 @@ def render(scene: tuple, image_size: int, rng: random.Random, background: str = 
     bg = tuple(min(255, max(low, base + rng.randint(-spread, spread))) for _ in range(3))
     image = Image.new("RGB", (side, side), bg)
     for o in scene:
-        colour = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[o.colour])
+        jitter = 15 if background == "plain" else 35  # the broad world's lighting varies more
+        colour = tuple(min(255, max(0, c + rng.randint(-jitter, jitter))) for c in COLOURS[o.colour])
         cx, cy, r = o.x * side, o.y * side, o.radius * side
         if o.texture == "solid":
             _draw_shape(ImageDraw.Draw(image), o.shape, cx, cy, r, colour)
