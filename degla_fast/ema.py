@@ -3,7 +3,9 @@
 :func:`ema_update_` updates lists of tensors in place in one pass over memory; :class:`EMATeacher`
 keeps a teacher copy of a student module whose parameters are views of one flat buffer;
 :meth:`EMATeacher.from_deepspeed` builds the teacher for a DeepSpeed engine (a full replica for
-ZeRO-0/1/2, a :class:`ShardedEMATeacher` partitioned like the student for ZeRO-3).
+ZeRO-0/1/2, a :class:`ShardedEMATeacher` partitioned like the student for ZeRO-3: fp32 EMA
+shards, a 16-bit forward copy that DeepSpeed gathers, small parameters kept gathered and
+refreshed after every update).
 
 Backends: ``triton`` (one kernel launch for all tensors, ``degla_fast.kernels.ema``; CUDA, or
 CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (``torch._foreach_lerp_``), ``auto``
@@ -312,44 +314,49 @@ class EMATeacher:
                        forward_dtype: torch.dtype | None = None):
         """The teacher of a DeepSpeed engine's model.
 
-        ZeRO-0/1/2: an :class:`EMATeacher` replica of ``engine.module`` (``teacher_module`` unused;
-        ``dtype``/``forward_dtype`` as for EMATeacher). ZeRO-3: a :class:`ShardedEMATeacher`
-        (fp32 shards, no forward copy: a 16-bit ``dtype`` or ``forward_dtype`` is a ConfigError;
-        run its forward under autocast instead); ``teacher_module`` is required: a freshly built,
-        unpartitioned model of the same architecture (its weights are overwritten). Every rank calls this.
+        ZeRO-0/1/2: an :class:`EMATeacher` replica of ``engine.module`` (``teacher_module`` unused).
+        ZeRO-3: a :class:`ShardedEMATeacher` (fp32 EMA shards; with ``forward_dtype`` bf16/fp16
+        the module is partitioned, gathered and run in that dtype); ``teacher_module`` is
+        required: a freshly built, unpartitioned model of the same architecture (its weights are
+        overwritten). ``dtype``/``forward_dtype`` as for EMATeacher in both. Every rank calls this.
         """
         if engine.zero_optimization_stage() < 3:
             return EMATeacher(engine.module, decay=decay, backend=backend, dtype=dtype, forward_dtype=forward_dtype)
         if teacher_module is None:
             raise ConfigError("EMATeacher.from_deepspeed: ZeRO-3 needs teacher_module= (a freshly built model of the "
                               "student's architecture, not partitioned)")
-        if forward_dtype is not None and forward_dtype != torch.float32:
-            raise ConfigError("EMATeacher.from_deepspeed: a ZeRO-3 teacher has no forward copy (forward_dtype); "
-                              "run its forward under autocast")
-        return ShardedEMATeacher(engine, teacher_module, decay=decay, backend=backend, dtype=dtype)
+        return ShardedEMATeacher(engine, teacher_module, decay=decay, backend=backend, dtype=dtype,
+                                 forward_dtype=forward_dtype)
 
 
 class ShardedEMATeacher:
-    """ZeRO-3 EMA teacher: partitioned exactly like the student, updated with no communication.
+    """ZeRO-3 EMA teacher: partitioned exactly like the student, its EMA with no communication.
 
-    Each rank keeps, per optimiser parameter group, a flat teacher shard laid out like the
-    engine's fp32 master partition of that group; ``update()`` lerps the one toward the other
-    (one launch, no gather). The teacher parameters' ZeRO-3 shards (``param.ds_tensor``) are
-    views of those flat shards, and DeepSpeed's hooks gather them for the teacher's forward the
-    way they gather the student's. ``state_dict()`` (a collective) returns full tensors on every rank.
+    Each rank keeps, per optimiser parameter group, an fp32 teacher shard laid out like the
+    engine's fp32 master partition of that group (:attr:`shards`, the EMA state); ``update()``
+    lerps the one toward the other in one pass. With ``forward_dtype`` (bf16/fp16) the same pass
+    also writes a 16-bit copy of each shard (:attr:`forward_shards`), and the module's ZeRO-3
+    partitions (``param.ds_tensor``) are views of those copies: DeepSpeed's hooks gather the
+    teacher's weights for its forward in 16 bits (half the bytes of fp32) and the forward reads
+    them as they are, as :class:`EMATeacher`'s forward copy. Without ``forward_dtype`` the
+    partitions are the fp32 shards themselves.
+
+    The gather follows the engine's ZeRO-3 settings (``overlap_comm``, prefetch bucket, live and
+    reuse limits, ``stage3_param_persistence_threshold``). Parameters at or below the persistence
+    threshold (biases, LayerNorm gains, ``logit_scale``, ...) stay gathered between forwards, so
+    ``update()`` ends by refreshing them from the new shards: one coalesced all-gather in the
+    partitions' dtype (what DeepSpeed's own optimiser step does for the student's persisted
+    parameters), and the forward never reads a stale value. ``state_dict()`` (a collective)
+    returns the fp32 EMA state as full tensors on every rank.
     """
 
     def __init__(self, engine, teacher_module: torch.nn.Module, *, decay: float = 0.9996, backend: str = "auto",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, forward_dtype: torch.dtype | None = None):
         from deepspeed import comm
         from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
         from deepspeed.utils.timer import NoopTimer
 
-        self.decay, self.backend, forward_dtype = _teacher_settings(decay, backend, dtype)
-        if forward_dtype is not None:
-            raise ConfigError(f"ShardedEMATeacher: dtype={dtype}: the EMA state is fp32 (a 16-bit state does not "
-                              f"move at decay near 1) and a ZeRO-3 teacher has no 16-bit forward copy; use fp32 "
-                              f"and run the teacher's forward under bf16 autocast")
+        self.decay, self.backend, self.forward_dtype = _teacher_settings(decay, backend, dtype, forward_dtype)
         self.dtype = torch.float32
         optimizer = getattr(engine, "optimizer", None)
         masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
@@ -370,23 +377,43 @@ class ShardedEMATeacher:
                 raise ShapeError(f"ShardedEMATeacher: {name}: teacher shape {tuple(p.shape)} != student shape "
                                  f"{tuple(student_params[name].ds_shape)}")
         device = masters[0].device
-        teacher_module.to(device=device, dtype=self.dtype).requires_grad_(False).eval()
+        gather_dtype = self.forward_dtype or self.dtype
+        teacher_module.to(device=device).requires_grad_(False).eval()
         with torch.no_grad():
+            for p in teacher_module.parameters():  # partitioned (and so gathered) in the forward's dtype;
+                p.data = p.data.to(gather_dtype)   # buffers stay as the student's, as in EMATeacher
             for (_, t_buf), (_, s_buf) in zip(teacher_module.named_buffers(), student.named_buffers()):
-                t_buf.copy_(s_buf)
+                t_buf.data = s_buf.detach().clone()
         # Partition the teacher like the student (same world size and shapes give the same
-        # shards) and register DeepSpeed's gather/release hooks for its forward. Persistence is
-        # off: a persisted (kept-gathered) parameter would go stale as the shards move.
+        # shards) and register DeepSpeed's gather/release hooks for its forward, with the
+        # engine's own ZeRO-3 gather settings.
         self._offload = DeepSpeedZeRoOffload(
-            teacher_module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=False,
-            param_persistence_threshold=0, model_persistence_threshold=0, mpu=engine.mpu)
+            teacher_module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=engine.zero_overlap_comm(),
+            prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
+            max_reuse_distance=engine.zero_max_reuse_distance(),
+            max_live_parameters=engine.zero_max_live_parameters(),
+            param_persistence_threshold=engine.zero_param_persistence_threshold(),
+            model_persistence_threshold=engine.zero_model_persistence_threshold(), mpu=engine.mpu)
         self.module = teacher_module
         self.rank = comm.get_rank()
+        #: The parameters kept gathered between forwards (refreshed by every update), in ds_id order.
+        self.persisted = sorted((p for p in teacher_module.parameters() if getattr(p, "ds_persist", False)),
+                                key=lambda p: p.ds_id)
 
-        self._shards = []
+        # One fp32 buffer for the EMA state of all groups and, with a forward dtype, one of that
+        # dtype with the same layout: the update writes both with one table.
+        sizes = [m.numel() for m in masters]
+        self._flat, self._shards = _flat_views([torch.Size([n]) for n in sizes], self.dtype, device)
+        self._forward_flat, self._forward_shards = self._flat, self._shards
+        if self.forward_dtype is not None:
+            self._forward_flat, self._forward_shards = _flat_views([torch.Size([n]) for n in sizes],
+                                                                   self.forward_dtype, device)
+        self._names = {}  # teacher parameter -> (group index, offset, partition numel), for state_dict
         with torch.no_grad():
-            for group, master in zip(optimizer.fp16_groups, masters):
-                shard = master.detach().to(self.dtype, copy=True)
+            for g, (group, master) in enumerate(zip(optimizer.fp16_groups, masters)):
+                self._shards[g].copy_(master.detach())
+                if self._forward_flat is not self._flat:
+                    self._forward_shards[g].copy_(self._shards[g])
                 offset = 0
                 for p in group:
                     t = teacher_params[names[id(p)]]
@@ -394,9 +421,9 @@ class ShardedEMATeacher:
                     if t.ds_tensor.numel() != n:
                         raise ShapeError(f"ShardedEMATeacher: {names[id(p)]}: teacher shard {t.ds_tensor.numel()} "
                                          f"elements, student shard {n}")
-                    t.ds_tensor.data = shard.narrow(0, offset, n)
+                    t.ds_tensor.data = self._forward_shards[g].narrow(0, offset, n)
+                    self._names[names[id(p)]] = (g, offset, n)
                     offset += n
-                self._shards.append(shard)
             grouped = {id(p) for group in optimizer.fp16_groups for p in group}
             for name, p in student_params.items():  # frozen student parameters: a constant EMA
                 if id(p) not in grouped:
@@ -404,38 +431,98 @@ class ShardedEMATeacher:
         self._optimizer, self._updater = optimizer, _Updater(backend)
         self._jobs = self._prepare()
 
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        """This rank's fp32 EMA state, one flat shard per optimiser group (laid out like the engine's masters)."""
+        return list(self._shards)
+
+    @property
+    def forward_shards(self) -> list[torch.Tensor]:
+        """The shards the module's partitions are views of: 16-bit copies of :attr:`shards`
+        with ``forward_dtype``, else :attr:`shards` themselves."""
+        return list(self._forward_shards)
+
     def _prepare(self) -> list[tuple]:
         # Re-read each step: a checkpoint load may swap the engine's master tensors.
         self._masters = list(self._optimizer.fp32_partitioned_groups_flat)
         self._master_ptrs = [m.data_ptr() for m in self._masters]
         _validate(self._shards, self._masters)
-        return self._updater.prepare(self._shards, self._masters)
+        copy_of = (self._flat, self._forward_flat) if self._forward_flat is not self._flat else None
+        return self._updater.prepare(self._shards, self._masters, copy_of=copy_of)
 
     def update(self, student_module: torch.nn.Module | None = None, apply: torch.Tensor | None = None) -> None:
-        """Lerp this rank's teacher shards toward its fp32 master shards (``student_module`` is not read).
+        """Lerp this rank's teacher shards toward its fp32 master shards (``student_module`` is not
+        read), writing the forward copy in the same pass, then refresh the persisted parameters
+        (a collective when some are persisted: every rank calls it).
         ``apply``: as for :meth:`EMATeacher.update` (0 leaves the shards unchanged)."""
         if [m.data_ptr() for m in self._optimizer.fp32_partitioned_groups_flat] != self._master_ptrs:
             self._jobs = self._prepare()
         _Updater.run(self._jobs, 1.0 - self.decay, apply)
+        self.refresh_persisted()
+
+    def refresh_persisted(self) -> None:
+        """Re-gather the persisted parameters from the current shards (one coalesced all-gather
+        of all of them, the same list on every rank; nothing when none are persisted). A
+        collective: every rank calls it."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if not self.persisted:
+            return
+        for p in self.persisted:  # a prefetch still in flight (overlap_comm on an accelerator)
+            registry = self.module.ds_inflight_param_registry
+            if p in registry:
+                registry.pop(p).wait()
+        available = [p for p in self.persisted if p.ds_status == ZeroParamStatus.AVAILABLE]
+        with torch.no_grad():
+            if available:  # drop the stale gathered copies; the shards hold the new values
+                available[0].partition(param_list=available, has_been_updated=False)
+            self.persisted[0].all_gather_coalesced(self.persisted).wait()
 
     def state_dict(self) -> dict:
-        """Full (gathered) teacher parameters and buffers on every rank; a collective: every rank calls it."""
-        import deepspeed
+        """Full teacher parameters from the fp32 EMA state, and buffers, on every rank; a
+        collective (one all-gather per optimiser group): every rank calls it."""
+        import torch.distributed as dist
 
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in self.module.named_parameters()}
+        params = dict(self.module.named_parameters())
+        group = next(iter(params.values())).ds_process_group if params else None
+        world = dist.get_world_size(group=group)
+        gathered = []
+        for shard in self._shards:
+            parts = [torch.empty_like(shard) for _ in range(world)]
+            dist.all_gather(parts, shard.contiguous(), group=group)
+            gathered.append(parts)
+        state = {}
+        for name, p in params.items():
+            if name in self._names:
+                g, offset, n = self._names[name]
+                full = torch.cat([part.narrow(0, offset, n) for part in gathered[g]])
+            else:  # frozen: its partitions (in the forward dtype) hold the constant student value
+                parts = [torch.empty_like(p.ds_tensor) for _ in range(world)]
+                dist.all_gather(parts, p.ds_tensor.contiguous(), group=group)
+                full = torch.cat(parts).to(self.dtype)
+            state[name] = full[: p.ds_numel].reshape(p.ds_shape).clone()
         state.update({k: v.detach().clone() for k, v in self.module.named_buffers()})
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load full tensors (as :meth:`state_dict` writes): each rank keeps its own slice, no communication."""
+        """Load full tensors (as :meth:`state_dict` writes): each rank keeps its own slice of the
+        fp32 state (and its forward copy), then the persisted parameters are refreshed (a
+        collective when some are persisted: every rank calls it)."""
         with torch.no_grad():
             for name, p in self.module.named_parameters():
-                full = state_dict[name].reshape(-1).to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype)
-                n = p.ds_tensor.numel()
-                part = full[self.rank * n: (self.rank + 1) * n]
-                p.ds_tensor.zero_()
-                p.ds_tensor[: part.numel()].copy_(part)
+                if name in self._names:
+                    g, offset, n = self._names[name]
+                    target = self._shards[g].narrow(0, offset, n)
+                else:
+                    target = p.ds_tensor
+                    n = target.numel()
+                full = state_dict[name].reshape(-1).to(device=target.device, dtype=target.dtype)
+                rank = p.ds_zero_partition_rank
+                part = full[rank * n: (rank + 1) * n]
+                target.zero_()
+                target[: part.numel()].copy_(part)
+            if self._forward_flat is not self._flat:
+                self._forward_flat.copy_(self._flat)
             for name, buf in self.module.named_buffers():
                 buf.copy_(state_dict[name])
+        self.refresh_persisted()

@@ -1,22 +1,47 @@
-"""One rank of the ZeRO-3 EMA check (run by tests/test_ema_zero3.py under torchrun, 2 CPU
-processes, gloo): a sharded teacher, updated with no communication, gathered back after a
-few optimiser steps equals the replicated float64 computation from the gathered masters."""
+"""One rank of the ZeRO-3 EMA checks (run by tests/test_ema_zero3.py under torchrun, 2 CPU
+processes, gloo). Two engines over the same small model (odd sizes, LayerNorm, a 0-d logit_scale):
+
+1. No persistence, an fp32 teacher: the sharded teacher, updated with no communication at all,
+   gathered back after a few optimiser steps equals the replicated float64 computation from the
+   gathered masters; its forward equals a plain module's; state_dict/load_state_dict round-trip.
+2. ``stage3_param_persistence_threshold: 40`` (biases, LayerNorm, logit_scale persisted; the two
+   weight matrices not): a bf16-forward teacher and an fp32 teacher on the same engine, following
+   the same student trajectory as replicated ``EMATeacher``s fed the gathered fp32 masters.
+   Checked after every step: the student's gathered (persisted) logit_scale, which its forward
+   reads, obeys the clamp; ``update()`` communicates once (one coalesced all-gather of the
+   persisted parameters); the persisted parameters hold the new EMA values; the forwards equal the
+   replicated teachers' (bit for bit: the same fp32 state, the same bf16 copy, the same kernels)
+   and the bf16 forward is within BF16_TOL of the fp32 one; the gathered teacher logit_scale is
+   under the clamp; a skipped update (apply 0) changes nothing.
+"""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_fp32_param
 
 from degla_fast.ema import EMATeacher, ShardedEMATeacher
 from degla_fast.errors import ConfigError
+from degla_fast.train.distributed import clamp_logit_scale_deepspeed, wrap_deepspeed, zero_dim_safe_broadcasts
 
 DECAY = 0.6
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter_tensor",
-               "reduce_scatter", "send", "recv", "isend", "irecv", "barrier")
+MAX_SCALE = math.log(100.0)
+MAX_FP32 = torch.tensor(MAX_SCALE).item()  # the clamp's bound as an fp32 value (rounds up from ln 100)
+#: bf16 teacher forward vs the fp32 teacher's on the same EMA state, as a relative error of the whole
+#: output (||bf16 - fp32|| / ||fp32||): bf16 keeps 8 significant bits (2^-9 relative rounding per
+#: weight and activation); logit_scale ~ 4.6 in bf16 is off by up to 2^-6, which alone moves
+#: exp(logit_scale), a factor of every output, by up to 1.6 % (measured here: up to 2.6 %).
+BF16_REL_TOL = 5e-2
+PERSISTED = {"inp.bias", "norm.weight", "norm.bias", "out.bias", "logit_scale"}  # numel <= 40
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_reduce", "broadcast",
+               "reduce_scatter_tensor", "reduce_scatter", "send", "recv", "isend", "irecv", "barrier",
+               "all_to_all_single", "inference_all_reduce", "all_reduce_coalesced")
 
 
 class Net(torch.nn.Module):
@@ -25,41 +50,80 @@ class Net(torch.nn.Module):
         self.inp = torch.nn.Linear(6, 33)       # odd sizes: shards end inside a parameter
         self.norm = torch.nn.LayerNorm(33)
         self.out = torch.nn.Linear(33, 5)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.58))  # 0-d, close under ln 100
         self.register_buffer("offset", torch.arange(5.0))
 
     def forward(self, x):
-        return self.out(torch.tanh(self.norm(self.inp(x)))) + self.offset
+        return (self.out(torch.tanh(self.norm(self.inp(x)))) + self.offset) * self.logit_scale.exp()
 
 
-def gathered_masters(module):
-    """Full fp32 master weights (a collective), float64."""
-    return {n: safe_get_full_fp32_param(p).double().clone() for n, p in module.named_parameters()}
+def gathered_masters(module, dtype=torch.float64):
+    """Full fp32 master weights (a collective)."""
+    return {n: safe_get_full_fp32_param(p).to(dtype).clone() for n, p in module.named_parameters()}
 
 
-def main() -> int:
-    deepspeed.init_distributed(dist_backend="gloo")
+class CountCollectives:
+    """Within: every collective (torch.distributed's and DeepSpeed's backend's) is counted by name."""
+
+    def __enter__(self):
+        from deepspeed.comm import comm as ds_comm
+
+        self.calls, self._saved = [], []
+        for owner in (dist, ds_comm.cdb):
+            for name in COLLECTIVES:
+                fn = getattr(owner, name, None)
+                if fn is None:
+                    continue
+                self._saved.append((owner, name, owner.__dict__.get(name, None), name in owner.__dict__))
+
+                def counted(*a, _fn=fn, _n=name, **k):
+                    self.calls.append(_n)
+                    return _fn(*a, **k)
+
+                setattr(owner, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn, own in reversed(self._saved):
+            if own:
+                setattr(owner, name, fn)
+            else:
+                delattr(owner, name)
+
+
+def engine_for(threshold: int, lr: float):
     torch.manual_seed(0)
     student = Net()
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9}
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=torch.optim.AdamW(student.parameters(), lr=0.05),
-                                           config=config)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold}}
+    return wrap_deepspeed(student, torch.optim.AdamW(student.parameters(), lr=lr), config)
+
+
+def sharded(engine, **kwargs) -> ShardedEMATeacher:
+    torch.manual_seed(1)  # a different initialisation: the teacher must start as the student
+    with zero_dim_safe_broadcasts():
+        teacher = EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton", **kwargs)
+    assert isinstance(teacher, ShardedEMATeacher)
+    return teacher
+
+
+def check_unpersisted_fp32(rank: int) -> None:
+    engine = engine_for(threshold=0, lr=0.05)
     try:  # a replica of a partitioned student would silently hold empty tensors
         EMATeacher(engine.module)
         raise AssertionError("EMATeacher accepted ZeRO-3 partitions")
     except ConfigError as err:
         assert "from_deepspeed" in str(err)
-    torch.manual_seed(1)  # a different initialisation: the teacher must start as the student
-    for bad in (dict(dtype=torch.bfloat16), dict(forward_dtype=torch.bfloat16)):
-        try:  # the EMA state is fp32 and a sharded teacher has no 16-bit forward copy (raised before any collective)
-            EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton", **bad)
+    for bad in (dict(dtype=torch.float64), dict(forward_dtype=torch.float64)):
+        try:  # the EMA state is fp32; a forward copy is bf16/fp16 (raised before any collective)
+            sharded(engine, **bad)
             raise AssertionError(f"a ZeRO-3 teacher accepted {bad}")
         except ConfigError as err:
-            assert "fp32" in str(err) or "autocast" in str(err), err
-    teacher = EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton")
-    assert isinstance(teacher, ShardedEMATeacher)
-    assert teacher.dtype == torch.float32 and all(s.dtype == torch.float32 for s in teacher._shards)
-    rank = dist.get_rank()
+            assert "fp32" in str(err) or "forward_dtype" in str(err), err
+    teacher = sharded(engine)
+    assert teacher.dtype == torch.float32 and teacher.forward_dtype is None and not teacher.persisted
+    assert all(s.dtype == torch.float32 for s in teacher.shards)
+    assert all(p.ds_tensor.dtype == torch.float32 for p in teacher.module.parameters())
     full = sum(p.ds_numel for p in teacher.module.parameters())
     local = sum(p.ds_tensor.numel() for p in teacher.module.parameters())
     assert local < full, (local, full)  # partitioned, not replicated
@@ -71,19 +135,15 @@ def main() -> int:
         loss = engine(x).pow(2).mean()
         engine.backward(loss)
         engine.step()
-        saved = {name: getattr(dist, name) for name in COLLECTIVES}
-        try:
-            for name in COLLECTIVES:  # any communication inside update() fails the test
-                setattr(dist, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(f"{_n} in update")))
+        with CountCollectives() as counted:
             teacher.update(engine.module)
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
+        assert counted.calls == [], counted.calls  # nothing persisted: the update communicates nothing
         masters = gathered_masters(engine.module)
         expected = {n: e + (1 - DECAY) * (masters[n] - e) for n, e in expected.items()}
 
     state = teacher.state_dict()
     for name, value in expected.items():
+        assert state[name].dtype == torch.float32, name
         torch.testing.assert_close(state[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)
         assert not torch.allclose(state[name].double(), masters[name]), name  # it did lag the student
     assert torch.equal(state["offset"], torch.arange(5.0))
@@ -102,6 +162,127 @@ def main() -> int:
     again = teacher.state_dict()
     for k, v in shifted.items():
         assert torch.equal(again[k], v), k
+
+
+def forward(module, x, dtype):
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return module(x).float()
+
+
+def check_persisted_bf16_and_fp32(rank: int) -> None:
+    engine = engine_for(threshold=40, lr=0.05)
+    student = engine.module
+    assert {n for n, p in student.named_parameters() if p.ds_persist} == PERSISTED
+    teachers = {torch.bfloat16: sharded(engine, forward_dtype=torch.bfloat16), None: sharded(engine)}
+    # The same student, replicated, fed the gathered fp32 masters: the reference trajectory.
+    plain = Net()
+    plain.load_state_dict({k: v.float() for k, v in gathered_masters(student).items()}
+                          | {"offset": torch.arange(5.0)})
+    refs = {torch.bfloat16: EMATeacher(plain, decay=DECAY, backend="triton", forward_dtype=torch.bfloat16),
+            None: EMATeacher(plain, decay=DECAY, backend="triton")}
+    bf16 = teachers[torch.bfloat16]
+    assert bf16.forward_dtype == torch.bfloat16 and bf16.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in bf16.shards)
+    assert all(s.dtype == torch.bfloat16 for s in bf16.forward_shards)
+    for teacher in teachers.values():
+        names = {id(p): n for n, p in teacher.module.named_parameters()}
+        assert {names[id(p)] for p in teacher.persisted} == PERSISTED
+    # What DeepSpeed gathers for the bf16 teacher is bf16: half the bytes.
+    assert all(p.ds_tensor.dtype == torch.bfloat16 and p.dtype == torch.bfloat16 for p in bf16.module.parameters())
+    assert bf16.module.offset.dtype == torch.float32  # buffers as the student's
+
+    probe = torch.randn(7, 6, generator=torch.Generator().manual_seed(7))  # a fixed batch, the same on both ranks
+    torch.manual_seed(100 + rank)
+    clamped_once = False
+    for step in range(4):
+        x = torch.randn(4, 6)
+        loss = -engine(x).pow(2).mean()  # pushes logit_scale up, past ln 100 in the first steps
+        engine.backward(loss)
+        engine.step()
+        # DeepSpeed re-gathered the student's persisted parameters after its step: unclamped.
+        clamped_once |= bool(student.logit_scale.data > MAX_FP32)
+        clamp_logit_scale_deepspeed(student, MAX_SCALE)
+        # The clamp reaches the gathered copy the student's forward reads, and the master.
+        gathered = student.logit_scale
+        assert gathered.ds_status == ZeroParamStatus.AVAILABLE and gathered.data.shape == ()
+        master = safe_get_full_fp32_param(gathered)
+        assert float(gathered.data) <= MAX_FP32 and float(master) <= MAX_FP32, (float(gathered.data), float(master))
+        assert torch.equal(gathered.data, master.to(gathered.dtype)), (gathered.data, master)
+
+        plain.load_state_dict({k: v.float() for k, v in gathered_masters(student).items()}
+                              | {"offset": torch.arange(5.0)})
+        for dtype, teacher in teachers.items():
+            with CountCollectives() as counted:
+                teacher.update(student)
+            # The lerp communicates nothing; the refresh is one coalesced all-gather.
+            assert counted.calls == ["all_gather_into_tensor"], counted.calls
+            refs[dtype].update(plain)
+        for dtype, teacher in teachers.items():
+            ref = refs[dtype]
+            params = dict(teacher.module.named_parameters())
+            ref_params = dict(ref.module.named_parameters())  # the replica's forward copy (bf16) or state
+            for name in PERSISTED:  # refreshed by update(): gathered, holding the new values
+                p = params[name]
+                assert p.ds_status == ZeroParamStatus.AVAILABLE, (step, name)
+                assert p.dtype == (dtype or torch.float32)
+                assert torch.equal(p.data, ref_params[name].detach()), (step, name, dtype)
+            # The teacher's gathered logit_scale is under the clamp too (an EMA of clamped values).
+            assert float(params["logit_scale"].data) <= MAX_FP32
+            got, want = forward(teacher.module, probe, dtype), forward(ref.module, probe, dtype)
+            assert torch.equal(got, want), (step, dtype, (got - want).abs().max())
+            state, ref_state = teacher.state_dict(), ref.state_dict()
+            for name, value in ref_state.items():
+                assert state[name].dtype == value.dtype and torch.equal(state[name], value), (step, name, dtype)
+            # DeepSpeed releases every parameter after its module while it records the fetch order
+            # (the first forward); from the second forward on the persisted ones stay gathered.
+            if step > 0:
+                assert all(params[name].ds_status == ZeroParamStatus.AVAILABLE for name in PERSISTED), step
+        low, full = forward(bf16.module, probe, torch.bfloat16), forward(teachers[None].module, probe, None)
+        error = float((low - full).norm() / full.norm())
+        assert 0 < error <= BF16_REL_TOL, (step, error)  # 0: the bf16 copy would not be bf16
+    assert clamped_once, "the clamp had nothing to do: the test does not exercise it"
+    # It lags the student (decay 0.6), as the replicas do.
+    assert not torch.equal(bf16.state_dict()["inp.weight"], gathered_masters(student, torch.float32)["inp.weight"])
+
+    # A skipped step (apply 0) moves nothing; with an apply tensor the update takes the torch path
+    # (the lerp and a round-to-nearest bf16 copy; the Triton interpreter's copy rounds toward zero),
+    # so it is compared with the replica's update along the same path.
+    state_before = bf16.state_dict()
+    engine.backward(-engine(torch.randn(4, 6)).pow(2).mean())
+    engine.step()
+    plain.load_state_dict({k: v.float() for k, v in gathered_masters(student).items()}
+                          | {"offset": torch.arange(5.0)})
+    bf16.update(student, apply=torch.tensor(0.0))
+    refs[torch.bfloat16].update(plain, apply=torch.tensor(0.0))
+    state = bf16.state_dict()
+    for k, v in state_before.items():
+        assert torch.equal(state[k], v), k
+    params = dict(bf16.module.named_parameters())
+    for name in PERSISTED:  # refreshed from the rewritten forward copy
+        assert params[name].ds_status == ZeroParamStatus.AVAILABLE
+        assert torch.equal(params[name].data, state[name].to(torch.bfloat16)), name
+    assert torch.equal(forward(bf16.module, probe, torch.bfloat16),
+                       forward(refs[torch.bfloat16].module, probe, torch.bfloat16))
+
+    # load_state_dict refreshes the persisted copies and the forward copy as well.
+    shifted = {k: v + 0.25 for k, v in teachers[None].state_dict().items()}
+    bf16.load_state_dict(shifted)
+    refs[torch.bfloat16].load_state_dict(shifted)
+    params = dict(bf16.module.named_parameters())
+    for name in PERSISTED:
+        assert torch.equal(params[name].data, shifted[name].to(torch.bfloat16)), name
+    assert torch.equal(forward(bf16.module, probe, torch.bfloat16),
+                       forward(refs[torch.bfloat16].module, probe, torch.bfloat16))
+    again = bf16.state_dict()
+    for k, v in shifted.items():
+        assert torch.equal(again[k], v), k
+
+
+def main() -> int:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    check_unpersisted_fp32(rank)
+    check_persisted_bf16_and_fp32(rank)
     if rank == 0:
         print("EMA-ZERO3-OK")
     return 0

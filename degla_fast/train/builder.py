@@ -185,15 +185,15 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
     if engine is None:
         return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
     fresh = None
-    if engine.zero_optimization_stage() != 3:
-        kwargs["forward_dtype"] = forward_dtype
-    else:  # fp32 shards and no copy: the teacher's forward runs under bf16 autocast instead
+    if engine.zero_optimization_stage() == 3:
+        # fp32 EMA shards plus a forward copy of forward_dtype (if any), which is what ZeRO-3
+        # partitions and gathers for the teacher's forward (half the bytes of fp32 in bf16).
         from ..model import create_model
 
         fresh = create_model(config.model.name, None, device="cpu").model  # weights come from the shards
         dist_utils.mark_zero3_leaves(fresh)
     with dist_utils.zero_dim_safe_broadcasts():
-        return EMATeacher.from_deepspeed(engine, fresh, **kwargs)
+        return EMATeacher.from_deepspeed(engine, fresh, forward_dtype=forward_dtype, **kwargs)
 
 
 # What a run leaves in its output folder (besides wandb's own folder).
