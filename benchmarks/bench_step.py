@@ -13,7 +13,11 @@ Plain CLIP and ours are ``degla_fast.train.step.train_step`` itself, on the trai
 what is benchmarked is what trains (the released step keeps its own loop). ``p50_ms`` is the
 step as it trains, with no sync inside; the phase columns come from the same steps run again
 with a device sync at each phase boundary. On a GPU the table has B=256 for every variant and
-B=1024 for the eager ones (``peak_mem_bytes``: does it fit), each case in its own process.
+B=1024 for the eager ones (``peak_mem_bytes``: does it fit), each case in its own process,
+measured in this order: eager at B=256, ours at B=1024, the compiled ones (ours first), then the
+other eager ones at B=1024.
+``--budget-s S`` (what ``make gpu-check`` gives this benchmark) starts a case only when the
+rest of S covers it and stops one at the end of S: what does not fit is a row that says so.
 
 Every phase sits in a ``record_function`` range (NVTX too on CUDA) named data, forward,
 teacher_forward, loss, backward, optimizer, ema; ``--profile TRACE.json`` writes a torch.profiler
@@ -23,6 +27,7 @@ says nothing about GPU speed.
 
     python benchmarks/bench_step.py --quick
     python benchmarks/bench_step.py                       # GPU
+    python benchmarks/bench_step.py --budget-s 150        # GPU, what fits in 150 s
     python benchmarks/bench_step.py --profile benchmarks/results/trace_step.json --variant "DeGLA (ours)"
 """
 from __future__ import annotations
@@ -37,8 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_ratios, nvtx_range, peak_rss_bytes, percentiles, profile_trace,  # noqa: E402
-                    report_run, run_case_in_subprocess)
+from common import add_ratios, nvtx_range, peak_rss_bytes, percentiles, profile_trace, report_run  # noqa: E402
 
 NAME = "bench_step"
 PHASES = ("data", "forward", "teacher_forward", "loss", "backward", "optimizer", "ema")
@@ -235,6 +239,7 @@ def run_case(case: dict) -> dict:
         row[f"{phase}_ms"] = sorted(s[phase] for s in samples)[len(samples) // 2]
     # Peak of the whole process (weights, optimiser state, activations), as a user sizes a GPU.
     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    row["peak_mem_gib"] = round(row["peak_mem_bytes"] / 2**30, 2)
     row["text_tokens"] = int(step.tokens.shape[1] if step.released or step.plain else
                              (step.tokens != 0).any(0).nonzero()[-1] + 1)
     return row
@@ -242,34 +247,123 @@ def run_case(case: dict) -> dict:
 
 #: GPU: the batch of the timing table and the one whose peak memory must fit (eager variants only).
 GPU_BATCHES = (256, 1024)
+EAGER = ("plain CLIP", "DeGLA as released", "DeGLA (ours)")
+#: Compiled variants, ours first: a budget too short for both still measures the one the target is about.
+COMPILED = ("DeGLA (ours, torch.compile)", "plain CLIP (torch.compile)")
+#: Seconds one case is expected to take on an H100/H200 (fresh process, imports, model build, warm-up
+#: with its kernel compiles, the timed steps): a budgeted run (``budget_s``) starts a case only when
+#: at least this much of the budget is left, or 1.25 times the longest case of the same stage so far.
+#: Guesses until a GPU run records ``case_s``; a compiled case is mostly Inductor's compiles of both
+#: towers (and the teacher's, for ours).
+CASE_NEED_S = {"eager": 25.0, "peak memory": 30.0, "compiled": 90.0}
+#: On the CPU (quick mode, the gpu-check dry run) every case needs about this much.
+CPU_CASE_NEED_S = 4.0
 
 
-def run(quick: bool, batch: int | None = None) -> list[dict]:
-    """One row per variant (same model and batch); compiled variants only on a GPU. On a GPU
-    without ``batch``: every variant at B=256, then the eager ones at B=1024 (peak memory; out
-    of memory is a row that says so)."""
+def stages(quick: bool, batch: int | None = None, peak_batch: int | None = None) -> list[tuple[str, dict, tuple]]:
+    """``(stage, case config, variants)`` in the order they are measured, what the targets need
+    first: every eager variant at the table's batch; ours at the peak-memory batch (B=1024 on a
+    GPU; ``peak_batch`` elsewhere, none by default: does it fit); the compiled ones, whose
+    compiles cost the most; then the other eager ones at the peak-memory batch. With ``batch``
+    given, every variant at that batch only."""
     cfg = config(quick, batch)
-    rows = []
-    batches = GPU_BATCHES if cfg["device"] == "cuda" and batch is None else (cfg["B"],)
-    for b in batches:
-        part = []
-        for variant in VARIANTS:
-            case = {"variant": variant, **cfg, "B": b}
-            if b != batches[0]:
-                if "torch.compile" in variant:
-                    continue
-                case.update(warmup=1, iters=3)
-            if "torch.compile" in variant and cfg["device"] != "cuda":
-                part.append({"name": "train_step", "impl": variant, "model": cfg["model"], "B": b,
-                             "skipped": "torch.compile is measured on a GPU only"})
-            else:  # a fresh process: its own peak memory (and compile caches)
-                part.append(run_case_in_subprocess(__file__, case))
-        rows.extend(add_ratios(part, "DeGLA as released"))
+    gpu = cfg["device"] == "cuda"
+    peak = GPU_BATCHES[1] if gpu and batch is None else peak_batch
+    peak_cfg = {**cfg, "B": peak, "warmup": 1, "iters": 3}
+    with_peak = bool(peak) and peak != cfg["B"]
+    out = [("eager", cfg, EAGER)]
+    if with_peak:
+        out.append(("peak memory", peak_cfg, ("DeGLA (ours)",)))
+    out.append(("compiled", cfg, COMPILED))
+    if with_peak:
+        out.append(("peak memory", peak_cfg, ("DeGLA as released", "plain CLIP")))
+    return out
+
+
+def _run_case_process(case: dict, timeout: float) -> dict:
+    """``run_case`` in a fresh process (its own peak memory and compile caches) with a time limit;
+    the process and its children (Inductor's compile workers) are its own process group, ended
+    whole at the limit. A failing case is a row with its reason, never an exception."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
+
+    def end_group():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, nothing else
+        except ProcessLookupError:
+            pass
+
+    try:
+        stdout, stderr = proc.communicate(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        end_group()
+        proc.communicate()
+        return {"skipped": f"timed out after {timeout:.0f} s (the rest of the budget)"}
+    except BaseException:  # stopped from outside (SIGINT, or SIGTERM made an exit): the case goes too
+        end_group()
+        raise
+    end_group()  # whatever the case left behind (compile workers)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"case failed (exit {proc.returncode}): {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def _row_of(variant: str, case: dict) -> dict:
+    return {"name": "train_step", "impl": variant, "model": case["model"], "B": case["B"],
+            "K": 0 if variant.startswith("plain") else case["K"], "precision": case["precision"]}
+
+
+def run(quick: bool, batch: int | None = None, *, budget_s: float | None = None, peak_batch: int | None = None,
+        on_row=None, clock=time.monotonic) -> list[dict]:
+    """One row per case of :func:`stages`, each case in a fresh process; compiled variants only on
+    a GPU. On a GPU without ``batch``: every variant at B=256 and the eager ones at B=1024 (peak
+    memory; out of memory is a row that says so), in the order of :func:`stages`.
+
+    ``budget_s``: the seconds the whole may take (``make gpu-check`` gives it its stage's
+    share): a case starts only when what is left covers what it needs (:data:`CASE_NEED_S`) and
+    runs at most until the budget ends; a case not started or stopped is a row whose ``skipped``
+    says why, so the table shows what the budget left out. ``on_row(row)`` sees each row as it
+    comes (gpu-check keeps them if it is stopped). ``case_s`` is each case's wall time."""
+    deadline = None if budget_s is None else clock() + budget_s
+    rows, took = [], {}
+    for stage, cfg, variants in stages(quick, batch, peak_batch):
+        gpu = cfg["device"] == "cuda"
+        for variant in variants:
+            case = {"variant": variant, **cfg}
+            base = _row_of(variant, case)
+            if "torch.compile" in variant and not gpu:
+                row = {**base, "skipped": "torch.compile is measured on a GPU only"}
+            else:
+                need = max([CASE_NEED_S[stage] if gpu else CPU_CASE_NEED_S]
+                           + [1.25 * s for s in took.get(stage, [])])
+                left = None if deadline is None else deadline - clock()
+                if left is not None and left < need:
+                    row = {**base, "skipped": f"not run: {left:.0f} s of the {budget_s:.0f} s budget left, "
+                                              f"a {stage} case needs about {need:.0f} s"}
+                else:
+                    t0 = clock()
+                    row = {**base, **_run_case_process(case, 1800 if left is None else left)}
+                    took.setdefault(stage, []).append(clock() - t0)
+                    row["case_s"] = round(clock() - t0, 1)
+            row["stage"] = stage
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (r["B"], order.get(r["impl"], len(order))))  # stable: the table's order
+    for b in sorted({r["B"] for r in rows}):
+        add_ratios([r for r in rows if r["B"] == b], "DeGLA as released")
     return rows
 
 
-COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p50_ms"] + [f"{p}_ms" for p in PHASES] + [
-    "peak_mem_bytes", "speedup_vs_DeGLA as released", "skipped"]
+COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p20_ms", "p50_ms", "p80_ms"] + [f"{p}_ms" for p in PHASES] + [
+    "peak_mem_bytes", "speedup_vs_DeGLA as released", "case_s", "skipped"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a torch.profiler Chrome trace of one variant instead of benchmarking")
     parser.add_argument("--batch", type=int, default=None, help="batch size B (default 256 on a GPU)")
     parser.add_argument("--variant", default="DeGLA (ours)", choices=VARIANTS, help="the --profile variant")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds the whole may take: cases that do not fit are rows that say so")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.case:
@@ -291,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         step = build(args.variant, cfg)
         print(f"wrote {profile_trace(lambda: step(phases=False), args.profile, device=cfg['device'])}")
         return 0
-    report_run(NAME, run(args.quick, args.batch), COLUMNS, quick=args.quick, out_dir=args.out)
+    report_run(NAME, run(args.quick, args.batch, budget_s=args.budget_s), COLUMNS, quick=args.quick, out_dir=args.out)
     return 0
 
 

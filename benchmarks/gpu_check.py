@@ -3,22 +3,27 @@
 
 On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no network:
 
-1. install: the pure-Python wheels of :data:`WHEELS` that are missing, from ``.gpu-wheels/``
-   (made here by ``make gpu-wheels``; the folder travels with the working tree), then the
-   project itself, editable, with ``--no-index --no-deps --no-build-isolation`` (none of its
-   CPU pins, nothing downloaded);
+1. install: the wheels of :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made
+   here by ``make gpu-wheels``; the folder travels with the working tree; pytest's stack and
+   open_clip_torch with ftfy, wcwidth, tqdm and regex), ``--no-deps``, in dependency order,
+   then the project itself, editable, with ``--no-index --no-deps --no-build-isolation`` (none
+   of its CPU pins, nothing downloaded);
 2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
-3. ``bench_loss`` (B in 256..65536, K=4, D=512, bf16 and fp32), ``bench_ema`` and
-   ``bench_adamw_ema``, each in its own process with a time limit; a loss case that fails (an
-   out-of-resources launch, say) becomes a row with its reason, and a benchmark stopped at its
-   limit keeps the rows it measured;
+3. ``bench_loss`` (B in 256..65536, K=4, D=512, bf16 and fp32), ``bench_ema``,
+   ``bench_adamw_ema`` and ``bench_step`` (``train_step`` at ViT-B-32: plain CLIP, the release
+   structure and ours at B=256 K=4, ours at B=1024 for peak memory, the compiled ones, the
+   other two at B=1024, as many as its budget allows), each in its own process with a time limit; a
+   case that fails (an out-of-resources launch, out of memory) becomes a row with its reason, a
+   case the budget leaves out a row that says so, and a benchmark stopped at its limit keeps the
+   rows it measured;
 4. the report: ``benchmarks/RESULTS.md`` (plots where matplotlib exists) from
    ``benchmarks/results/gpu-check/*.json``, which hold the device name, versions and date;
    ``gpu_check.json`` there records every step (status, seconds, test counts).
 
-Every step has a time limit (:data:`STEP_LIMIT_S`) inside an 8-minute whole (:data:`TOTAL_S`).
-A fresh ``TRITON_CACHE_DIR`` per run, so no kernel is taken from an earlier compile.
+Every step has a time limit (:data:`STEP_LIMIT_S`) inside an 8-minute whole (:data:`TOTAL_S`),
+and keeps the minimum of every later step (:data:`STEP_MIN_S`) free. A fresh
+``TRITON_CACHE_DIR`` per run, so no kernel is taken from an earlier compile.
 
 ``--dry-run`` (``make gpu-check DRY_RUN=1``): the same steps on the CPU with tiny sizes and
 Triton's interpreter, in this venv (install checked, not run), written under ``--out``
@@ -26,7 +31,7 @@ Triton's interpreter, in this venv (install checked, not run), written under ``-
 it in ``make test``.
 
     python3 benchmarks/gpu_check.py                      # on the GPU machine (make gpu-check)
-    python3 benchmarks/gpu_check.py --copy-to "$OUT"     # also copy the report, JSON and log there
+    python3 benchmarks/gpu_check.py --copy-to "$OUT"     # also copy the report, JSON, log (and a tar.gz) there
     .venv/bin/python benchmarks/gpu_check.py --dry-run   # CPU, tiny sizes (make gpu-check DRY_RUN=1)
     .venv/bin/python benchmarks/gpu_check.py --download-wheels .gpu-wheels   # make gpu-wheels
 
@@ -59,28 +64,54 @@ BENCH = ROOT / "benchmarks"
 WHEELS_DIR = ROOT / ".gpu-wheels"
 DRY_OUT = ROOT / "runs" / "gpu-check-dry"
 
-#: The wheels ``make gpu-wheels`` downloads (``pip download --no-deps``, pure Python, exact
-#: versions: those of this project's CI venv) and ``install`` puts in where the distribution is
-#: missing: pytest and its needs, pytest-benchmark (``make bench``), pytest-timeout (the suites'
-#: ``timeout`` marks, and a per-test limit here), pytest-xdist (test-gpu compiles its kernels in
-#: parallel processes), setuptools + wheel (the editable install without build isolation).
+#: The wheels ``make gpu-wheels`` downloads (``pip download --no-deps``, exact versions: those of
+#: this project's CI venv) and ``install`` puts in where the distribution's module is missing, in
+#: this order (each one's needs before it): pytest and its needs, pytest-benchmark (``make bench``),
+#: pytest-timeout (the suites' ``timeout`` marks, and a per-test limit here), pytest-xdist
+#: (test-gpu compiles its kernels in parallel processes), setuptools + wheel (the editable install
+#: without build isolation), and open_clip_torch with what its import needs beyond torch,
+#: torchvision and numpy (bench_step builds its models): wcwidth, ftfy, tqdm, regex. open_clip's
+#: other needs (huggingface_hub, safetensors, timm) are imported only to load pretrained weights or
+#: timm towers, which bench_step never does, so none is carried; torchvision and numpy (compiled,
+#: tied to the image's torch) come with the image.
 WHEELS = (
-    "pytest==9.2.0", "pluggy==1.7.0", "iniconfig==2.3.1", "packaging==26.3", "pygments==2.21.0",
-    "pytest-benchmark==5.3.1", "py-cpuinfo2==10.1.1", "pytest-timeout==2.4.0",
-    "pytest-xdist==3.8.0", "execnet==2.1.2", "setuptools==84.2.1", "wheel==0.48.0",
+    "pluggy==1.7.0", "iniconfig==2.3.1", "packaging==26.3", "pygments==2.21.0", "pytest==9.2.0",
+    "py-cpuinfo2==10.1.1", "pytest-benchmark==5.3.1", "pytest-timeout==2.4.0",
+    "execnet==2.1.2", "pytest-xdist==3.8.0", "setuptools==84.2.1", "wheel==0.48.0",
+    "wcwidth==0.9.4", "ftfy==6.3.1", "tqdm==4.70.1", "regex==2026.11.19", "open_clip_torch==3.3.0",
 )
+#: The carried wheels with compiled code, one per CPython that has one (manylinux x86_64; the GPU
+#: images run 3.12): ``pip install --find-links`` picks the one that matches the machine.
+#: regex 2026.11.19 has no CPython 3.10 wheel.
+BINARY_WHEELS = {"regex==2026.11.19": ("3.11", "3.12", "3.13")}
+BINARY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 #: Wheels never carried: they come with the machine's image.
 NEVER_CARRIED = ("torch", "triton", "nvidia-")
 
-BENCHES = ("bench_loss", "bench_ema", "bench_adamw_ema")
+#: The benchmarks, in the order they run: bench_step last, since it fits its cases to what is left.
+BENCHES = ("bench_loss", "bench_ema", "bench_adamw_ema", "bench_step")
+STEPS = ("install", "test-gpu", *BENCHES, "report")
 TOTAL_S = 480
-#: Time limit of each step (seconds); a step never runs past the whole's deadline either.
-STEP_LIMIT_S = {"install": 40, "test-gpu": 180, "bench_loss": 150, "bench_ema": 45, "bench_adamw_ema": 30,
-                "report": 20}
+#: Time limit of each step (seconds). A step never runs past the whole's deadline, and never into
+#: the time kept for the steps after it (:data:`STEP_MIN_S`): an early step that runs long
+#: shortens the later ones only down to their minimum.
+STEP_LIMIT_S = {"install": 40, "test-gpu": 180, "bench_loss": 120, "bench_ema": 45, "bench_adamw_ema": 30,
+                "bench_step": 210, "report": 20}
+#: The seconds kept for a step whatever the steps before it took (bench_step: at least its eager
+#: B=256 cases, see bench_step.CASE_NEED_S).
+STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 60, "bench_ema": 20, "bench_adamw_ema": 15,
+              "bench_step": 120, "report": 20}
+#: bench_step's own share of its limit for the worker's start and the JSON: its cases get the rest.
+BENCH_STEP_MARGIN_S = 15
 #: The dry run on 2 CPU cores (the interpreter is slow, the sizes tiny).
 DRY_STEP_LIMIT_S = {"install": 60, "test-gpu": 150, "bench_loss": 60, "bench_ema": 40, "bench_adamw_ema": 40,
-                    "report": 40}
+                    "bench_step": 90, "report": 40}
+DRY_STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 20, "bench_ema": 20, "bench_adamw_ema": 20,
+                  "bench_step": 60, "report": 30}
 DRY_TOTAL_S = 300
+#: The dry run's bench_step is ``bench_step --quick``: the tiny model at B=8, every eager variant
+#: (about 10 s each on 2 busy cores, mostly the fresh process's imports), compiled rows noted as
+#: GPU-only; the budget and the other stages are tested with a stand-in for the cases.
 #: Loss implementations in the order they are measured (each over both dtypes and every B): what
 #: a GPU run must show comes first, so a benchmark stopped at its limit has measured those;
 #: torch.compile, whose compiles dominate, last.
@@ -154,26 +185,70 @@ def test_gpu_command(python: str, *, dry_run: bool, args: str = "", kernel_tests
 WHEEL_MODULES = {"pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
                  "pygments": "pygments", "pytest-benchmark": "pytest_benchmark", "py-cpuinfo2": "cpuinfo",
                  "pytest-timeout": "pytest_timeout", "pytest-xdist": "xdist", "execnet": "execnet",
-                 "setuptools": "setuptools", "wheel": "wheel"}
+                 "setuptools": "setuptools", "wheel": "wheel", "wcwidth": "wcwidth", "ftfy": "ftfy",
+                 "tqdm": "tqdm", "regex": "regex", "open_clip_torch": "open_clip"}
 
 
 def _installed(requirement: str) -> bool:
     return importlib.util.find_spec(WHEEL_MODULES[requirement.split("==")[0]]) is not None
 
 
+def _wheel_stem(requirement: str) -> str:
+    """``name-version`` as a wheel's file name starts (``-`` and ``.`` in the name become ``_``)."""
+    name, version = requirement.split("==")
+    return f"{name.replace('-', '_').replace('.', '_')}-{version}"
+
+
+def wheel_tag() -> str:
+    """This interpreter's CPython wheel tag, e.g. ``cp312``."""
+    return f"cp{sys.version_info.major}{sys.version_info.minor}"
+
+
+def carried_wheel(requirement: str, folder: Path | None = None) -> Path | None:
+    """The wheel of ``requirement`` in ``folder`` (:data:`WHEELS_DIR`) that this machine can
+    install, or None."""
+    import platform
+
+    folder = WHEELS_DIR if folder is None else folder
+
+    stem = _wheel_stem(requirement).lower()
+    tag = wheel_tag()
+    for p in sorted(folder.glob("*.whl")) if folder.is_dir() else []:
+        name = p.name.lower()
+        if requirement not in BINARY_WHEELS:
+            if name.startswith(stem + "-") and name.endswith("-none-any.whl"):
+                return p
+        elif name.startswith(f"{stem}-{tag}-{tag}-") and "manylinux" in name and platform.machine() in name:
+            return p
+    return None
+
+
+def download_commands(dest: Path) -> list[list[str]]:
+    """The ``pip download --no-deps`` calls of ``make gpu-wheels``: the pure-Python wheels in one,
+    then each compiled one once per CPython of :data:`BINARY_WHEELS`."""
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    pure = [w for w in WHEELS if w not in BINARY_WHEELS]
+    cmds = [pip + ["--python-version", "3.12", "--implementation", "py", "--abi", "none", "--platform", "any", *pure]]
+    for req, versions in BINARY_WHEELS.items():
+        plats = [a for p in BINARY_PLATFORMS for a in ("--platform", p)]
+        cmds += [pip + ["--python-version", v, "--implementation", "cp", *plats, req] for v in versions]
+    return cmds
+
+
 def download_wheels(dest: Path) -> int:
     """``make gpu-wheels``: ``pip download --no-deps`` of exactly :data:`WHEELS` into ``dest``."""
-    assert not any(w.startswith(NEVER_CARRIED) for w in WHEELS) and {w.split('==')[0] for w in WHEELS} == set(WHEEL_MODULES)
+    names = [w.split("==")[0] for w in WHEELS]
+    assert not any(n.startswith(NEVER_CARRIED) for n in names) and set(names) == set(WHEEL_MODULES)
+    assert set(BINARY_WHEELS) <= set(WHEELS)
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           "3.12", "--implementation", "py", "--abi", "none", "--platform", "any", "-d", str(dest), *WHEELS]
-    print("+ " + shlex.join(cmd), flush=True)
-    done = subprocess.run(cmd)
-    if done.returncode:
-        return done.returncode
+    for cmd in download_commands(dest):
+        print("+ " + shlex.join(cmd), flush=True)
+        done = subprocess.run(cmd)
+        if done.returncode:
+            return done.returncode
     files = sorted(dest.glob("*.whl"))
-    wanted = {w.split("==")[0].replace("-", "_").lower() for w in WHEELS}
-    stray = [f.name for f in files if f.name.split("-")[0].lower() not in wanted]
+    wanted = {_wheel_stem(w).lower() for w in WHEELS}
+    stray = [f.name for f in files if "-".join(f.name.split("-")[:2]).lower() not in wanted]
     for f in files:
         print(f"{f.stat().st_size / 1e3:8.0f} kB  {f.name}")
     print(f"{sum(f.stat().st_size for f in files) / 1e6:.2f} MB in {len(files)} wheels in {dest}"
@@ -196,6 +271,7 @@ class Run:
         self.start = time.monotonic()
         self.deadline = self.start + total_s
         self.limits = DRY_STEP_LIMIT_S if dry_run else STEP_LIMIT_S
+        self.minimums = DRY_STEP_MIN_S if dry_run else STEP_MIN_S
         self.steps: list[dict] = []
         self.cache = tempfile.mkdtemp(prefix="gpu-check-triton-cache-")
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -208,7 +284,11 @@ class Run:
         self.log.write(text + "\n")
         self.log.flush()
 
-    def limit(self, step: str, reserve: float = 0.0) -> float:
+    def limit(self, step: str) -> float:
+        """``step``'s time limit now: its own, cut to what is left of the whole after the time
+        kept for the steps after it (their :data:`STEP_MIN_S`)."""
+        later = STEPS[STEPS.index(step) + 1:]
+        reserve = sum(self.minimums[s] for s in later)
         return max(0.0, min(self.limits[step], self.deadline - time.monotonic() - reserve))
 
     def call(self, step: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int | None, float]:
@@ -257,14 +337,20 @@ class Run:
                 *(["--dry-run"] if self.dry_run else []), *extra]
 
 
-def _probe(run: Run) -> dict:
+def _probe(run: Run, open_clip: bool = False) -> dict:
     """torch/triton versions, the device and whether ``degla_fast.kernels`` imports from outside
-    the checkout (an install, not the cwd), from one fresh process; {} when torch is missing."""
+    the checkout (an install, not the cwd), from one fresh process; {} when torch is missing.
+    ``open_clip``: also its version, or why it cannot be imported (a few seconds more)."""
     code = ("import json, torch, triton\n"
             "try:\n import degla_fast.kernels, degla_fast.losses, degla_fast.optim_ema\n ok = True\n"
             "except Exception:\n ok = False\n"
+            "oc = None\n"
+            + ("try:\n import open_clip\n oc = open_clip.__version__\n"
+               "except Exception as err:\n oc = 'cannot be imported: %s: %s' % (type(err).__name__, err)\n"
+               if open_clip else "") +
             "print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, "
-            "'cuda': torch.cuda.is_available() and torch.cuda.get_device_name(0), 'project': ok}))")
+            "'cuda': torch.cuda.is_available() and torch.cuda.get_device_name(0), 'project': ok, "
+            "'open_clip': oc}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run.env,
                           cwd=tempfile.gettempdir())
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -293,14 +379,16 @@ def step_install(run: Run) -> bool:
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir",
            "--disable-pip-version-check", "--find-links", str(WHEELS_DIR)]
     if missing:
-        absent = [w for w in missing if not list(WHEELS_DIR.glob(w.split("==")[0].replace("-", "_") + "-*.whl"))
-                  and not list(WHEELS_DIR.glob(w.split("==")[0] + "-*.whl"))]
+        wheels = {w: carried_wheel(w) for w in missing}
+        absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
+                  for w, path in wheels.items() if path is None]
         if absent:
             run.record("install", "failed", time.monotonic() - t0,
-                       detail=f"missing here and not in {WHEELS_DIR.name}/: {' '.join(absent)} (run `make gpu-wheels` "
+                       detail=f"missing here and not in {WHEELS_DIR.name}/: {', '.join(absent)} (run `make gpu-wheels` "
                               f"on a machine with pip access and carry the folder)")
             return False
-        rc, _ = run.call("install wheels", pip + missing, run.limit("install"))
+        # The wheel files themselves, in WHEELS' order (each one's needs first), none of their deps.
+        rc, _ = run.call("install wheels", pip + [str(wheels[w]) for w in missing], run.limit("install"))
         if rc != 0:
             run.record("install", "failed", time.monotonic() - t0, detail=f"pip install of {missing} exited {rc}")
             return False
@@ -309,8 +397,12 @@ def step_install(run: Run) -> bool:
         if rc != 0 or not _probe(run).get("project"):
             run.record("install", "failed", time.monotonic() - t0, detail=f"editable install exited {rc}")
             return False
+    # Imported for real (torchvision and numpy come from the image; a wheel may not fit it).
+    run.probe = probe = {**probe, "open_clip": _probe(run, open_clip=True).get("open_clip")}
+    # open_clip is bench_step's alone: without it the kernels are still tested and benchmarked.
     run.record("install", "passed", time.monotonic() - t0, torch=probe["torch"], triton=probe["triton"],
-               device=probe.get("cuda") or "cpu", wheels_installed=" ".join(missing) or "none")
+               device=probe.get("cuda") or "cpu", open_clip=probe.get("open_clip"),
+               wheels_installed=" ".join(missing) or "none")
     return True
 
 
@@ -339,7 +431,7 @@ def step_test_gpu(run: Run) -> None:
         args += ["-n", str(min(8, os.cpu_count() or 1))]  # kernel compiles dominate: in parallel processes
     # Dry run: the float64 tests of the kernel suites already run in `make test` at these sizes.
     kernel_tests = "" if run.dry_run else None
-    timeout = run.limit("test-gpu", reserve=run.limits["report"])
+    timeout = run.limit("test-gpu")
     if shutil.which("make"):
         cmd = test_gpu_command(sys.executable, dry_run=run.dry_run, args=" ".join(args), kernel_tests=kernel_tests)
     else:  # the same command as the target (tests/test_gpu_check.py keeps them equal)
@@ -360,12 +452,30 @@ def fallback_test_gpu_command(python: str, args: list[str], kernel_tests: str | 
     return [python, "-m", "pytest", "-q", *args, "tests/test_kernels_gpu.py", *tests, "-k", TEST_GPU_SELECT]
 
 
+#: bench_step's worker exits with this when open_clip cannot be imported (its JSON says why).
+NO_OPEN_CLIP = 3
+
+
 def step_bench(run: Run, name: str) -> None:
-    rc, seconds = run.call(name, run.worker(name), run.limit(name, reserve=run.limits["report"]))
+    limit = run.limit(name)
+    extra = []
+    if name == "bench_step":  # its cases fit themselves into the limit (less the worker's margin)
+        extra = ["--deadline", f"{time.time() + limit - BENCH_STEP_MARGIN_S:.1f}"]
+    rc, seconds = run.call(name, run.worker(name, *extra), limit)
     json_path = run.results / f"{name}{'_quick' if run.dry_run else ''}.json"
-    if rc == 0 and json_path.exists():
+    if rc in (0, NO_OPEN_CLIP) and json_path.exists():
         rows = json.loads(json_path.read_text())["rows"]
-        run.record(name, "passed", seconds, rows=len(rows), skipped_rows=sum(1 for r in rows if r.get("skipped")))
+        if rc == NO_OPEN_CLIP:
+            run.record(name, "skipped", seconds, detail=rows[0].get("skipped"))
+            return
+        skipped = [r for r in rows if r.get("skipped")]
+        failed = [r for r in skipped if str(r["skipped"]).startswith("case failed")]
+        detail = {}
+        if name == "bench_step":  # which cases the budget left out, and any that broke
+            detail = {"not_run": sum(1 for r in skipped if str(r["skipped"]).startswith(("not run", "timed out"))),
+                      "failed_cases": len(failed)}
+        run.record(name, "failed" if failed else "passed", seconds, rows=len(rows), skipped_rows=len(skipped),
+                   **detail)
         return
     # Stopped or failed: keep what it measured (the worker's partial rows) with the reason.
     reason = f"timed out after {seconds:.0f} s" if rc is None else f"exited {rc}"
@@ -399,16 +509,24 @@ def write_summary(run: Run, env: dict) -> Path:
     return path
 
 
+#: What ``--copy-to`` copies as plain files (the rest, and these too, go into one tar.gz).
+COPIED = ("RESULTS.md", "gpu_check.json", "gpu_check.log", "bench_step.json", "bench_loss.json")
+
+
 def copy_out(run: Run, dest: Path) -> None:
-    """RESULTS.md, every JSON, the log and the plots (one tar.gz): at most 8 files, for the device tool."""
+    """RESULTS.md, the summary, the log and the step and loss JSON as files, and everything
+    (``results/gpu-check/``: every JSON, the JUnit file, the log; ``plots/``; RESULTS.md) in
+    ``gpu-check.tar.gz``: 6 files at most, within the device tool's 8."""
     dest.mkdir(parents=True, exist_ok=True)
-    files = [run.out / "RESULTS.md", run.log_path, *sorted(run.results.glob("*.json")), run.results / "test-gpu.xml"]
-    for f in [f for f in files if f.exists()][:7]:
-        shutil.copy2(f, dest / f.name)
-    plots = run.out / "plots"
-    if plots.is_dir():
-        with tarfile.open(dest / "plots.tar.gz", "w:gz") as tar:
-            tar.add(plots, arcname="plots")
+    for name in COPIED:
+        src = run.out / name if name == "RESULTS.md" else run.results / name
+        if src.exists():
+            shutil.copy2(src, dest / name)
+    with tarfile.open(dest / "gpu-check.tar.gz", "w:gz") as tar:
+        for path, arcname in ((run.out / "RESULTS.md", "RESULTS.md"), (run.results, "results/gpu-check"),
+                              (run.out / "plots", "plots")):
+            if path.exists():
+                tar.add(path, arcname=arcname)
 
 
 def main_parent(args) -> int:
@@ -465,7 +583,10 @@ def _bench_modules():
     import bench_loss
 
     bench_adamw_ema.clip_parameter_shapes = clip_parameter_shapes
-    return {"bench_loss": bench_loss, "bench_ema": bench_ema, "bench_adamw_ema": bench_adamw_ema}
+    import bench_step
+
+    return {"bench_loss": bench_loss, "bench_ema": bench_ema, "bench_adamw_ema": bench_adamw_ema,
+            "bench_step": bench_step}
 
 
 def _loss_rows(mod, quick: bool, partial: Path) -> list[dict]:
@@ -518,11 +639,43 @@ def main_worker(args) -> int:
         return 2
     _write_json(results / f"{args.worker}.env.json", env_info())
     mod = mods[args.worker]
+    if args.worker == "bench_step":
+        return _step_worker(mod, quick, results, args.deadline)
     if args.worker == "bench_loss":
         rows = _loss_rows(mod, quick, results / f"{args.worker}.partial.jsonl")
     else:
         rows = mod.run(quick)
     path = write_results(args.worker + ("_quick" if quick else ""), rows, results)
+    print(f"wrote {path} ({len(rows)} rows)")
+    return 0
+
+
+def _step_worker(mod, quick: bool, results: Path, deadline: float | None) -> int:
+    """bench_step's cases in the time to ``deadline`` (epoch seconds): each row written as it
+    comes (kept if the stage is stopped), then ``bench_step[_quick].json``."""
+    from common import write_results
+
+    name = "bench_step" + ("_quick" if quick else "")
+    try:
+        import open_clip  # noqa: F401 - every case builds its model with it
+    except Exception as err:  # noqa: BLE001 - a missing or broken install is this stage's result
+        reason = f"not run: open_clip cannot be imported ({type(err).__name__}: {err}); see the install step"
+        write_results(name, [{"name": "train_step", "impl": "(every variant)", "skipped": reason}], results)
+        print(reason, file=sys.stderr)
+        return NO_OPEN_CLIP
+    # SIGTERM from the parent at the stage's limit: an exit, so the running case's group ends too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    budget = None if deadline is None else max(0.0, deadline - time.time())
+    print(f"bench_step: {budget:.0f} s for its cases" if budget is not None else "bench_step: no budget", flush=True)
+    partial = results / "bench_step.partial.jsonl"
+    with open(partial, "w", encoding="utf-8") as f:
+        def on_row(row):
+            print(f"[{row.get('case_s', 0):6.1f} s] {json.dumps(row, default=str)}", flush=True)
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+
+        rows = mod.run(quick, budget_s=budget, on_row=on_row)
+    path = write_results(name, rows, results)
     print(f"wrote {path} ({len(rows)} rows)")
     return 0
 
@@ -553,11 +706,13 @@ def main(argv: list[str] | None = None) -> int:
                              "runs/gpu-check-dry)")
     parser.add_argument("--install", action="store_true",
                         help="with --dry-run: run the install step too (into this python), as on the GPU machine")
-    parser.add_argument("--copy-to", default=None, help="also copy the report, JSON, log and plots (tar.gz) here")
+    parser.add_argument("--copy-to", default=None,
+                        help="also copy the report, the main JSON and the log here, and all of it in one tar.gz")
     parser.add_argument("--total-s", type=float, default=None, help="time limit of the whole run (default 480; dry 300)")
     parser.add_argument("--download-wheels", metavar="DIR", default=None, help="make gpu-wheels: download WHEELS to DIR")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # bench_step's, epoch s
     args = parser.parse_args(argv)
     if args.download_wheels:
         return download_wheels(Path(args.download_wheels))

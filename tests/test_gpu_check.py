@@ -1,8 +1,9 @@
 """``make gpu-check DRY_RUN=1`` in ``make test``: the prepared GPU script runs end to end on the
 CPU (tiny sizes, Triton's interpreter, this venv), writes its table and JSON where it is told and
 touches no committed file; plus the pieces a GPU run relies on that the CPU can check (the
-open_clip-free parameter shapes, the make target its fallback copies, the carried wheel list,
-the rows kept when a benchmark is stopped)."""
+open_clip-free parameter shapes, the make target its fallback copies, the carried wheel list
+and its install, the rows kept when a benchmark is stopped, the time each step keeps for the
+later ones, and bench_step's budget with a stand-in for its cases)."""
 from __future__ import annotations
 
 import hashlib
@@ -56,6 +57,13 @@ def test_dry_run_writes_the_table_and_json(tmp_path):
         assert any(not r.get("skipped") and r.get("p50_ms") for r in data["rows"]), name
     loss = json.loads((results / "bench_loss_quick.json").read_text())["rows"]
     assert {r["impl"] for r in loss} >= {"reference", "torch", "triton", "gemm floor"}
+    step = {r["impl"]: r for r in json.loads((results / "bench_step_quick.json").read_text())["rows"]}
+    for impl in ("plain CLIP", "DeGLA as released", "DeGLA (ours)"):  # train_step itself, each in its process
+        row = step[impl]
+        assert not row.get("skipped") and row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"], row
+        assert row["peak_mem_bytes"] > 0 and row["case_s"] > 0 and row["stage"] == "eager", row
+    assert "GPU only" in step["DeGLA (ours, torch.compile)"]["skipped"]
+    assert steps["bench_step"]["failed_cases"] == 0 and steps["bench_step"]["not_run"] == 0
     text = (out / "RESULTS.md").read_text()
     for name in (*gpu_check.BENCHES, "gpu_check_dry"):
         assert f"## {name}" in text, name
@@ -108,13 +116,28 @@ def test_carried_wheels_are_pinned_pure_python_and_never_torch():
     names = [w.split("==")[0] for w in gpu_check.WHEELS]
     assert all("==" in w for w in gpu_check.WHEELS) and len(set(names)) == len(names)
     assert not any(n.startswith(gpu_check.NEVER_CARRIED) for n in names)
-    assert {"pytest", "pluggy", "iniconfig", "packaging", "pygments", "pytest-benchmark"} <= set(names)
+    assert {"pytest", "pluggy", "iniconfig", "packaging", "pygments", "pytest-benchmark", "open_clip_torch",
+            "ftfy", "wcwidth", "regex"} <= set(names)
+    assert set(names) == set(gpu_check.WHEEL_MODULES) and set(gpu_check.BINARY_WHEELS) <= set(gpu_check.WHEELS)
+    # Dependency order: each carried wheel after the carried ones it needs.
+    needs = {"pytest": ("pluggy", "iniconfig", "packaging", "pygments"), "pytest-benchmark": ("pytest", "py-cpuinfo2"),
+             "pytest-timeout": ("pytest",), "pytest-xdist": ("pytest", "execnet"), "ftfy": ("wcwidth",),
+             "open_clip_torch": ("ftfy", "regex", "tqdm")}
+    for name, deps in needs.items():
+        assert all(names.index(d) < names.index(name) for d in deps), name
+    assert "3.12" in gpu_check.BINARY_WHEELS["regex==2026.11.19"]  # the GPU images' python
     folder = gpu_check.WHEELS_DIR
-    if folder.is_dir():  # made by `make gpu-wheels`: every file pure Python and one of WHEELS
-        wanted = {n.replace("-", "_").lower() for n in names}
+    if folder.is_dir():  # made by `make gpu-wheels`: pure Python or a listed compiled one, all in WHEELS
+        wanted = {gpu_check._wheel_stem(w).lower() for w in gpu_check.WHEELS}
+        binary = {gpu_check._wheel_stem(w).lower() for w in gpu_check.BINARY_WHEELS}
         for whl in folder.glob("*.whl"):
-            assert whl.name.endswith("-py3-none-any.whl"), whl.name
-            assert whl.name.split("-")[0].lower() in wanted, whl.name
+            stem = "-".join(whl.name.split("-")[:2]).lower()
+            assert stem in wanted, whl.name
+            if stem in binary:
+                assert "manylinux" in whl.name and whl.name.endswith("x86_64.whl"), whl.name
+            else:
+                assert whl.name.endswith("-py3-none-any.whl"), whl.name
+        assert sum(f.stat().st_size for f in folder.glob("*.whl")) < 16e6  # small next to the 64 MiB tree
 
 
 def test_a_stopped_benchmark_keeps_its_rows(tmp_path, monkeypatch):
@@ -134,6 +157,28 @@ def test_a_stopped_benchmark_keeps_its_rows(tmp_path, monkeypatch):
         shutil.rmtree(run.cache, ignore_errors=True)
 
 
+def test_copy_out_fits_the_device_tools_eight_files(tmp_path):
+    import tarfile
+
+    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60)
+    try:
+        (run.out / "RESULTS.md").write_text("# r")
+        (run.out / "plots").mkdir()
+        (run.out / "plots" / "step_breakdown.png").write_bytes(b"png")
+        for name in ("bench_loss", "bench_ema", "bench_adamw_ema", "bench_step", "gpu_check"):
+            (run.results / f"{name}.json").write_text("{}")
+        (run.results / "test-gpu.xml").write_text("<testsuites/>")
+        gpu_check.copy_out(run, tmp_path / "copy")
+    finally:
+        run.log.close()
+        shutil.rmtree(run.cache, ignore_errors=True)
+    files = sorted(p.name for p in (tmp_path / "copy").iterdir())
+    assert len(files) <= 8 and {"RESULTS.md", "gpu_check.json", "bench_step.json", "gpu-check.tar.gz"} <= set(files)
+    with tarfile.open(tmp_path / "copy" / "gpu-check.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"results/gpu-check/test-gpu.xml", "results/gpu-check/bench_ema.json", "plots/step_breakdown.png"} <= names
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
@@ -150,6 +195,148 @@ def test_download_wheels_command(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert gpu_check.download_wheels(tmp_path) == 0
-    cmd = seen[0]
-    assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary=:all:" in cmd
-    assert cmd[-len(gpu_check.WHEELS):] == list(gpu_check.WHEELS)
+    for cmd in seen:
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary=:all:" in cmd
+    pure = [w for w in gpu_check.WHEELS if w not in gpu_check.BINARY_WHEELS]
+    assert seen[0][-len(pure):] == pure and "any" in seen[0]
+    compiled = [(c[c.index("--python-version") + 1], c[-1]) for c in seen[1:]]
+    assert compiled == [(v, req) for req, versions in gpu_check.BINARY_WHEELS.items() for v in versions]
+    assert all("manylinux_2_17_x86_64" in c and "cp" in c for c in seen[1:])
+
+
+def _fake_wheels(folder: Path) -> None:
+    import platform
+
+    tag = gpu_check.wheel_tag()
+    for req in gpu_check.WHEELS:
+        stem = gpu_check._wheel_stem(req)
+        name = (f"{stem}-{tag}-{tag}-manylinux_2_17_{platform.machine()}.whl" if req in gpu_check.BINARY_WHEELS
+                else f"{stem}-py3-none-any.whl")
+        (folder / name).write_bytes(b"")
+
+
+def _install_run(tmp_path, monkeypatch, wheels: Path, have: set[str]):
+    """A GPU run's install step with a stand-in probe (a CUDA machine that has ``have``)."""
+    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60)
+    monkeypatch.setattr(gpu_check, "WHEELS_DIR", wheels)
+    monkeypatch.setattr(gpu_check, "_probe", lambda run, open_clip=False: {
+        "torch": "2.11.0", "triton": "3.6.0", "cuda": "NVIDIA H200", "project": True,
+        "open_clip": "3.3.0" if open_clip else None})
+    monkeypatch.setattr(gpu_check, "_installed", lambda req: req.split("==")[0] in have)
+    calls = []
+    monkeypatch.setattr(run, "call", lambda step, cmd, timeout: calls.append(cmd) or (0, 1.0))
+    return run, calls
+
+
+def test_install_puts_in_the_missing_wheels_in_order(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheels(wheels)
+    image = {"pytest", "pluggy", "iniconfig", "packaging", "pygments", "pytest-benchmark", "py-cpuinfo2",
+             "pytest-timeout", "pytest-xdist", "execnet", "setuptools", "wheel", "tqdm", "regex"}
+    run, calls = _install_run(tmp_path, monkeypatch, wheels, image)
+    try:
+        assert gpu_check.step_install(run)
+        (cmd,) = calls
+        assert {"--no-index", "--no-deps", "install"} <= set(cmd)
+        assert [Path(c).name.split("-")[0] for c in cmd if c.endswith(".whl")] == ["wcwidth", "ftfy", "open_clip_torch"]
+        assert run.steps[-1]["status"] == "passed" and run.steps[-1]["open_clip"] == "3.3.0"
+        assert run.steps[-1]["wheels_installed"] == "wcwidth==0.9.4 ftfy==6.3.1 open_clip_torch==3.3.0"
+    finally:
+        run.log.close()
+        shutil.rmtree(run.cache, ignore_errors=True)
+
+
+def test_install_names_a_missing_wheel_in_one_line(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheels(wheels)
+    for whl in [*wheels.glob("open_clip_torch-*"), *wheels.glob("regex-*")]:
+        whl.unlink()
+    have = {w.split("==")[0] for w in gpu_check.WHEELS} - {"open_clip_torch", "regex"}
+    run, calls = _install_run(tmp_path, monkeypatch, wheels, have)
+    try:
+        assert not gpu_check.step_install(run) and not calls
+        detail = run.steps[-1]["detail"]
+        assert run.steps[-1]["status"] == "failed" and "\n" not in detail
+        assert f"regex==2026.11.19 ({gpu_check.wheel_tag()} manylinux x86_64), open_clip_torch==3.3.0" in detail
+        assert "make gpu-wheels" in detail
+    finally:
+        run.log.close()
+        shutil.rmtree(run.cache, ignore_errors=True)
+
+
+def test_each_step_keeps_the_later_steps_minimum(tmp_path):
+    assert sum(gpu_check.STEP_MIN_S.values()) <= gpu_check.TOTAL_S
+    assert list(gpu_check.STEP_LIMIT_S) == list(gpu_check.STEP_MIN_S) == list(gpu_check.STEPS)
+    # bench_step's minimum always covers its eager B=256 table.
+    import bench_step
+
+    cases = gpu_check.STEP_MIN_S["bench_step"] - gpu_check.BENCH_STEP_MARGIN_S
+    assert cases >= len(bench_step.EAGER) * bench_step.CASE_NEED_S["eager"]
+    run = gpu_check.Run(tmp_path, dry_run=False, total_s=480)
+    try:
+        assert run.limit("test-gpu") == 180
+        run.deadline = gpu_check.time.monotonic() + 300  # test-gpu ran long: 300 s left
+        later = sum(gpu_check.STEP_MIN_S[s] for s in ("bench_ema", "bench_adamw_ema", "bench_step", "report"))
+        assert run.limit("bench_loss") == pytest.approx(min(gpu_check.STEP_LIMIT_S["bench_loss"], 300 - later), abs=1)
+        assert run.limit("bench_step") == pytest.approx(min(gpu_check.STEP_LIMIT_S["bench_step"], 280), abs=1)
+        run.deadline = gpu_check.time.monotonic() + 100
+        assert run.limit("bench_ema") == 0 and run.limit("report") == pytest.approx(20, abs=1)
+    finally:
+        run.log.close()
+        shutil.rmtree(run.cache, ignore_errors=True)
+
+
+def _fake_step_cases(monkeypatch, seconds):
+    """bench_step on a stand-in GPU: each case takes ``seconds(variant, B)`` on a fake clock."""
+    import bench_step
+
+    now = [0.0]
+    seen = []
+
+    def fake(case, timeout):
+        took = seconds(case["variant"], case["B"])
+        seen.append((case["variant"], case["B"]))
+        if took > timeout:
+            now[0] += timeout
+            return {"skipped": f"timed out after {timeout:.0f} s (the rest of the budget)"}
+        now[0] += took
+        return {"p20_ms": 1.0, "p50_ms": 2.0 if "released" in case["variant"] else 1.0, "p80_ms": 3.0,
+                "peak_mem_bytes": case["B"] * 10**7}
+
+    monkeypatch.setattr(bench_step, "_run_case_process", fake)
+    monkeypatch.setattr(bench_step.torch.cuda, "is_available", lambda: True)
+    return bench_step, seen, (lambda: now[0])
+
+
+def test_bench_step_fits_its_cases_into_the_budget(monkeypatch):
+    # Eager cases 20 s, compiled 200 s, 150 s in all.
+    bench_step, seen, clock = _fake_step_cases(monkeypatch, lambda v, b: 200.0 if "compile" in v else 20.0)
+    rows = bench_step.run(False, budget_s=150, clock=clock)
+    assert seen == [("plain CLIP", 256), ("DeGLA as released", 256), ("DeGLA (ours)", 256), ("DeGLA (ours)", 1024),
+                    ("DeGLA as released", 1024), ("plain CLIP", 1024)]
+    by = {(r["impl"], r["B"]): r for r in rows}
+    assert len(rows) == 8 and [r["B"] for r in rows] == sorted(r["B"] for r in rows)
+    for key in seen:
+        assert not by[key].get("skipped") and by[key]["case_s"] == 20.0, key
+    # 70 s left after the first four: neither compiled case (about 90 s each) is started, the other
+    # two B=1024 cases (25 s each: 1.25 x ours at B=1024) are.
+    assert by[("DeGLA (ours, torch.compile)", 256)]["skipped"].startswith("not run: 70 s of the 150 s budget left")
+    assert "compiled case needs about 90 s" in by[("plain CLIP (torch.compile)", 256)]["skipped"]
+    assert by[("DeGLA (ours)", 256)]["speedup_vs_DeGLA as released"] == 2.0
+    assert by[("DeGLA (ours)", 1024)]["speedup_vs_DeGLA as released"] == 2.0  # ratios within each B
+    assert {r["stage"] for r in rows} == {"eager", "peak memory", "compiled"}
+
+
+def test_bench_step_stops_a_case_at_the_end_of_its_budget(monkeypatch):
+    bench_step, seen, clock = _fake_step_cases(monkeypatch, lambda v, b: 500.0 if "compile" in v else 20.0)
+    rows = bench_step.run(False, budget_s=200, clock=clock)
+    by = {(r["impl"], r["B"]): r for r in rows}
+    # 120 s left after the first four: ours compiled starts, is stopped at the budget's end, and
+    # nothing after it is started.
+    assert by[("DeGLA (ours, torch.compile)", 256)]["skipped"].startswith("timed out after 120 s")
+    assert seen[-1] == ("DeGLA (ours, torch.compile)", 256) and clock() == 200
+    for key in [("plain CLIP (torch.compile)", 256), ("DeGLA as released", 1024), ("plain CLIP", 1024)]:
+        assert by[key]["skipped"].startswith("not run: 0 s of the 200 s budget left"), key
+    assert all(not by[k].get("skipped") for k in by if k[0] in bench_step.EAGER and k[1] == 256)
