@@ -72,14 +72,14 @@ class Settings:
     batch_size: int = 32
     num_negatives: int = 4         # K, drawn each step from the 5 negatives of a caption
     pretrain_steps: int = 1000
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 2e-3
     finetune_steps: int = 200
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 1e-3
     warmup_steps: int = 20
     igc_weight: float = 0.1
     tgc_weight: float = 0.1
-    distill_weight: float = 0.005
-    ema_decay: float = 0.99
+    distill_weight: float = 0.02
+    ema_decay: float = 0.995
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     split: str = "test"            # "val" while choosing settings, "test" to report
@@ -125,13 +125,14 @@ def pretrain_fields(settings: Settings, data: Path) -> dict:
 def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, seed: int) -> dict:
     """The trainer fields of one fine-tuning run."""
     v = VARIANTS[variant][1]
-    return {"data.path": str(data / "train.json"), "data.batch_size": settings.batch_size,
+    teacher = {"ema.decay": settings.ema_decay} if v["negatives"] and v["igc"] else {}  # TGC / distillation read it
+    return {**teacher, "data.path": str(data / "train.json"), "data.batch_size": settings.batch_size,
             "model.name": settings.model, "model.pretrained": str(start),
             "loss.num_negatives": settings.num_negatives if v["negatives"] else 0,
             "loss.igc_weight": settings.igc_weight if v["igc"] else 0.0,
             "loss.tgc_weight": settings.tgc_weight if v["igc"] else 0.0,
             "loss.distill_weight": settings.distill_weight if v["distill"] else 0.0,
-            "loss.official_tgc_indexing": v["release_tgc"], "ema.decay": settings.ema_decay,
+            "loss.official_tgc_indexing": v["release_tgc"],
             "optim.lr": settings.finetune_lr, "optim.warmup_steps": min(settings.warmup_steps, settings.finetune_steps - 1),
             "max_steps": settings.finetune_steps, "seed": seed, "device": settings.device}
 
