@@ -459,6 +459,16 @@ class ShardedEMATeacher:
             self._jobs = self._prepare()
         _Updater.run(self._jobs, 1.0 - self.decay, apply)
         self.refresh_persisted()
+        self._order_gathers_after_writes()
+
+    def _order_gathers_after_writes(self) -> None:
+        """With ``overlap_comm`` on CUDA, DeepSpeed gathers (and prefetches) on its own stream:
+        make that stream wait, on the device, for the shard writes just queued on this one (no
+        host sync). The stream is DeepSpeed's private attribute; without it nothing is done."""
+        coordinator = self._offload.get_param_coordinator()
+        stream = getattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream", None)
+        if stream is not None and self._flat.is_cuda and hasattr(stream, "wait_stream"):
+            stream.wait_stream(torch.cuda.current_stream(self._flat.device))
 
     def refresh_persisted(self) -> None:
         """Re-gather the persisted parameters from the current shards (one coalesced all-gather
@@ -526,3 +536,4 @@ class ShardedEMATeacher:
             for name, buf in self.module.named_buffers():
                 buf.copy_(state_dict[name])
         self.refresh_persisted()
+        self._order_gathers_after_writes()

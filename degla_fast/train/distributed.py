@@ -267,8 +267,10 @@ def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> Non
             master.clamp_(max=maximum)
         # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is
         # harmless), and param.data the gathered copy the forward reads: a persisted parameter
-        # (logit_scale is far below param_persistence_threshold) stays gathered between steps,
-        # so it is clamped too (an empty placeholder when the parameter is released).
+        # (logit_scale is far below stage3_param_persistence_threshold) stays gathered between
+        # steps, and the engine's step has just re-gathered it from the unclamped shards, so it
+        # is clamped too (an empty placeholder when the parameter is released). The EMA teacher's
+        # logit_scale is an average of these clamped values (tests/ema_zero3_worker.py checks both).
         if hasattr(param, "ds_tensor"):
             param.ds_tensor.clamp_(max=maximum)
         param.data.clamp_(max=maximum)
