@@ -187,6 +187,9 @@ def check_persisted_bf16_and_fp32(rank: int) -> None:
     for teacher in teachers.values():
         names = {id(p): n for n, p in teacher.module.named_parameters()}
         assert {names[id(p)] for p in teacher.persisted} == PERSISTED
+        # The teacher gathers with the engine's ZeRO-3 settings (it had persistence off before).
+        assert teacher._offload.param_numel_persistence_threshold == engine.zero_param_persistence_threshold() == 40
+        assert teacher._offload._prefetch_bucket_sz == engine.zero_prefetch_bucket_size()
     # What DeepSpeed gathers for the bf16 teacher is bf16: half the bytes.
     assert all(p.ds_tensor.dtype == torch.bfloat16 and p.dtype == torch.bfloat16 for p in bf16.module.parameters())
     assert bf16.module.offset.dtype == torch.float32  # buffers as the student's
