@@ -68,7 +68,7 @@ class CountCollectives:
     def __enter__(self):
         from deepspeed.comm import comm as ds_comm
 
-        self.calls, self._saved = [], []
+        self.calls, self.bytes, self._saved = [], [], []  # bytes: the largest tensor of each call
         for owner in (dist, ds_comm.cdb):
             for name in COLLECTIVES:
                 fn = getattr(owner, name, None)
@@ -78,6 +78,8 @@ class CountCollectives:
 
                 def counted(*a, _fn=fn, _n=name, **k):
                     self.calls.append(_n)
+                    tensors = [t for t in (*a, *k.values()) if isinstance(t, torch.Tensor)]
+                    self.bytes.append(max((t.numel() * t.element_size() for t in tensors), default=0))
                     return _fn(*a, **k)
 
                 setattr(owner, name, counted)
@@ -196,7 +198,7 @@ def check_persisted_bf16_and_fp32(rank: int) -> None:
 
     probe = torch.randn(7, 6, generator=torch.Generator().manual_seed(7))  # a fixed batch, the same on both ranks
     torch.manual_seed(100 + rank)
-    clamped_once = False
+    clamped_once, gathered_bytes = False, {}
     for step in range(4):
         x = torch.randn(4, 6)
         loss = -engine(x).pow(2).mean()  # pushes logit_scale up, past ln 100 in the first steps
@@ -231,7 +233,10 @@ def check_persisted_bf16_and_fp32(rank: int) -> None:
                 assert torch.equal(p.data, ref_params[name].detach()), (step, name, dtype)
             # The teacher's gathered logit_scale is under the clamp too (an EMA of clamped values).
             assert float(params["logit_scale"].data) <= MAX_FP32
-            got, want = forward(teacher.module, probe, dtype), forward(ref.module, probe, dtype)
+            with CountCollectives() as gathers:
+                got = forward(teacher.module, probe, dtype)
+            gathered_bytes[dtype] = sum(gathers.bytes)
+            want = forward(ref.module, probe, dtype)
             assert torch.equal(got, want), (step, dtype, (got - want).abs().max())
             state, ref_state = teacher.state_dict(), ref.state_dict()
             for name, value in ref_state.items():
@@ -240,6 +245,10 @@ def check_persisted_bf16_and_fp32(rank: int) -> None:
             # (the first forward); from the second forward on the persisted ones stay gathered.
             if step > 0:
                 assert all(params[name].ds_status == ZeroParamStatus.AVAILABLE for name in PERSISTED), step
+        # The forwards gathered the same parameters, the bf16 teacher in half the bytes (up to
+        # DeepSpeed's padding of the coalesced buffers: 744 vs 1472 bytes here).
+        assert gathered_bytes[None] > 0, gathered_bytes
+        assert 0.45 < gathered_bytes[torch.bfloat16] / gathered_bytes[None] <= 0.55, gathered_bytes
         low, full = forward(bf16.module, probe, torch.bfloat16), forward(teachers[None].module, probe, None)
         error = float((low - full).norm() / full.norm())
         assert 0 < error <= BF16_REL_TOL, (step, error)  # 0: the bf16 copy would not be bf16
