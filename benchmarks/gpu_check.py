@@ -80,8 +80,8 @@ WHEELS = (
     "execnet==2.1.2", "pytest-xdist==3.8.0", "setuptools==84.2.1", "wheel==0.48.0",
     "wcwidth==0.9.4", "ftfy==6.3.1", "tqdm==4.70.1", "regex==2026.11.19", "open_clip_torch==3.3.0",
 )
-#: The carried wheels with compiled code, one per CPython that has one (manylinux x86_64; the GPU
-#: images run 3.12): ``pip install --find-links`` picks the one that matches the machine.
+#: The carried wheels with compiled code, one per CPython listed (manylinux x86_64; the GPU images
+#: run 3.12): the install takes the one whose tag is the machine's (:func:`carried_wheel`).
 #: regex 2026.11.19 has no CPython 3.10 wheel.
 BINARY_WHEELS = {"regex==2026.11.19": ("3.11", "3.12", "3.13")}
 BINARY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
