@@ -107,7 +107,7 @@ def plot_ema(result: dict, out: Path) -> list[Path]:
 
 
 def plot_step(result: dict, out: Path) -> list[Path]:
-    """Training step p50 phase times as stacked bars, one bar per variant."""
+    """Training step p50 phase times as stacked bars, one bar per variant and batch size."""
     import matplotlib.pyplot as plt
 
     rows = _measured(result["rows"])
@@ -118,7 +118,9 @@ def plot_step(result: dict, out: Path) -> list[Path]:
     bottom = [0.0] * len(rows)
     for phase in phases:
         vals = [r.get(phase) or 0.0 for r in rows]
-        ax.bar([r["impl"] for r in rows], vals, bottom=bottom, label=phase[:-3])
+        # One bar per (variant, batch): the same variant at B=256 and B=1024 must not share a spot.
+        ax.bar([f"{r['impl']} B={r['B']}" if "B" in r else r["impl"] for r in rows], vals, bottom=bottom,
+               label=phase[:-3])
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set(ylabel="ms per step (phase p50)", title=f"training step, {result['env']['device']}")
     ax.tick_params(axis="x", labelsize=7, rotation=15)
