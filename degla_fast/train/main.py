@@ -246,7 +246,7 @@ def _log_step(run: Run, counters: StepCounters, result, signalled: bool, step: i
             run.logger.advance(step - window.logged, {"loss": f"{row['loss']:.4f}"})
         window = Window(step, time.perf_counter())
     if stats["max_in_row"] >= config.max_nonfinite_steps:
-        path = run.checkpointer.save(run, step, *position)
+        path = _maybe_save(run, step, position, force=True)
         raise NonFiniteError(f"loss was non-finite for {stats['max_in_row']} steps in a row (max_nonfinite_steps="
                              f"{config.max_nonfinite_steps}); state saved to {path}; lower optim.lr or check the data")
     return stats["stop"], step, window
