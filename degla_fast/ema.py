@@ -153,21 +153,21 @@ class _Updater:
 
         ``apply``: optional 0-d tensor on the teachers' device, 1 to update and 0 to leave every
         teacher as it is (a step skipped on the device: nothing is read on the host). The weight
-        becomes the tensor ``weight * apply``; the Triton kernel takes its weight as a host
-        scalar, so those jobs go through ``torch._foreach_lerp_`` (the same lerp, one more pass
-        for a forward copy).
+        becomes the tensor ``weight * apply``, which the Triton kernel reads from device memory
+        and the torch path takes as a tensor weight.
         """
         with torch.no_grad():
             for plan, ts, ss, copies in jobs:
-                if plan is None or apply is not None:
-                    w = weight if apply is None else apply.to(device=ts[0].device, dtype=ts[0].dtype) * weight
+                w = weight if apply is None else apply.to(device=ts[0].device, dtype=torch.float32) * weight
+                if plan is None:
                     torch_lerp_(ts, ss, w)
                     if copies is not None:
                         torch._foreach_copy_(copies, ts)
                 else:
                     from .kernels import ema as kernel
 
-                    kernel.launch(plan, ts[0], ss[0], weight, copy_base=None if copies is None else copies[0])
+                    kernel.launch(plan, ts[0], ss[0], w if apply is None else w.reshape(1),
+                                  copy_base=None if copies is None else copies[0])
 
 
 _UPDATERS = {name: _Updater(name) for name in EMA_BACKENDS}

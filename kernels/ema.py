@@ -34,7 +34,7 @@ from .configs import KernelConfig, make_config
 from .multi_tensor import TYPE_NAMES, VECTOR_BYTES, addressable, arch_for, element_offsets, is_aligned, lerp, vector
 
 #: (elements per program, warps) by architecture: 16 fp32 per thread and stream, 16 KB of fp32
-#: per stream and program. ptxas -v: at most 55 registers, no spills on sm_80/sm_90 with Triton
+#: per stream and program. ptxas -v: at most 80 registers, no spills on sm_80/sm_90 with Triton
 #: 3.6 and 3.8 (docs/ema.md has the table); the gate checks every variant.
 TILES = {80: (4096, 8), 90: (4096, 8)}
 #: Teacher offsets of an aligned plan are multiples of this many elements: 32 bytes of the fp32
@@ -74,7 +74,7 @@ def gate_configs(arch: int) -> list[KernelConfig]:
                 t_align, s_align = _aligns(aligned, s_dtype)
                 types = {"T": "*fp32", "S": "*" + TYPE_NAMES[s_dtype],
                          "C": "*" + TYPE_NAMES[c_dtype or torch.float32],
-                         "TStart": "*i64", "SStart": "*i64", "Count": "*i32", "weight": "fp32"}
+                         "TStart": "*i64", "SStart": "*i64", "Count": "*i32", "Weight": "*fp32"}
                 constexprs = {"BLOCK": block, "T_ALIGN": t_align, "S_ALIGN": s_align, "WRITE_COPY": c_dtype is not None}
                 copy = TYPE_NAMES[c_dtype] if c_dtype is not None else "none"
                 label = {"dtype": f"t=fp32 s={TYPE_NAMES[s_dtype]} copy={copy}", "D": "-",
@@ -85,9 +85,12 @@ def gate_configs(arch: int) -> list[KernelConfig]:
 
 
 @triton.jit
-def _ema_kernel(T, S, C, TStart, SStart, Count, weight,
+def _ema_kernel(T, S, C, TStart, SStart, Count, Weight,
                 BLOCK: tl.constexpr, T_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, WRITE_COPY: tl.constexpr):
     pid = tl.program_id(0)
+    # The weight is read from device memory: a step skipped on the device passes weight x 0
+    # without the host reading the skip flag.
+    weight = tl.load(Weight)
     t_off = tl.load(TStart + pid) * T_ALIGN + tl.arange(0, BLOCK)
     s_ptrs = S + tl.load(SStart + pid) * S_ALIGN + tl.arange(0, BLOCK)
     count = tl.load(Count + pid)
@@ -167,11 +170,13 @@ def build_plan(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
     )
 
 
-def launch(plan: EmaPlan, teacher_base: torch.Tensor, student_base: torch.Tensor, weight: float,
+def launch(plan: EmaPlan, teacher_base: torch.Tensor, student_base: torch.Tensor, weight: float | torch.Tensor,
            copy_base: torch.Tensor | None = None) -> None:
     """``t += weight * (s - t)`` for every pair of ``plan`` (fp32 arithmetic), in one kernel launch.
 
     teacher_base/student_base: the first teacher and student tensors the plan was built for.
+    weight: a number, or a one-element fp32 tensor on the teachers' device (e.g. ``(1 - decay) *
+    apply`` with ``apply`` a device-side skip flag), which the kernel reads from memory.
     copy_base: optional start of a second teacher layout (e.g. bf16 for the teacher's forward)
     whose tensors sit at the same element offsets from it as the teacher tensors from
     ``teacher_base`` (bf16 or fp16; on 16 bytes when the plan is aligned, as the teacher's base
@@ -184,8 +189,13 @@ def launch(plan: EmaPlan, teacher_base: torch.Tensor, student_base: torch.Tensor
                                   or (plan.t_align > 1 and copy_base.data_ptr() % VECTOR_BYTES)):
         raise ValueError(f"launch: the forward copy must be bf16 or fp16 (16-byte aligned with an aligned plan); "
                          f"got {copy_base.dtype} at {copy_base.data_ptr() % VECTOR_BYTES} bytes past 16")
+    if not torch.is_tensor(weight):  # a fill kernel, no host-to-device copy
+        weight = torch.full((1,), float(weight), dtype=torch.float32, device=teacher_base.device)
+    elif weight.dtype != torch.float32 or weight.numel() != 1 or weight.device != teacher_base.device:
+        raise ValueError(f"launch: weight must be one fp32 element on {teacher_base.device}; got {weight.dtype} "
+                         f"{tuple(weight.shape)} on {weight.device}")
     _ema_kernel[(num_blocks,)](
         teacher_base, student_base, teacher_base if copy_base is None else copy_base,
-        plan.t_start, plan.s_start, plan.count, float(weight),
+        plan.t_start, plan.s_start, plan.count, weight,
         BLOCK=plan.block, T_ALIGN=plan.t_align, S_ALIGN=plan.s_align, WRITE_COPY=copy_base is not None,
         num_warps=plan.num_warps, num_stages=1)

@@ -383,3 +383,25 @@ def test_plan_cache_evicts_the_least_recently_used():
     for key in ("a", "b", "a", "c", "a", "b"):
         assert cache.get(key, lambda: built.append(key) or key.upper()) == key.upper()
     assert built == ["a", "b", "c", "b"] and len(cache) == 2  # "b" was the least recent when "c" came
+
+
+def test_a_device_side_skip_takes_the_triton_kernel(monkeypatch):
+    # update(apply=t) passes (1 - decay) * t to the kernel in device memory: the same numbers as
+    # update() for t = 1, nothing moved for t = 0, and no fallback to the torch ops.
+    launches = []
+    real_launch = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a, **k: (launches.append(a[3]), real_launch(*a, **k))[1])
+    student = _Net()
+    plain = EMATeacher(student, decay=0.7, backend="triton", forward_dtype=torch.bfloat16)
+    gated = EMATeacher(student, decay=0.7, backend="triton", forward_dtype=torch.bfloat16)
+    _step(student)
+    plain.update(student)
+    gated.update(student, apply=torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain.module.parameters(), gated.module.parameters()))
+    assert torch.equal(plain.flat, gated.flat)
+    before = gated.flat.clone(), [p.clone() for p in gated.module.parameters()]
+    _step(student)
+    gated.update(student, apply=torch.tensor(False))
+    assert torch.equal(gated.flat, before[0])
+    assert all(torch.equal(p, q) for p, q in zip(gated.module.parameters(), before[1]))
+    assert len(launches) == 3 and all(torch.is_tensor(w) for w in launches[1:])
