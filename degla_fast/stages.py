@@ -81,6 +81,11 @@ def train_config(output: str | Path, fields: dict):
     return load_config(None, {**defaults, **fields, "output": str(output)})
 
 
+def train_stamp(fields: dict, depends: dict | None = None) -> dict:
+    """The stamp of a training stage: its trainer fields and what else it depends on."""
+    return {"stage": "train", "fields": dict(fields), **(depends or {})}
+
+
 def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=print, name: str | None = None,
                 depends: dict | None = None) -> Path:
     """One ``degla-fast train`` run into ``folder`` with the configuration ``fields`` (dotted
@@ -91,7 +96,7 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
     register_model_configs()
     folder = Path(folder)
     config = train_config(folder, {**fields, "progress": progress})
-    stamp = {"stage": "train", "fields": {k: v for k, v in fields.items()}, **(depends or {})}
+    stamp = train_stamp(fields, depends)
 
     def work() -> dict:
         import yaml
@@ -212,24 +217,26 @@ def train_and_evaluate(jobs: list[tuple], processes: int = 1, threads: int = 1, 
     each run in order; ``on_done(index, metrics, seconds)`` is called as each one finishes."""
     full = [(Path(f), fields, depends, Path(data), split, threads, device) for f, fields, depends, data, split in jobs]
     results: list[dict] = [{}] * len(full)
-    if processes > 1 and len(full) > 1:
+    pending = [job for job in full if finished(job[0], train_stamp(job[1], job[2])) is None]
+    if processes > 1 and len(pending) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(min(processes, len(full)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_eval_job, job): i for i, job in enumerate(full)}
+        with ProcessPoolExecutor(min(processes, len(pending)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_eval_job, job): i for i, job in enumerate(full) if job in pending}
             for future in as_completed(futures):
                 i = futures[future]
                 results[i], seconds = future.result()
                 if on_done:
                     on_done(i, results[i], seconds)
-    else:
+    if any(not r for r in results):  # one process, or only finished runs left (no worker start-up)
         import torch
 
         previous = torch.get_num_threads()
         for i, job in enumerate(full):
-            results[i], seconds = _train_eval_job(job)
-            if on_done:
-                on_done(i, results[i], seconds)
+            if not results[i]:
+                results[i], seconds = _train_eval_job(job)
+                if on_done:
+                    on_done(i, results[i], seconds)
         torch.set_num_threads(previous)
     return results
