@@ -38,7 +38,7 @@ _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # Pooling types that read a position at or before the end-of-text token: trimming is exact.
 _TRIM_SAFE_POOLING = ("argmax", "eos", "first")
 
-open_clip.add_model_config(_CONFIG_DIR / f"{TINY_MODEL}.json")
+open_clip.add_model_config(_CONFIG_DIR)  # degla-tiny, degla-synth: every CLI command knows them
 
 
 class TrimmedTextCLIP(CLIP):

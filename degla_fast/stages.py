@@ -25,13 +25,6 @@ STAGE_FILE = "stage.json"
 PAIRWISE_RECORDS = 400  # training records whose hard negatives are probed
 
 
-def register_model_configs() -> None:
-    """Make every model JSON of ``degla_fast/model_configs`` (e.g. ``degla-synth``) known to open_clip."""
-    import open_clip
-
-    open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
-
-
 def finished(folder: Path, stamp: dict) -> dict | None:
     """The saved result of ``folder`` when its stamp equals ``stamp``, else None."""
     path = Path(folder) / STAGE_FILE
@@ -93,7 +86,6 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
     dataset's version, the stamp of the start point). ``resume: latest`` continues an interrupted run."""
     from .train.main import train
 
-    register_model_configs()
     folder = Path(folder)
     config = train_config(folder, {**fields, "progress": progress})
     stamp = train_stamp(fields, depends)
@@ -133,25 +125,16 @@ def split_dir(data: str | Path, split: str) -> Path:
     return Path(data) if split == "test" else Path(data) / "val"
 
 
-def zeroshot_tasks(data: str | Path) -> list[str]:
-    """The zero-shot tasks of a rendered world (from its manifest)."""
-    from .data.synthetic import ZEROSHOT_TASKS
-
-    manifest = Path(data) / "manifest.json"
-    if manifest.is_file():
-        return list(json.loads(manifest.read_text(encoding="utf-8")).get("zeroshot_tasks", ZEROSHOT_TASKS))
-    return list(ZEROSHOT_TASKS)
-
-
 def chance_levels(data: str | Path) -> dict:
     """Chance accuracy (%) of every metric: 50 for the two-way compositional choices, 100 / classes
     for each zero-shot task (balanced labels), and their averages."""
     from .data.synthetic import EVAL_SUBSETS
+    from .evaluate.synthetic import zeroshot_tasks
 
     root = split_dir(data, "test")
     out = {k: 50.0 for k in ("swap", "replace", "add", "compositional_avg", "train_pairwise", *EVAL_SUBSETS)}
     classes = {t: len(json.loads((root / "zeroshot" / f"{t}.json").read_text())["classnames"])
-               for t in zeroshot_tasks(data)}
+               for t in zeroshot_tasks(root)}
     out.update({f"zeroshot_{t}": 100.0 / n for t, n in classes.items()})
     out["zeroshot_avg"] = sum(100.0 / n for n in classes.values()) / len(classes)
     return out
@@ -175,23 +158,12 @@ def train_pairwise(encoder, data: str | Path, records: int = PAIRWISE_RECORDS) -
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, device: str = "cpu") -> dict:
     """{swap, replace, add (SugarCrepe-style category means), compositional_avg, each subset,
     zeroshot_<task> for every task, zeroshot_avg, train_pairwise}: accuracies in %."""
-    from .evaluate.compositional import SUGARCREPE_CATEGORIES, evaluate_sugarcrepe
     from .evaluate.encode import Encoder
-    from .evaluate.metrics import mean
-    from .evaluate.zeroshot import evaluate_zeroshot
+    from .evaluate.synthetic import synthetic_result
     from .model import load_model
 
-    register_model_configs()
-    root = split_dir(data, split)
     encoder = Encoder(load_model(None, checkpoint, device=device), device=device, batch_size=256)
-    comp = evaluate_sugarcrepe(encoder, root / "eval", root / "eval" / "images").metrics
-    out = {k: float(v) for k, v in comp.items()}
-    out["compositional_avg"] = mean(comp[c] for c in SUGARCREPE_CATEGORIES)
-    tasks = zeroshot_tasks(data)
-    for task in tasks:
-        zs = evaluate_zeroshot(encoder, root / "zeroshot" / f"{task}.json", root / "zeroshot" / "images")
-        out[f"zeroshot_{task}"] = float(zs.metrics["top1"])
-    out["zeroshot_avg"] = mean(out[f"zeroshot_{t}"] for t in tasks)
+    out = {k: float(v) for k, v in synthetic_result(encoder, split_dir(data, split)).metrics.items()}
     out["train_pairwise"] = float(train_pairwise(encoder, data))
     return out
 

@@ -1,11 +1,13 @@
 """The synthetic dataset's held-out tests (``degla-fast synth``): compositional choices and zero-shot tasks.
 
 ``DIR/eval/<subset>.json`` are SugarCrepe-format files (images in ``DIR/eval/images``), scored and averaged
-exactly as SugarCrepe; ``DIR/zeroshot/shape.json`` and ``DIR/zeroshot/colour.json`` are zero-shot task files
-(images in ``DIR/zeroshot/images``).
+exactly as SugarCrepe; ``DIR/zeroshot/<task>.json`` are zero-shot task files (images in
+``DIR/zeroshot/images``), the tasks those the world's ``manifest.json`` lists (shape, colour, size,
+texture, count), or the task files present in a folder without one.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DataError
@@ -15,7 +17,16 @@ from .metrics import mean
 from .report import Result
 from .zeroshot import evaluate_zeroshot
 
-ZEROSHOT_TASKS = ("shape", "colour")
+def zeroshot_tasks(data_dir: str | Path) -> list[str]:
+    """The zero-shot tasks of a rendered world: its manifest's list (the manifest of ``data_dir``
+    or of the world above a split folder such as ``val/``), else the task files in ``zeroshot/``."""
+    data_dir = Path(data_dir)
+    for manifest in (data_dir / "manifest.json", data_dir.parent / "manifest.json"):
+        if manifest.is_file():
+            tasks = json.loads(manifest.read_text(encoding="utf-8")).get("zeroshot_tasks")
+            if tasks:
+                return list(tasks)
+    return sorted(p.stem for p in (data_dir / "zeroshot").glob("*.json"))
 
 
 def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
@@ -29,11 +40,14 @@ def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
         raise DataError(f"{data_dir / 'eval'}: no subset files for {', '.join(missing)}")
     result = Result("synthetic", metrics=dict(comp.metrics), counts=dict(comp.counts), info={"data": str(data_dir)})
     result.metrics["compositional_avg"] = mean(comp.metrics[c] for c in SUGARCREPE_CATEGORIES)
-    for task in ZEROSHOT_TASKS:
+    tasks = zeroshot_tasks(data_dir)
+    if not tasks:
+        raise DataError(f"{data_dir / 'zeroshot'}: no zero-shot task files (expected the output of `degla-fast synth`)")
+    for task in tasks:
         zs = evaluate_zeroshot(encoder, data_dir / "zeroshot" / f"{task}.json", data_dir / "zeroshot" / "images")
         result.metrics[f"zeroshot_{task}"] = zs.metrics["top1"]
         result.counts[f"zeroshot_{task}"] = zs.counts["top1"]
-    result.metrics["zeroshot_avg"] = mean(result.metrics[f"zeroshot_{t}"] for t in ZEROSHOT_TASKS)
+    result.metrics["zeroshot_avg"] = mean(result.metrics[f"zeroshot_{t}"] for t in tasks)
     return result
 
 
@@ -41,10 +55,11 @@ def evaluate_synthetic(bundle, data_dir: str | Path, *, device: str = "cpu", bat
                        progress: bool = False) -> dict:
     """Evaluate a ``ModelBundle`` on a synthetic dataset folder.
 
-    Returns {"swap", "replace", "add", "compositional_avg" (mean of the three), "zeroshot_shape",
-    "zeroshot_colour", "zeroshot_avg"}: floats in [0, 100].
+    Returns {"swap", "replace", "add", "compositional_avg" (mean of the three), "zeroshot_<task>"
+    for every task of :func:`zeroshot_tasks`, "zeroshot_avg"}: floats in [0, 100].
     """
     encoder = Encoder(bundle, device=device, batch_size=batch_size, progress=progress)
     metrics = synthetic_result(encoder, data_dir).metrics
-    keys = ("swap", "replace", "add", "compositional_avg") + tuple(f"zeroshot_{t}" for t in ZEROSHOT_TASKS) + ("zeroshot_avg",)
+    keys = (("swap", "replace", "add", "compositional_avg") + tuple(f"zeroshot_{t}" for t in zeroshot_tasks(data_dir))
+            + ("zeroshot_avg",))
     return {key: float(metrics[key]) for key in keys}
