@@ -458,8 +458,8 @@ class ShardedEMATeacher:
         if [m.data_ptr() for m in self._optimizer.fp32_partitioned_groups_flat] != self._master_ptrs:
             self._jobs = self._prepare()
         _Updater.run(self._jobs, 1.0 - self.decay, apply)
+        self._order_gathers_after_writes()  # first: the refresh below may gather on that stream too
         self.refresh_persisted()
-        self._order_gathers_after_writes()
 
     def _order_gathers_after_writes(self) -> None:
         """With ``overlap_comm`` on CUDA, DeepSpeed gathers (and prefetches) on its own stream:

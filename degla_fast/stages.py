@@ -91,13 +91,7 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
     stamp = train_stamp(fields, depends)
 
     def work() -> dict:
-        import yaml
-
-        from .train.config import to_dict
-
-        (folder).mkdir(parents=True, exist_ok=True)
-        (folder / "stage-config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        train(config)
+        train(config)  # which writes the run's own config.yaml
         return {"checkpoint": str(folder / "checkpoints")}
 
     run_stage(folder, stamp, work, name, log)
@@ -107,7 +101,7 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
 def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=print, device: str = "cpu") -> dict:
     """Metrics of ``run``'s newest checkpoint on ``split`` ("val" or "test") of the synthetic world
     ``data``, cached as the stage ``run/eval-<split>``; see :func:`evaluate`."""
-    from .model import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     run = Path(run)
     checkpoint = resolve_checkpoint(run)

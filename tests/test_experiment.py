@@ -101,7 +101,7 @@ def test_quick_experiment_writes_table_chart_and_json(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
     # the fine-tuned runs really used their loss settings
-    config = (tmp_path / "runs" / "degla_release-seed0" / "stage-config.yaml").read_text()
+    config = (tmp_path / "runs" / "degla_release-seed0" / "config.yaml").read_text()
     assert "num_negatives: 4" in config and "official_tgc_indexing: true" in config
     # a second invocation reuses every finished stage
     again = run_experiment(settings, tmp_path)
