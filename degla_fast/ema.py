@@ -488,6 +488,11 @@ class ShardedEMATeacher:
                 available[0].partition(param_list=available, has_been_updated=False)
             self.persisted[0].all_gather_coalesced(self.persisted).wait()
 
+    def close(self) -> None:
+        """Remove the gather/release hooks from the teacher's modules (the engine's ``destroy`` for
+        its own): they close over the partitioned parameters and their process groups."""
+        self._offload.destroy()
+
     def state_dict(self) -> dict:
         """Full teacher parameters from the fp32 EMA state, and buffers, on every rank; a
         collective (one all-gather per optimiser group): every rank calls it."""

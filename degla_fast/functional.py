@@ -117,14 +117,41 @@ def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negativ
                 raise NonFiniteError(f"{name} {_shape(t)} contains NaN or Inf")
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All ranks' ``t`` concatenated along dim 0; the local slice's gradient is the sum over ranks.
+
+    Our own rather than ``torch.distributed.nn.all_gather``: that module binds ``group.WORLD`` into
+    its default arguments when first imported, so importing it after ``init_process_group`` keeps
+    the default group alive past ``destroy_process_group``, and gloo's worker threads then meet the
+    interpreter's shutdown (an occasional SIGABRT of a finished rank). It is also deprecated.
+    """
+
+    @staticmethod
+    def forward(ctx, t, rank: int, world_size: int):
+        # The list forms: the same calls on every torch we support (the tensor forms are
+        # deprecated on newer ones and their replacements absent on older ones).
+        ctx.rank, ctx.world_size = rank, world_size
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if dist.get_backend() == "nccl":
+            local = grad.new_empty((grad.shape[0] // ctx.world_size, *grad.shape[1:]))
+            dist.reduce_scatter(local, [c.contiguous() for c in grad.chunk(ctx.world_size, dim=0)])
+            return local, None, None
+        total = grad.clone(memory_format=torch.contiguous_format)  # gloo has no reduce-scatter
+        dist.all_reduce(total)
+        return total.chunk(ctx.world_size, dim=0)[ctx.rank], None, None
+
+
 def _gather(t: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> torch.Tensor:
     """All ranks' ``t`` concatenated along dim 0. Without grad, the local slice keeps its graph."""
     if world_size == 1:
         return t
     if with_grad:
-        from torch.distributed.nn import functional as dist_nn
-
-        return torch.cat(dist_nn.all_gather(t), dim=0)
+        return _AllGatherWithGrad.apply(t, rank, world_size)
     parts = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(parts, t.detach().contiguous())
     parts[rank] = t

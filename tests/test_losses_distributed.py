@@ -26,6 +26,11 @@ def _rank_slice(inputs, rank, k):
     return image[rank * B:(rank + 1) * B], text_slice(text), scale, t_image[rank * B:(rank + 1) * B], text_slice(t_text)
 
 
+def _thread_names() -> list[str]:
+    tasks = "/proc/self/task"
+    return sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if os.path.isdir(tasks) else []
+
+
 def _worker(rank, init_file, out_dir):
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -42,8 +47,10 @@ def _worker(rank, init_file, out_dir):
         results[(backend, local, with_grad, k)] = {
             "terms": [float(t.detach()) for t in (out.clip, out.igc, out.tgc, out.distill, out.total)],
             "grads": [t.grad.double() for t in leaves]}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    del out, leaves
     dist.destroy_process_group()
+    results["threads after teardown"] = _thread_names()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,11 @@ def test_two_processes_match_one(rank_results, backend, local, with_grad, k):
     # logit_scale is replicated: gradient contributions of the ranks add up (non-local: each rank has it all)
     scale_grad = ranks[0]["grads"][2] if not local else sum(r["grads"][2] for r in ranks)
     torch.testing.assert_close(scale_grad, grads[2], **tol)
+
+
+def test_teardown_ends_the_gloo_threads(rank_results):
+    # Nothing the loss does (gathers with gradients included) may keep the process group alive
+    # after destroy_process_group: its threads would meet interpreter shutdown, where a finished
+    # rank occasionally ends in SIGABRT.
+    for r in rank_results:
+        assert not [name for name in r["threads after teardown"] if "gloo" in name]

@@ -39,8 +39,15 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_BUILD_OPS="0", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "degla_fast", "train", *args]
+           str(_free_port()), str(REPO / "tests" / "exit_probe.py"), "train", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def gloo_threads_at_exit(proc: subprocess.CompletedProcess) -> list[str]:
+    """The process-group threads each rank still had after ``degla-fast train`` returned."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("threads at exit:")]
+    assert len(lines) == 2, proc.stderr[-4000:]
+    return [name for line in lines for name in line.split()[3:] if "gloo" in name]
 
 
 def common_args(synth: Path) -> list[str]:
@@ -59,6 +66,8 @@ def ddp_rows(synth, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     proc = torchrun(common_args(synth) + ["--output", str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The trainer ends its process groups' threads before interpreter shutdown.
+    assert gloo_threads_at_exit(proc) == []
     return read_metrics(out / "metrics.jsonl")
 
 
@@ -68,6 +77,11 @@ def test_deepspeed_zero_two_processes_finish_checkpoint_and_resume(synth, ddp_ro
     straight = tmp_path / "straight"
     proc = torchrun(common + ["--output", str(straight)])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if stage == 2:
+        # Under ZeRO-3, DeepSpeed keeps the modules referenced from native code after
+        # engine.destroy(), and with them its groups: not ours to end (see the README's
+        # known limits).
+        assert gloo_threads_at_exit(proc) == []
     rows = read_metrics(straight / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["tgc"] > 0 and r["igc"] > 0 for r in rows)

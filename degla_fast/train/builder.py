@@ -64,6 +64,12 @@ class Run:
         if self.logger is not None:
             self.logger.close()
         self.data.close()
+        if hasattr(self.teacher, "close"):
+            self.teacher.close()
+        if self.engine is not None:
+            # Removes ZeRO's gradient hooks: closures that tie every parameter (and the process
+            # groups it carries) into cycles through autograd nodes, which no gc can free.
+            self.engine.destroy()
 
 
 def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | None) -> Run:

@@ -7,7 +7,9 @@ Both launchers export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +66,21 @@ def setup(device_choice: str = "auto", use_deepspeed: bool = False) -> DistInfo:
 
 
 def teardown() -> None:
-    """Leave the process group (if joined)."""
+    """Leave the process group (if joined) and end its threads before the interpreter shuts down.
+
+    ``destroy_process_group`` only unregisters the groups; a group's threads end when its last
+    reference goes. DeepSpeed caches groups in module globals (its own ``destroy_process_group``
+    releases them) and its engine and optimisers hold them in reference cycles (``gc.collect``).
+    Threads that live on into interpreter shutdown occasionally end a finished rank in SIGABRT.
+    """
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier(info: DistInfo) -> None:

@@ -147,6 +147,7 @@ def train(config: TrainConfig) -> TrainResult:
             return _train_loop(run)
         finally:
             run.close()
+            del run  # the engine holds the process groups: teardown can end their threads
     finally:
         dist_utils.teardown()
 
