@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from degla_fast import functional as Fn
+from exit_probe import thread_names
 from test_losses import make_inputs
 
 WORLD, B, D = 2, 3, 16
@@ -24,11 +25,6 @@ def _rank_slice(inputs, rank, k):
         return torch.cat([t[rank * B:(rank + 1) * B], t[total + rank * B * k: total + (rank + 1) * B * k]])
 
     return image[rank * B:(rank + 1) * B], text_slice(text), scale, t_image[rank * B:(rank + 1) * B], text_slice(t_text)
-
-
-def _thread_names() -> list[str]:
-    tasks = "/proc/self/task"
-    return sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if os.path.isdir(tasks) else []
 
 
 def _worker(rank, init_file, out_dir):
@@ -49,7 +45,7 @@ def _worker(rank, init_file, out_dir):
             "grads": [t.grad.double() for t in leaves]}
     del out, leaves
     dist.destroy_process_group()
-    results["threads after teardown"] = _thread_names()
+    results["threads after teardown"] = thread_names()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
