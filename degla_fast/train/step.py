@@ -8,6 +8,7 @@ benchmarked is what trains.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -83,25 +84,22 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     alike. Optimisers without a device-side skip (``optim.fused: false``, AdamWEMA) read the
     flag on the host instead, once per step.
     """
-    times, clock = {}, _Clock(parts.sync)
+    clock = _Clock(parts.sync)
     device_type = images.device.type
-    with _phase("forward"), torch.autocast(device_type, dtype=parts.autocast_dtype,
-                                           enabled=parts.autocast_dtype is not None):
+    with clock.phase("forward"), torch.autocast(device_type, dtype=parts.autocast_dtype,
+                                                enabled=parts.autocast_dtype is not None):
         image, text, scale = clip_features(parts.model, images, tokens)
-    times["forward"] = clock.lap()
     t_image = t_text = None
-    if parts.teacher is not None:
-        amp = parts.teacher_autocast_dtype
-        with _phase("teacher_forward"), torch.no_grad(), torch.autocast(device_type, dtype=amp,
-                                                                        enabled=amp is not None):
-            t_image, t_text, _ = clip_features(parts.teacher.module, images, tokens)
-    times["teacher_forward"] = clock.lap()
+    with clock.phase("teacher_forward"):
+        if parts.teacher is not None:
+            amp = parts.teacher_autocast_dtype
+            with torch.no_grad(), torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+                t_image, t_text, _ = clip_features(parts.teacher.module, images, tokens)
     # The features reach the loss in the forward's dtype (bf16 under bf16 autocast; the normalisation
     # may have left them fp32): the kernels read 16-bit features and accumulate in fp32.
     dtype = parts.autocast_dtype or torch.float32
-    with _phase("loss"):
+    with clock.phase("loss"):
         out = parts.loss_fn(image.to(dtype), text.to(dtype), scale.float(), _to(t_image, dtype), _to(t_text, dtype))
-    times["loss"] = clock.lap()
     finite = parts.all_finite(out.total.detach())
     fused = parts.teacher is not None and parts.optimizer_moves_teacher
     on_device = not fused and skips_on_device(parts.optimizer)
@@ -110,65 +108,62 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
         # The schedule steps as on the device path: the trainer takes skipped steps back at its read.
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scheduler.step()
-        return StepResult(_detach(out), finite, scale.detach(), times)
+        return StepResult(_detach(out), finite, scale.detach(), clock.times)
     found_inf = (~finite).float()  # 1.0: skip this step (optimiser, schedule correction, EMA)
-    teacher_moved = False
-    backward_range = _open("backward")
+    with clock.phase("backward"):
+        _backward(parts, out.total)
+    with clock.phase("optimizer", key="optim"):
+        found_inf, teacher_moved = _optimizer_step(parts, found_inf, on_device, fused)
+        parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
+        parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
+    with clock.phase("ema"):
+        if parts.teacher is not None and not teacher_moved:  # (fused: the scaler skipped the step;
+            # the EMA still follows, as unfused)
+            parts.teacher.update(_student_module(parts), apply=1.0 - found_inf if on_device else None)
+    return StepResult(_detach(out), found_inf == 0, scale.detach(), clock.times)
+
+
+def _backward(parts: StepParts, loss: torch.Tensor) -> None:
     if parts.engine is not None:
-        parts.engine.backward(out.total)
-        times["backward"] = _close(backward_range, clock)
-        optimizer_range = _open("optimizer")
-        _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
+        parts.engine.backward(loss)
     else:
-        (parts.scaler.scale(out.total) if parts.scaler is not None else out.total).backward()
-        times["backward"] = _close(backward_range, clock)
-        optimizer_range = _open("optimizer")
-        if parts.scaler is not None:
-            parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
-        if parts.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
-        if parts.scaler is not None:
-            if on_device:  # the loss's flag joins the gradients' in the scaler's found_inf
-                for flag in parts.scaler._per_optimizer_states[id(parts.optimizer)]["found_inf_per_device"].values():
-                    torch.maximum(flag, found_inf.to(flag.device), out=flag)
-                found_inf = _scaler_found_inf(parts.scaler, parts.optimizer, found_inf)
-            loss_scale = parts.scaler.get_scale() if fused else 0.0
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            # The scaler skips the optimiser step on inf/NaN gradients, then lowers its scale.
-            teacher_moved = fused and parts.scaler.get_scale() >= loss_scale
-        elif on_device:
-            _step_with_found_inf(parts.optimizer, found_inf, parts.optimizer.step)
-        else:
-            parts.optimizer.step()
-            teacher_moved = fused
-        parts.optimizer.zero_grad(set_to_none=True)
-    parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
-    parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
-    times["optim"] = _close(optimizer_range, clock)
-    ema_range = _open("ema")
-    if parts.teacher is not None and not teacher_moved:  # (fused: the scaler skipped the step; the EMA
-        # still follows, as unfused)
-        parts.teacher.update(_student_module(parts), apply=1.0 - found_inf if on_device else None)
-    times["ema"] = _close(ema_range, clock)
-    return StepResult(_detach(out), found_inf == 0, scale.detach(), times)
+        (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
+
+
+def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool,
+                    fused: bool) -> tuple[torch.Tensor, bool]:
+    """Step the optimiser (skipping on ``found_inf`` where it can) and clear the gradients.
+    Returns the step's skip flag (the scaler's inf/NaN gradients included) and whether the
+    optimiser moved the teacher (AdamWEMA)."""
+    if parts.engine is not None:
+        _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
+        return found_inf, False
+    teacher_moved = False
+    if parts.scaler is not None:
+        parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
+    if parts.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.max_grad_norm)
+    if parts.scaler is not None:
+        if on_device:  # the loss's flag joins the gradients' in the scaler's found_inf
+            found_inf = _join_scaler_found_inf(parts.scaler, parts.optimizer, found_inf)
+        loss_scale = parts.scaler.get_scale() if fused else 0.0
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        # The scaler skips the optimiser step on inf/NaN gradients, then lowers its scale.
+        teacher_moved = fused and parts.scaler.get_scale() >= loss_scale
+    elif on_device:
+        _step_with_found_inf(parts.optimizer, found_inf, parts.optimizer.step)
+    else:
+        parts.optimizer.step()
+        teacher_moved = fused
+    parts.optimizer.zero_grad(set_to_none=True)
+    return found_inf, teacher_moved
 
 
 def _phase(name: str):
     """A named range for profilers (``torch.profiler`` traces; NVTX under ``nsys``, which records
     ``record_function`` ranges); next to nothing when no profiler runs."""
     return torch.autograd.profiler.record_function(name)
-
-
-def _open(name: str):
-    phase = _phase(name)
-    phase.__enter__()
-    return phase
-
-
-def _close(phase, clock: "_Clock") -> float:
-    phase.__exit__(None, None, None)
-    return clock.lap()
 
 
 def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, step: Callable) -> None:
@@ -181,9 +176,13 @@ def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tens
         del optimizer.found_inf, optimizer.grad_scale
 
 
-def _scaler_found_inf(scaler, optimizer, found_inf: torch.Tensor) -> torch.Tensor:
-    """The scaler's found_inf for ``optimizer`` after ``unscale_`` (summed over devices, on the loss's device)."""
+def _join_scaler_found_inf(scaler, optimizer, found_inf: torch.Tensor) -> torch.Tensor:
+    """Join the loss's ``found_inf`` into the scaler's per-device flags for ``optimizer`` (after
+    ``unscale_``, so that ``scaler.step`` skips on either) and return the joined flag on the
+    loss's device. GradScaler has no public way to add a flag: this reads its per-optimiser state."""
     flags = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    for flag in flags:
+        torch.maximum(flag, found_inf.to(flag.device), out=flag)
     total = sum(f.to(found_inf.device) for f in flags)
     return (total > 0).float()
 
@@ -207,11 +206,19 @@ def _detach(out: LossOutput) -> LossOutput:
 
 
 class _Clock:
-    """Lap timer; ``sync`` (e.g. ``torch.cuda.synchronize``) makes laps cover the device's work."""
+    """Lap timer; ``sync`` (e.g. ``torch.cuda.synchronize``) makes laps cover the device's work.
+    ``phase(name)`` is a profiler range whose lap lands in ``times[key or name]``."""
 
     def __init__(self, sync):
         self.sync = sync
         self.last = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, key: str | None = None):
+        with _phase(name):
+            yield
+        self.times[key or name] = self.lap()
 
     def lap(self) -> float:
         if self.sync is not None:
