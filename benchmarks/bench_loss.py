@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_ratios, measure, nvtx_range, profile_trace, roofline,  # noqa: E402
+from common import (add_ratios, measure, profile_trace, roofline,  # noqa: E402
                     report_run, run_case_in_subprocess)
+
+from degla_fast.profiling import profile_range  # noqa: E402
 
 NAME = "bench_loss"
 IMPLS = ("reference", "torch.compile(reference)", "torch", "triton", "gemm floor", "inf-cl (global term)",
@@ -112,9 +114,9 @@ def loss_step(impl: str, x: dict, num_negatives: int):
         loss_fn = torch.compile(loss_fn)
 
     def step():
-        with nvtx_range("loss"):
+        with profile_range("loss"):
             out = loss_fn(x["image"], x["text"], x["scale"], x["t_image"], x["t_text"])
-        with nvtx_range("backward"):
+        with profile_range("backward"):
             return torch.autograd.grad(out.total, grads_of)
     return step, None
 

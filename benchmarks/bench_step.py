@@ -42,7 +42,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ratios, nvtx_range, peak_rss_bytes, percentiles, profile_trace, report_run  # noqa: E402
+from common import add_ratios, peak_rss_bytes, percentiles, profile_trace, report_run  # noqa: E402
+
+from degla_fast.profiling import PhaseClock, profile_range  # noqa: E402
 
 NAME = "bench_step"
 PHASES = ("data", "forward", "teacher_forward", "loss", "backward", "optimizer", "ema")
@@ -130,7 +132,7 @@ class Step:
         from degla_fast.train.step import train_step
 
         start = time.perf_counter()
-        with nvtx_range("data"):
+        with profile_range("data"):
             # The release pads every caption to 77 tokens; ours trims to the batch's longest.
             tokens = self.tokens if self.released or self.plain else trim_tokens(self.tokens)
             images = self.images.to(self.device, non_blocking=True)
@@ -155,38 +157,24 @@ class Step:
         from degla_fast.model import clip_features
         from degla_fast.train.step import clamp_logit_scale_
 
-        times, last = {}, time.perf_counter()
-
-        def lap(phase):
-            nonlocal last
-            if phases:
-                self._sync()
-            now = time.perf_counter()
-            times[phase], last = (now - last) * 1e3, now
-
+        clock = PhaseClock(self._sync if phases else None)
         amp = dict(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None)
-        with nvtx_range("forward"), torch.autocast(**amp):
+        with clock.phase("forward"), torch.autocast(**amp):
             image, text, scale = clip_features(self.model, images, tokens)
-        lap("forward")
-        with nvtx_range("teacher_forward"), torch.no_grad(), torch.autocast(**amp):
+        with clock.phase("teacher_forward"), torch.no_grad(), torch.autocast(**amp):
             t_image, t_text, _ = clip_features(self.teacher, images, tokens)
         t_image, t_text = t_image.float(), t_text.float()
-        lap("teacher_forward")
-        with nvtx_range("loss"):
+        with clock.phase("loss"):
             out = self.loss_fn(image.float(), text.float(), scale.float(), t_image, t_text)
-        lap("loss")
-        with nvtx_range("backward"):
+        with clock.phase("backward"):
             out.total.backward()
-        lap("backward")
-        with nvtx_range("optimizer"):
+        with clock.phase("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             clamp_logit_scale_(self.model)
-        lap("optimizer")
-        with nvtx_range("ema"):
+        with clock.phase("ema"):
             self.ema()
-        lap("ema")
-        return times
+        return {k: v * 1e3 for k, v in clock.times.items()}
 
 
 #: train_step's phase names -> this benchmark's

@@ -240,17 +240,6 @@ def profile_trace(fn: Callable[[], object], path: Path | str, *, device: torch.d
     return path
 
 
-def nvtx_range(name: str):
-    """A ``record_function`` range that is also an NVTX range on CUDA (seen by Nsight Systems)."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.profiler.record_function(name))
-    if torch.cuda.is_available():
-        stack.enter_context(torch.cuda.nvtx.range(name))
-    return stack
-
-
 def report_run(name: str, rows: list[dict], columns: list[str], *, quick: bool, out_dir: Path | str | None = None) -> Path:
     """A bench's ``main`` ending: print the markdown table of ``rows`` and write
     ``<name>[_quick].json`` (to ``out_dir`` or :data:`RESULTS_DIR`); returns the JSON path."""

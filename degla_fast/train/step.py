@@ -8,8 +8,6 @@ benchmarked is what trains.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +16,7 @@ import torch
 from ..functional import LossOutput
 from ..losses import DeGLALoss
 from ..model import clip_features
+from ..profiling import PhaseClock
 from .optim import MAX_LOGIT_SCALE, skips_on_device
 
 
@@ -84,7 +83,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     alike. Optimisers without a device-side skip (``optim.fused: false``, AdamWEMA) read the
     flag on the host instead, once per step.
     """
-    clock = _Clock(parts.sync)
+    clock = PhaseClock(parts.sync)
     device_type = images.device.type
     with clock.phase("forward"), torch.autocast(device_type, dtype=parts.autocast_dtype,
                                                 enabled=parts.autocast_dtype is not None):
@@ -160,12 +159,6 @@ def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool,
     return found_inf, teacher_moved
 
 
-def _phase(name: str):
-    """A named range for profilers (``torch.profiler`` traces; NVTX under ``nsys``, which records
-    ``record_function`` ranges); next to nothing when no profiler runs."""
-    return torch.autograd.profiler.record_function(name)
-
-
 def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, step: Callable) -> None:
     """``step()`` with ``optimizer.found_inf`` set (a fused AdamW skips on it; under DeepSpeed
     ``step`` is the engine's, whose partitions go through this optimiser's ``step``)."""
@@ -203,26 +196,3 @@ def _to(t, dtype: torch.dtype):
 
 def _detach(out: LossOutput) -> LossOutput:
     return LossOutput(**{k: getattr(out, k).detach() for k in ("total", "clip", "igc", "tgc", "distill")})
-
-
-class _Clock:
-    """Lap timer; ``sync`` (e.g. ``torch.cuda.synchronize``) makes laps cover the device's work.
-    ``phase(name)`` is a profiler range whose lap lands in ``times[key or name]``."""
-
-    def __init__(self, sync):
-        self.sync = sync
-        self.last = time.perf_counter()
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str, key: str | None = None):
-        with _phase(name):
-            yield
-        self.times[key or name] = self.lap()
-
-    def lap(self) -> float:
-        if self.sync is not None:
-            self.sync()
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
