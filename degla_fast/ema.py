@@ -20,6 +20,7 @@ therefore only a forward copy of the fp32 state (``forward_dtype``), written by 
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from typing import Iterable, Sequence
 
@@ -329,6 +330,34 @@ class EMATeacher:
                                  forward_dtype=forward_dtype)
 
 
+def release_zero3_module(module: torch.nn.Module) -> None:
+    """Drop DeepSpeed's last references to a ZeRO-3 ``module`` once its hooks are removed.
+
+    Two module-level holders outlive ``destroy()`` (DeepSpeed 0.19): ``DeepSpeedZeRoOffload``
+    (the engine's and :class:`ShardedEMATeacher`'s) pushes its top module onto
+    ``FWD_MODULE_STACK`` and never pops it, and a class-level cache keeps every module it saw.
+    Through them the modules, their partitioned parameters and the process groups those carry
+    would outlive the run (and the groups' threads meet interpreter shutdown, where a finished
+    rank can abort).
+    """
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if stack:
+        stack[:] = [m for m in stack if m is not module]
+    # The parameter coordinator's ``__params_to_release`` is an ``lru_cache`` on the class (under
+    # an NVTX decorator) whose keys are coordinators and modules: it holds every one, for ever.
+    # Clearing it costs the engines still running one recomputation per module.
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    fn = getattr(getattr(coordinator, "PartitionedParameterCoordinator", None),
+                 "_PartitionedParameterCoordinator__params_to_release", None)
+    for _ in range(3):  # through the decorators' closures to the cache
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        fn = next((c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)), None)
+    if fn is not None and hasattr(fn, "cache_clear"):
+        fn.cache_clear()
+
+
 class ShardedEMATeacher:
     """ZeRO-3 EMA teacher: partitioned exactly like the student, its EMA with no communication.
 
@@ -492,6 +521,7 @@ class ShardedEMATeacher:
         """Remove the gather/release hooks from the teacher's modules (the engine's ``destroy`` for
         its own): they close over the partitioned parameters and their process groups."""
         self._offload.destroy()
+        release_zero3_module(self.module)
 
     def state_dict(self) -> dict:
         """Full teacher parameters from the fp32 EMA state, and buffers, on every rank; a

@@ -77,11 +77,9 @@ def test_deepspeed_zero_two_processes_finish_checkpoint_and_resume(synth, ddp_ro
     straight = tmp_path / "straight"
     proc = torchrun(common + ["--output", str(straight)])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    if stage == 2:
-        # Under ZeRO-3, DeepSpeed keeps the modules referenced from native code after
-        # engine.destroy(), and with them its groups: not ours to end (see the README's
-        # known limits).
-        assert gloo_threads_at_exit(proc) == []
+    # The trainer ends its process groups' threads before interpreter shutdown (under ZeRO-3 only
+    # once DeepSpeed's module stack and release cache let go of the modules: ema.release_zero3_module).
+    assert gloo_threads_at_exit(proc) == []
     rows = read_metrics(straight / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["tgc"] > 0 and r["igc"] > 0 for r in rows)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as files
+from ..ema import release_zero3_module
 from ..errors import ConfigError, DataError
 from ..io import cannot_write, write_text_atomic
 from . import distributed as dist_utils
@@ -70,6 +71,7 @@ class Run:
             # Removes ZeRO's gradient hooks: closures that tie every parameter (and the process
             # groups it carries) into cycles through autograd nodes, which no gc can free.
             self.engine.destroy()
+            release_zero3_module(self.engine.module)
 
 
 def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | None) -> Run:
