@@ -303,8 +303,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     code = main()
-    # Leave deterministically: with DeepSpeed's CPU backend, threads torn down during interpreter
-    # shutdown occasionally end a finished rank in std::terminate (SIGABRT) after its work is done.
+    # Leave deterministically: the checks do not release their engines and teachers (the trainer's
+    # Run.close does; docs/training.md), so their process groups' threads would meet interpreter
+    # shutdown, which occasionally ends a finished rank in std::terminate (SIGABRT).
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
