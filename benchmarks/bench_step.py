@@ -208,8 +208,7 @@ def run_case(case: dict) -> dict:
     device = torch.device(case["device"])
     if device.type == "cpu":
         torch.set_num_threads(1)
-    row = {"name": "train_step", "impl": case["variant"], "model": case["model"], "B": case["B"],
-           "K": 0 if case["variant"].startswith("plain") else case["K"], "precision": case["precision"]}
+    row = _row_of(case["variant"], case)
     try:
         step = build(case["variant"], case)
         for _ in range(case["warmup"]):
@@ -268,7 +267,7 @@ def stages(quick: bool, batch: int | None = None, peak_batch: int | None = None)
     return out
 
 
-def _run_case_process(case: dict, timeout: float) -> dict:
+def _run_case_process(case: dict, timeout: float, limit: str = "the rest of the budget") -> dict:
     """``run_case`` in a fresh process (its own peak memory and compile caches) with a time limit;
     the process and its children (Inductor's compile workers) are its own process group, ended
     whole at the limit. A failing case is a row with its reason, never an exception."""
@@ -290,7 +289,7 @@ def _run_case_process(case: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         end_group()
         proc.communicate()
-        return {"skipped": f"timed out after {timeout:.0f} s (the rest of the budget)"}
+        return {"skipped": f"timed out after {timeout:.0f} s ({limit})"}
     except BaseException:  # stopped from outside (SIGINT, or SIGTERM made an exit): the case goes too
         end_group()
         raise
@@ -336,18 +335,20 @@ def run(quick: bool, batch: int | None = None, *, budget_s: float | None = None,
                                               f"a {stage} case needs about {need:.0f} s"}
                 else:
                     t0 = clock()
-                    row = {**base, **_run_case_process(case, 1800 if left is None else left)}
-                    took.setdefault(stage, []).append(clock() - t0)
-                    row["case_s"] = round(clock() - t0, 1)
+                    if left is None:
+                        row = {**base, **_run_case_process(case, 1800, "the per-case limit")}
+                    else:
+                        row = {**base, **_run_case_process(case, left)}
+                    seconds = clock() - t0
+                    took.setdefault(stage, []).append(seconds)
+                    row["case_s"] = round(seconds, 1)
             row["stage"] = stage
             rows.append(row)
             if on_row:
                 on_row(row)
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (r["B"], order.get(r["impl"], len(order))))  # stable: the table's order
-    for b in sorted({r["B"] for r in rows}):
-        add_ratios([r for r in rows if r["B"] == b], "DeGLA as released")
-    return rows
+    return add_ratios(rows, "DeGLA as released", group_by=("B",))
 
 
 COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p20_ms", "p50_ms", "p80_ms"] + [f"{p}_ms" for p in PHASES] + [
