@@ -20,6 +20,7 @@ therefore only a forward copy of the fp32 state (``forward_dtype``), written by 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import weakref
 from typing import Iterable, Sequence
@@ -159,7 +160,10 @@ class _Updater:
         """
         with torch.no_grad():
             for plan, ts, ss, copies in jobs:
-                w = weight if apply is None else apply.to(device=ts[0].device, dtype=torch.float32) * weight
+                if apply is not None:
+                    w = apply.to(device=ts[0].device, dtype=torch.float32) * weight
+                else:  # the kernel reads the weight from device memory: one cached tensor, no fill per step
+                    w = weight if plan is None else _device_weight(float(weight), ts[0].device)
                 if plan is None:
                     torch_lerp_(ts, ss, w)
                     if copies is not None:
@@ -169,6 +173,12 @@ class _Updater:
 
                     kernel.launch(plan, ts[0], ss[0], w if apply is None else w.reshape(1),
                                   copy_base=None if copies is None else copies[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _device_weight(weight: float, device: torch.device) -> torch.Tensor:
+    """``weight`` as one fp32 element on ``device``, made once (never written: kernels only read it)."""
+    return torch.full((1,), weight, dtype=torch.float32, device=device)
 
 
 _UPDATERS = {name: _Updater(name) for name in EMA_BACKENDS}
@@ -381,7 +391,6 @@ class ShardedEMATeacher:
 
     def __init__(self, engine, teacher_module: torch.nn.Module, *, decay: float = 0.9996, backend: str = "auto",
                  dtype: torch.dtype | None = None, forward_dtype: torch.dtype | None = None):
-        from deepspeed import comm
         from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
         from deepspeed.utils.timer import NoopTimer
 
@@ -424,7 +433,6 @@ class ShardedEMATeacher:
             param_persistence_threshold=engine.zero_param_persistence_threshold(),
             model_persistence_threshold=engine.zero_model_persistence_threshold(), mpu=engine.mpu)
         self.module = teacher_module
-        self.rank = comm.get_rank()
         #: The parameters kept gathered between forwards (refreshed by every update), in ds_id order.
         self.persisted = sorted((p for p in teacher_module.parameters() if getattr(p, "ds_persist", False)),
                                 key=lambda p: p.ds_id)
@@ -570,5 +578,5 @@ class ShardedEMATeacher:
                 self._forward_flat.copy_(self._flat)
             for name, buf in self.module.named_buffers():
                 buf.copy_(state_dict[name])
+        self._order_gathers_after_writes()  # first, as in update(): then the refresh
         self.refresh_persisted()
-        self._order_gathers_after_writes()
