@@ -1,32 +1,52 @@
 """Which implementation runs: the backend names and the one rule that resolves them.
 
-The loss (``degla_fast.functional``) and the EMA updates (``degla_fast.ema``,
-``degla_fast.optim_ema``) both take ``backend="auto" | "torch" | "triton"`` (the loss also
-``"reference"``) and resolve it here, per call and device:
+The loss (``degla_fast.functional``) takes ``backend="auto" | "reference" | "torch" | "gemm" |
+"triton"`` and resolves it with :func:`resolve_loss_backend`; the EMA updates
+(``degla_fast.ema``, ``degla_fast.optim_ema``) take ``"auto" | "torch" | "triton"`` and resolve
+it with :func:`resolve_backend`, per call and device:
 
-* ``triton`` needs Triton to import and CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
-  (Triton's interpreter, how the tests run the kernels); otherwise it is a ConfigError.
-* ``auto`` is ``triton`` for CUDA tensors when Triton imports (never the interpreter, which is
-  for tests), and for the loss only from :data:`AUTO_TRITON_MIN_LOGITS` logits on; ``torch``
-  otherwise.
+* ``triton`` and ``gemm`` need Triton to import and CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run the kernels); otherwise a
+  ConfigError.
+* ``auto`` is ``torch`` for CPU tensors (never the interpreter, which is for tests). For CUDA
+  tensors, the EMA takes ``triton``; the loss takes, in this order:
+
+  1. the fastest backend *measured* on this GPU model (compute capability) and input dtype at
+     the nearest measured size, from the committed table :data:`AUTO_TABLE` that
+     ``make gpu-check`` writes (:func:`write_auto_table`), where one exists;
+  2. otherwise the modelled rule: ``gemm`` wherever one column chunk of at least
+     :data:`MIN_GEMM_COLUMNS` fits in ``chunk_bytes`` (cuBLAS reaches the 3-GEMM floor, see
+     docs/loss.md), else ``triton`` (no logits in memory at all: the batch sizes nothing else fits).
+
+  The loss's choice is logged once per (device, dtype, choice) on the ``degla_fast`` logger,
+  with the reason, and kept in :data:`LAST_LOSS_CHOICE` for the trainer's start line.
 """
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import math
 import os
+from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
 
-LOSS_BACKENDS = ("auto", "reference", "torch", "triton")
+LOSS_BACKENDS = ("auto", "reference", "torch", "gemm", "triton")
 EMA_BACKENDS = ("auto", "torch", "triton")
-#: The loss's ``auto`` picks the Triton kernels from this many image-to-text logits (R x C) on:
-#: below it the kernels cannot give every SM of a current GPU a tile of their own (2^22 logits
-#: are 256 of the 128 x 128 forward tiles, about 2 per SM of a 132-SM H100), and the torch
-#: backend's few cuBLAS calls on one row block cost about the same launches. A modelled rule,
-#: to be replaced by measurements from `make gpu-check`.
-AUTO_TRITON_MIN_LOGITS = 1 << 22
+#: The modelled rule's ``gemm`` needs a chunk at least this many columns wide to fit in
+#: ``chunk_bytes`` (narrower GEMMs waste the tensor cores; R x 256 fp32 logits + bf16 gradient
+#: is 1.5 KB per row: about 175,000 rows at the default 256 MiB).
+MIN_GEMM_COLUMNS = 256
+#: The committed measurements ``auto`` reads (written by ``benchmarks/gpu_check.py``).
+AUTO_TABLE = Path(__file__).resolve().parent / "auto_backends.json"
+#: (backend, reason) of the loss's last ``auto`` resolution, for logs (None before the first).
+LAST_LOSS_CHOICE: tuple[str, str] | None = None
+
+_log = logging.getLogger("degla_fast")
+_logged: set = set()
 
 
 @functools.cache
@@ -54,19 +74,108 @@ def check_backend(backend: str, choices: tuple[str, ...] = EMA_BACKENDS) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device, *, choices: tuple[str, ...] = EMA_BACKENDS,
-                    logits: int | None = None) -> str:
-    """The concrete backend for ``backend`` on ``device`` (see the module doc).
+def _check_usable(backend: str, device: torch.device) -> str:
+    if backend in ("triton", "gemm") and not triton_usable(device):
+        raise ConfigError(f"backend={backend!r} needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                          f"tensors); got {device} tensors")
+    return backend
 
-    ``logits``: the loss's image-to-text logits, for ``auto``'s size threshold (None: the EMA,
-    which has none). Raises ConfigError for a name not in ``choices`` or an unusable ``triton``.
-    """
+
+def resolve_backend(backend: str, device: torch.device, *, choices: tuple[str, ...] = EMA_BACKENDS) -> str:
+    """The EMA's concrete backend for ``backend`` on ``device`` (see the module doc)."""
     check_backend(backend, choices)
     device = torch.device(device)
     if backend == "auto":
-        large = logits is None or logits >= AUTO_TRITON_MIN_LOGITS
-        return "triton" if device.type == "cuda" and large and triton_importable() else "torch"
-    if backend == "triton" and not triton_usable(device):
-        raise ConfigError(f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU "
-                          f"tensors); got {device} tensors")
-    return backend
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
+    return _check_usable(backend, device)
+
+
+def modelled_loss_backend(rows: int, columns: int, dtype: torch.dtype, chunk_bytes: int) -> tuple[str, str]:
+    """(backend, reason) of the modelled rule for a CUDA loss of ``rows`` x ``columns`` logits."""
+    itemsize = 4 if dtype in (torch.float32, torch.float64) else 2
+    need = rows * min(columns, MIN_GEMM_COLUMNS) * (4 + itemsize)
+    if need <= chunk_bytes:
+        return "gemm", (f"modelled: a {rows} x {min(columns, MIN_GEMM_COLUMNS)} chunk of logits fits in "
+                        f"chunk_bytes={chunk_bytes} (no GPU measurements for this device)")
+    return "triton", (f"modelled: even a {MIN_GEMM_COLUMNS}-column chunk of {rows} rows needs {need} bytes > "
+                      f"chunk_bytes={chunk_bytes}; the fused kernels keep no logits")
+
+
+@functools.cache
+def _table(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{p}: not a backend table ({err})") from None
+
+
+def measured_loss_backend(capability: tuple[int, int], rows: int, columns: int, dtype: torch.dtype,
+                          table_path: str | Path = AUTO_TABLE) -> tuple[str, str] | None:
+    """(backend, reason) from the table's entry for this compute capability and dtype at the
+    nearest measured number of logits (log scale), or None without such an entry."""
+    table = _table(str(table_path))
+    cap = f"{capability[0]}.{capability[1]}"
+    dtype_name = str(dtype).replace("torch.", "")
+    entries = [e for e in table.get("entries", []) if e["capability"] == cap and e["dtype"] == dtype_name]
+    if not entries:
+        return None
+    logits = max(1, rows * columns)
+    best = min(entries, key=lambda e: abs(math.log(e["logits"]) - math.log(logits)))
+    return best["backend"], (f"measured: fastest on {table.get('device', 'this GPU')} ({table.get('date', '?')}) at "
+                             f"B={best['B']}, {dtype_name} ({best['p50_ms']:.3g} ms; table {Path(table_path).name})")
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA compute capability of ``device`` (a function, so tests can stand in for a GPU)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve_loss_backend(backend: str, device: torch.device, *, rows: int, columns: int, dtype: torch.dtype,
+                         chunk_bytes: int, table_path: str | Path = AUTO_TABLE) -> str:
+    """The loss's concrete backend for ``backend`` on ``device``, for ``rows`` x ``columns``
+    image-to-text logits of ``dtype`` inputs (see the module doc). Raises ConfigError for a name
+    not in :data:`LOSS_BACKENDS` or an unusable ``triton``/``gemm``."""
+    global LAST_LOSS_CHOICE
+    check_backend(backend, LOSS_BACKENDS)
+    device = torch.device(device)
+    if backend != "auto":
+        return _check_usable(backend, device)
+    if device.type != "cuda" or not triton_importable():
+        choice = ("torch", f"{device.type} tensors" if device.type != "cuda" else "Triton does not import")
+    else:
+        choice = (measured_loss_backend(device_capability(device), rows, columns, dtype, table_path)
+                  or modelled_loss_backend(rows, columns, dtype, chunk_bytes))
+    LAST_LOSS_CHOICE = choice
+    key = (str(device), str(dtype), choice[0])
+    if key not in _logged:
+        _logged.add(key)
+        _log.info("degla-fast loss: backend auto -> %s (%s)", *choice)
+    return choice[0]
+
+
+def write_auto_table(rows: list[dict], env: dict, capability: tuple[int, int], path: str | Path = AUTO_TABLE) -> dict:
+    """The table :func:`measured_loss_backend` reads, from bench_loss rows of one GPU run: per
+    (dtype, B), the loss backend (``torch``, ``gemm`` at its default chunk budget, ``triton``)
+    with the lowest p50. Written atomically; returns it."""
+    from .io import write_json_atomic
+
+    candidates = {"torch": "torch", "gemm": "gemm", "triton": "triton"}
+    best: dict = {}
+    for row in rows:
+        backend = candidates.get(row.get("impl"))
+        if backend is None or row.get("skipped") or row.get("p50_ms") is None:
+            continue
+        key = (row["dtype"], row["B"])
+        if key not in best or row["p50_ms"] < best[key]["p50_ms"]:
+            best[key] = {"capability": f"{capability[0]}.{capability[1]}", "dtype": row["dtype"], "B": row["B"],
+                         "K": row["K"], "D": row["D"], "logits": row["B"] * row["B"] * (1 + row["K"]),
+                         "backend": backend, "p50_ms": row["p50_ms"]}
+    table = {"written_by": "benchmarks/gpu_check.py (bench_loss rows)", "device": env.get("device"),
+             "date": env.get("date"), "torch": env.get("torch"), "triton": env.get("triton"),
+             "entries": [best[k] for k in sorted(best)]}
+    write_json_atomic(Path(path), table)
+    _table.cache_clear()
+    return table

@@ -11,13 +11,14 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 * teacher features: same shapes, from the EMA teacher; they never receive gradients.
 
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
-recomputed in backward), ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1),
-``auto`` (triton for CUDA tensors from ``backends.AUTO_TRITON_MIN_LOGITS`` logits on; the rule
-lives in :mod:`degla_fast.backends`).
+recomputed in backward), ``gemm`` (cuBLAS GEMMs over column chunks with Triton epilogues, one
+autograd node; :mod:`degla_fast.gemm_loss`), ``triton`` (fully fused tiled kernels, O((R + C) D)
+memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
+size; the rule lives in :mod:`degla_fast.backends`).
 
-``precision`` is the dot precision of fp32 inputs in the triton backend: ``"tf32"`` (default,
-tensor cores, about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products,
-no tensor cores). bf16/fp16 inputs always use tensor cores; every backend accumulates in fp32.
+``precision`` is the dot precision of fp32 inputs on a GPU: ``"tf32"`` (default, tensor cores,
+about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products, no tensor cores).
+bf16/fp16 inputs always use tensor cores; every backend accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -27,17 +28,18 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from .backends import LOSS_BACKENDS, resolve_backend
+from .backends import LOSS_BACKENDS, resolve_loss_backend
 from .errors import ConfigError, NonFiniteError, ShapeError
+from .gemm_loss import DEFAULT_CHUNK_BYTES, GemmLoss, GemmTerms
+from .kernels.configs import LOCAL_MAX_NEGATIVES
+from .kernels.configs import PRECISIONS as DOT_PRECISIONS
 from .loss_ops import (GlobalContrast, acc_dtype, TorchGlobalImpl, TritonGlobalImpl, TritonLocalTerms, distill_sum, group_columns,
                        torch_local_terms)
 
-#: Dot precisions of fp32 inputs in the triton backend (the loss's ``precision``; not the
-#: training precision of :mod:`degla_fast.precision`, which picks an autocast dtype).
-DOT_PRECISIONS = ("tf32", "ieee")
-#: The local Triton kernel holds all K negatives of a sample at once (kernels.degla_loss.LOCAL_MAX_NEGATIVES);
-#: larger K take the torch path for TGC and distillation, O(B*K*D) either way.
-LOCAL_MAX_NEGATIVES = 8
+# DOT_PRECISIONS: the dot precisions of fp32 inputs (the loss's ``precision``; not the training
+# precision of :mod:`degla_fast.precision`, which picks an autocast dtype). LOCAL_MAX_NEGATIVES:
+# the local Triton kernel holds all K negatives of a sample at once; larger K take the torch path
+# for TGC and distillation, O(B*K*D) either way.
 
 
 @dataclass
@@ -66,13 +68,14 @@ def check_dot_precision(precision: str) -> str:
     return precision
 
 
-def _resolve_for(backend, image_features, text_features, local_loss, world_size, precision) -> str:
+def _resolve_for(backend, image_features, text_features, local_loss, world_size, precision, chunk_bytes) -> str:
     """The backend for one call: ``precision`` checked, ``auto`` sized by this rank's
     image-to-text logits (its anchor rows times every rank's caption rows)."""
     check_dot_precision(precision)
     anchors = image_features.shape[0] * (1 if local_loss else world_size)
-    return resolve_backend(backend, image_features.device, choices=LOSS_BACKENDS,
-                           logits=anchors * text_features.shape[0] * world_size)
+    return resolve_loss_backend(backend, image_features.device, rows=anchors,
+                                columns=text_features.shape[0] * world_size, dtype=image_features.dtype,
+                                chunk_bytes=chunk_bytes)
 
 
 def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) -> bool:
@@ -170,7 +173,7 @@ def _gather_text(text, batch, rank, world_size, with_grad):
 
 
 def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives, row_offset,
-                  with_igc, precision="tf32"):
+                  with_igc, precision, chunk_bytes):
     """(clip, igc) for anchor rows against all columns, with the chosen backend."""
     if backend == "reference":
         clip = reference.global_loss(image_rows, text_all, image_all, text_rows, logit_scale,
@@ -180,8 +183,8 @@ def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_sca
         return clip, igc
     impl = TritonGlobalImpl if backend == "triton" else TorchGlobalImpl
     i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc, impl,
-                                    precision)
-    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl, precision)
+                                    precision, chunk_bytes)
+    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl, precision, chunk_bytes)
     return (i2t + t2i) / 2, igc
 
 
@@ -195,10 +198,10 @@ def _local_terms(backend, text, teacher_text, image, teacher_image, num_negative
         distill = (reference.distill_loss(image, text, teacher_image.detach(), teacher_text.detach())
                    if with_distill else zero)
         return tgc, distill
-    if backend == "triton" and not official and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES:
+    if backend == "triton" and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES:
         # One kernel computes both; an unused term costs O(B*K*D), noise next to the global term.
         return TritonLocalTerms.apply(text, teacher_text.detach(), image, teacher_image.detach(), num_negatives,
-                                      float(tgc_scale))
+                                      float(tgc_scale), official)
     teacher_text = teacher_text.detach() if teacher_text is not None else None
     teacher_image = teacher_image.detach() if teacher_image is not None else None
     return torch_local_terms(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
@@ -210,15 +213,18 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                *, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-               rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True) -> LossOutput:
+               rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> LossOutput:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
 
     ``num_negatives=0``: plain CLIP (open_clip's ClipLoss) through the same backends; text
     features are [B, D], IGC, TGC and distillation are zero whatever their weights, and the
     teacher features are not read (see :func:`needs_teacher`).
 
-    ``check_finite``: the torch backends raise NonFiniteError on NaN/Inf inputs (a host read per
-    input); a trainer that checks the loss on the device itself passes False.
+    ``check_finite``: the ``torch`` and ``reference`` backends raise NonFiniteError on NaN/Inf
+    inputs (a host read per input); a trainer that checks the loss on the device itself passes
+    False. ``chunk_bytes``: the ``gemm`` backend's memory for one chunk of logits and their
+    gradient (:mod:`degla_fast.gemm_loss`; ``auto`` also sizes its choice by it).
 
     Distributed (open_clip's ClipLoss semantics): features of all ranks are gathered. With
     ``local_loss`` each rank's images (and positive captions) are anchors against every rank's
@@ -228,9 +234,9 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     autograd (gradients reach the rank that owns each feature). ``precision``: see the module doc.
     """
     need_teacher = needs_teacher(num_negatives, tgc_weight, distill_weight)
-    backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision)
+    backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision, chunk_bytes)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
-              num_negatives, need_teacher, check_finite=check_finite and backend != "triton")
+              num_negatives, need_teacher, check_finite=check_finite and backend not in ("triton", "gemm"))
     batch = image_features.shape[0]
     with_igc = igc_weight != 0 and num_negatives > 0
 
@@ -247,11 +253,53 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                         _gather_text(teacher_text_features.detach(), batch, rank, world_size, False)]
         local = (text_all, teachers[1], image_all, teachers[0])
 
+    with_tgc, with_distill = need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0
+    if backend == "gemm":
+        return _gemm(image_rows, text_all, image_all, text_rows, logit_scale, local, num_negatives=num_negatives,
+                     weights=(igc_weight, tgc_weight, distill_weight), row_offset=row_offset, with_igc=with_igc,
+                     with_tgc=with_tgc, with_distill=with_distill, tgc_scale=tgc_scale,
+                     official=official_tgc_indexing, chunk_bytes=chunk_bytes, precision=precision)
     clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
-                              row_offset, with_igc, precision)
-    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing,
-                                need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0)
+                              row_offset, with_igc, precision, chunk_bytes)
+    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
+                                with_distill)
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
+    return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+
+
+def _gemm_input(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Contiguous rows; fp64 computed in fp32 (the gemm kernels are compiled for 32- and 16-bit)."""
+    if t is None:
+        return None
+    return (t.float() if t.dtype == torch.float64 else t).contiguous()
+
+
+def _gemm(image_rows, text_all, image_all, text_rows, scale, local, *, num_negatives, weights, row_offset, with_igc,
+          with_tgc, with_distill, tgc_scale, official, chunk_bytes, precision) -> LossOutput:
+    """The loss through :class:`~degla_fast.gemm_loss.GemmLoss`: one node when the rows are the
+    whole batch (world size 1, or ``local_loss=False``) and K <= 8; with ``local_loss`` across
+    ranks, text-to-image is a second, 1/(1+K)-sized call and TGC/distillation the local batch's."""
+    w_igc, w_tgc, w_distill = weights
+    text, teacher_text, image, teacher_image = local
+    square = image_rows.shape[0] == image_all.shape[0]
+    fused = square and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES
+    common = dict(row_offset=row_offset, tgc_scale=tgc_scale, official=official, chunk_bytes=chunk_bytes,
+                  precision=precision)
+    terms = GemmTerms(num_negatives, weights=(1.0 if square else 0.5, w_igc if with_igc else 0.0,
+                                              w_tgc if fused else 0.0, w_distill if fused else 0.0),
+                      with_igc=with_igc, with_cols=square, local=fused, **common)
+    teachers = (_gemm_input(teacher_image.detach()), _gemm_input(teacher_text.detach())) if fused else (None, None)
+    dtype = image_rows.dtype
+    total, clip, igc, tgc, distill = (t.to(dtype) if dtype == torch.float64 else t for t in GemmLoss.apply(
+        _gemm_input(image_rows), _gemm_input(text_all), scale, *teachers, terms))
+    if not square:  # text-to-image: this rank's captions against every rank's images
+        t2i_total, t2i_ce, *_ = GemmLoss.apply(_gemm_input(text_rows), _gemm_input(image_all), scale, None, None,
+                                               GemmTerms(0, weights=(0.5, 0.0, 0.0, 0.0), with_cols=False, **common))
+        total, clip = total + t2i_total.to(total.dtype), (clip + t2i_ce.to(clip.dtype)) / 2
+    if not fused and (with_tgc or with_distill):
+        tgc, distill = _local_terms("torch", text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
+                                    official, with_tgc, with_distill)
+        total = total + w_tgc * tgc + w_distill * distill
     return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
 

@@ -1,17 +1,16 @@
-"""Autograd wiring of the memory-lean DeGLA loss backends (``torch`` and ``triton``).
+"""Autograd wiring of the memory-lean DeGLA loss backends ``torch`` and ``triton`` (the ``gemm``
+backend is :mod:`degla_fast.gemm_loss`).
 
-Both backends share one structure: the forward keeps only per-row log-sum-exps, the
-backward recomputes logits block by block. ``torch`` does it with row blocks of ordinary
-matmuls (peak extra memory O(block * C)); ``triton`` with the fused kernels of
-``degla_fast.kernels.degla_loss`` (no R x C tensor at all).
+Both share one structure: the forward keeps only per-row log-sum-exps, the backward recomputes
+logits block by block. ``torch`` does it with row blocks of ordinary matmuls (peak extra memory
+one block of ``chunk_bytes``); ``triton`` with the fused kernels of ``degla_fast.kernels.degla_loss``
+(no R x C tensor at all).
 """
 from __future__ import annotations
 
 import torch
 
-# Elements of one row block of logits in the torch backend (fp32: 8 MB; about three such
-# buffers are alive at once).
-_TORCH_BLOCK_ELEMENTS = 1 << 21
+from .matmul import loss_matmuls, mm_f32
 
 
 def group_columns(rows: int, row_offset: int, num_negatives: int, num_groups: int, device) -> torch.Tensor:
@@ -27,61 +26,72 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class TorchGlobalImpl:
-    """Row-blocked PyTorch implementation of the global-term primitives (``precision`` is
-    torch's own: ``torch.backends.cuda.matmul.allow_tf32`` decides for fp32 CUDA matmuls)."""
+    """Row-blocked PyTorch implementation of the global-term primitives. Products go through
+    :mod:`degla_fast.matmul` (16-bit GEMMs with fp32 results for 16-bit inputs, TF32 per
+    ``precision`` for fp32 ones); nothing is read on the host."""
 
     @staticmethod
-    def _blocks(q: torch.Tensor, x: torch.Tensor):
-        size = max(8, _TORCH_BLOCK_ELEMENTS // max(1, x.shape[0]))
+    def _blocks(q: torch.Tensor, x: torch.Tensor, chunk_bytes: int):
+        """Row blocks whose fp32 logits, their exp and the gradient (about three buffers of
+        block x C) fit in ``chunk_bytes``."""
+        per_row = max(1, x.shape[0]) * (8 + q.element_size())
+        size = max(8, chunk_bytes // per_row)
         return range(0, q.shape[0], size), size
 
     @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision):
+    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
-        xf, s = x.to(acc), scale.to(acc)
+        s = scale.to(acc)
         lse = torch.empty(rows, device=q.device, dtype=acc)
         lse_igc, pos = torch.empty_like(lse), torch.empty_like(lse)
-        starts, size = TorchGlobalImpl._blocks(q, x)
-        for start in starts:
-            stop = min(start + size, rows)
-            logits = (q[start:stop].to(acc) @ xf.T).mul_(s)
-            group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device))
-            lse[start:stop] = torch.logsumexp(logits, dim=1)
-            pos[start:stop] = group[:, 0]
-            if with_igc:
-                lse_igc[start:stop] = torch.logsumexp(group, dim=1)
+        starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
+        with loss_matmuls(q.device, precision):
+            for start in starts:
+                stop = min(start + size, rows)
+                logits = mm_f32(q[start:stop], x.T).mul_(s)
+                group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups,
+                                                       q.device))
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                pos[start:stop] = group[:, 0]
+                if with_igc:
+                    lse_igc[start:stop] = torch.logsumexp(group, dim=1)
         return lse, lse_igc, pos
 
     @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision):
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision, chunk_bytes):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
-        xf, s = x.to(acc), scale.to(acc)
+        s = scale.to(acc)
         g_ce, g_igc = (grad_out.to(acc) / rows).unbind()
+        # The gradient of each logit enters the products in the input dtype at unit scale (divided
+        # by f = |g_ce| + |g_igc|, so it lies in [-1, 1]: no fp16 subnormals); f * s multiplies
+        # the fp32 products.
+        f = (g_ce.abs() + g_igc.abs()).clamp_min(1e-30)
         dq = torch.empty(q.shape, device=q.device, dtype=acc)
         dx = torch.zeros(x.shape, device=q.device, dtype=acc)
         dscale = torch.zeros((), device=q.device, dtype=acc)
-        starts, size = TorchGlobalImpl._blocks(q, x)
-        for start in starts:
-            stop = min(start + size, rows)
-            qb = q[start:stop].to(acc)
-            dots = qb @ xf.T
-            dlogits = dots.mul(s).sub_(lse[start:stop, None]).exp_().mul_(g_ce)
-            group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
-            d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
-            d_group[:, 0] = -g_ce
-            if with_igc:
-                group = dots.gather(1, group_cols) * s
-                d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
-                d_group[:, 0] -= g_igc
-            dlogits.scatter_add_(1, group_cols, d_group)
-            dscale += torch.vdot(dlogits.reshape(-1), dots.reshape(-1))
-            dq[start:stop] = (dlogits @ xf) * s
-            dx.addmm_(dlogits.T, qb, alpha=float(s))
-        return dq, dx, dscale
+        starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
+        with loss_matmuls(q.device, precision):
+            for start in starts:
+                stop = min(start + size, rows)
+                dots = mm_f32(q[start:stop], x.T)
+                dlogits = dots.mul(s).sub_(lse[start:stop, None]).exp_().mul_(g_ce)
+                group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
+                d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
+                d_group[:, 0] = -g_ce
+                if with_igc:
+                    group = dots.gather(1, group_cols) * s
+                    d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
+                    d_group[:, 0] -= g_igc
+                dlogits.scatter_add_(1, group_cols, d_group)
+                dscale += torch.vdot(dlogits.reshape(-1), dots.reshape(-1))
+                unit = dlogits.div_(f).to(q.dtype)
+                dq[start:stop] = mm_f32(unit, x)
+                dx.add_(mm_f32(unit.T, q[start:stop]))
+        return dq.mul_(f * s), dx.mul_(f * s), dscale
 
 
 class TritonGlobalImpl:
@@ -93,7 +103,7 @@ class TritonGlobalImpl:
     """
 
     @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision):
+    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes):
         from .kernels import degla_loss as kernels
 
         lse, pos = kernels.row_lse(q, x, scale, row_offset, precision)
@@ -104,7 +114,7 @@ class TritonGlobalImpl:
         return lse, torch.logsumexp(group, dim=1) - group[:, 0] + pos, pos
 
     @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision):
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision, chunk_bytes):
         from .kernels import degla_loss as kernels
 
         grad_out = grad_out.float()
@@ -126,14 +136,15 @@ class GlobalContrast(torch.autograd.Function):
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
     With ``with_igc=False`` the second output is zero. ``precision``: dot precision of fp32
-    inputs in the Triton kernels ("tf32" or "ieee").
+    inputs ("tf32" or "ieee"); ``chunk_bytes``: the torch backend's row-block budget.
     """
 
     @staticmethod
-    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, precision: str = "tf32"):
-        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, precision)
+    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, precision: str,
+                chunk_bytes: int):
+        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes)
         ctx.save_for_backward(q, x, scale, lse, lse_igc)
-        ctx.args = (row_offset, num_negatives, with_igc, impl, precision)
+        ctx.args = (row_offset, num_negatives, with_igc, impl, precision, chunk_bytes)
         ce = (lse - pos).mean()
         igc = (lse_igc - pos).mean() if with_igc else torch.zeros_like(ce)
         return ce, igc
@@ -141,40 +152,44 @@ class GlobalContrast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_igc):
         q, x, scale, lse, lse_igc = ctx.saved_tensors
-        row_offset, num_negatives, with_igc, impl, precision = ctx.args
+        row_offset, num_negatives, with_igc, impl, precision, chunk_bytes = ctx.args
         grad_out = torch.stack([grad_ce, grad_igc])
         dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out,
-                                       precision)
+                                       precision, chunk_bytes)
         return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class TritonLocalTerms(torch.autograd.Function):
-    """TGC (own negatives) and self-distillation in one Triton kernel per direction.
+    """TGC (own negatives, or the release's with ``official``) and self-distillation in one Triton
+    kernel per direction (K <= ``kernels.local_terms.LOCAL_MAX_NEGATIVES``).
 
     text/teacher_text [B(1+K), D], image/teacher_image [B, D] -> (tgc mean, distill sum).
     Teacher features receive no gradient.
     """
 
     @staticmethod
-    def forward(ctx, text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float):
-        from .kernels import degla_loss as kernels
+    def forward(ctx, text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
+                official: bool = False):
+        from .kernels import local_terms
 
-        tgc, lse, dist = kernels.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale)
+        text, teacher_text, image, teacher_image = (t.contiguous() for t in (text, teacher_text, image, teacher_image))
+        tgc, lse, dist = local_terms.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
+                                                   official)
         ctx.save_for_backward(text, teacher_text, image, teacher_image, lse)
-        ctx.args = (num_negatives, tgc_scale)
+        ctx.args = (num_negatives, tgc_scale, official)
         return tgc.mean(), dist.sum()
 
     @staticmethod
     def backward(ctx, grad_tgc, grad_dist):
-        from .kernels import degla_loss as kernels
+        from .kernels import local_terms
 
         text, teacher_text, image, teacher_image, lse = ctx.saved_tensors
-        num_negatives, tgc_scale = ctx.args
+        num_negatives, tgc_scale, official = ctx.args
         grad_out = torch.stack([grad_tgc, grad_dist]).float()
-        dtext, dimage = kernels.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, lse,
-                                               grad_out)
-        return dtext.to(text.dtype), None, dimage.to(image.dtype), None, None, None
+        dtext, dimage = local_terms.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
+                                                   lse, grad_out, official)
+        return dtext.to(text.dtype), None, dimage.to(image.dtype), None, None, None, None
 
 
 def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,

@@ -6,7 +6,7 @@ from torch import nn
 
 from .backends import LOSS_BACKENDS, check_backend
 from .errors import ConfigError
-from .functional import LossOutput, check_dot_precision, degla_loss, needs_teacher
+from .functional import DEFAULT_CHUNK_BYTES, LossOutput, check_dot_precision, degla_loss, needs_teacher
 
 __all__ = ["DeGLALoss", "LossOutput"]
 
@@ -25,7 +25,8 @@ class DeGLALoss(nn.Module):
     def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                  distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                  official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-                 rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True):
+                 rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         super().__init__()
         check_dot_precision(precision)
         if num_negatives < 0:
@@ -34,6 +35,8 @@ class DeGLALoss(nn.Module):
         for name, weight in (("igc_weight", igc_weight), ("tgc_weight", tgc_weight), ("distill_weight", distill_weight)):
             if weight < 0:
                 raise ConfigError(f"{name} must be >= 0, got {weight}")
+        if chunk_bytes <= 0:
+            raise ConfigError(f"chunk_bytes must be > 0, got {chunk_bytes}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.num_negatives = num_negatives
@@ -49,6 +52,7 @@ class DeGLALoss(nn.Module):
         self.world_size = world_size
         self.precision = precision
         self.check_finite = check_finite  # False: no host read of the inputs (the caller checks the loss)
+        self.chunk_bytes = chunk_bytes
 
     @property
     def needs_teacher(self) -> bool:
@@ -63,7 +67,7 @@ class DeGLALoss(nn.Module):
                           distill_weight=self.distill_weight, tgc_scale=self.tgc_scale, backend=self.backend,
                           official_tgc_indexing=self.official_tgc_indexing, local_loss=self.local_loss,
                           gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size,
-                          precision=self.precision, check_finite=self.check_finite)
+                          precision=self.precision, check_finite=self.check_finite, chunk_bytes=self.chunk_bytes)
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, igc_weight={self.igc_weight}, tgc_weight={self.tgc_weight}, "

@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 #: Triton signature name of each floating dtype, keyed by torch's short names.
 POINTER_TYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
 
+#: Dot precisions of fp32 inputs (the loss's ``precision``): TF32 tensor cores or exact fp32 products.
+PRECISIONS = ("tf32", "ieee")
+
+#: Largest K the per-sample TGC + distillation kernels take (all K negatives of a sample are one
+#: tile); above it the callers take the torch path. Here, not in ``local_terms``, so that code
+#: without Triton can read it.
+LOCAL_MAX_NEGATIVES = 8
+
 #: Architectures the launchers tell apart: 90 = Hopper and newer (227 KB of shared memory
 #: per block), 80 = everything older (A100's 163 KB; sm_86/89's 99 KB is not covered).
 ARCHS = (80, 90)

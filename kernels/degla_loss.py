@@ -33,14 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import POINTER_TYPES, KernelConfig, arch_of, make_config
+from .configs import POINTER_TYPES, PRECISIONS, KernelConfig, arch_of, make_config
 
 # Finite "minus infinity" for running maxima: keeps exp(m_old - m_new) defined before the first
 # valid column. A constexpr: a GPU compile rejects plain Python globals inside @jit functions.
 _NEG_BIG = tl.constexpr(-1.0e30)
 
 DOT_IEEE, DOT_TF32, DOT_NATIVE = 0, 1, 2
-PRECISIONS = ("tf32", "ieee")
 
 
 @triton.jit
@@ -234,12 +233,9 @@ _NARROW_TILES = {
     DOT_TF32: (64, 64, 16, 8, 2, 1),
     DOT_IEEE: (64, 64, 16, 8, 1, 1),
 }
-# Feature chunk and rows of the group kernels, feature chunk and negatives (at most) of the local
-# kernels: fixed, so D and K change no compiled variant beyond the 16-divisibility of D.
+# Feature chunk and rows of the group kernels: fixed, so D and K change no compiled variant beyond
+# the 16-divisibility of D.
 _GROUP_BLOCK_M, _GROUP_BLOCK_K, _GROUP_WARPS = 16, 64, 4
-_LOCAL_BLOCK_D, _LOCAL_WARPS = 256, 4
-#: Largest K the local (TGC + distillation) kernels take; above it the torch path runs.
-LOCAL_MAX_NEGATIVES = 8
 #: Programs the forward and backward aim for: a few per SM, so small batches fill the GPU.
 _PROGRAMS_PER_SM = 4
 #: The interpreter runs programs one by one: a few splits keep the merge exercised in tests.
@@ -268,13 +264,6 @@ def softmax_tiles(dot: int, D: int, arch: int, which: str) -> tuple[int, int, in
         tiles = _NARROW_TILES[dot]
     block_m, block_n, block_k, warps, fwd_stages, bwd_stages = tiles
     return block_m, block_n, block_k, warps, fwd_stages if which == "fwd" else bwd_stages
-
-
-def local_blocks(D: int, K: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_D) of the local kernels: all K negatives (K <= 8), D in chunks of 256."""
-    if K > LOCAL_MAX_NEGATIVES:
-        raise ValueError(f"local kernels take at most {LOCAL_MAX_NEGATIVES} negatives per caption; got {K}")
-    return max(2, triton.next_power_of_2(K)), _LOCAL_BLOCK_D
 
 
 def _arch(device: torch.device) -> int:
@@ -379,119 +368,10 @@ def group_backward_(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, row_o
 
 
 # ---------------------------------------------------------------------------------------------
-# TGC + self-distillation: one program per sample, D in chunks.
-
-
-@triton.jit
-def _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok, stride_t, stride_i):
-    """One D chunk of sample i: t, t*, its K negatives n, n* [BLOCK_K, chunk], image and teacher image (fp32)."""
-    neg_rows = B + i * K + ks
-    nmask = k_ok[:, None] & dim_ok[None, :]
-    t = tl.load(Text + i * stride_t + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    tt = tl.load(TText + i * stride_t + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    n = tl.load(Text + neg_rows[:, None] * stride_t + dims[None, :], mask=nmask, other=0.0).to(tl.float32)
-    nt = tl.load(TText + neg_rows[:, None] * stride_t + dims[None, :], mask=nmask, other=0.0).to(tl.float32)
-    img = tl.load(Img + i * stride_i + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    timg = tl.load(TImg + i * stride_i + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    return neg_rows, t, tt, n, nt, img, timg
-
-
-@triton.jit
-def _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """(t . t*, [t . n_m], squared distance to the teacher) of sample i, over all D chunks."""
-    pos = 0.0
-    neg = tl.zeros([BLOCK_K], tl.float32)
-    dist = 0.0
-    for k0 in range(0, D, BLOCK_D):
-        dims = k0 + tl.arange(0, BLOCK_D)
-        dim_ok = dims < D
-        _, t, tt, n, nt, img, timg = _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok,
-                                                  stride_t, stride_i)
-        pos += tl.sum(t * tt, 0)
-        neg += tl.sum(n * t[None, :], 1)
-        dist += tl.sum((img - timg) * (img - timg), 0) + tl.sum((t - tt) * (t - tt), 0)
-        dist += tl.sum(tl.sum((n - nt) * (n - nt), 1), 0)
-    return pos, neg, dist
-
-
-@triton.jit(do_not_specialize=["B", "K"])
-def _local_fwd_kernel(Text, TText, Img, TImg, Tgc, Lse, Dist, B, D, K, tgc_scale, stride_t, stride_i,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0)
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    pos, neg, dist = _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K, BLOCK_D)
-    pos = tgc_scale * pos
-    neg = tl.where(k_ok, tgc_scale * neg, float("-inf"))
-    m = tl.maximum(pos, tl.max(neg, 0))
-    lse = m + tl.log(tl.exp(pos - m) + tl.sum(tl.exp(neg - m), 0))
-    tl.store(Tgc + i, lse - pos)
-    tl.store(Lse + i, lse)
-    tl.store(Dist + i, dist)
-
-
-@triton.jit(do_not_specialize=["B", "K"])
-def _local_bwd_kernel(Text, TText, Img, TImg, Lse, GradOut, DText, DImg, B, D, K, tgc_scale,
-                      stride_t, stride_i, stride_dt, stride_di,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    i = tl.program_id(0)
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    g_tgc = tl.load(GradOut).to(tl.float32) * tgc_scale / B
-    g_dist = 2.0 * tl.load(GradOut + 1).to(tl.float32)
-    lse = tl.load(Lse + i)
-    pos, neg, _ = _tgc_dots(Text, TText, Img, TImg, i, B, D, K, ks, k_ok, stride_t, stride_i, BLOCK_K, BLOCK_D)
-    p_pos = tl.exp(tgc_scale * pos - lse)
-    p_neg = tl.where(k_ok, tl.exp(tgc_scale * neg - lse), 0.0)
-    for k0 in range(0, D, BLOCK_D):
-        dims = k0 + tl.arange(0, BLOCK_D)
-        dim_ok = dims < D
-        neg_rows, t, tt, n, nt, img, timg = _sample_rows(Text, TText, Img, TImg, i, B, K, dims, dim_ok, ks, k_ok,
-                                                         stride_t, stride_i)
-        dt = g_tgc * ((p_pos - 1.0) * tt + tl.sum(p_neg[:, None] * n, 0)) + g_dist * (t - tt)
-        dn = g_tgc * p_neg[:, None] * t[None, :] + g_dist * (n - nt)
-        tl.store(DText + i * stride_dt + dims, dt, mask=dim_ok)
-        tl.store(DText + neg_rows[:, None] * stride_dt + dims[None, :], dn, mask=k_ok[:, None] & dim_ok[None, :])
-        tl.store(DImg + i * stride_di + dims, g_dist * (img - timg), mask=dim_ok)
-
-
-def local_forward(text: torch.Tensor, teacher_text: torch.Tensor, image: torch.Tensor, teacher_image: torch.Tensor,
-                  num_negatives: int, tgc_scale: float):
-    """Per-sample TGC loss, its log-sum-exp and distillation sum, each [B] fp32 (own-negative indexing)."""
-    text, teacher_text = text.contiguous(), teacher_text.contiguous()
-    image, teacher_image = image.contiguous(), teacher_image.contiguous()
-    B, D = image.shape
-    tgc = torch.empty(B, device=text.device, dtype=torch.float32)
-    lse, dist = torch.empty_like(tgc), torch.empty_like(tgc)
-    block_k, block_d = local_blocks(D, num_negatives)
-    _local_fwd_kernel[(B,)](text, teacher_text, image, teacher_image, tgc, lse, dist, B, D, num_negatives,
-                            float(tgc_scale), text.stride(0), image.stride(0), BLOCK_K=block_k, BLOCK_D=block_d,
-                            num_warps=_LOCAL_WARPS)
-    return tgc, lse, dist
-
-
-def local_backward(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
-                   lse: torch.Tensor, grad_out: torch.Tensor):
-    """Gradients of ``g_tgc * mean(tgc) + g_dist * sum(dist)`` w.r.t. text [B(1+K), D] and image [B, D] (fp32)."""
-    text, teacher_text = text.contiguous(), teacher_text.contiguous()
-    image, teacher_image = image.contiguous(), teacher_image.contiguous()
-    B, D = image.shape
-    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
-    dimage = torch.empty(image.shape, device=text.device, dtype=torch.float32)
-    block_k, block_d = local_blocks(D, num_negatives)
-    _local_bwd_kernel[(B,)](text, teacher_text, image, teacher_image, lse, grad_out.to(torch.float32).contiguous(),
-                            dtext, dimage, B, D, num_negatives, float(tgc_scale), text.stride(0), image.stride(0),
-                            dtext.stride(0), dimage.stride(0), BLOCK_K=block_k, BLOCK_D=block_d,
-                            num_warps=_LOCAL_WARPS)
-    return dtext, dimage
-
-
-# ---------------------------------------------------------------------------------------------
 # What the launchers above can choose, for the compile gate.
 
 _DOT_NAMES = {DOT_IEEE: "ieee", DOT_TF32: "tf32", DOT_NATIVE: "native"}
-_WIDTH_ARGS = ("D", "stride_q", "stride_x", "stride_t", "stride_i", "stride_dt", "stride_di")
+_WIDTH_ARGS = ("D", "stride_q", "stride_x")
 
 
 def _aligned_ints(D: int) -> tuple:
@@ -530,23 +410,6 @@ def kernel_configs(dtype: str, D: int, K: int, arch: int, with_igc: bool = True)
     return out
 
 
-def local_kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
-    """The TGC + distillation kernel variants for ``dtype`` features of width D with K negatives."""
-    ptr = POINTER_TYPES[dtype]
-    block_k, block_d = local_blocks(D, K)
-    feats = {"Text": ptr, "TText": ptr, "Img": ptr, "TImg": ptr}
-    fwd = make_config(_local_fwd_kernel, {**feats, "Tgc": "*fp32", "Lse": "*fp32", "Dist": "*fp32", "tgc_scale": "fp32"},
-                      dict(BLOCK_K=block_k, BLOCK_D=block_d), num_warps=_LOCAL_WARPS, num_stages=3, arch=arch,
-                      aligned_ints=_aligned_ints(D),
-                      label={"dtype": dtype, "D": D, "K": K, "tile": f"{block_k}x{block_d}"})
-    bwd = make_config(_local_bwd_kernel, {**feats, "Lse": "*fp32", "GradOut": "*fp32", "DText": "*fp32",
-                                          "DImg": "*fp32", "tgc_scale": "fp32"},
-                      dict(BLOCK_K=block_k, BLOCK_D=block_d), num_warps=_LOCAL_WARPS, num_stages=3, arch=arch,
-                      aligned_ints=_aligned_ints(D),
-                      label={"dtype": dtype, "D": D, "K": K, "tile": f"{block_k}x{block_d}"})
-    return [fwd, bwd]
-
-
 def gate_configs(arch: int) -> list[KernelConfig]:
     """All variants over the gate's dtypes, feature widths, K in {1, 4, 8}, IGC on and off."""
     out = []
@@ -555,5 +418,4 @@ def gate_configs(arch: int) -> list[KernelConfig]:
             for K in GATE_NEGATIVES:
                 for with_igc in (True, False):
                     out += kernel_configs(dtype, D, K, arch, with_igc)
-                out += local_kernel_configs(dtype, D, K, arch)
     return out

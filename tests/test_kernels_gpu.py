@@ -1,6 +1,6 @@
 """The compiled kernels at GPU sizes against float64 expectations (``make test-gpu``).
 
-Loss (``DeGLALoss(backend="triton")``): fp32 with TF32 and with IEEE dots, bf16 and fp16; D in
+Loss (``DeGLALoss(backend="gemm")`` and ``backend="triton"``): fp32 with TF32 and with IEEE dots, bf16 and fp16; D in
 {64, 512, 768}; B in {32, 256, 1000, 4096}; K in {1, 4}; with and without IGC; values of every
 term and the gradients of image features, text features and logit_scale, each flavour with its
 own tolerance. The float64 expectation is vectorised torch on the same device (section 3 of the
@@ -67,8 +67,8 @@ else:
     SHAPES = [(d, b, k, igc, s) for d in (64, 512, 768) for b, k, igc, s in (
         (32, 1, True, 14.3), (256, 4, False, 100.0), (1000, 1, False, 14.3), (1000, 4, True, 100.0),
         (4096, 4, True, 100.0), (4096, 1, False, 14.3))]
-LOSS_CASES = [pytest.param(f, d, b, k, igc, s, id=f"{f}-D{d}-B{b}-K{k}-{'igc' if igc else 'noigc'}")
-              for f in FLAVOURS for d, b, k, igc, s in SHAPES]
+LOSS_CASES = [pytest.param(backend, f, d, b, k, igc, s, id=f"{backend}-{f}-D{d}-B{b}-K{k}-{'igc' if igc else 'noigc'}")
+              for backend in ("gemm", "triton") for f in FLAVOURS for d, b, k, igc, s in SHAPES]
 
 
 def expected_terms(image, text, scale, t_image, t_text, k: int, tgc_scale: float = 10.0) -> dict:
@@ -109,8 +109,8 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("flavour,dim,batch,k,with_igc,scale", LOSS_CASES)
-def test_loss_matches_float64(flavour, dim, batch, k, with_igc, scale):
+@pytest.mark.parametrize("backend,flavour,dim,batch,k,with_igc,scale", LOSS_CASES)
+def test_loss_matches_float64(backend, flavour, dim, batch, k, with_igc, scale):
     from degla_fast import DeGLALoss
 
     dtype, precision = FLAVOURS[flavour]
@@ -127,7 +127,7 @@ def test_loss_matches_float64(flavour, dim, batch, k, with_igc, scale):
     student = [x.detach().clone().requires_grad_(True) for x in (image, text, scale_t)]
     kwargs = {"precision": precision} if precision else {}
     loss = DeGLALoss(num_negatives=k, igc_weight=igc_weight, tgc_weight=WEIGHTS["tgc"],
-                     distill_weight=WEIGHTS["distill"], backend="triton", **kwargs)
+                     distill_weight=WEIGHTS["distill"], backend=backend, **kwargs)
     out = loss(*student[:2], student[2], t_image, t_text)
     out.total.backward()
 

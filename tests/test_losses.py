@@ -8,7 +8,7 @@ from degla_fast import functional as Fn
 from degla_fast.errors import ConfigError, NonFiniteError, ShapeError
 from loss_oracle import oracle_terms, oracle_total
 
-BACKENDS = ["reference", "torch", "triton"]
+BACKENDS = ["reference", "torch", "gemm", "triton"]
 # (value rtol, value atol, grad atol relative to the largest gradient entry) per dtype
 TOLERANCE = {torch.float32: (1e-5, 1e-5, 1e-5), torch.float16: (4e-3, 4e-3, 8e-3), torch.bfloat16: (3e-2, 3e-2, 4e-2)}
 # B=1; B not a multiple of any block (70 > 64); K from 1 to 8; D not a power of two
@@ -162,14 +162,12 @@ def test_pieces_match_the_oracle():
     torch.testing.assert_close(Fn.distill_loss(image, text, t_image, t_text), distill)
 
 
-def test_torch_backend_row_blocks_give_the_same_result(monkeypatch):
-    import degla_fast.loss_ops as ops
-
+def test_torch_backend_row_blocks_give_the_same_result():
     inputs = [leaf(t, torch.float64) for t in make_inputs(37, 3, 16)]
     whole = Fn.degla_loss(*inputs, num_negatives=3, backend="torch").total
     grads_whole = torch.autograd.grad(whole, inputs[:3])
-    monkeypatch.setattr(ops, "_TORCH_BLOCK_ELEMENTS", 8 * 148)  # 8-row blocks: 5 blocks, the last one partial
-    blocked = Fn.degla_loss(*inputs, num_negatives=3, backend="torch").total
+    # 8-row blocks (148 columns of 8 + 8 bytes per row): 5 blocks, the last one partial
+    blocked = Fn.degla_loss(*inputs, num_negatives=3, backend="torch", chunk_bytes=8 * 148 * 16).total
     grads_blocked = torch.autograd.grad(blocked, inputs[:3])
     torch.testing.assert_close(blocked, whole)
     for a, b in zip(grads_blocked, grads_whole):
@@ -183,22 +181,67 @@ def test_loss_output_items_and_auto_backend():
     items = out.items()
     assert set(items) == {"total", "clip", "igc", "tgc", "distill"}
     assert items["total"] == pytest.approx(float(oracle_total(*make_inputs(3, 2, 8), 2)), rel=1e-5)
-    assert backends.resolve_backend("auto", torch.device("cpu"), choices=backends.LOSS_BACKENDS) == "torch"
+    assert backends.resolve_loss_backend("auto", torch.device("cpu"), rows=3, columns=9, dtype=torch.float32,
+                                         chunk_bytes=1 << 20) == "torch"
 
 
-def test_auto_backend_rule(monkeypatch):
-    cuda = torch.device("cuda")  # resolving needs no GPU
-    loss = dict(choices=backends.LOSS_BACKENDS)
-    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS - 1, **loss) == "torch"
-    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS, **loss) == "triton"
-    assert backends.resolve_backend("auto", cuda, logits=256 * 1280, **loss) == "torch"  # B=256, K=4: cuBLAS row blocks
-    assert backends.resolve_backend("auto", cuda) == "triton"  # the EMA: no size threshold
+def test_auto_backend_rule(monkeypatch, tmp_path):
+    cuda = torch.device("cuda")  # resolving needs no GPU: the capability is stood in for
+    monkeypatch.setattr(backends, "device_capability", lambda device: (9, 0))
+    no_table = tmp_path / "none.json"
+    size = dict(dtype=torch.bfloat16, chunk_bytes=256 << 20, table_path=no_table)
+
+    def auto(rows, columns, device=cuda, **kw):
+        return backends.resolve_loss_backend("auto", device, rows=rows, columns=columns, **{**size, **kw})
+
+    assert auto(256, 1280) == "gemm"          # no measurements: the modelled rule prefers cuBLAS
+    assert "modelled" in backends.LAST_LOSS_CHOICE[1]
+    assert auto(65536, 327680) == "gemm"      # a 256-column chunk of 65536 rows fits in 256 MiB
+    assert auto(262144, 1310720) == "triton"  # it does not: the fused kernels keep no logits
+    assert auto(4096, 20480, chunk_bytes=1 << 20) == "triton"
+    assert auto(256, 1280, device=torch.device("cpu")) == "torch"
+    assert backends.resolve_backend("auto", cuda) == "triton"  # the EMA: no size rule
     # One rule for both: without an importable Triton, auto is torch for the loss and the EMA alike.
     monkeypatch.setattr(backends, "triton_importable", lambda: False)
-    assert backends.resolve_backend("auto", cuda, logits=backends.AUTO_TRITON_MIN_LOGITS, **loss) == "torch"
+    assert auto(4096, 20480) == "torch"
     assert backends.resolve_backend("auto", cuda) == "torch"
-    with pytest.raises(ConfigError, match="needs Triton"):
-        backends.resolve_backend("triton", torch.device("cpu"), **loss)
+    for name in ("triton", "gemm"):
+        with pytest.raises(ConfigError, match=f"backend='{name}' needs Triton"):
+            backends.resolve_loss_backend(name, torch.device("cpu"), rows=4, columns=4, **size)
+
+
+def test_auto_follows_the_measured_table(monkeypatch, tmp_path, caplog):
+    """The table gpu-check writes from bench_loss rows: per dtype and B the fastest of torch, gemm
+    and triton; auto takes the entry nearest in logits for the GPU's capability and dtype."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "device_capability", lambda device: (9, 0))
+    rows = [{"impl": impl, "B": b, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": ms}
+            for b, times in ((32, {"torch": 0.05, "gemm": 0.09, "triton": 0.2}),
+                             (4096, {"torch": 9.0, "gemm": 1.1, "triton": 2.5}),
+                             (65536, {"torch": 900.0, "gemm": None, "triton": 400.0}))
+            for impl, ms in times.items()]
+    rows.append({"impl": "gemm floor", "B": 32, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": 0.001})
+    rows.append({"impl": "gemm", "B": 65536, "K": 4, "D": 512, "dtype": "bfloat16", "skipped": "out of memory"})
+    table_path = tmp_path / "auto.json"
+    table = backends.write_auto_table(rows, {"device": "NVIDIA H200", "date": "2026-12-04"}, (9, 0), table_path)
+    assert [(e["B"], e["backend"]) for e in table["entries"]] == [(32, "torch"), (4096, "gemm"), (65536, "triton")]
+
+    def auto(batch, dtype=torch.bfloat16):
+        return backends.resolve_loss_backend("auto", cuda, rows=batch, columns=5 * batch, dtype=dtype,
+                                             chunk_bytes=256 << 20, table_path=table_path)
+
+    monkeypatch.setattr(backends, "_logged", set())  # as in a fresh process
+    with caplog.at_level("INFO", logger="degla_fast"):
+        assert [auto(b) for b in (16, 64, 2048, 8192, 40000, 100000)] == \
+            ["torch", "torch", "gemm", "gemm", "triton", "triton"]
+        assert auto(64) == "torch"
+    assert "measured" in backends.LAST_LOSS_CHOICE[1] and "NVIDIA H200" in backends.LAST_LOSS_CHOICE[1]
+    chosen = [r.getMessage() for r in caplog.records if "backend auto" in r.getMessage()]
+    assert len([m for m in chosen if "-> torch" in m]) == 1  # logged once per choice, not per call
+    assert len(chosen) == 3
+    assert auto(256, dtype=torch.float16) == "gemm"  # no fp16 entries: the modelled rule
+    monkeypatch.setattr(backends, "device_capability", lambda device: (8, 0))
+    assert "modelled" in (auto(32) and backends.LAST_LOSS_CHOICE[1])  # another GPU model: not its table
 
 
 def assert_grads_close(got, want, gtol, name):
@@ -224,7 +267,8 @@ def test_triton_column_splits_and_feature_chunks(splits, monkeypatch, kernel_dev
         assert_grads_close(got, want, 1e-5, name)
 
 
-def test_fp16_gradients_do_not_underflow(kernel_device):
+@pytest.mark.parametrize("backend", ["gemm", "triton"])
+def test_fp16_gradients_do_not_underflow(backend, kernel_device):
     """A small upstream gradient over many logits: g / R must not meet the fp16 cast.
 
     With g = 1e-3 and R = 96 the factor g / R times a softmax entry is about 1e-8, below fp16's
@@ -236,8 +280,8 @@ def test_fp16_gradients_do_not_underflow(kernel_device):
     want = torch.autograd.grad(1e-3 * Fn.degla_loss(image, text, scale, t_image, t_text, num_negatives=k,
                                                     backend="reference").total, (image, text))
     image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float16) for t in inputs]
-    got = torch.autograd.grad(1e-3 * DeGLALoss(num_negatives=k, backend="triton")(image, text, scale, t_image,
-                                                                                  t_text).total, (image, text))
+    got = torch.autograd.grad(1e-3 * DeGLALoss(num_negatives=k, backend=backend)(image, text, scale, t_image,
+                                                                                 t_text).total, (image, text))
     for name, g, w in zip(("image", "text"), got, want):
         assert_grads_close(g.float(), w, 2e-2, name)
 
@@ -328,8 +372,9 @@ def test_softmax_kernels_do_the_16bit_casts_a_gpu_does(dtype, kernel_device):
     torch.testing.assert_close(ds.cpu()[0], ds_want, rtol=1e-5, atol=0.0)
 
 
+@pytest.mark.parametrize("backend", ["gemm", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_saturated_rows_give_zero_gradients(dtype, kernel_device):
+def test_saturated_rows_give_zero_gradients(dtype, backend, kernel_device):
     """Each caption equal to its image and scale 100: every softmax sits at its target (the other
     logits are about 90 lower), so the true loss and gradients are ~1e-39. The target's
     probability must round to exactly 1 from logits recomputed bit for bit, and P - onehot be
@@ -342,9 +387,125 @@ def test_saturated_rows_give_zero_gradients(dtype, kernel_device):
     text = torch.cat([image, negatives])
     image, text = leaf(image.to(kernel_device), dtype), leaf(text.to(kernel_device), dtype)
     scale = leaf(torch.tensor(100.0).to(kernel_device), torch.float32)
-    out = DeGLALoss(num_negatives=k, backend="triton", precision="ieee", tgc_weight=0.0, distill_weight=0.0)(
+    out = DeGLALoss(num_negatives=k, backend=backend, precision="ieee", tgc_weight=0.0, distill_weight=0.0)(
         image, text, scale)
     out.total.backward()
     assert float(out.clip.detach()) < 1e-6 and float(out.igc.detach()) < 1e-6
     for name, grad in (("image", image.grad), ("text", text.grad), ("logit_scale", scale.grad)):
         assert float(grad.abs().max()) < 1e-7, f"{name} gradient {float(grad.abs().max()):.3g} on a saturated batch"
+
+
+# --- the gemm backend: column chunks, one autograd node, no host reads ---------------------------
+
+@pytest.mark.parametrize("official", [False, True], ids=["own", "official"])
+@pytest.mark.parametrize("igc", [0.1, 0.0], ids=["igc", "noigc"])
+def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_device):
+    """Recomputed column chunks of 8..24 columns: text-to-image columns, IGC groups and target
+    columns cut by chunk edges, the release's TGC indexing; values and gradients equal float64 and
+    the stored single chunk's."""
+    import degla_fast.gemm_loss as gemm
+
+    batch, k, dim = 37, 3, 20
+    inputs = make_inputs(batch, k, dim, seed=4)
+    leaves64 = [leaf(t, torch.float64) for t in inputs[:3]]
+    terms = oracle_terms(*leaves64, *inputs[3:], k, official=official)
+    want = terms[0] + igc * terms[1] + 0.1 * terms[2] + 0.005 * terms[3]
+    want_grads = torch.autograd.grad(want, leaves64)
+    monkeypatch.setattr(gemm, "CHUNK_ALIGN", 8)
+    results = []
+    for chunk_bytes in (1 << 30, batch * 8 * 24, batch * 8 * 8):
+        image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
+        loss = DeGLALoss(num_negatives=k, igc_weight=igc, backend="gemm", precision="ieee",
+                         official_tgc_indexing=official, chunk_bytes=chunk_bytes)
+        out = loss(image, text, scale, t_image, t_text)
+        grads = torch.autograd.grad(out.total, (image, text, scale))
+        torch.testing.assert_close(out.total.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+        for name, got, exp in zip(("image", "text", "logit_scale"), grads, want_grads):
+            assert_grads_close(got, exp, 1e-5, name)
+        results.append([out.total.detach(), *grads])
+    assert len(gemm.plan_chunks(batch, batch * (1 + k), 4, batch * 8 * 8)) == 19  # 148 columns in 8s
+    for chunked in results[1:]:
+        for a, b in zip(chunked, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gemm_plan_chunks():
+    from degla_fast.gemm_loss import CHUNK_ALIGN, plan_chunks
+
+    assert plan_chunks(4096, 20480, 2, 1 << 30) == [(0, 20480)]  # 503 MB fit in 1 GiB: stored
+    chunks = plan_chunks(4096, 20480, 2, 256 << 20)  # the default budget at B=4096, K=4: two halves
+    assert chunks == [(0, 10240), (10240, 20480)]
+    assert all(4096 * (c1 - c0) * 6 <= 256 << 20 for c0, c1 in chunks)
+    chunks = plan_chunks(100, 1000, 2, 100 * 6 * 130)  # at most 130 columns: 128-wide, one 104
+    assert chunks[0] == (0, 128) and chunks[-1][1] == 1000 and all((c1 - c0) % CHUNK_ALIGN == 0 for c0, c1 in chunks[:-1])
+    assert plan_chunks(10 ** 6, 5, 2, 1) == [(0, 5)]  # never narrower than CHUNK_ALIGN (one chunk here)
+
+
+def test_gemm_back_propagates_through_every_output(kernel_device):
+    """Gradients through clip, igc, tgc and distill as well as the total (the five-gradient path),
+    equal the reference backend's."""
+    inputs = make_inputs(9, 2, 16, seed=6)
+    results = []
+    for backend in ("reference", "gemm"):
+        image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
+        out = DeGLALoss(num_negatives=2, backend=backend, precision="ieee")(image, text, scale, t_image, t_text)
+        objective = 0.5 * out.total + 0.3 * out.clip - 0.7 * out.igc + 2.0 * out.tgc + 0.1 * out.distill
+        results.append(torch.autograd.grad(objective, (image, text, scale)))
+    for name, got, want in zip(("image", "text", "logit_scale"), results[1], results[0]):
+        assert_grads_close(got, want.double(), 1e-5, name)
+
+
+def test_gemm_float64_inputs_give_float64_gradients():
+    inputs = make_inputs(5, 2, 12)
+    image, text, scale = [leaf(t, torch.float64) for t in inputs[:3]]
+    out = DeGLALoss(num_negatives=2, backend="gemm")(image, text, scale, *inputs[3:])
+    grads = torch.autograd.grad(out.total, (image, text, scale))
+    assert out.total.dtype == torch.float64 and [g.dtype for g in grads] == [torch.float64] * 3
+    torch.testing.assert_close(out.total, oracle_total(*inputs, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "gemm"])
+def test_autocast_does_not_reach_the_loss_products(backend):
+    """open_clip_train calls its loss inside an autocast region: fp32 features must still meet fp32
+    products there (an autocast bf16 matmul would move the loss by about 1e-2)."""
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(12, 2, 32, seed=8, scale=100.0)]
+    loss = DeGLALoss(num_negatives=2, backend=backend)
+    plain = loss(image, text, scale, t_image, t_text).total
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss(image, text, scale, t_image, t_text).total
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
+
+
+def _fwd_bwd_work(backend, batch=16, k=4, dim=32, **kw):
+    from device_work import DeviceWork
+
+    image, text, scale, t_image, t_text = [t.float() for t in make_inputs(batch, k, dim)]
+    leaves = [t.requires_grad_() for t in (image, text, scale)]
+    loss = DeGLALoss(num_negatives=k, backend=backend, check_finite=False, **kw)
+    torch.autograd.grad(loss(image, text, scale, t_image, t_text).total, leaves)  # warm: lazy imports, caches
+    ones = torch.ones(())
+    with DeviceWork() as work:
+        out = loss(image, text, scale, t_image, t_text)
+        torch.autograd.grad(out.total, leaves, ones)
+    return work
+
+
+def test_gemm_launches_at_world_size_1(monkeypatch):
+    """docs/loss.md's count: 8 launches for forward + backward with the logits stored, 15 with two
+    recomputed column chunks (K=4, IGC, TGC and distillation on)."""
+    import degla_fast.gemm_loss as gemm
+
+    stored = _fwd_bwd_work("gemm")
+    assert stored.launches == ["mm", "triton:_stats_kernel", "triton:_local_fwd_kernel", "triton:_finish_kernel",
+                               "triton:_grad_kernel", "mm", "mm", "triton:_finalize_kernel"]
+    monkeypatch.setattr(gemm, "CHUNK_ALIGN", 16)
+    two = _fwd_bwd_work("gemm", chunk_bytes=16 * 8 * 48)  # 80 columns: 48 + 32
+    assert len(two.launches) == 15 and two.launches.count("mm") + two.launches.count("addmm_") == 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_reads_inside_the_loss(backend):
+    """With check_finite=False no backend reads a device value on the host, forward or backward
+    (a float(tensor) in a backward pass is invisible to a TorchFunctionMode: counted at ATen level)."""
+    work = _fwd_bwd_work(backend)
+    assert work.host_reads == [], f"{backend}: {work.host_reads}"

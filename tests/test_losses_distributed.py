@@ -13,7 +13,9 @@ from test_losses import make_inputs
 
 WORLD, B, D = 2, 3, 16
 WEIGHTS = dict(igc_weight=0.1, tgc_weight=0.1, distill_weight=0.005)
-CASES = [(backend, local, with_grad, k) for backend in ("reference", "torch", "triton")
+#: The fused backends compute in fp32 (gemm casts fp64 inputs; triton's dots are fp32).
+FP32_BACKENDS = ("gemm", "triton")
+CASES = [(backend, local, with_grad, k) for backend in ("reference", "torch", "gemm", "triton")
          for local, with_grad in ((False, False), (True, True)) for k in (2, 0)]
 
 
@@ -35,7 +37,7 @@ def _worker(rank, init_file, out_dir):
         inputs = make_inputs(B * WORLD, k, D, dtype=torch.float64)
         image, text, scale, t_image, t_text = [t.clone().requires_grad_(i in (0, 1, 2))
                                               for i, t in enumerate(_rank_slice(inputs, rank, k))]
-        dtype = torch.float32 if backend == "triton" else torch.float64
+        dtype = torch.float32 if backend in FP32_BACKENDS else torch.float64
         leaves = [t.detach().to(dtype).requires_grad_() for t in (image, text, scale)]
         out = Fn.degla_loss(*leaves, t_image.to(dtype), t_text.to(dtype), num_negatives=k, backend=backend,
                             local_loss=local, gather_with_grad=with_grad, rank=rank, world_size=WORLD, **WEIGHTS)
@@ -69,7 +71,7 @@ def _single(k, scale_local_terms):
 
 @pytest.mark.parametrize("backend,local,with_grad,k", CASES)
 def test_two_processes_match_one(rank_results, backend, local, with_grad, k):
-    tol = dict(rtol=2e-5, atol=2e-5) if backend == "triton" else dict(rtol=1e-9, atol=1e-10)
+    tol = dict(rtol=2e-5, atol=2e-5) if backend in FP32_BACKENDS else dict(rtol=1e-9, atol=1e-10)
     ranks = [r[(backend, local, with_grad, k)] for r in rank_results]
     out, grads = _single(k, scale_local_terms=local)
     single = [float(t.detach()) for t in (out.clip, out.igc, out.tgc, out.distill, out.total)]

@@ -1,0 +1,464 @@
+"""Triton kernels of the ``gemm`` loss backend: everything around cuBLAS's GEMMs. Tensors in, tensors out.
+
+The backend (``degla_fast.gemm_loss``) has cuBLAS write the raw fp32 dot products of rows q [R, D]
+with one chunk of columns ``x[c0:c0+Cc]``, ``L = q @ x_c^T`` [R, Cc]. These kernels read each
+such chunk once per use:
+
+* :func:`_stats_kernel` (forward, one launch per column chunk). Row programs fold the chunk into
+  each row's running max and sum of ``exp(s * L)`` (so the row log-sum-exp covers every chunk),
+  pick the target logit (column ``row_offset + r``) and fold in the members of the row's IGC group
+  (column ``t`` and columns ``Bg + t*K .. Bg + t*K + K - 1``) that lie in the chunk. Column
+  programs, when the rows are the whole batch (``WITH_COLS``), take the log-sum-exp over all R
+  rows of each of the chunk's first ``Bg`` columns: text-to-image is the transpose of those, so
+  it needs no GEMM of its own, and every row is in every chunk, so each column is complete at once.
+* :func:`_finish_kernel` (forward, one program): the row and group log-sum-exps, the means of the
+  cross-entropies both ways, IGC and TGC, the distillation sum and the weighted total.
+* :func:`_grad_kernel` (backward, one launch per chunk): the gradient of the loss w.r.t. each logit,
+  ``a (P - onehot) + b (P_t2i - onehot) + c (P_igc - onehot)``, divided by ``f = |a| + |b| + |c|``
+  so every entry lies in [-1, 1] (fp16 neither overflows under a loss scale nor loses the small
+  ``1/R`` factor to subnormals), written in the input dtype for the two backward GEMMs; and the
+  partial sums of ``gradient * L``, d(scale), per program (no atomics: summed in the finalize).
+* :func:`_finalize_kernel` (backward, one program per sample): ``dq = s f (G @ x)`` and
+  ``dx = s f (G^T @ q)`` from cuBLAS's fp32 products, plus the TGC and distillation gradients of
+  the sample's own rows (:mod:`.local_terms`' formulas), cast to the input dtype; d(scale).
+
+No kernel here reads a value on the host, and every launch's grid depends on shapes only, so
+the backend can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import LOCAL_MAX_NEGATIVES, POINTER_TYPES, KernelConfig, make_config
+from .local_terms import local_blocks, local_chunk_grads, local_probabilities, sample_rows, tgc_dots
+
+# Finite "minus infinity" for running maxima (exp(m_old - m_new) stays defined before the first
+# column); a constexpr, since a GPU compile rejects plain Python globals inside @jit functions.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _upstream(Grads, n_grads, w_ce, w_igc, w_tgc, w_dist):
+    """d(loss)/d(each term): the total's gradient times the term's weight, plus the term's own
+    gradient when the caller back-propagates through it too (``n_grads == 5``: Grads holds the
+    gradients of total, ce, igc, tgc, distill; 1: only the total's)."""
+    g = tl.load(Grads).to(tl.float32)
+    g_ce, g_igc, g_tgc, g_dist = g * w_ce, g * w_igc, g * w_tgc, g * w_dist
+    if n_grads == 5:
+        g_ce += tl.load(Grads + 1).to(tl.float32)
+        g_igc += tl.load(Grads + 2).to(tl.float32)
+        g_tgc += tl.load(Grads + 3).to(tl.float32)
+        g_dist += tl.load(Grads + 4).to(tl.float32)
+    return g_ce, g_igc, g_tgc, g_dist
+
+
+@triton.jit
+def _logit_coefficients(g_ce, g_igc, R, Bg, with_igc, with_cols):
+    """(a, b, c, f): d(loss)/d(logit) = a (P - onehot) + b (P_t2i - onehot) + c (P_igc - onehot),
+    f = |a| + |b| + |c| (at least 1e-30). ce is the mean over rows, or, with ``with_cols``, half
+    the row mean plus half the column mean. The flags are constexprs in the grad kernel and
+    run-time integers in the finalize kernel (scalar work there: no variant per flag)."""
+    a = g_ce / R
+    b = a * 0.0
+    c = a * 0.0
+    if with_cols:
+        a = g_ce * 0.5 / R
+        b = g_ce * 0.5 / Bg
+    if with_igc:
+        c = g_igc / R
+    return a, b, c, tl.maximum(tl.abs(a) + tl.abs(b) + tl.abs(c), 1e-30)
+
+
+@triton.jit
+def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_offset, Bg, K, first, stride_l,
+               WITH_IGC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    if first:
+        m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        s = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m = tl.load(RowM + rows, mask=row_ok, other=_NEG_BIG)
+        s = tl.load(RowL + rows, mask=row_ok, other=0.0)
+    for start in range(0, Cc, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (cols < Cc)[None, :]
+        z = tl.load(L + rows[:, None] * stride_l + cols[None, :], mask=ok, other=0.0) * scale
+        z = tl.where(ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+    tl.store(RowM + rows, m, mask=row_ok)
+    tl.store(RowL + rows, s, mask=row_ok)
+    target = rows + row_offset - c0  # the target column, local to the chunk
+    here = row_ok & (target >= 0) & (target < Cc)
+    tl.store(Pos + rows, tl.load(L + rows * stride_l + target, mask=here, other=0.0) * scale, mask=here)
+    if WITH_IGC:
+        if first:
+            gm = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+            gs = tl.zeros([BLOCK_M], tl.float32)
+        else:
+            gm = tl.load(GroupM + rows, mask=row_ok, other=_NEG_BIG)
+            gs = tl.load(GroupL + rows, mask=row_ok, other=0.0)
+        for j in range(0, K + 1):
+            col = tl.where(j == 0, rows + row_offset, Bg + (rows + row_offset) * K + j - 1) - c0
+            ok = row_ok & (col >= 0) & (col < Cc)
+            z = tl.where(ok, tl.load(L + rows * stride_l + col, mask=ok, other=0.0) * scale, float("-inf"))
+            gm_new = tl.maximum(gm, z)
+            gs = gs * tl.exp(gm - gm_new) + tl.exp(z - gm_new)
+            gm = gm_new
+        tl.store(GroupM + rows, gm, mask=row_ok)
+        tl.store(GroupL + rows, gs, mask=row_ok)
+
+
+@triton.jit
+def _column_stats(L, scale, ColLse, pid, R, c0, n_cols, stride_l, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    m = tl.full([BLOCK_N], _NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, R, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        ok = (rows < R)[:, None] & col_ok[None, :]
+        z = tl.load(L + rows[:, None] * stride_l + cols[None, :], mask=ok, other=0.0) * scale
+        z = tl.where(ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), 0)
+        m = m_new
+    tl.store(ColLse + c0 + cols, m + tl.log(tl.where(col_ok, s, 1.0)), mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["R", "Cc", "c0", "row_offset", "Bg", "K", "n_cols", "first", "n_row_programs"])
+def _stats_kernel(L, Scale, RowM, RowL, Pos, GroupM, GroupL, ColLse, R, Cc, c0, row_offset, Bg, K, n_cols, first,
+                  n_row_programs, stride_l, WITH_IGC: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
+                  ROW_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr, COL_BLOCK_N: tl.constexpr):
+    """Programs below ``n_row_programs`` fold the chunk into the row statistics, the others take
+    the log-sum-exp of the chunk's first ``n_cols`` columns (the text-to-image rows)."""
+    pid = tl.program_id(0)
+    scale = tl.load(Scale).to(tl.float32)
+    if pid < n_row_programs:
+        _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_offset, Bg, K, first, stride_l,
+                   WITH_IGC, ROW_BLOCK_M, ROW_BLOCK_N)
+    else:
+        _column_stats(L, scale, ColLse, pid - n_row_programs, R, c0, n_cols, stride_l, COL_BLOCK_M, COL_BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["R", "Bg", "B_local"])
+def _finish_kernel(RowM, RowL, Pos, GroupM, GroupL, ColLse, Tgc, Dist, Total, Ce, Igc, TgcOut, DistOut, R, Bg,
+                   B_local, w_ce, w_igc, w_tgc, w_dist, WITH_IGC: tl.constexpr, WITH_COLS: tl.constexpr,
+                   WITH_LOCAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: RowM <- the row log-sum-exps, GroupM <- the IGC ones (kept for the backward);
+    the five outputs. Sums run in one fixed order, so the loss is bitwise repeatable."""
+    ce_rows = tl.zeros([BLOCK], tl.float32)
+    igc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, R, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < R
+        pos = tl.load(Pos + rows, mask=ok, other=0.0)
+        lse = tl.load(RowM + rows, mask=ok, other=0.0) + tl.log(tl.load(RowL + rows, mask=ok, other=1.0))
+        tl.store(RowM + rows, lse, mask=ok)
+        ce_rows += tl.where(ok, lse - pos, 0.0)
+        if WITH_IGC:
+            glse = tl.load(GroupM + rows, mask=ok, other=0.0) + tl.log(tl.load(GroupL + rows, mask=ok, other=1.0))
+            tl.store(GroupM + rows, glse, mask=ok)
+            igc += tl.where(ok, glse - pos, 0.0)
+    ce = tl.sum(ce_rows, 0) / R
+    if WITH_COLS:  # the rows are the whole batch: column j's target is row j's
+        ce_cols = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, Bg, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < Bg
+            ce_cols += tl.where(ok, tl.load(ColLse + cols, mask=ok, other=0.0) - tl.load(Pos + cols, mask=ok, other=0.0),
+                                0.0)
+        ce = 0.5 * ce + 0.5 * tl.sum(ce_cols, 0) / Bg
+    igc_mean = tl.sum(igc, 0) / R
+    tgc = tl.zeros([BLOCK], tl.float32)
+    dist = tl.zeros([BLOCK], tl.float32)
+    if WITH_LOCAL:
+        for start in range(0, B_local, BLOCK):
+            rows = start + tl.arange(0, BLOCK)
+            ok = rows < B_local
+            tgc += tl.load(Tgc + rows, mask=ok, other=0.0)
+            dist += tl.load(Dist + rows, mask=ok, other=0.0)
+    tgc_mean = tl.sum(tgc, 0) / B_local
+    dist_sum = tl.sum(dist, 0)
+    tl.store(Total, w_ce * ce + w_igc * igc_mean + w_tgc * tgc_mean + w_dist * dist_sum)
+    tl.store(Ce, ce)
+    tl.store(Igc, igc_mean)
+    tl.store(TgcOut, tgc_mean)
+    tl.store(DistOut, dist_sum)
+
+
+@triton.jit(do_not_specialize=["R", "Cc", "c0", "row_offset", "Bg", "K", "tiles_per_program", "part_offset",
+                               "n_grads"])
+def _grad_kernel(L, Scale, Grads, RowLse, GroupLse, ColLse, G, DScalePart, R, Cc, c0, row_offset, Bg, K,
+                 tiles_per_program, part_offset, stride_l, n_grads, w_ce, w_igc,
+                 WITH_IGC: tl.constexpr, WITH_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G[r, j] = d(loss)/d(logit) / f in G's dtype, for the rows of ``program_id(0)`` and its share
+    of the chunk's column tiles; DScalePart[part_offset + program] = sum of d(loss)/d(logit) * L."""
+    scale = tl.load(Scale).to(tl.float32)
+    g_ce, g_igc, g_unused_tgc, g_unused_dist = _upstream(Grads, n_grads, w_ce, w_igc, 0.0, 0.0)
+    a, b, c, f = _logit_coefficients(g_ce, g_igc, R, Bg, WITH_IGC, WITH_COLS)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    target = rows + row_offset
+    lse = tl.load(RowLse + rows, mask=row_ok, other=0.0)
+    if WITH_IGC:
+        glse = tl.load(GroupLse + rows, mask=row_ok, other=0.0)
+    dscale = tl.zeros([BLOCK_M], tl.float32)
+    first = tl.program_id(1) * tiles_per_program * BLOCK_N
+    for start in range(first, tl.minimum(first + tiles_per_program * BLOCK_N, Cc), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ok = row_ok[:, None] & (cols < Cc)[None, :]
+        dots = tl.load(L + rows[:, None] * stride_l + cols[None, :], mask=ok, other=0.0)
+        z = dots * scale
+        gcols = c0 + cols
+        is_target = gcols[None, :] == target[:, None]
+        onehot = tl.where(is_target, 1.0, 0.0)
+        grad = a * (tl.exp(z - lse[:, None]) - onehot)
+        if WITH_COLS:  # beyond Bg the column lse is +inf: exp(...) = 0
+            col_lse = tl.load(ColLse + gcols, mask=gcols < Bg, other=float("inf"))
+            grad += b * (tl.exp(z - col_lse[None, :]) - onehot)
+        if WITH_IGC:
+            first_neg = Bg + target * K
+            member = is_target | ((gcols[None, :] >= first_neg[:, None]) & (gcols[None, :] < first_neg[:, None] + K))
+            grad += c * (tl.where(member, tl.exp(z - glse[:, None]), 0.0) - onehot)
+        grad = tl.where(ok, grad, 0.0)
+        dscale += tl.sum(grad * dots, 1)
+        tl.store(G + rows[:, None] * stride_l + cols[None, :], (grad / f).to(G.dtype.element_ty), mask=ok)
+    tl.store(DScalePart + part_offset + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(dscale, 0))
+
+
+@triton.jit(do_not_specialize=["R", "Bg", "K", "official", "n_parts", "n_grads", "with_igc", "with_cols"])
+def _finalize_kernel(DQRaw, DXRaw, Scale, Grads, DScalePart, n_parts, Text, TText, Img, TImg, TgcLse, DQ, DX, DScale,
+                     R, Bg, K, D, official, n_grads, with_igc, with_cols, tgc_scale, w_ce, w_igc, w_tgc, w_dist,
+                     stride_t, stride_i, WITH_LOCAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PART_BLOCK: tl.constexpr):
+    """Program i: row i of dq (if i < R) and the rows of sample i in dx (its positive row i and
+    its K negatives, if i < Bg), ``s f * raw`` plus the local terms' gradients; program 0 also
+    d(scale). The raw products are fp32 [*, D] contiguous; dq/dx are written in their dtype with
+    the strides of q (``stride_i``) and x (``stride_t``)."""
+    i = tl.program_id(0)
+    scale = tl.load(Scale).to(tl.float32)
+    g_ce, g_igc, g_tgc, g_dist = _upstream(Grads, n_grads, w_ce, w_igc, w_tgc, w_dist)
+    a, b, c, f = _logit_coefficients(g_ce, g_igc, R, Bg, with_igc, with_cols)
+    alpha = scale * f
+    if i == 0:
+        parts = tl.zeros([PART_BLOCK], tl.float32)
+        for start in range(0, n_parts, PART_BLOCK):
+            idx = start + tl.arange(0, PART_BLOCK)
+            parts += tl.load(DScalePart + idx, mask=idx < n_parts, other=0.0)
+        tl.store(DScale, tl.sum(parts, 0))
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    if WITH_LOCAL:  # TGC needs the sample's dots over all of D before any gradient chunk
+        pos, neg, dist = tgc_dots(Text, TText, Img, TImg, i, Bg, D, K, official, ks, k_ok, stride_t, stride_i,
+                                  BLOCK_K, BLOCK_D)
+        p_pos, p_neg = local_probabilities(pos, neg, tl.load(TgcLse + i), k_ok, tgc_scale)
+    for k0 in range(0, D, BLOCK_D):
+        dims = k0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        neg_rows = tl.where(official != 0, Bg + i + ks * Bg, Bg + i * K + ks)
+        neg_ok = (i < Bg) & k_ok[:, None] & dim_ok[None, :]
+        dq = alpha * tl.load(DQRaw + i * D + dims, mask=(i < R) & dim_ok, other=0.0)
+        dt = alpha * tl.load(DXRaw + i * D + dims, mask=(i < Bg) & dim_ok, other=0.0)
+        dn = alpha * tl.load(DXRaw + neg_rows[:, None] * D + dims[None, :], mask=neg_ok, other=0.0)
+        if WITH_LOCAL:
+            rows_n, t, tt, n, nt, img, timg = sample_rows(Text, TText, Img, TImg, i, Bg, K, official, dims, dim_ok,
+                                                          ks, k_ok, stride_t, stride_i)
+            lt, ln, limg = local_chunk_grads(t, tt, n, nt, img, timg, p_pos, p_neg, g_tgc * tgc_scale / Bg,
+                                             2.0 * g_dist)
+            dt += lt
+            dn += ln
+            dq += limg
+        tl.store(DQ + i * stride_i + dims, dq.to(DQ.dtype.element_ty), mask=(i < R) & dim_ok)
+        tl.store(DX + i * stride_t + dims, dt.to(DX.dtype.element_ty), mask=(i < Bg) & dim_ok)
+        tl.store(DX + neg_rows[:, None] * stride_t + dims[None, :], dn.to(DX.dtype.element_ty), mask=neg_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: shapes checked, tiles picked from one table (what the compile gate compiles).
+
+#: Row programs of the stats kernel: BLOCK_M rows, BLOCK_N columns per step; column programs:
+#: BLOCK_N columns, BLOCK_M rows per step (a column program reads R x 64 logits, a row program
+#: 16 x Cc: similar work at K = 4). The grad kernel's tile. All elementwise: no tensor cores.
+STATS_TILES = dict(ROW_BLOCK_M=16, ROW_BLOCK_N=256, COL_BLOCK_M=64, COL_BLOCK_N=64)
+STATS_WARPS = 4
+GRAD_WARPS = 8
+#: The grad kernel's tile by whether the logits' row stride is a multiple of 16: without vector
+#: loads each element needs its own 64-bit addresses, so the unaligned tile is half as tall
+#: (sm_90's 128-register cap at 8 warps).
+GRAD_TILES = {True: (32, 64), False: (16, 64)}
+FINISH_BLOCK, FINISH_WARPS = 1024, 4
+#: The finalize kernel: the local kernels' feature chunk (BLOCK_D) and BLOCK_K, 8 warps (it holds
+#: the raw products of the sample's 1+K rows besides the local kernels' tiles), and the d(scale)
+#: partials summed per step by program 0.
+FINALIZE_WARPS, PART_BLOCK = 8, 1024
+#: The grad kernel aims for this many programs per SM (its column tiles are split among them).
+_PROGRAMS_PER_SM = 8
+#: The interpreter runs programs one by one: a few splits keep the split path exercised in tests.
+_INTERPRETER_SPLITS = 3
+#: What the gemm backend's kernels are compiled for: fp64 inputs are cast to fp32 by the caller.
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 0
+
+
+def stats(logits: torch.Tensor, scale: torch.Tensor, state: dict, *, c0: int, row_offset: int, num_groups: int,
+          num_negatives: int, with_igc: bool, with_cols: bool) -> None:
+    """Fold the chunk ``logits`` [R, Cc] (raw fp32 dots of columns ``c0 ..``) into ``state``: fp32
+    vectors ``row_m``, ``row_l``, ``pos``, ``group_m``, ``group_l`` [R] and ``col_lse`` [Bg]."""
+    R, Cc = logits.shape
+    n_cols = max(0, min(Cc, num_groups - c0)) if with_cols else 0
+    row_programs = triton.cdiv(R, STATS_TILES["ROW_BLOCK_M"])
+    grid = (row_programs + triton.cdiv(n_cols, STATS_TILES["COL_BLOCK_N"]),)
+    _stats_kernel[grid](logits, scale, state["row_m"], state["row_l"], state["pos"], state["group_m"],
+                        state["group_l"], state["col_lse"], R, Cc, c0, row_offset, num_groups, num_negatives, n_cols,
+                        int(c0 == 0), row_programs, logits.stride(0), WITH_IGC=with_igc, **STATS_TILES,
+                        num_warps=STATS_WARPS)
+
+
+def finish(state: dict, tgc: torch.Tensor | None, dist: torch.Tensor | None, weights: tuple, *, num_groups: int,
+           with_igc: bool, with_cols: bool) -> tuple[torch.Tensor, ...]:
+    """(total, ce, igc, tgc, distill) as five fp32 scalars; turns ``row_m`` and ``group_m`` of
+    ``state`` into the row and group log-sum-exps. ``tgc``/``dist``: the local kernel's per-sample
+    values [B], or None (both terms 0)."""
+    R = state["row_m"].shape[0]
+    outs = [torch.empty((), device=state["row_m"].device, dtype=torch.float32) for _ in range(5)]
+    local = tgc is not None
+    _finish_kernel[(1,)](state["row_m"], state["row_l"], state["pos"], state["group_m"], state["group_l"],
+                         state["col_lse"], tgc if local else state["pos"], dist if local else state["pos"], *outs, R,
+                         num_groups, R, *[float(w) for w in weights], WITH_IGC=with_igc, WITH_COLS=with_cols,
+                         WITH_LOCAL=local, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
+    return tuple(outs)
+
+
+def grad_tile(row_stride: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the grad kernel for logits with this row stride."""
+    return GRAD_TILES[row_stride % 16 == 0]
+
+
+def grad_grid(R: int, Cc: int, row_stride: int, device: torch.device) -> tuple[int, int, int]:
+    """(row blocks, column splits, column tiles per program) of the grad kernel for a chunk of R x Cc."""
+    block_m, block_n = grad_tile(row_stride)
+    tiles, row_blocks = triton.cdiv(Cc, block_n), triton.cdiv(R, block_m)
+    wanted = _programs(device)
+    splits = _INTERPRETER_SPLITS if wanted == 0 else triton.cdiv(wanted, row_blocks)
+    per = triton.cdiv(tiles, max(1, min(tiles, splits)))
+    return row_blocks, triton.cdiv(tiles, per), per
+
+
+def grad(logits: torch.Tensor, scale: torch.Tensor, grads: torch.Tensor, state: dict, out: torch.Tensor,
+         parts: torch.Tensor, part_offset: int, *, c0: int, row_offset: int, num_groups: int, num_negatives: int,
+         weights: tuple, with_igc: bool, with_cols: bool) -> int:
+    """Write the chunk's gradient w.r.t. its logits, at unit scale, into ``out`` (same shape and
+    strides as ``logits``, the input dtype); its d(scale) partials from ``parts[part_offset]`` on.
+    Returns the number of partials written. ``grads``: the upstream gradients (1 or 5 fp32)."""
+    R, Cc = logits.shape
+    if out.stride() != logits.stride():
+        raise ValueError(f"gemm grad kernel: the gradient {tuple(out.stride())} and logits {tuple(logits.stride())} "
+                         "strides differ")
+    row_blocks, splits, per = grad_grid(R, Cc, logits.stride(0), logits.device)
+    block_m, block_n = grad_tile(logits.stride(0))
+    _grad_kernel[(row_blocks, splits)](
+        logits, scale, grads, state["row_m"], state["group_m"], state["col_lse"], out, parts, R, Cc, c0, row_offset,
+        num_groups, num_negatives, per, part_offset, logits.stride(0), grads.numel(), float(weights[0]),
+        float(weights[1]), WITH_IGC=with_igc, WITH_COLS=with_cols, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=GRAD_WARPS)
+    return row_blocks * splits
+
+
+def num_grad_parts(R: int, Cc: int, row_stride: int, device: torch.device) -> int:
+    """How many d(scale) partials :func:`grad` writes for one chunk of R x Cc."""
+    row_blocks, splits, _ = grad_grid(R, Cc, row_stride, device)
+    return row_blocks * splits
+
+
+def finalize(dq_raw: torch.Tensor, dx_raw: torch.Tensor, scale: torch.Tensor, grads: torch.Tensor,
+             parts: torch.Tensor, q: torch.Tensor, x: torch.Tensor, local: tuple | None, *, num_groups: int,
+             num_negatives: int, official: bool, tgc_scale: float, weights: tuple, with_igc: bool,
+             with_cols: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [R, D] in q's dtype, dx [C, D] in x's dtype, dscale [1] fp32) from the raw fp32 products
+    and the d(scale) partials. ``local``: (teacher_x, teacher_q, tgc_lse) to add the TGC and
+    distillation gradients of the whole batch (q = images, x = [T; N]), or None."""
+    R, D = q.shape
+    dq = torch.empty_like(q)
+    dx = torch.empty_like(x)
+    dscale = torch.empty(1, device=q.device, dtype=torch.float32)
+    block_k, block_d = local_blocks(D, min(num_negatives, LOCAL_MAX_NEGATIVES))
+    tt, ti, lse = local if local is not None else (x, q, parts)
+    _finalize_kernel[(max(R, num_groups),)](
+        dq_raw, dx_raw, scale, grads, parts, parts.numel(), x, tt, q, ti, lse, dq, dx, dscale, R, num_groups,
+        num_negatives, D, int(official), grads.numel(), int(with_igc), int(with_cols), float(tgc_scale),
+        *[float(w) for w in weights], x.stride(0), q.stride(0), WITH_LOCAL=local is not None, BLOCK_K=block_k,
+        BLOCK_D=block_d, PART_BLOCK=PART_BLOCK, num_warps=FINALIZE_WARPS)
+    return dq, dx, dscale
+
+
+# ---------------------------------------------------------------------------------------------
+# What the launchers above can choose, for the compile gate.
+
+GATE_DTYPES = ("float32", "bfloat16", "float16")
+#: D with and without 16 | D; K from 0 (plain CLIP) to the local kernels' maximum.
+GATE_DIMS = (40, 512)
+GATE_NEGATIVES = (0, 1, 4, 8)
+
+
+def kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
+    """Every variant the launchers can pick for ``dtype`` inputs of width D with K negatives
+    (the stats and finish kernels read only fp32; D and K reach the finalize kernel only through
+    16 | D and its BLOCK_K)."""
+    ptr, f32 = POINTER_TYPES[dtype], "*fp32"
+    label = {"dtype": dtype, "D": D, "K": K}
+    weights = {w: "fp32" for w in ("w_ce", "w_igc", "w_tgc", "w_dist")}
+    out = []
+    for igc in (False, True):
+        # The logits' row stride is the chunk's width: a multiple of 16 or not, whatever D is.
+        for aligned in ((), ("stride_l",)):
+            out.append(make_config(
+                _stats_kernel, {n: f32 for n in ("L", "Scale", "RowM", "RowL", "Pos", "GroupM", "GroupL", "ColLse")},
+                dict(WITH_IGC=igc, **STATS_TILES), num_warps=STATS_WARPS, num_stages=2, arch=arch,
+                aligned_ints=aligned, label={**label, "dtype": "float32", "tile": "16x256/64x64",
+                                             "flags": f"igc={int(igc)}"}))
+            block_m, block_n = GRAD_TILES[bool(aligned)]
+            for cols in (False, True):
+                out.append(make_config(
+                    _grad_kernel, {"L": f32, "Scale": f32, "Grads": f32, "RowLse": f32, "GroupLse": f32,
+                                   "ColLse": f32, "G": ptr, "DScalePart": f32, "w_ce": "fp32", "w_igc": "fp32"},
+                    dict(WITH_IGC=igc, WITH_COLS=cols, BLOCK_M=block_m, BLOCK_N=block_n),
+                    num_warps=GRAD_WARPS, num_stages=2, arch=arch, aligned_ints=aligned,
+                    label={**label, "tile": f"{block_m}x{block_n}", "flags": f"igc={int(igc)} cols={int(cols)}"}))
+            for cols in (False, True):
+                for local in (False, True):
+                    if aligned:
+                        continue
+                    out.append(make_config(
+                        _finish_kernel, {n: f32 for n in ("RowM", "RowL", "Pos", "GroupM", "GroupL", "ColLse", "Tgc",
+                                                          "Dist", "Total", "Ce", "Igc", "TgcOut", "DistOut")} | weights,
+                        dict(WITH_IGC=igc, WITH_COLS=cols, WITH_LOCAL=local, BLOCK=FINISH_BLOCK),
+                        num_warps=FINISH_WARPS, num_stages=1, arch=arch,
+                        label={**label, "dtype": "float32", "tile": str(FINISH_BLOCK),
+                               "flags": f"igc={int(igc)} cols={int(cols)} local={int(local)}"}))
+    block_k, block_d = local_blocks(D, min(K, LOCAL_MAX_NEGATIVES))
+    for local in (False, True):
+        out.append(make_config(
+            _finalize_kernel, {"DQRaw": f32, "DXRaw": f32, "Scale": f32, "Grads": f32, "DScalePart": f32,
+                               "Text": ptr, "TText": ptr, "Img": ptr, "TImg": ptr, "TgcLse": f32, "DQ": ptr,
+                               "DX": ptr, "DScale": f32, "tgc_scale": "fp32"} | weights,
+            dict(WITH_LOCAL=local, BLOCK_K=block_k, BLOCK_D=block_d, PART_BLOCK=PART_BLOCK),
+            num_warps=FINALIZE_WARPS, num_stages=1, arch=arch,
+            aligned_ints=("D", "stride_t", "stride_i") if D % 16 == 0 else (),
+            label={**label, "tile": f"{block_k}x{block_d}", "flags": f"local={int(local)}"}))
+    return out
+
+
+def gate_configs(arch: int) -> list[KernelConfig]:
+    """All variants over the gate's dtypes, widths (16 | D or not) and K (BLOCK_K 2, 4, 8)."""
+    return [cfg for dtype in GATE_DTYPES for D in GATE_DIMS for K in GATE_NEGATIVES
+            for cfg in kernel_configs(dtype, D, K, arch)]
