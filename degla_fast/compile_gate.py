@@ -43,8 +43,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-DEFAULT_MODULES = ("degla_fast.kernels.degla_loss", "degla_fast.kernels.gemm_loss", "degla_fast.kernels.local_terms",
-                   "degla_fast.kernels.ema", "degla_fast.kernels.adamw_ema")
+DEFAULT_MODULES = tuple(f"degla_fast.kernels.{name}" for name in (
+    "degla_loss", "gemm_loss", "loss_terms", "local_terms", "ema", "adamw_ema"))
 DEFAULT_ARCHS = (80, 90)
 #: Label keys shown first in the table, in this order; any others follow in order of appearance.
 LEADING_LABELS = ("dtype", "D", "tile")

@@ -12,7 +12,7 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
 recomputed in backward), ``gemm`` (cuBLAS GEMMs over column chunks with Triton epilogues, one
-autograd node; :mod:`degla_fast.gemm_loss`), ``triton`` (fully fused tiled kernels, O((R + C) D)
+autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (fully fused tiled kernels, O((R + C) D)
 memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
 size; the rule lives in :mod:`degla_fast.backends`).
 
@@ -30,16 +30,16 @@ import torch.distributed as dist
 from . import reference
 from .backends import LOSS_BACKENDS, resolve_loss_backend
 from .errors import ConfigError, NonFiniteError, ShapeError
-from .gemm_loss import DEFAULT_CHUNK_BYTES, GemmLoss, GemmTerms
+from .fused_loss import DEFAULT_CHUNK_BYTES, FUSED, LossTerms
 from .kernels.configs import LOCAL_MAX_NEGATIVES
 from .kernels.configs import PRECISIONS as DOT_PRECISIONS
-from .loss_ops import (GlobalContrast, acc_dtype, TorchGlobalImpl, TritonGlobalImpl, TritonLocalTerms, distill_sum, group_columns,
-                       torch_local_terms)
+from .loss_ops import GlobalContrast, TorchGlobalImpl, acc_dtype, distill_sum, group_columns, torch_local_terms
 
 # DOT_PRECISIONS: the dot precisions of fp32 inputs (the loss's ``precision``; not the training
 # precision of :mod:`degla_fast.precision`, which picks an autocast dtype). LOCAL_MAX_NEGATIVES:
-# the local Triton kernel holds all K negatives of a sample at once; larger K take the torch path
-# for TGC and distillation, O(B*K*D) either way.
+# the local Triton kernel holds all K negatives of a sample at once; with larger K (or with
+# ``local_loss`` across ranks) the fused backends leave TGC and distillation to plain torch,
+# O(B*K*D) either way.
 
 
 @dataclass
@@ -174,23 +174,23 @@ def _gather_text(text, batch, rank, world_size, with_grad):
 
 def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives, row_offset,
                   with_igc, precision, chunk_bytes):
-    """(clip, igc) for anchor rows against all columns, with the chosen backend."""
+    """(clip, igc) for anchor rows against all columns, with the ``reference`` or ``torch`` backend."""
     if backend == "reference":
         clip = reference.global_loss(image_rows, text_all, image_all, text_rows, logit_scale,
                                      num_negatives=num_negatives, row_offset=row_offset)
         igc = (reference.igc_loss(image_rows, text_all, logit_scale, num_negatives=num_negatives, row_offset=row_offset)
                if with_igc else clip.new_zeros(()))
         return clip, igc
-    impl = TritonGlobalImpl if backend == "triton" else TorchGlobalImpl
-    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc, impl,
-                                    precision, chunk_bytes)
-    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, impl, precision, chunk_bytes)
+    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc,
+                                    TorchGlobalImpl, precision, chunk_bytes)
+    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, TorchGlobalImpl, precision,
+                                  chunk_bytes)
     return (i2t + t2i) / 2, igc
 
 
 def _local_terms(backend, text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
                  with_distill):
-    """(tgc, distill) on one batch of samples, with the chosen backend."""
+    """(tgc, distill) on one batch of samples, with the ``reference`` backend or plain torch."""
     if backend == "reference":
         zero = text.new_zeros((), dtype=torch.float32)
         tgc = (reference.tgc_loss(text, teacher_text.detach(), num_negatives=num_negatives, tgc_scale=tgc_scale,
@@ -198,10 +198,6 @@ def _local_terms(backend, text, teacher_text, image, teacher_image, num_negative
         distill = (reference.distill_loss(image, text, teacher_image.detach(), teacher_text.detach())
                    if with_distill else zero)
         return tgc, distill
-    if backend == "triton" and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES:
-        # One kernel computes both; an unused term costs O(B*K*D), noise next to the global term.
-        return TritonLocalTerms.apply(text, teacher_text.detach(), image, teacher_image.detach(), num_negatives,
-                                      float(tgc_scale), official)
     teacher_text = teacher_text.detach() if teacher_text is not None else None
     teacher_image = teacher_image.detach() if teacher_image is not None else None
     return torch_local_terms(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
@@ -254,11 +250,12 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
         local = (text_all, teachers[1], image_all, teachers[0])
 
     with_tgc, with_distill = need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0
-    if backend == "gemm":
-        return _gemm(image_rows, text_all, image_all, text_rows, logit_scale, local, num_negatives=num_negatives,
-                     weights=(igc_weight, tgc_weight, distill_weight), row_offset=row_offset, with_igc=with_igc,
-                     with_tgc=with_tgc, with_distill=with_distill, tgc_scale=tgc_scale,
-                     official=official_tgc_indexing, chunk_bytes=chunk_bytes, precision=precision)
+    if backend in FUSED:
+        return _fused(FUSED[backend], image_rows, text_all, image_all, text_rows, logit_scale, local,
+                      num_negatives=num_negatives, weights=(igc_weight, tgc_weight, distill_weight),
+                      row_offset=row_offset, with_igc=with_igc, with_tgc=with_tgc, with_distill=with_distill,
+                      tgc_scale=tgc_scale, official=official_tgc_indexing, chunk_bytes=chunk_bytes,
+                      precision=precision)
     clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
                               row_offset, with_igc, precision, chunk_bytes)
     tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
@@ -267,16 +264,16 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
 
-def _gemm_input(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Contiguous rows; fp64 computed in fp32 (the gemm kernels are compiled for 32- and 16-bit)."""
+def _fused_input(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Contiguous rows; fp64 computed in fp32 (the kernels are compiled for 32- and 16-bit)."""
     if t is None:
         return None
     return (t.float() if t.dtype == torch.float64 else t).contiguous()
 
 
-def _gemm(image_rows, text_all, image_all, text_rows, scale, local, *, num_negatives, weights, row_offset, with_igc,
-          with_tgc, with_distill, tgc_scale, official, chunk_bytes, precision) -> LossOutput:
-    """The loss through :class:`~degla_fast.gemm_loss.GemmLoss`: one node when the rows are the
+def _fused(function, image_rows, text_all, image_all, text_rows, scale, local, *, num_negatives, weights, row_offset,
+           with_igc, with_tgc, with_distill, tgc_scale, official, chunk_bytes, precision) -> LossOutput:
+    """The loss through a :mod:`~degla_fast.fused_loss` Function: one node when the rows are the
     whole batch (world size 1, or ``local_loss=False``) and K <= 8; with ``local_loss`` across
     ranks, text-to-image is a second, 1/(1+K)-sized call and TGC/distillation the local batch's."""
     w_igc, w_tgc, w_distill = weights
@@ -285,16 +282,16 @@ def _gemm(image_rows, text_all, image_all, text_rows, scale, local, *, num_negat
     fused = square and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES
     common = dict(row_offset=row_offset, tgc_scale=tgc_scale, official=official, chunk_bytes=chunk_bytes,
                   precision=precision)
-    terms = GemmTerms(num_negatives, weights=(1.0 if square else 0.5, w_igc if with_igc else 0.0,
+    terms = LossTerms(num_negatives, weights=(1.0 if square else 0.5, w_igc if with_igc else 0.0,
                                               w_tgc if fused else 0.0, w_distill if fused else 0.0),
                       with_igc=with_igc, with_cols=square, local=fused, **common)
-    teachers = (_gemm_input(teacher_image.detach()), _gemm_input(teacher_text.detach())) if fused else (None, None)
+    teachers = (_fused_input(teacher_image.detach()), _fused_input(teacher_text.detach())) if fused else (None, None)
     dtype = image_rows.dtype
-    total, clip, igc, tgc, distill = (t.to(dtype) if dtype == torch.float64 else t for t in GemmLoss.apply(
-        _gemm_input(image_rows), _gemm_input(text_all), scale, *teachers, terms))
+    total, clip, igc, tgc, distill = (t.to(dtype) if dtype == torch.float64 else t for t in function.apply(
+        _fused_input(image_rows), _fused_input(text_all), scale, *teachers, terms))
     if not square:  # text-to-image: this rank's captions against every rank's images
-        t2i_total, t2i_ce, *_ = GemmLoss.apply(_gemm_input(text_rows), _gemm_input(image_all), scale, None, None,
-                                               GemmTerms(0, weights=(0.5, 0.0, 0.0, 0.0), with_cols=False, **common))
+        t2i_total, t2i_ce, *_ = function.apply(_fused_input(text_rows), _fused_input(image_all), scale, None, None,
+                                               LossTerms(0, weights=(0.5, 0.0, 0.0, 0.0), with_cols=False, **common))
         total, clip = total + t2i_total.to(total.dtype), (clip + t2i_ce.to(clip.dtype)) / 2
     if not fused and (with_tgc or with_distill):
         tgc, distill = _local_terms("torch", text, teacher_text, image, teacher_image, num_negatives, tgc_scale,

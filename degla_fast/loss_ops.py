@@ -1,10 +1,8 @@
-"""Autograd wiring of the memory-lean DeGLA loss backends ``torch`` and ``triton`` (the ``gemm``
-backend is :mod:`degla_fast.gemm_loss`).
+"""The ``torch`` backend of the DeGLA loss (the fused ``gemm`` and ``triton`` backends are
+:mod:`degla_fast.fused_loss`), and the O(B*K*D) local terms in plain torch.
 
-Both share one structure: the forward keeps only per-row log-sum-exps, the backward recomputes
-logits block by block. ``torch`` does it with row blocks of ordinary matmuls (peak extra memory
-one block of ``chunk_bytes``); ``triton`` with the fused kernels of ``degla_fast.kernels.degla_loss``
-(no R x C tensor at all).
+The forward keeps only per-row log-sum-exps; the backward recomputes the logits in row blocks of
+ordinary matmuls (peak extra memory: one block of ``chunk_bytes``). It runs anywhere torch does.
 """
 from __future__ import annotations
 
@@ -94,45 +92,9 @@ class TorchGlobalImpl:
         return dq.mul_(f * s), dx.mul_(f * s), dscale
 
 
-class TritonGlobalImpl:
-    """The Triton kernels (imported on first use so the CPU path never needs triton).
-
-    The cross-entropy over all columns (log-sum-exp, target logit and the gradient, P - onehot)
-    runs in the tiled softmax kernels; IGC in the small group kernels, whose [R, 1+K] logits the
-    few torch ops here turn into the IGC log-sum-exp and its gradient.
-    """
-
-    @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes):
-        from .kernels import degla_loss as kernels
-
-        lse, pos = kernels.row_lse(q, x, scale, row_offset, precision)
-        if not with_igc:
-            return lse, lse, pos
-        group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
-        # IGC from its own logits (target and negatives from one kernel), so a saturated group is exact too.
-        return lse, torch.logsumexp(group, dim=1) - group[:, 0] + pos, pos
-
-    @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision, chunk_bytes):
-        from .kernels import degla_loss as kernels
-
-        grad_out = grad_out.float()
-        dq, dx, dscale = kernels.row_lse_backward(q, x, scale, lse, grad_out, row_offset, precision)
-        dscale = dscale[0]
-        if with_igc:
-            group = kernels.group_logits(q, x, scale, row_offset, num_negatives)
-            # d(mean IGC)/d(group logits) = g_igc / R * (group softmax - onehot), from the group's own lse.
-            d_group = torch.softmax(group, dim=1)
-            d_group[:, 0] -= 1.0
-            d_group *= grad_out[1] / q.shape[0]
-            kernels.group_backward_(q, x, scale, row_offset, num_negatives, d_group, dq, dx)
-            dscale = dscale + (d_group * group).sum() / scale.float()
-        return dq, dx, dscale
-
-
 class GlobalContrast(torch.autograd.Function):
-    """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC.
+    """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC,
+    with ``impl`` = :class:`TorchGlobalImpl`.
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
     With ``with_igc=False`` the second output is zero. ``precision``: dot precision of fp32
@@ -158,38 +120,6 @@ class GlobalContrast(torch.autograd.Function):
                                        precision, chunk_bytes)
         return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
                 None, None, None, None, None, None)
-
-
-class TritonLocalTerms(torch.autograd.Function):
-    """TGC (own negatives, or the release's with ``official``) and self-distillation in one Triton
-    kernel per direction (K <= ``kernels.local_terms.LOCAL_MAX_NEGATIVES``).
-
-    text/teacher_text [B(1+K), D], image/teacher_image [B, D] -> (tgc mean, distill sum).
-    Teacher features receive no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
-                official: bool = False):
-        from .kernels import local_terms
-
-        text, teacher_text, image, teacher_image = (t.contiguous() for t in (text, teacher_text, image, teacher_image))
-        tgc, lse, dist = local_terms.local_forward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
-                                                   official)
-        ctx.save_for_backward(text, teacher_text, image, teacher_image, lse)
-        ctx.args = (num_negatives, tgc_scale, official)
-        return tgc.mean(), dist.sum()
-
-    @staticmethod
-    def backward(ctx, grad_tgc, grad_dist):
-        from .kernels import local_terms
-
-        text, teacher_text, image, teacher_image, lse = ctx.saved_tensors
-        num_negatives, tgc_scale, official = ctx.args
-        grad_out = torch.stack([grad_tgc, grad_dist]).float()
-        dtext, dimage = local_terms.local_backward(text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
-                                                   lse, grad_out, official)
-        return dtext.to(text.dtype), None, dimage.to(image.dtype), None, None, None, None
 
 
 def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,

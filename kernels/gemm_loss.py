@@ -11,8 +11,8 @@ such chunk once per use:
   programs, when the rows are the whole batch (``WITH_COLS``), take the log-sum-exp over all R
   rows of each of the chunk's first ``Bg`` columns: text-to-image is the transpose of those, so
   it needs no GEMM of its own, and every row is in every chunk, so each column is complete at once.
-* :func:`_finish_kernel` (forward, one program): the row and group log-sum-exps, the means of the
-  cross-entropies both ways, IGC and TGC, the distillation sum and the weighted total.
+* :func:`.loss_terms.finish` (forward, one program): the means of the cross-entropies both ways,
+  IGC and TGC, the distillation sum and the weighted total.
 * :func:`_grad_kernel` (backward, one launch per chunk): the gradient of the loss w.r.t. each logit,
   ``a (P - onehot) + b (P_t2i - onehot) + c (P_igc - onehot)``, divided by ``f = |a| + |b| + |c|``
   so every entry lies in [-1, 1] (fp16 neither overflows under a loss scale nor loses the small
@@ -33,43 +33,7 @@ import triton.language as tl
 
 from .configs import LOCAL_MAX_NEGATIVES, POINTER_TYPES, KernelConfig, make_config
 from .local_terms import local_blocks, local_chunk_grads, local_probabilities, sample_rows, tgc_dots
-
-# Finite "minus infinity" for running maxima (exp(m_old - m_new) stays defined before the first
-# column); a constexpr, since a GPU compile rejects plain Python globals inside @jit functions.
-_NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _upstream(Grads, n_grads, w_ce, w_igc, w_tgc, w_dist):
-    """d(loss)/d(each term): the total's gradient times the term's weight, plus the term's own
-    gradient when the caller back-propagates through it too (``n_grads == 5``: Grads holds the
-    gradients of total, ce, igc, tgc, distill; 1: only the total's)."""
-    g = tl.load(Grads).to(tl.float32)
-    g_ce, g_igc, g_tgc, g_dist = g * w_ce, g * w_igc, g * w_tgc, g * w_dist
-    if n_grads == 5:
-        g_ce += tl.load(Grads + 1).to(tl.float32)
-        g_igc += tl.load(Grads + 2).to(tl.float32)
-        g_tgc += tl.load(Grads + 3).to(tl.float32)
-        g_dist += tl.load(Grads + 4).to(tl.float32)
-    return g_ce, g_igc, g_tgc, g_dist
-
-
-@triton.jit
-def _logit_coefficients(g_ce, g_igc, R, Bg, with_igc, with_cols):
-    """(a, b, c, f): d(loss)/d(logit) = a (P - onehot) + b (P_t2i - onehot) + c (P_igc - onehot),
-    f = |a| + |b| + |c| (at least 1e-30). ce is the mean over rows, or, with ``with_cols``, half
-    the row mean plus half the column mean. The flags are constexprs in the grad kernel and
-    run-time integers in the finalize kernel (scalar work there: no variant per flag)."""
-    a = g_ce / R
-    b = a * 0.0
-    c = a * 0.0
-    if with_cols:
-        a = g_ce * 0.5 / R
-        b = g_ce * 0.5 / Bg
-    if with_igc:
-        c = g_igc / R
-    return a, b, c, tl.maximum(tl.abs(a) + tl.abs(b) + tl.abs(c), 1e-30)
-
+from .loss_terms import NEG_BIG, logit_coefficients, logit_grad, upstream
 
 @triton.jit
 def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_offset, Bg, K, first, stride_l,
@@ -77,10 +41,10 @@ def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_of
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     if first:
-        m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
         s = tl.zeros([BLOCK_M], tl.float32)
     else:
-        m = tl.load(RowM + rows, mask=row_ok, other=_NEG_BIG)
+        m = tl.load(RowM + rows, mask=row_ok, other=NEG_BIG)
         s = tl.load(RowL + rows, mask=row_ok, other=0.0)
     for start in range(0, Cc, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -97,10 +61,10 @@ def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_of
     tl.store(Pos + rows, tl.load(L + rows * stride_l + target, mask=here, other=0.0) * scale, mask=here)
     if WITH_IGC:
         if first:
-            gm = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+            gm = tl.full([BLOCK_M], NEG_BIG, tl.float32)
             gs = tl.zeros([BLOCK_M], tl.float32)
         else:
-            gm = tl.load(GroupM + rows, mask=row_ok, other=_NEG_BIG)
+            gm = tl.load(GroupM + rows, mask=row_ok, other=NEG_BIG)
             gs = tl.load(GroupL + rows, mask=row_ok, other=0.0)
         for j in range(0, K + 1):
             col = tl.where(j == 0, rows + row_offset, Bg + (rows + row_offset) * K + j - 1) - c0
@@ -114,10 +78,10 @@ def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_of
 
 
 @triton.jit
-def _column_stats(L, scale, ColLse, pid, R, c0, n_cols, stride_l, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_stats(L, scale, ColM, ColL, pid, R, c0, n_cols, stride_l, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    m = tl.full([BLOCK_N], _NEG_BIG, tl.float32)
+    m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, R, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -127,68 +91,23 @@ def _column_stats(L, scale, ColLse, pid, R, c0, n_cols, stride_l, BLOCK_M: tl.co
         m_new = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[None, :]), 0)
         m = m_new
-    tl.store(ColLse + c0 + cols, m + tl.log(tl.where(col_ok, s, 1.0)), mask=col_ok)
+    tl.store(ColM + c0 + cols, m, mask=col_ok)
+    tl.store(ColL + c0 + cols, s, mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["R", "Cc", "c0", "row_offset", "Bg", "K", "n_cols", "first", "n_row_programs"])
-def _stats_kernel(L, Scale, RowM, RowL, Pos, GroupM, GroupL, ColLse, R, Cc, c0, row_offset, Bg, K, n_cols, first,
+def _stats_kernel(L, Scale, RowM, RowL, Pos, GroupM, GroupL, ColM, ColL, R, Cc, c0, row_offset, Bg, K, n_cols, first,
                   n_row_programs, stride_l, WITH_IGC: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
                   ROW_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr, COL_BLOCK_N: tl.constexpr):
     """Programs below ``n_row_programs`` fold the chunk into the row statistics, the others take
-    the log-sum-exp of the chunk's first ``n_cols`` columns (the text-to-image rows)."""
+    the (max, sum of exp) of the chunk's first ``n_cols`` columns (the text-to-image rows)."""
     pid = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
     if pid < n_row_programs:
         _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_offset, Bg, K, first, stride_l,
                    WITH_IGC, ROW_BLOCK_M, ROW_BLOCK_N)
     else:
-        _column_stats(L, scale, ColLse, pid - n_row_programs, R, c0, n_cols, stride_l, COL_BLOCK_M, COL_BLOCK_N)
-
-
-@triton.jit(do_not_specialize=["R", "Bg", "B_local"])
-def _finish_kernel(RowM, RowL, Pos, GroupM, GroupL, ColLse, Tgc, Dist, Total, Ce, Igc, TgcOut, DistOut, R, Bg,
-                   B_local, w_ce, w_igc, w_tgc, w_dist, WITH_IGC: tl.constexpr, WITH_COLS: tl.constexpr,
-                   WITH_LOCAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: RowM <- the row log-sum-exps, GroupM <- the IGC ones (kept for the backward);
-    the five outputs. Sums run in one fixed order, so the loss is bitwise repeatable."""
-    ce_rows = tl.zeros([BLOCK], tl.float32)
-    igc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, R, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        ok = rows < R
-        pos = tl.load(Pos + rows, mask=ok, other=0.0)
-        lse = tl.load(RowM + rows, mask=ok, other=0.0) + tl.log(tl.load(RowL + rows, mask=ok, other=1.0))
-        tl.store(RowM + rows, lse, mask=ok)
-        ce_rows += tl.where(ok, lse - pos, 0.0)
-        if WITH_IGC:
-            glse = tl.load(GroupM + rows, mask=ok, other=0.0) + tl.log(tl.load(GroupL + rows, mask=ok, other=1.0))
-            tl.store(GroupM + rows, glse, mask=ok)
-            igc += tl.where(ok, glse - pos, 0.0)
-    ce = tl.sum(ce_rows, 0) / R
-    if WITH_COLS:  # the rows are the whole batch: column j's target is row j's
-        ce_cols = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, Bg, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < Bg
-            ce_cols += tl.where(ok, tl.load(ColLse + cols, mask=ok, other=0.0) - tl.load(Pos + cols, mask=ok, other=0.0),
-                                0.0)
-        ce = 0.5 * ce + 0.5 * tl.sum(ce_cols, 0) / Bg
-    igc_mean = tl.sum(igc, 0) / R
-    tgc = tl.zeros([BLOCK], tl.float32)
-    dist = tl.zeros([BLOCK], tl.float32)
-    if WITH_LOCAL:
-        for start in range(0, B_local, BLOCK):
-            rows = start + tl.arange(0, BLOCK)
-            ok = rows < B_local
-            tgc += tl.load(Tgc + rows, mask=ok, other=0.0)
-            dist += tl.load(Dist + rows, mask=ok, other=0.0)
-    tgc_mean = tl.sum(tgc, 0) / B_local
-    dist_sum = tl.sum(dist, 0)
-    tl.store(Total, w_ce * ce + w_igc * igc_mean + w_tgc * tgc_mean + w_dist * dist_sum)
-    tl.store(Ce, ce)
-    tl.store(Igc, igc_mean)
-    tl.store(TgcOut, tgc_mean)
-    tl.store(DistOut, dist_sum)
+        _column_stats(L, scale, ColM, ColL, pid - n_row_programs, R, c0, n_cols, stride_l, COL_BLOCK_M, COL_BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["R", "Cc", "c0", "row_offset", "Bg", "K", "tiles_per_program", "part_offset",
@@ -199,12 +118,13 @@ def _grad_kernel(L, Scale, Grads, RowLse, GroupLse, ColLse, G, DScalePart, R, Cc
     """G[r, j] = d(loss)/d(logit) / f in G's dtype, for the rows of ``program_id(0)`` and its share
     of the chunk's column tiles; DScalePart[part_offset + program] = sum of d(loss)/d(logit) * L."""
     scale = tl.load(Scale).to(tl.float32)
-    g_ce, g_igc, g_unused_tgc, g_unused_dist = _upstream(Grads, n_grads, w_ce, w_igc, 0.0, 0.0)
-    a, b, c, f = _logit_coefficients(g_ce, g_igc, R, Bg, WITH_IGC, WITH_COLS)
+    g_ce, g_igc, g_tgc, g_dist = upstream(Grads, n_grads, w_ce, w_igc, 0.0, 0.0)
+    a, b, c, f = logit_coefficients(g_ce, g_igc, R, Bg, WITH_IGC, WITH_COLS)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     target = rows + row_offset
     lse = tl.load(RowLse + rows, mask=row_ok, other=0.0)
+    glse = lse
     if WITH_IGC:
         glse = tl.load(GroupLse + rows, mask=row_ok, other=0.0)
     dscale = tl.zeros([BLOCK_M], tl.float32)
@@ -213,18 +133,11 @@ def _grad_kernel(L, Scale, Grads, RowLse, GroupLse, ColLse, G, DScalePart, R, Cc
         cols = start + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < Cc)[None, :]
         dots = tl.load(L + rows[:, None] * stride_l + cols[None, :], mask=ok, other=0.0)
-        z = dots * scale
         gcols = c0 + cols
-        is_target = gcols[None, :] == target[:, None]
-        onehot = tl.where(is_target, 1.0, 0.0)
-        grad = a * (tl.exp(z - lse[:, None]) - onehot)
-        if WITH_COLS:  # beyond Bg the column lse is +inf: exp(...) = 0
+        col_lse = lse  # unused without WITH_COLS
+        if WITH_COLS:
             col_lse = tl.load(ColLse + gcols, mask=gcols < Bg, other=float("inf"))
-            grad += b * (tl.exp(z - col_lse[None, :]) - onehot)
-        if WITH_IGC:
-            first_neg = Bg + target * K
-            member = is_target | ((gcols[None, :] >= first_neg[:, None]) & (gcols[None, :] < first_neg[:, None] + K))
-            grad += c * (tl.where(member, tl.exp(z - glse[:, None]), 0.0) - onehot)
+        grad = logit_grad(dots * scale, lse, col_lse, glse, target, gcols, a, b, c, Bg, K, WITH_IGC, WITH_COLS)
         grad = tl.where(ok, grad, 0.0)
         dscale += tl.sum(grad * dots, 1)
         tl.store(G + rows[:, None] * stride_l + cols[None, :], (grad / f).to(G.dtype.element_ty), mask=ok)
@@ -242,8 +155,8 @@ def _finalize_kernel(DQRaw, DXRaw, Scale, Grads, DScalePart, n_parts, Text, TTex
     the strides of q (``stride_i``) and x (``stride_t``)."""
     i = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
-    g_ce, g_igc, g_tgc, g_dist = _upstream(Grads, n_grads, w_ce, w_igc, w_tgc, w_dist)
-    a, b, c, f = _logit_coefficients(g_ce, g_igc, R, Bg, with_igc, with_cols)
+    g_ce, g_igc, g_tgc, g_dist = upstream(Grads, n_grads, w_ce, w_igc, w_tgc, w_dist)
+    a, b, c, f = logit_coefficients(g_ce, g_igc, R, Bg, with_igc, with_cols)
     alpha = scale * f
     if i == 0:
         parts = tl.zeros([PART_BLOCK], tl.float32)
@@ -291,7 +204,6 @@ GRAD_WARPS = 8
 #: loads each element needs its own 64-bit addresses, so the unaligned tile is half as tall
 #: (sm_90's 128-register cap at 8 warps).
 GRAD_TILES = {True: (32, 64), False: (16, 64)}
-FINISH_BLOCK, FINISH_WARPS = 1024, 4
 #: The finalize kernel: the local kernels' feature chunk (BLOCK_D) and BLOCK_K, 8 warps (it holds
 #: the raw products of the sample's 1+K rows besides the local kernels' tiles), and the d(scale)
 #: partials summed per step by program 0.
@@ -300,8 +212,6 @@ FINALIZE_WARPS, PART_BLOCK = 8, 1024
 _PROGRAMS_PER_SM = 8
 #: The interpreter runs programs one by one: a few splits keep the split path exercised in tests.
 _INTERPRETER_SPLITS = 3
-#: What the gemm backend's kernels are compiled for: fp64 inputs are cast to fp32 by the caller.
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _programs(device: torch.device) -> int:
@@ -312,31 +222,16 @@ def _programs(device: torch.device) -> int:
 
 def stats(logits: torch.Tensor, scale: torch.Tensor, state: dict, *, c0: int, row_offset: int, num_groups: int,
           num_negatives: int, with_igc: bool, with_cols: bool) -> None:
-    """Fold the chunk ``logits`` [R, Cc] (raw fp32 dots of columns ``c0 ..``) into ``state``: fp32
-    vectors ``row_m``, ``row_l``, ``pos``, ``group_m``, ``group_l`` [R] and ``col_lse`` [Bg]."""
+    """Fold the chunk ``logits`` [R, Cc] (raw fp32 dots of columns ``c0 ..``) into ``state``
+    (:func:`.loss_terms.new_state` with one split: chunks are merged here, in order)."""
     R, Cc = logits.shape
     n_cols = max(0, min(Cc, num_groups - c0)) if with_cols else 0
     row_programs = triton.cdiv(R, STATS_TILES["ROW_BLOCK_M"])
     grid = (row_programs + triton.cdiv(n_cols, STATS_TILES["COL_BLOCK_N"]),)
     _stats_kernel[grid](logits, scale, state["row_m"], state["row_l"], state["pos"], state["group_m"],
-                        state["group_l"], state["col_lse"], R, Cc, c0, row_offset, num_groups, num_negatives, n_cols,
-                        int(c0 == 0), row_programs, logits.stride(0), WITH_IGC=with_igc, **STATS_TILES,
-                        num_warps=STATS_WARPS)
-
-
-def finish(state: dict, tgc: torch.Tensor | None, dist: torch.Tensor | None, weights: tuple, *, num_groups: int,
-           with_igc: bool, with_cols: bool) -> tuple[torch.Tensor, ...]:
-    """(total, ce, igc, tgc, distill) as five fp32 scalars; turns ``row_m`` and ``group_m`` of
-    ``state`` into the row and group log-sum-exps. ``tgc``/``dist``: the local kernel's per-sample
-    values [B], or None (both terms 0)."""
-    R = state["row_m"].shape[0]
-    outs = [torch.empty((), device=state["row_m"].device, dtype=torch.float32) for _ in range(5)]
-    local = tgc is not None
-    _finish_kernel[(1,)](state["row_m"], state["row_l"], state["pos"], state["group_m"], state["group_l"],
-                         state["col_lse"], tgc if local else state["pos"], dist if local else state["pos"], *outs, R,
-                         num_groups, R, *[float(w) for w in weights], WITH_IGC=with_igc, WITH_COLS=with_cols,
-                         WITH_LOCAL=local, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
-    return tuple(outs)
+                        state["group_l"], state["col_m"], state["col_l"], R, Cc, c0, row_offset, num_groups,
+                        num_negatives, n_cols, int(c0 == 0), row_programs, logits.stride(0), WITH_IGC=with_igc,
+                        **STATS_TILES, num_warps=STATS_WARPS)
 
 
 def grad_tile(row_stride: int) -> tuple[int, int]:
@@ -367,7 +262,7 @@ def grad(logits: torch.Tensor, scale: torch.Tensor, grads: torch.Tensor, state: 
     row_blocks, splits, per = grad_grid(R, Cc, logits.stride(0), logits.device)
     block_m, block_n = grad_tile(logits.stride(0))
     _grad_kernel[(row_blocks, splits)](
-        logits, scale, grads, state["row_m"], state["group_m"], state["col_lse"], out, parts, R, Cc, c0, row_offset,
+        logits, scale, grads, state["row_m"], state["group_m"], state["col_m"], out, parts, R, Cc, c0, row_offset,
         num_groups, num_negatives, per, part_offset, logits.stride(0), grads.numel(), float(weights[0]),
         float(weights[1]), WITH_IGC=with_igc, WITH_COLS=with_cols, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=GRAD_WARPS)
@@ -412,8 +307,8 @@ GATE_NEGATIVES = (0, 1, 4, 8)
 
 def kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
     """Every variant the launchers can pick for ``dtype`` inputs of width D with K negatives
-    (the stats and finish kernels read only fp32; D and K reach the finalize kernel only through
-    16 | D and its BLOCK_K)."""
+    (the stats kernel reads only fp32; D and K reach the finalize kernel only through 16 | D and
+    its BLOCK_K)."""
     ptr, f32 = POINTER_TYPES[dtype], "*fp32"
     label = {"dtype": dtype, "D": D, "K": K}
     weights = {w: "fp32" for w in ("w_ce", "w_igc", "w_tgc", "w_dist")}
@@ -422,7 +317,8 @@ def kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
         # The logits' row stride is the chunk's width: a multiple of 16 or not, whatever D is.
         for aligned in ((), ("stride_l",)):
             out.append(make_config(
-                _stats_kernel, {n: f32 for n in ("L", "Scale", "RowM", "RowL", "Pos", "GroupM", "GroupL", "ColLse")},
+                _stats_kernel, {n: f32 for n in ("L", "Scale", "RowM", "RowL", "Pos", "GroupM", "GroupL", "ColM",
+                                                 "ColL")},
                 dict(WITH_IGC=igc, **STATS_TILES), num_warps=STATS_WARPS, num_stages=2, arch=arch,
                 aligned_ints=aligned, label={**label, "dtype": "float32", "tile": "16x256/64x64",
                                              "flags": f"igc={int(igc)}"}))
@@ -434,17 +330,6 @@ def kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelConfig]:
                     dict(WITH_IGC=igc, WITH_COLS=cols, BLOCK_M=block_m, BLOCK_N=block_n),
                     num_warps=GRAD_WARPS, num_stages=2, arch=arch, aligned_ints=aligned,
                     label={**label, "tile": f"{block_m}x{block_n}", "flags": f"igc={int(igc)} cols={int(cols)}"}))
-            for cols in (False, True):
-                for local in (False, True):
-                    if aligned:
-                        continue
-                    out.append(make_config(
-                        _finish_kernel, {n: f32 for n in ("RowM", "RowL", "Pos", "GroupM", "GroupL", "ColLse", "Tgc",
-                                                          "Dist", "Total", "Ce", "Igc", "TgcOut", "DistOut")} | weights,
-                        dict(WITH_IGC=igc, WITH_COLS=cols, WITH_LOCAL=local, BLOCK=FINISH_BLOCK),
-                        num_warps=FINISH_WARPS, num_stages=1, arch=arch,
-                        label={**label, "dtype": "float32", "tile": str(FINISH_BLOCK),
-                               "flags": f"igc={int(igc)} cols={int(cols)} local={int(local)}"}))
     block_k, block_d = local_blocks(D, min(K, LOCAL_MAX_NEGATIVES))
     for local in (False, True):
         out.append(make_config(

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .configs import LOCAL_MAX_NEGATIVES, POINTER_TYPES, KernelConfig, make_config
+from .loss_terms import upstream
 #: Feature chunk and warps: fixed, so D changes no compiled variant beyond its 16-divisibility.
 BLOCK_D, WARPS = 256, 4
 
@@ -96,16 +97,18 @@ def _local_fwd_kernel(Text, TText, Img, TImg, Tgc, Lse, Dist, B, D, K, official,
     tl.store(Dist + i, dist)
 
 
-@triton.jit(do_not_specialize=["B", "K", "official"])
-def _local_bwd_kernel(Text, TText, Img, TImg, Lse, GradOut, DText, DImg, B, D, K, official, tgc_scale,
-                      stride_t, stride_i, stride_dt, stride_di,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DText/DImg rows of sample i: the gradient of ``GradOut[0] * mean(Tgc) + GradOut[1] * sum(Dist)``."""
+@triton.jit(do_not_specialize=["B", "K", "official", "n_grads"])
+def _local_bwd_kernel(Text, TText, Img, TImg, Lse, Grads, DText, DImg, B, D, K, official, n_grads, w_tgc, w_dist,
+                      tgc_scale, stride_t, stride_i, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DText/DImg rows of sample i (their dtype, the strides of text and image): the gradient of
+    the TGC mean and the distillation sum with the upstream gradients ``Grads`` (see
+    :func:`.loss_terms.upstream`: the total's times the weights, plus the terms' own)."""
     i = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    g_tgc = tl.load(GradOut).to(tl.float32) * tgc_scale / B
-    g_dist = 2.0 * tl.load(GradOut + 1).to(tl.float32)
+    g_ce, g_igc, g_tgc, g_dist = upstream(Grads, n_grads, 0.0, 0.0, w_tgc, w_dist)
+    g_tgc = g_tgc * tgc_scale / B
+    g_dist = 2.0 * g_dist
     pos, neg, _ = tgc_dots(Text, TText, Img, TImg, i, B, D, K, official, ks, k_ok, stride_t, stride_i, BLOCK_K,
                            BLOCK_D)
     p_pos, p_neg = local_probabilities(pos, neg, tl.load(Lse + i), k_ok, tgc_scale)
@@ -115,9 +118,10 @@ def _local_bwd_kernel(Text, TText, Img, TImg, Lse, GradOut, DText, DImg, B, D, K
         neg_rows, t, tt, n, nt, img, timg = sample_rows(Text, TText, Img, TImg, i, B, K, official, dims, dim_ok, ks,
                                                         k_ok, stride_t, stride_i)
         dt, dn, dimg = local_chunk_grads(t, tt, n, nt, img, timg, p_pos, p_neg, g_tgc, g_dist)
-        tl.store(DText + i * stride_dt + dims, dt, mask=dim_ok)
-        tl.store(DText + neg_rows[:, None] * stride_dt + dims[None, :], dn, mask=k_ok[:, None] & dim_ok[None, :])
-        tl.store(DImg + i * stride_di + dims, dimg, mask=dim_ok)
+        out = DText.dtype.element_ty
+        tl.store(DText + i * stride_t + dims, dt.to(out), mask=dim_ok)
+        tl.store(DText + neg_rows[:, None] * stride_t + dims[None, :], dn.to(out), mask=k_ok[:, None] & dim_ok[None, :])
+        tl.store(DImg + i * stride_i + dims, dimg.to(DImg.dtype.element_ty), mask=dim_ok)
 
 
 def local_blocks(D: int, K: int) -> tuple[int, int]:
@@ -143,23 +147,25 @@ def local_forward(text: torch.Tensor, teacher_text: torch.Tensor, image: torch.T
 
 
 def local_backward(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
-                   lse: torch.Tensor, grad_out: torch.Tensor, official: bool = False):
-    """Gradients of ``grad_out[0] * mean(tgc) + grad_out[1] * sum(dist)`` w.r.t. text [B(1+K), D] and
-    image [B, D] (fp32; ``grad_out`` [2] fp32 on the device)."""
+                   lse: torch.Tensor, grads: torch.Tensor, weights: tuple, dtext: torch.Tensor, dimage: torch.Tensor,
+                   official: bool = False) -> None:
+    """Write the gradients of the TGC mean and the distillation sum w.r.t. text [B(1+K), D] and
+    image [B, D] into ``dtext``/``dimage`` (shaped and strided like text and image, any float
+    dtype). ``grads``: the upstream gradients (1 or 5 fp32, :func:`.loss_terms.upstream`);
+    ``weights``: (tgc, distill) in the total."""
     B, D = image.shape
-    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
-    dimage = torch.empty(image.shape, device=text.device, dtype=torch.float32)
+    if dtext.stride() != text.stride() or dimage.stride() != image.stride():
+        raise ValueError("local kernels: the gradients must have the strides of text and image")
     block_k, block_d = local_blocks(D, num_negatives)
-    _local_bwd_kernel[(B,)](text, teacher_text, image, teacher_image, lse, grad_out, dtext, dimage, B, D,
-                            num_negatives, int(official), float(tgc_scale), text.stride(0), image.stride(0),
-                            dtext.stride(0), dimage.stride(0), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=WARPS)
-    return dtext, dimage
+    _local_bwd_kernel[(B,)](text, teacher_text, image, teacher_image, lse, grads, dtext, dimage, B, D, num_negatives,
+                            int(official), grads.numel(), float(weights[0]), float(weights[1]), float(tgc_scale),
+                            text.stride(0), image.stride(0), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=WARPS)
 
 
 # ---------------------------------------------------------------------------------------------
 # What the launchers above can choose, for the compile gate.
 
-_WIDTH_ARGS = ("D", "stride_t", "stride_i", "stride_dt", "stride_di")
+_WIDTH_ARGS = ("D", "stride_t", "stride_i")
 
 
 def aligned_widths(D: int, names: tuple = _WIDTH_ARGS) -> tuple:
@@ -175,8 +181,8 @@ def local_kernel_configs(dtype: str, D: int, K: int, arch: int) -> list[KernelCo
     label = {"dtype": dtype, "D": D, "K": K, "tile": f"{block_k}x{block_d}"}
     out = []
     for kernel, types in ((_local_fwd_kernel, {"Tgc": "*fp32", "Lse": "*fp32", "Dist": "*fp32"}),
-                          (_local_bwd_kernel, {"Lse": "*fp32", "GradOut": "*fp32", "DText": "*fp32",
-                                               "DImg": "*fp32"})):
+                          (_local_bwd_kernel, {"Lse": "*fp32", "Grads": "*fp32", "DText": ptr, "DImg": ptr,
+                                               "w_tgc": "fp32", "w_dist": "fp32"})):
         out.append(make_config(kernel, {**feats, **types, "tgc_scale": "fp32"}, dict(BLOCK_K=block_k, BLOCK_D=block_d),
                                num_warps=WARPS, num_stages=3, arch=arch, aligned_ints=aligned_widths(D),
                                label=label))

@@ -363,12 +363,22 @@ def test_softmax_kernels_do_the_16bit_casts_a_gpu_does(dtype, kernel_device):
     scale, grad = torch.tensor(30.0), torch.tensor([1e-3])
     eps = torch.finfo(dtype).eps
     lse_want, dq_want, dx_want, ds_want = _emulated_tiles(q, x, scale, grad[0])
-    lse, _ = kernels.row_lse(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device))
-    dq, dx, ds = kernels.row_lse_backward(q.to(kernel_device), x.to(kernel_device), scale.to(kernel_device), lse,
-                                          grad.to(kernel_device))
+    from degla_fast.kernels.loss_terms import finish, new_state
+
+    q, x, scale, grad = q.to(kernel_device), x.to(kernel_device), scale.reshape(1).to(kernel_device), grad.to(kernel_device)
+    splits, per = kernels.forward_splits(q, x, "tf32")
+    state = new_state(45, 131, splits, 0, q.device)
+    kernels.row_stats(q, x, scale, tuple(state[n] for n in ("row_m", "row_l", "pos", "group_m", "group_l")),
+                      row_offset=0, num_negatives=0, with_igc=False, precision="tf32", n_splits=splits, per_split=per)
+    finish(state, None, None, (1.0, 0.0, 0.0, 0.0), num_groups=131, with_igc=False, with_cols=False)
+    lse = state["row_m"][0]
+    dq, dx = torch.empty_like(q), torch.empty_like(x)
+    ds = kernels.backward(q, x, scale, grad, (lse, lse, lse), dq, dx, row_offset=0, num_negatives=0,
+                          weights=(1.0, 0.0), with_igc=False, with_cols=False, accumulate=False, precision="tf32")
     torch.testing.assert_close(lse.cpu(), lse_want, rtol=1e-5, atol=1e-5)
-    for got, want in ((dq, dq_want), (dx, dx_want)):
-        torch.testing.assert_close(got.cpu(), want, rtol=eps, atol=eps * float(want.abs().max()))
+    for got, want in ((dq, dq_want), (dx, dx_want)):  # written in the input dtype: half an ulp more
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float().cpu(), want, rtol=eps, atol=eps * float(want.abs().max()))
     torch.testing.assert_close(ds.cpu()[0], ds_want, rtol=1e-5, atol=0.0)
 
 
@@ -403,7 +413,7 @@ def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_
     """Recomputed column chunks of 8..24 columns: text-to-image columns, IGC groups and target
     columns cut by chunk edges, the release's TGC indexing; values and gradients equal float64 and
     the stored single chunk's."""
-    import degla_fast.gemm_loss as gemm
+    import degla_fast.fused_loss as gemm
 
     batch, k, dim = 37, 3, 20
     inputs = make_inputs(batch, k, dim, seed=4)
@@ -430,7 +440,7 @@ def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_
 
 
 def test_gemm_plan_chunks():
-    from degla_fast.gemm_loss import CHUNK_ALIGN, plan_chunks
+    from degla_fast.fused_loss import CHUNK_ALIGN, plan_chunks
 
     assert plan_chunks(4096, 20480, 2, 1 << 30) == [(0, 20480)]  # 503 MB fit in 1 GiB: stored
     chunks = plan_chunks(4096, 20480, 2, 256 << 20)  # the default budget at B=4096, K=4: two halves
@@ -493,7 +503,7 @@ def _fwd_bwd_work(backend, batch=16, k=4, dim=32, **kw):
 def test_gemm_launches_at_world_size_1(monkeypatch):
     """docs/loss.md's count: 8 launches for forward + backward with the logits stored, 15 with two
     recomputed column chunks (K=4, IGC, TGC and distillation on)."""
-    import degla_fast.gemm_loss as gemm
+    import degla_fast.fused_loss as gemm
 
     stored = _fwd_bwd_work("gemm")
     assert stored.launches == ["mm", "triton:_stats_kernel", "triton:_local_fwd_kernel", "triton:_finish_kernel",
@@ -501,6 +511,14 @@ def test_gemm_launches_at_world_size_1(monkeypatch):
     monkeypatch.setattr(gemm, "CHUNK_ALIGN", 16)
     two = _fwd_bwd_work("gemm", chunk_bytes=16 * 8 * 48)  # 80 columns: 48 + 32
     assert len(two.launches) == 15 and two.launches.count("mm") + two.launches.count("addmm_") == 8
+
+
+def test_triton_launches_at_world_size_1():
+    """docs/loss.md's count for the tiled backend: 7 launches, no torch op at all."""
+    work = _fwd_bwd_work("triton")
+    assert work.launches == ["triton:_lse_fwd_kernel", "triton:_lse_fwd_kernel", "triton:_local_fwd_kernel",
+                             "triton:_finish_kernel", "triton:_local_bwd_kernel", "triton:_dq_kernel",
+                             "triton:_dx_kernel"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,237 @@
+"""The two fused backends of the DeGLA loss, each the whole loss as one autograd node.
+
+Both compute, for rows q [R, D] against columns x [Bg(1+K), D] (target of row r: column
+``row_offset + r``), the same statistics per row and column (:mod:`degla_fast.kernels.loss_terms`),
+and in the backward the gradient of every logit at once: image-to-text, text-to-image (when the
+rows are the whole batch: the first ``Bg`` columns, transposed, need no GEMM of their own) and
+IGC. TGC and distillation run in the same node when the rows are the whole batch and K <= 8.
+
+``gemm`` (:class:`GemmLoss`): cuBLAS writes each column chunk's logits ``L = q @ x_c^T`` in fp32;
+one stats kernel reads it (:mod:`degla_fast.kernels.gemm_loss`). The backward writes each
+logit's gradient once in the input dtype and takes dq and dx from two more GEMMs; the finalize
+kernel scales and casts them and adds the local terms' gradients. The columns are chunked so
+that one chunk's fp32 logits and its gradient (``R * Cc * (4 + itemsize)`` bytes) fit in
+``chunk_bytes``; with every column in one chunk the forward keeps it for the backward (three
+GEMM passes, the floor), otherwise each chunk is recomputed (four passes) and extra memory stays
+one chunk. The default budget (:data:`DEFAULT_CHUNK_BYTES`, 256 MiB) stores the logits up to
+B=2048 at K=4 (126 MB in bf16) and recomputes two chunks at B=4096 (252 MB a chunk, about 330 MB
+of extra memory for the whole loss instead of 500 MB stored).
+
+``triton`` (:class:`TritonLoss`): no logits in memory at all (:mod:`degla_fast.kernels.degla_loss`):
+tiles are recomputed; the backward is a row-stationary dq kernel and a column-stationary dx
+kernel, each accumulating its rows' or columns' gradient in registers and writing it once (no
+atomics). Extra memory O((R + C) D): what lets B=65536 fit.
+
+Launches at world size 1 (K <= 8, TGC or distillation on), forward + backward: ``gemm`` stored
+8 (GEMM, stats, local, finish; grad, 2 GEMMs, finalize), two recomputed chunks 15; ``triton`` 7
+(two forward kernels, local, finish; local, dq, dx). Host-side choices depend on shapes only and
+nothing is read back, so both can be captured in a CUDA graph (docs/loss.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .matmul import addmm_f32, loss_matmuls, mm_f32
+
+#: Bytes of one column chunk's fp32 logits plus their gradient in the input dtype (``gemm``).
+DEFAULT_CHUNK_BYTES = 256 << 20
+#: Column chunks are multiples of this (GEMM tiles, 16-byte aligned rows) except the last.
+CHUNK_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """What one fused call computes.
+
+    ``weights``: of (ce, igc, tgc, distill) in its ``total`` output. ``with_cols``: the rows are the
+    whole batch (world size 1, or every rank's rows without ``local_loss``), so ``ce`` is half the
+    image-to-text plus half the text-to-image cross-entropy; otherwise ``ce`` is the rows' mean.
+    ``local``: TGC and distillation of that whole batch in the same call (K <= 8).
+    ``chunk_bytes``: the gemm backend's budget (see the module doc).
+    """
+
+    num_negatives: int
+    weights: tuple = (1.0, 0.0, 0.0, 0.0)
+    row_offset: int = 0
+    with_igc: bool = False
+    with_cols: bool = True
+    local: bool = False
+    official: bool = False
+    tgc_scale: float = 10.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    precision: str = "tf32"
+
+    @property
+    def flags(self) -> dict:
+        return dict(with_igc=self.with_igc, with_cols=self.with_cols)
+
+
+def plan_chunks(rows: int, cols: int, grad_itemsize: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Column ranges ``[(c0, c1), ...]`` of near-equal width, each within ``chunk_bytes`` (at least
+    :data:`CHUNK_ALIGN` columns wide); one range when everything fits."""
+    per_column = max(1, rows) * (4 + grad_itemsize)
+    if per_column * cols <= chunk_bytes:
+        return [(0, cols)]
+    widest = max(CHUNK_ALIGN, chunk_bytes // per_column // CHUNK_ALIGN * CHUNK_ALIGN)
+    count = -(-cols // widest)
+    width = -(-(-(-cols // count)) // CHUNK_ALIGN) * CHUNK_ALIGN
+    return [(c0, min(c0 + width, cols)) for c0 in range(0, cols, width)]
+
+
+def _upstream(grad_outs) -> torch.Tensor | None:
+    """The kernels' upstream gradients: the total's alone (the usual case, no launch), or all
+    five stacked when the caller back-propagates through the parts too; None if nothing needs them."""
+    if all(g is None for g in grad_outs):
+        return None
+    if grad_outs[0] is not None and all(g is None for g in grad_outs[1:]):
+        return grad_outs[0].reshape(1)
+    ref = next(g for g in grad_outs if g is not None)
+    return torch.stack([g.reshape(()) if g is not None else ref.new_zeros(()) for g in grad_outs]).float()
+
+
+def _local_forward(terms: LossTerms, q, x, teacher_q, teacher_x):
+    """(tgc [B], tgc lse [B], distillation [B]) of the whole batch, or three Nones."""
+    if not terms.local:
+        return None, None, None
+    from .kernels import local_terms
+
+    return local_terms.local_forward(x, teacher_x, q, teacher_q, terms.num_negatives, terms.tgc_scale,
+                                     terms.official)
+
+
+def _logits(q: torch.Tensor, x: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """Raw fp32 dots ``q @ x[c0:c1]^T``, with a row stride of at least 2 (a one-column chunk
+    would otherwise reach the kernels with a stride of 1, a variant the compile gate never saw)."""
+    if c1 - c0 > 1:
+        return mm_f32(q, x[c0:c1].T)
+    out = torch.empty(q.shape[0], 2, device=q.device, dtype=torch.float32)[:, :1]
+    out.copy_(mm_f32(q, x[c0:c1].T))
+    return out
+
+
+class GemmLoss(torch.autograd.Function):
+    """The ``gemm`` backend: ``(q, x, scale, teacher_q, teacher_x, terms) -> (total, ce, igc, tgc,
+    distill)``, five fp32 scalars. Teacher features are read only with ``terms.local`` and get no
+    gradient. Inputs: contiguous fp32, bf16 or fp16 (the caller casts fp64 to fp32)."""
+
+    @staticmethod
+    def forward(ctx, q, x, scale, teacher_q, teacher_x, terms: LossTerms):
+        from .kernels import gemm_loss as kernels
+        from .kernels.loss_terms import finish, new_state
+
+        R, K = q.shape[0], terms.num_negatives
+        num_groups = x.shape[0] // (1 + K)
+        s = scale.reshape(1).float()
+        state = new_state(R, num_groups, 1, 1 if terms.with_cols else 0, q.device)
+        chunks = plan_chunks(R, x.shape[0], q.element_size(), terms.chunk_bytes)
+        with loss_matmuls(q.device, terms.precision):
+            for c0, c1 in chunks:
+                logits = _logits(q, x, c0, c1)
+                kernels.stats(logits, s, state, c0=c0, row_offset=terms.row_offset, num_groups=num_groups,
+                              num_negatives=K, **terms.flags)
+        tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
+        outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
+        stored = logits if len(chunks) == 1 else None  # one chunk: keep it, skip the recomputation
+        ctx.save_for_backward(q, x, s, teacher_q, teacher_x, state["row_m"], state["group_m"], state["col_m"],
+                              tgc_lse, stored)
+        ctx.terms, ctx.chunks, ctx.scale_meta = terms, chunks, (scale.shape, scale.dtype)
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        from .kernels import gemm_loss as kernels
+
+        grads = _upstream(grad_outs)
+        if grads is None:
+            return None, None, None, None, None, None
+        q, x, s, teacher_q, teacher_x, row_lse, group_lse, col_lse, tgc_lse, stored = ctx.saved_tensors
+        terms, chunks = ctx.terms, ctx.chunks
+        K, R = terms.num_negatives, q.shape[0]
+        num_groups = x.shape[0] // (1 + K)
+        state = {"row_m": row_lse, "group_m": group_lse, "col_m": col_lse}
+        # A one-column chunk's logits have a row stride of 2 (see _logits).
+        strides = [stored.stride(0) if stored is not None else max(2, c1 - c0) for c0, c1 in chunks]
+        parts = torch.empty(sum(kernels.num_grad_parts(R, c1 - c0, stride, q.device)
+                                for (c0, c1), stride in zip(chunks, strides)), device=q.device, dtype=torch.float32)
+        dq_raw = dx_raw = None
+        if len(chunks) > 1:
+            dx_raw = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        offset = 0
+        with loss_matmuls(q.device, terms.precision):
+            for c0, c1 in chunks:
+                logits = stored if stored is not None else _logits(q, x, c0, c1)
+                grad = torch.empty_strided(logits.shape, logits.stride(), device=q.device, dtype=q.dtype)
+                offset += kernels.grad(logits, s, grads, state, grad, parts, offset, c0=c0,
+                                       row_offset=terms.row_offset, num_groups=num_groups, num_negatives=K,
+                                       weights=terms.weights, **terms.flags)
+                del logits
+                x_c = x[c0:c1]
+                dq_raw = mm_f32(grad, x_c) if dq_raw is None else addmm_f32(dq_raw, grad, x_c)
+                if dx_raw is None:
+                    dx_raw = mm_f32(grad.T, q)
+                else:
+                    mm_f32(grad.T, q, out=dx_raw[c0:c1])
+        local = (teacher_x, teacher_q, tgc_lse) if terms.local else None
+        dq, dx, dscale = kernels.finalize(dq_raw, dx_raw, s, grads, parts, q, x, local, num_groups=num_groups,
+                                          num_negatives=K, official=terms.official, tgc_scale=terms.tgc_scale,
+                                          weights=terms.weights, **terms.flags)
+        shape, dtype = ctx.scale_meta
+        return dq, dx, dscale.reshape(shape).to(dtype), None, None, None
+
+
+class TritonLoss(torch.autograd.Function):
+    """The ``triton`` backend, with :class:`GemmLoss`'s signature and outputs (CUDA tensors, or
+    CPU tensors under ``TRITON_INTERPRET=1``)."""
+
+    @staticmethod
+    def forward(ctx, q, x, scale, teacher_q, teacher_x, terms: LossTerms):
+        from .kernels import degla_loss as kernels
+        from .kernels.loss_terms import finish, new_state
+
+        R, K = q.shape[0], terms.num_negatives
+        num_groups = x.shape[0] // (1 + K)
+        s = scale.reshape(1).float()
+        splits, per = kernels.forward_splits(q, x, terms.precision)
+        col_splits, col_per = kernels.forward_splits(x[:num_groups], q, terms.precision) if terms.with_cols else (0, 0)
+        state = new_state(R, num_groups, splits, col_splits, q.device)
+        kernels.row_stats(q, x, s, tuple(state[n] for n in ("row_m", "row_l", "pos", "group_m", "group_l")),
+                          row_offset=terms.row_offset, num_negatives=K, with_igc=terms.with_igc,
+                          precision=terms.precision, n_splits=splits, per_split=per)
+        if terms.with_cols:  # text-to-image: its rows' statistics are the first Bg columns'
+            scratch = torch.empty_like(state["col_m"])
+            kernels.row_stats(x[:num_groups], q, s, (state["col_m"], state["col_l"], scratch, scratch, scratch),
+                              row_offset=0, num_negatives=0, with_igc=False, precision=terms.precision,
+                              n_splits=col_splits, per_split=col_per)
+        tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
+        outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
+        ctx.save_for_backward(q, x, s, teacher_q, teacher_x, state["row_m"][0], state["group_m"][0],
+                              state["col_m"][0], tgc_lse)
+        ctx.terms, ctx.scale_meta = terms, (scale.shape, scale.dtype)
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        from .kernels import degla_loss as kernels
+        from .kernels import local_terms
+
+        grads = _upstream(grad_outs)
+        if grads is None:
+            return None, None, None, None, None, None
+        q, x, s, teacher_q, teacher_x, row_lse, group_lse, col_lse, tgc_lse = ctx.saved_tensors
+        terms = ctx.terms
+        dq, dx = torch.empty_like(q), torch.empty_like(x)
+        if terms.local:  # written first; the global term's kernels add to it
+            local_terms.local_backward(x, teacher_x, q, teacher_q, terms.num_negatives, terms.tgc_scale, tgc_lse,
+                                       grads, terms.weights[2:], dx, dq, terms.official)
+        dscale = kernels.backward(q, x, s, grads, (row_lse, group_lse, col_lse), dq, dx, row_offset=terms.row_offset,
+                                  num_negatives=terms.num_negatives, weights=terms.weights, accumulate=terms.local,
+                                  precision=terms.precision, **terms.flags)
+        shape, dtype = ctx.scale_meta
+        return dq, dx, dscale.reshape(shape).to(dtype), None, None, None
+
+
+FUSED = {"gemm": GemmLoss, "triton": TritonLoss}
