@@ -99,10 +99,13 @@ def _group(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> 
 def torch_lerp_(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float | torch.Tensor) -> None:
     """One group (fp32 teacher) through ``torch._foreach_lerp_``, the student cast to fp32 if it
     is not: the torch backend's EMA step (``weight`` = 1 - decay, a float or a 0-d tensor)."""
-    if teacher[0].dtype == student[0].dtype:
-        torch._foreach_lerp_(teacher, student, weight)
-    else:
-        torch._foreach_lerp_(teacher, [s.to(teacher[0].dtype) for s in student], weight)
+    if teacher[0].dtype != student[0].dtype:
+        student = [s.to(teacher[0].dtype) for s in student]
+    if isinstance(weight, torch.Tensor):
+        # A device weight goes in as a list of tensors: the Scalar overload would read it on the
+        # host (a device sync per step), and there is no single-tensor overload.
+        weight = [weight] * len(teacher)
+    torch._foreach_lerp_(teacher, student, weight)
 
 
 class _Updater:

@@ -4,7 +4,10 @@
 rank: ``OUT.json`` becomes ``OUT.rank<N>.json``) runs ``degla-fast train TRAIN_ARGS`` while a
 ``TorchFunctionMode`` records ``Tensor.item``, ``__bool__``, ``__float__``, ``__int__``,
 ``__index__``, ``tolist``, ``cpu``, ``numpy`` and ``__format__`` calls and a patch records
-``torch.cuda.synchronize``: on a GPU each of them waits for the device. ``SYNC_COUNT_NAN_AT=N``
+``torch.cuda.synchronize``: on a GPU each of them waits for the device. A ``TorchDispatchMode``
+also records ATen's ``_local_scalar_dense`` (as ``item``) where no recorded call made it: the
+function mode does not see the backward passes of custom autograd Functions, where a
+``float(tensor)`` once read the logit scale per row block. ``SYNC_COUNT_NAN_AT=N``
 makes the N-th loss NaN (on every rank), a step the trainer must skip.
 
 Reads made by DeepSpeed's own code are named ``deepspeed:NAME``. Reads are attributed to the step that precedes them (reads before the first step are set-up,
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
               torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
@@ -36,6 +40,7 @@ class HostReads(TorchFunctionMode):
         super().__init__()
         self.step = 0
         self.paused = 0
+        self.inside = 0
         self.steps: dict[int, list[str]] = {}
 
     def note(self, name: str) -> None:
@@ -53,6 +58,11 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
             self.note(func.__name__)
+            self.inside += 1  # its own _local_scalar_dense is already counted
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                self.inside -= 1
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
@@ -62,6 +72,19 @@ class HostReads(TorchFunctionMode):
             yield
         finally:
             self.paused -= 1
+
+
+class ScalarReads(TorchDispatchMode):
+    """``_local_scalar_dense`` calls that no recorded Tensor method made (backward passes included)."""
+
+    def __init__(self, recorder: HostReads):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.recorder.inside:
+            self.recorder.note("item")
+        return func(*args, **(kwargs or {}))
 
 
 def _cpu_only_branch() -> bool:
@@ -151,7 +174,7 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
     data_module.build_train_data, train_main.train_step, Checkpointer.save = build, step, save
     torch.cuda.synchronize = synchronize
     try:
-        with recorder:
+        with recorder, ScalarReads(recorder):
             status = train_main.main(train_args)
     finally:
         data_module.build_train_data, train_main.train_step, Checkpointer.save = real_build, real_step, real_save
