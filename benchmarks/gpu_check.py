@@ -6,8 +6,9 @@ On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no
 1. install: the wheels of :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made
    here by ``make gpu-wheels``; the folder travels with the working tree; pytest's stack and
    open_clip_torch with ftfy, wcwidth, tqdm and regex), ``--no-deps``, in dependency order,
-   then the project itself, editable, with ``--no-index --no-deps --no-build-isolation`` (none
-   of its CPU pins, nothing downloaded);
+   then the project itself, editable, ``--no-index --no-deps`` and built in pip's isolated
+   environment with the carried setuptools and wheel (:func:`project_install_command`: none of
+   its CPU pins, nothing downloaded, no hook of the image's packages);
 2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
 3. ``bench_loss`` (B in 256..65536, K=4, D=512, bf16 and fp32), ``bench_ema``,
@@ -187,6 +188,21 @@ WHEEL_MODULES = {"pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig
                  "pytest-timeout": "pytest_timeout", "pytest-xdist": "xdist", "execnet": "execnet",
                  "setuptools": "setuptools", "wheel": "wheel", "wcwidth": "wcwidth", "ftfy": "ftfy",
                  "tqdm": "tqdm", "regex": "regex", "open_clip_torch": "open_clip"}
+
+
+def pip_install_command(python: str, wheels: Path) -> list[str]:
+    """``pip install`` from the carried wheels only: no index, no dependencies, no cache."""
+    return [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir",
+            "--disable-pip-version-check", "--find-links", str(wheels)]
+
+
+def project_install_command(python: str, wheels: Path, root: Path = ROOT) -> list[str]:
+    """The project, editable, built in pip's isolated environment from the carried setuptools,
+    wheel and packaging. Not ``--no-build-isolation``: then setuptools runs the image's own ``egg_info.writers``
+    hooks, and Hugging Face's ``kernels`` package (which transformers 5 requires) registers one
+    that imports ``kernels._internals``, which the build, run from this checkout, resolves to our
+    ``kernels/`` folder (ModuleNotFoundError). ``tests/test_gpu_check.py`` builds such an image."""
+    return pip_install_command(python, wheels) + ["-e", str(root)]
 
 
 def _installed(requirement: str) -> bool:
@@ -376,8 +392,7 @@ def step_install(run: Run) -> bool:
                    detail=f"dry run: this venv ({'project importable' if project else 'PROJECT NOT IMPORTABLE'}); "
                           f"a GPU run would install {len(missing)} carried wheels: {' '.join(missing) or 'none'}")
         return project
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir",
-           "--disable-pip-version-check", "--find-links", str(WHEELS_DIR)]
+    pip = pip_install_command(sys.executable, WHEELS_DIR)
     if missing:
         wheels = {w: carried_wheel(w) for w in missing}
         absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
@@ -393,7 +408,7 @@ def step_install(run: Run) -> bool:
             run.record("install", "failed", time.monotonic() - t0, detail=f"pip install of {missing} exited {rc}")
             return False
     if not project:
-        rc, _ = run.call("install project", pip + ["--no-build-isolation", "-e", str(ROOT)], run.limit("install"))
+        rc, _ = run.call("install project", project_install_command(sys.executable, WHEELS_DIR), run.limit("install"))
         if rc != 0 or not _probe(run).get("project"):
             run.record("install", "failed", time.monotonic() - t0, detail=f"editable install exited {rc}")
             return False

@@ -266,6 +266,67 @@ def test_install_names_a_missing_wheel_in_one_line(tmp_path, monkeypatch):
         shutil.rmtree(run.cache, ignore_errors=True)
 
 
+_HOOKED_KERNELS = {
+    # A stand-in for Hugging Face's `kernels` (transformers 5 requires it): a top-level package of
+    # that name whose distribution registers an egg_info writer in kernels._internals.
+    "kernels/__init__.py": "",
+    "kernels/_internals/__init__.py": "",
+    "kernels/_internals/locking.py": "def write_egg_lockfile(cmd, basename, filename):\n    pass\n",
+    "kernels-0.19.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n",
+    "kernels-0.19.1.dist-info/RECORD": "",
+    "kernels-0.19.1.dist-info/entry_points.txt":
+        "[egg_info.writers]\nkernels.lock = kernels._internals.locking:write_egg_lockfile\n",
+}
+
+
+def _carried_build_wheels(folder: Path) -> None:
+    """The build's needs (setuptools, wheel and wheel's packaging), as ``make gpu-wheels`` carries
+    them (from .gpu-wheels/ where it exists)."""
+    wanted = [w for w in gpu_check.WHEELS if w.split("==")[0] in ("setuptools", "wheel", "packaging")]
+    for req in wanted:
+        carried = gpu_check.carried_wheel(req)
+        if carried is not None:
+            shutil.copy(carried, folder)
+    if len(list(folder.glob("*.whl"))) < len(wanted):
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "-d", str(folder), *wanted], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"the build's wheels are neither in .gpu-wheels/ nor downloadable: {done.stderr[-300:]}")
+
+
+@pytest.mark.timeout(300)
+def test_project_installs_offline_beside_a_package_named_kernels(tmp_path):
+    """The install step's project command in an image that has a `kernels` package with an
+    egg_info hook (as the GPU images do since transformers 5): --no-build-isolation fails there
+    (ModuleNotFoundError: No module named 'kernels._internals'); ours, built in pip's isolated
+    environment from the carried setuptools and wheel, with no index, installs, and
+    degla_fast.kernels imports from outside the checkout."""
+    venv = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name, text in _HOOKED_KERNELS.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _carried_build_wheels(wheels)
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
+    shutil.copytree(ROOT / "kernels", checkout / "kernels", dirs_exist_ok=True)  # the working tree's kernels
+    shutil.copy(ROOT / "setup.py", checkout / "setup.py")
+    old = gpu_check.pip_install_command(python, wheels) + ["--no-build-isolation", "-e", str(checkout)]
+    done = subprocess.run(old, cwd=checkout, capture_output=True, text=True)
+    assert done.returncode != 0 and "kernels._internals" in done.stdout + done.stderr  # the failure is real here
+    done = subprocess.run(gpu_check.project_install_command(python, wheels, checkout), cwd=checkout,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('degla_fast.kernels.configs')"
+                                          ".origin)"], capture_output=True, text=True, cwd=tmp_path)
+    assert found.stdout.strip() == str(checkout / "kernels" / "configs.py"), found.stderr
+
+
 def test_each_step_keeps_the_later_steps_minimum(tmp_path):
     assert sum(gpu_check.STEP_MIN_S.values()) <= gpu_check.TOTAL_S
     assert list(gpu_check.STEP_LIMIT_S) == list(gpu_check.STEP_MIN_S) == list(gpu_check.STEPS)
