@@ -1,40 +1,63 @@
-"""DeGLA loss forward+backward: the release's structure (``backend="reference"``), its
-``torch.compile``, our torch and Triton backends, the GEMM floor (the three B x D x B(1+K)
-matmuls alone) and the library baselines for the global term (Inf-CL's tiled contrastive
-loss, Liger-Kernel's fused linear cross-entropy), at the same shapes in the same run.
+"""DeGLA loss forward+backward: our ``gemm`` backend (at three chunk budgets: stored and recomputed
+logits), ``triton`` and ``torch`` backends, the release's structure (``backend="reference"``) and
+its ``torch.compile``, the three-GEMM floor (the B x D x B(1+K) matmuls alone), the loss replayed
+from a CUDA graph, and the library baselines for the global term (Inf-CL's tiled contrastive loss,
+Liger-Kernel's fused linear cross-entropy) when installed, at the same shapes in the same run.
 
-Reports p20/p50/p80 time, peak extra memory (``torch.cuda.max_memory_allocated`` on a GPU; the
-peak RSS of a fresh process per case on the CPU), the speedup against the reference and its
-compiled form, and achieved TFLOP/s counted as the three GEMMs (6 B^2 (1+K) D FLOP) against the
-device's peak. ``--quick``: tiny CPU shapes that prove the benchmark runs; CPU times say nothing
-about GPU kernels. ``--profile TRACE.json`` writes a torch.profiler trace of one configuration.
+Reports p20/p50/p80 time, peak extra memory (``torch.cuda.max_memory_allocated`` above what was
+allocated before, the returned gradients included; on the CPU the peak RSS of a fresh process per
+case), the speedup against the reference and the ratio to the floor (``x_floor``), achieved
+TFLOP/s counted as the three GEMMs (6 B^2 (1+K) D FLOP) against the device's peak, and at
+B=:data:`ERROR_AT_B` the gradients' error against float64 (max |error| / max |float64|, per input).
+Each case times as many iterations as fit in :data:`CASE_BUDGET_S` (3 to 30). ``--quick``: tiny
+CPU shapes that prove the benchmark runs; CPU times say nothing about GPU kernels.
+``--profile TRACE.json`` writes a torch.profiler trace of one configuration.
 
     python benchmarks/bench_loss.py --quick
-    python benchmarks/bench_loss.py                         # GPU: B in 256..65536, K=4, D=512, bf16 and fp32
-    python benchmarks/bench_loss.py --profile benchmarks/results/trace_loss.json
+    python benchmarks/bench_loss.py                         # GPU: B in 32..65536, K=4, D=512, bf16; fp32 at 4096
+    python benchmarks/bench_loss.py --profile benchmarks/results/trace_loss.json --backend gemm
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_ratios, measure, profile_trace, roofline,  # noqa: E402
-                    report_run, run_case_in_subprocess)
+from common import (add_ratios, percentiles, profile_trace, roofline,  # noqa: E402
+                    report_run, run_case_in_subprocess, peak_memory_bytes)
 
 from degla_fast.profiling import profile_range  # noqa: E402
 
 NAME = "bench_loss"
-IMPLS = ("reference", "torch.compile(reference)", "torch", "triton", "gemm floor", "inf-cl (global term)",
-         "liger fused linear CE (global term)")
-GPU_SIZES = (256, 1024, 4096, 16384, 32768, 65536)
-GPU_DTYPES = ("bfloat16", "float32")  # fp32: the loss's default precision (TF32 dots in the triton backend)
+#: impl -> (backend, DeGLALoss keywords); the CUDA-graph rows replay the same call.
+LOSS_IMPLS = {
+    "gemm": ("gemm", {}),
+    "gemm 1 GiB": ("gemm", {"chunk_bytes": 1 << 30}),
+    "gemm 64 MiB": ("gemm", {"chunk_bytes": 64 << 20}),
+    "triton": ("triton", {}),
+    "torch": ("torch", {}),
+    "reference": ("reference", {}),
+    "torch.compile(reference)": ("reference", {}),
+    "gemm (CUDA graph)": ("gemm", {}),
+    "triton (CUDA graph)": ("triton", {}),
+}
+IMPLS = (*LOSS_IMPLS, "gemm floor", "inf-cl (global term)", "liger fused linear CE (global term)")
+GPU_SIZES = (32, 256, 1024, 4096, 16384, 65536)
+#: Where the costly or narrow cases run on a GPU: compiling costs about a minute per shape; a
+#: CUDA graph matters where launches dominate; fp32 (TF32 dots) at the paper's global batch.
+COMPILE_SIZES, GRAPH_SIZES, FP32_SIZES = (256, 4096), (32, 256), (4096,)
+GPU_DTYPES = ("bfloat16", "float32")
 CPU_SIZES = (256, 1024, 2048)
 QUICK_SIZES = (64, 256)
+#: The batch size at which every row also reports its gradients' error against float64.
+ERROR_AT_B = 256
+#: Seconds of timed iterations a case aims for (at least 3, at most 30 iterations).
+CASE_BUDGET_S = 1.5
 
 
 def make_inputs(batch: int, num_negatives: int, dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -80,15 +103,34 @@ def _global_term_baseline(impl: str, x: dict):
 
 def skip_reason(impl: str, device: torch.device) -> str | None:
     """Why ``impl`` cannot be measured on ``device`` (None: it can)."""
-    if device.type != "cuda" and impl == "triton":
+    if device.type != "cuda" and LOSS_IMPLS.get(impl, ("",))[0] in ("gemm", "triton"):
         return "Triton on the CPU runs only through its interpreter, which is not a kernel"
     if device.type != "cuda" and impl.startswith(("inf-cl", "liger")):
         return f"{impl.split()[0]} is CUDA-only"
     return None
 
 
+def _graphed(fwd_bwd):
+    """``fwd_bwd`` captured once in a CUDA graph (after warm-up on a side stream, so kernels are
+    compiled and the caching allocator has its blocks); the step replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = fwd_bwd()
+
+    def step():
+        graph.replay()
+        return static_grads
+    return step
+
+
 def loss_step(impl: str, x: dict, num_negatives: int):
-    """``() -> None`` running forward+backward of ``impl`` on inputs ``x``, or ``(None, reason)``."""
+    """``() -> gradients`` running forward+backward of ``impl`` on inputs ``x``, or ``(None, reason)``."""
     from degla_fast import DeGLALoss
 
     grads_of = [x["image"], x["text"], x["scale"]]
@@ -108,8 +150,8 @@ def loss_step(impl: str, x: dict, num_negatives: int):
         if loss is None:
             return None, reason
         return (lambda: torch.autograd.grad(loss(), grads_of)), None
-    backend = "reference" if "reference" in impl else impl
-    loss_fn = DeGLALoss(num_negatives=num_negatives, backend=backend)
+    backend, kwargs = LOSS_IMPLS[impl]
+    loss_fn = DeGLALoss(num_negatives=num_negatives, backend=backend, check_finite=False, **kwargs)
     if impl.startswith("torch.compile"):
         loss_fn = torch.compile(loss_fn)
 
@@ -118,28 +160,85 @@ def loss_step(impl: str, x: dict, num_negatives: int):
             out = loss_fn(x["image"], x["text"], x["scale"], x["t_image"], x["t_text"])
         with profile_range("backward"):
             return torch.autograd.grad(out.total, grads_of)
-    return step, None
+    return (_graphed(step) if "CUDA graph" in impl else step), None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device: torch.device, budget_s: float = CASE_BUDGET_S) -> dict:
+    """p20/p50/p80 of ``step`` in ms over as many iterations as fit in ``budget_s`` (3..30),
+    after warm-up calls (CUDA events on a GPU, perf_counter on the CPU)."""
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    step()  # a second warm-up: autotuners and allocators settle after the first call
+    iters = max(3, min(30, int(budget_s / max(first, 1e-6))))
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - t) * 1e3)
+    return {**percentiles(samples), "iters": iters}
+
+
+def grad_errors(grads, x: dict, num_negatives: int) -> dict:
+    """max |error| / max |float64| of each gradient against the float64 reference of the same inputs."""
+    from degla_fast import functional as Fn
+
+    leaves = [x[k].detach().double().requires_grad_(True) for k in ("image", "text", "scale")]
+    out = Fn.degla_loss(*leaves, x["t_image"].double(), x["t_text"].double(), num_negatives=num_negatives,
+                        backend="reference")
+    want = torch.autograd.grad(out.total, leaves)
+    return {f"grad_err_{name}": float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30))
+            for name, g, w in zip(("image", "text", "scale"), grads, want)}
+
+
+def _gemm_fields(impl: str, case: dict) -> dict:
+    """For gemm rows: the chunk budget, how many column chunks, and whether the logits are stored."""
+    backend, kwargs = LOSS_IMPLS.get(impl, (None, {}))
+    if backend != "gemm":
+        return {}
+    from degla_fast.fused_loss import DEFAULT_CHUNK_BYTES, plan_chunks
+
+    budget = kwargs.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    itemsize = torch.tensor([], dtype=getattr(torch, case["dtype"])).element_size()
+    chunks = len(plan_chunks(case["B"], case["B"] * (1 + case["K"]), itemsize, budget))
+    return {"chunk_mib": budget >> 20, "chunks": chunks, "stored": chunks == 1}
 
 
 def run_case(case: dict) -> dict:
-    """Measure one ``{"impl", "B", "K", "D", "dtype", "device", "iters"}`` case; returns its row."""
+    """Measure one ``{"impl", "B", "K", "D", "dtype", "device"}`` case; returns its row."""
     device = torch.device(case["device"])
     if device.type == "cpu":
         torch.set_num_threads(1)  # shared machines: a stalled second thread dominates the timings
     fields = {k: case[k] for k in ("B", "K", "D", "dtype")}
-    row = {"name": "degla_loss", "impl": case["impl"], **fields}
+    row = {"name": "degla_loss", "impl": case["impl"], **fields, **_gemm_fields(case["impl"], case)}
     if device.type == "cpu":
         # Load the libraries' code and lazy state at a tiny size, so peak RSS counts only the case.
         warm, _ = loss_step(case["impl"], make_inputs(8, case["K"], case["D"], torch.float32, device), case["K"])
         if warm is not None:
             warm()
     x = make_inputs(case["B"], case["K"], case["D"], getattr(torch, case["dtype"]), device)
-    step, reason = loss_step(case["impl"], x, case["K"])
-    if step is None:
-        return {**row, "skipped": reason}
     try:
-        row = measure("degla_loss", case["impl"], step, device=device, warmup=case.get("warmup", 3),
-                      iters=case["iters"], **fields)
+        step, reason = loss_step(case["impl"], x, case["K"])
+        if step is None:
+            return {**row, "skipped": reason}
+        row["peak_mem_bytes"] = peak_memory_bytes(step, device=device)
+        row.update(timed(step, device, case.get("budget_s", CASE_BUDGET_S)))
+        if case["B"] == ERROR_AT_B and case["impl"] != "gemm floor":
+            row.update(grad_errors(step(), x, case["K"]))
     except torch.cuda.OutOfMemoryError:
         return {**row, "skipped": "out of memory"}
     finally:
@@ -149,15 +248,40 @@ def run_case(case: dict) -> dict:
     return roofline(row, flops=flops)
 
 
+def _wanted(impl: str, batch: int, dtype: str, gpu: bool, quick: bool) -> bool:
+    if quick and (impl.startswith("torch.compile") or "CUDA graph" in impl):
+        return False
+    if not gpu:
+        return True
+    if impl.startswith("torch.compile"):
+        return batch in COMPILE_SIZES and dtype == "bfloat16"
+    if "CUDA graph" in impl:
+        return batch in GRAPH_SIZES and dtype == "bfloat16"
+    return dtype == "bfloat16" or batch in FP32_SIZES
+
+
 def cases(quick: bool) -> list[dict]:
-    """The configurations a run measures: full GPU sizes in bf16 and fp32, or CPU sizes in fp32."""
+    """The configurations a run measures: GPU sizes in bf16 (fp32 at 4096), or CPU sizes in fp32."""
     gpu = torch.cuda.is_available() and not quick
     sizes = GPU_SIZES if gpu else (QUICK_SIZES if quick else CPU_SIZES)
     base = {"K": 4, "D": 64 if quick else 512, "device": "cuda" if gpu else "cpu",
-            "iters": 3 if quick else (30 if gpu else 5), "warmup": 1 if quick else 3}
-    impls = [i for i in IMPLS if not (quick and i.startswith("torch.compile"))]
+            "budget_s": 0.3 if quick else CASE_BUDGET_S}
     dtypes = GPU_DTYPES if gpu else ("float32",)
-    return [{**base, "dtype": dtype, "impl": impl, "B": b} for dtype in dtypes for b in sizes for impl in impls]
+    return [{**base, "dtype": dtype, "impl": impl, "B": b} for dtype in dtypes for b in sizes for impl in IMPLS
+            if _wanted(impl, b, dtype, gpu, quick)]
+
+
+def finish_rows(rows: list[dict]) -> list[dict]:
+    """Ratios within each (B, dtype): speedups against the reference and its compiled form, and
+    ``x_floor`` = p50 / the three-GEMM floor's p50."""
+    add_ratios(rows, "reference", group_by=("B", "dtype"))
+    add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
+    add_ratios(rows, "gemm floor", group_by=("B", "dtype"))
+    for r in rows:
+        ratio = r.pop("speedup_vs_gemm floor", None)
+        if ratio:
+            r["x_floor"] = 1.0 / ratio
+    return rows
 
 
 def run(quick: bool) -> list[dict]:
@@ -176,12 +300,12 @@ def run(quick: bool) -> list[dict]:
     if quick:
         rows.append({"name": "degla_loss", "impl": "torch.compile(reference)", "B": None,
                      "skipped": "quick mode: compilation dominates tiny CPU shapes"})
-    add_ratios(rows, "reference", group_by=("B", "dtype"))
-    return add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
+    return finish_rows(rows)
 
 
-COLUMNS = ["B", "K", "D", "dtype", "impl", "p20_ms", "p50_ms", "p80_ms", "peak_mem_bytes", "speedup_vs_reference",
-           "speedup_vs_torch.compile(reference)", "achieved_tflops", "pct_of_peak_flops", "skipped"]
+COLUMNS = ["B", "K", "D", "dtype", "impl", "chunks", "stored", "p20_ms", "p50_ms", "p80_ms", "peak_mem_bytes",
+           "x_floor", "speedup_vs_reference", "speedup_vs_torch.compile(reference)", "achieved_tflops",
+           "pct_of_peak_flops", "grad_err_image", "grad_err_text", "grad_err_scale", "skipped"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in a fresh process
     parser.add_argument("--profile", metavar="TRACE.json", default=None,
-                        help="write a torch.profiler Chrome trace of one configuration instead of benchmarking")
+                        help="write a torch.profiler trace of one configuration instead of benchmarking")
     parser.add_argument("--batch", type=int, default=None, help="B of the --profile configuration")
-    parser.add_argument("--backend", default="auto", help="loss backend of the --profile configuration")
+    parser.add_argument("--backend", default="gemm", choices=sorted(LOSS_IMPLS) + ["gemm floor"],
+                        help="implementation of the --profile configuration")
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))

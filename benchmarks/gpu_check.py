@@ -11,7 +11,9 @@ On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no
    its CPU pins, nothing downloaded, no hook of the image's packages);
 2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
-3. ``bench_loss`` (B in 256..65536, K=4, D=512, bf16 and fp32), ``bench_ema``,
+3. ``bench_loss`` (B in 32..65536, K=4, D=512, bf16, fp32 at 4096: every backend, the gemm backend
+   at three chunk budgets, the floor, CUDA-graph replays), ``bench_atomics`` (fp32 vector atomics,
+   distinct and 32-way), ``bench_ema``,
    ``bench_adamw_ema`` and ``bench_step`` (``train_step`` at ViT-B-32: plain CLIP, the release
    structure and ours at B=256 K=4, ours at B=1024 for peak memory, the compiled ones, the
    other two at B=1024, as many as its budget allows), each in its own process with a time limit; a
@@ -20,7 +22,9 @@ On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no
    rows it measured;
 4. the report: ``benchmarks/RESULTS.md`` (plots where matplotlib exists) from
    ``benchmarks/results/gpu-check/*.json``, which hold the device name, versions and date;
-   ``gpu_check.json`` there records every step (status, seconds, test counts).
+   ``gpu_check.json`` there records every step (status, seconds, test counts); and the loss's
+   ``auto`` table from bench_loss's rows (``degla_fast/auto_backends.json``, and a copy beside
+   the JSON; the dry run writes only the copy).
 
 Every step has a time limit (:data:`STEP_LIMIT_S`) inside an 8-minute whole (:data:`TOTAL_S`),
 and keeps the minimum of every later step (:data:`STEP_MIN_S`) free. A fresh
@@ -90,24 +94,27 @@ BINARY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux
 NEVER_CARRIED = ("torch", "triton", "nvidia-")
 
 #: The benchmarks, in the order they run: bench_step last, since it fits its cases to what is left.
-BENCHES = ("bench_loss", "bench_ema", "bench_adamw_ema", "bench_step")
+BENCHES = ("bench_loss", "bench_atomics", "bench_ema", "bench_adamw_ema", "bench_step")
 STEPS = ("install", "test-gpu", *BENCHES, "report")
 TOTAL_S = 480
 #: Time limit of each step (seconds). A step never runs past the whole's deadline, and never into
 #: the time kept for the steps after it (:data:`STEP_MIN_S`): an early step that runs long
-#: shortens the later ones only down to their minimum.
-STEP_LIMIT_S = {"install": 40, "test-gpu": 180, "bench_loss": 120, "bench_ema": 45, "bench_adamw_ema": 30,
-                "bench_step": 210, "report": 20}
-#: The seconds kept for a step whatever the steps before it took (bench_step: at least its eager
-#: B=256 cases, see bench_step.CASE_NEED_S).
-STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 60, "bench_ema": 20, "bench_adamw_ema": 15,
-              "bench_step": 120, "report": 20}
+#: shortens the later ones only down to their minimum. The loss benchmark decides the loss
+#: backends (and writes the auto table): it gets the largest share.
+STEP_LIMIT_S = {"install": 40, "test-gpu": 120, "bench_loss": 200, "bench_atomics": 30, "bench_ema": 30,
+                "bench_adamw_ema": 20, "bench_step": 120, "report": 20}
+#: The seconds kept for a step whatever the steps before it took (bench_step: its eager B=256
+#: cases at least, see bench_step.CASE_NEED_S).
+STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 100, "bench_atomics": 20, "bench_ema": 15,
+              "bench_adamw_ema": 10, "bench_step": 90, "report": 20}
 #: bench_step's own share of its limit for the worker's start and the JSON: its cases get the rest.
 BENCH_STEP_MARGIN_S = 15
 #: The dry run on 2 CPU cores (the interpreter is slow, the sizes tiny).
-DRY_STEP_LIMIT_S = {"install": 60, "test-gpu": 150, "bench_loss": 60, "bench_ema": 40, "bench_adamw_ema": 40,
+DRY_STEP_LIMIT_S = {"install": 60, "test-gpu": 150, "bench_loss": 60, "bench_atomics": 40, "bench_ema": 40,
+                    "bench_adamw_ema": 40,
                     "bench_step": 120, "report": 40}
-DRY_STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 20, "bench_ema": 20, "bench_adamw_ema": 20,
+DRY_STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 20, "bench_atomics": 20, "bench_ema": 20,
+                  "bench_adamw_ema": 20,
                   "bench_step": 60, "report": 30}
 DRY_TOTAL_S = 300
 #: The dry run's bench_step is ``bench_step --quick``: the tiny model at B=8, every eager variant
@@ -116,8 +123,9 @@ DRY_TOTAL_S = 300
 #: Loss implementations in the order they are measured (each over both dtypes and every B): what
 #: a GPU run must show comes first, so a benchmark stopped at its limit has measured those;
 #: torch.compile, whose compiles dominate, last.
-LOSS_ORDER = ("triton", "gemm floor", "reference", "torch", "inf-cl (global term)",
-              "liger fused linear CE (global term)", "torch.compile(reference)")
+LOSS_ORDER = ("gemm", "triton", "gemm floor", "torch", "reference", "gemm 1 GiB", "gemm 64 MiB", "gemm (CUDA graph)",
+              "triton (CUDA graph)", "inf-cl (global term)", "liger fused linear CE (global term)",
+              "torch.compile(reference)")
 
 
 # --- open_clip-free parameter shapes -----------------------------------------------------------
@@ -525,13 +533,13 @@ def write_summary(run: Run, env: dict) -> Path:
 
 
 #: What ``--copy-to`` copies as plain files (the rest, and these too, go into one tar.gz).
-COPIED = ("RESULTS.md", "gpu_check.json", "gpu_check.log", "bench_step.json", "bench_loss.json")
+COPIED = ("RESULTS.md", "gpu_check.json", "gpu_check.log", "bench_step.json", "bench_loss.json", "auto_backends.json")
 
 
 def copy_out(run: Run, dest: Path) -> None:
-    """RESULTS.md, the summary, the log and the step and loss JSON as files, and everything
-    (``results/gpu-check/``: every JSON, the JUnit file, the log; ``plots/``; RESULTS.md) in
-    ``gpu-check.tar.gz``: 6 files at most, within the device tool's 8."""
+    """RESULTS.md, the summary, the log, the step and loss JSON and the auto table as files, and
+    everything (``results/gpu-check/``: every JSON, the JUnit file, the log; ``plots/``; RESULTS.md)
+    in ``gpu-check.tar.gz``: 7 files at most, within the device tool's 8."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = run.out / name if name == "RESULTS.md" else run.results / name
@@ -595,19 +603,19 @@ def _bench_modules():
 
     bench_ema.clip_parameter_shapes = clip_parameter_shapes
     import bench_adamw_ema
+    import bench_atomics
     import bench_loss
 
     bench_adamw_ema.clip_parameter_shapes = clip_parameter_shapes
     import bench_step
 
-    return {"bench_loss": bench_loss, "bench_ema": bench_ema, "bench_adamw_ema": bench_adamw_ema,
-            "bench_step": bench_step}
+    return {"bench_loss": bench_loss, "bench_atomics": bench_atomics, "bench_ema": bench_ema,
+            "bench_adamw_ema": bench_adamw_ema, "bench_step": bench_step}
 
 
 def _loss_rows(mod, quick: bool, partial: Path) -> list[dict]:
     """bench_loss's cases one by one (a failing case becomes a skipped row), written as they come."""
     import torch
-    from common import add_ratios
 
     def order(case):
         impl = LOSS_ORDER.index(case["impl"]) if case["impl"] in LOSS_ORDER else len(LOSS_ORDER)
@@ -635,14 +643,14 @@ def _loss_rows(mod, quick: bool, partial: Path) -> list[dict]:
             rows.append(row)
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
-    add_ratios(rows, "reference", group_by=("B", "dtype"))
-    return add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
+    return mod.finish_rows(rows)
 
 
 def main_worker(args) -> int:
     quick = args.dry_run
     results = Path(args.results)
     if args.worker == "report":
+        write_auto_table(results, dry_run=quick)
         return _report(results, Path(args.out))
     mods = _bench_modules()
     from common import env_info, write_results
@@ -693,6 +701,30 @@ def _step_worker(mod, quick: bool, results: Path, deadline: float | None) -> int
     path = write_results(name, rows, results)
     print(f"wrote {path} ({len(rows)} rows)")
     return 0
+
+
+#: Where a GPU run leaves the loss's auto table: the package (committed from the run) and beside the JSON.
+AUTO_TABLE = ROOT / "degla_fast" / "auto_backends.json"
+
+
+def write_auto_table(results: Path, dry_run: bool) -> Path | None:
+    """The loss's ``auto`` table from ``bench_loss.json`` (the fastest of torch, gemm and triton
+    per dtype and B on this GPU), beside it and, unless ``dry_run``, in the package."""
+    path = results / "bench_loss.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    capability = data["env"].get("capability")
+    if not capability:
+        print("auto table: no compute capability in bench_loss.json (a CPU run): not written")
+        return None
+    from degla_fast.backends import write_auto_table as write
+
+    cap = tuple(int(v) for v in capability.split("."))
+    for target in [results / "auto_backends.json"] + ([] if dry_run else [AUTO_TABLE]):
+        table = write(data["rows"], data["env"], cap, target)
+    print(f"auto table: {len(table['entries'])} entries for {data['env'].get('device')} -> {target}")
+    return target
 
 
 def _report(results: Path, out: Path) -> int:

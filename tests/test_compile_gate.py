@@ -170,3 +170,15 @@ def test_a_compiler_crash_fails_only_its_variant(monkeypatch):
     results = gate.compile_all(["a", "crash", "b", "c"], jobs=2)
     assert [r.get("cfg") for r in results] == ["a", None, "b", "c"]
     assert results[1]["error"].startswith("the compiler process died")
+
+
+def test_the_benchmarks_own_kernel_compiles(tmp_path):
+    """benchmarks/bench_atomics.py launches a Triton kernel of its own on the GPU run: the gate
+    compiles both of its variants for sm_80 and sm_90 with no failure."""
+    json_path = tmp_path / "gate.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "degla_fast.compile_gate", "--modules", "bench_atomics",
+                           "--json", str(json_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(json_path.read_text())
+    assert report["variants"] == 4 and not report["failures"]

@@ -337,12 +337,12 @@ def test_each_step_keeps_the_later_steps_minimum(tmp_path):
     assert cases >= len(bench_step.EAGER) * bench_step.CASE_NEED_S["eager"]
     run = gpu_check.Run(tmp_path, dry_run=False, total_s=480)
     try:
-        assert run.limit("test-gpu") == 180
+        assert run.limit("test-gpu") == gpu_check.STEP_LIMIT_S["test-gpu"]
         run.deadline = gpu_check.time.monotonic() + 300  # test-gpu ran long: 300 s left
-        later = sum(gpu_check.STEP_MIN_S[s] for s in ("bench_ema", "bench_adamw_ema", "bench_step", "report"))
+        later = sum(gpu_check.STEP_MIN_S[s] for s in gpu_check.STEPS[gpu_check.STEPS.index("bench_loss") + 1:])
         assert run.limit("bench_loss") == pytest.approx(min(gpu_check.STEP_LIMIT_S["bench_loss"], 300 - later), abs=1)
         assert run.limit("bench_step") == pytest.approx(min(gpu_check.STEP_LIMIT_S["bench_step"], 280), abs=1)
-        run.deadline = gpu_check.time.monotonic() + 100
+        run.deadline = gpu_check.time.monotonic() + 100  # what is left goes to bench_step and the report
         assert run.limit("bench_ema") == 0 and run.limit("report") == pytest.approx(20, abs=1)
     finally:
         run.log.close()
@@ -401,3 +401,22 @@ def test_bench_step_stops_a_case_at_the_end_of_its_budget(monkeypatch):
     for key in [("plain CLIP (torch.compile)", 256), ("DeGLA as released", 1024), ("plain CLIP", 1024)]:
         assert by[key]["skipped"].startswith("not run: 0 s of the 200 s budget left"), key
     assert all(not by[k].get("skipped") for k in by if k[0] in bench_step.EAGER and k[1] == 256)
+
+
+def test_report_writes_the_auto_table_from_bench_loss(tmp_path):
+    """A GPU run's bench_loss.json -> the loss's auto table beside it (the dry run leaves the
+    package's own table alone); a CPU run's JSON (no compute capability) writes none."""
+    rows = [{"impl": impl, "B": 256, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": ms}
+            for impl, ms in (("gemm", 0.2), ("triton", 0.5), ("torch", 0.9), ("gemm floor", 0.1))]
+    env = {"device": "NVIDIA H200", "date": "2026-12-04", "capability": "9.0"}
+    (tmp_path / "bench_loss.json").write_text(json.dumps({"benchmark": "bench_loss", "env": env, "rows": rows}))
+    before = gpu_check.AUTO_TABLE.read_bytes() if gpu_check.AUTO_TABLE.exists() else None
+    path = gpu_check.write_auto_table(tmp_path, dry_run=True)
+    assert path == tmp_path / "auto_backends.json"
+    table = json.loads(path.read_text())
+    assert table["device"] == "NVIDIA H200" and [(e["B"], e["backend"]) for e in table["entries"]] == [(256, "gemm")]
+    assert (gpu_check.AUTO_TABLE.read_bytes() if gpu_check.AUTO_TABLE.exists() else None) == before
+    (tmp_path / "bench_loss.json").write_text(json.dumps({"benchmark": "bench_loss", "env": {"capability": None},
+                                                          "rows": rows}))
+    (tmp_path / "auto_backends.json").unlink()
+    assert gpu_check.write_auto_table(tmp_path, dry_run=True) is None and not (tmp_path / "auto_backends.json").exists()
