@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"degla_fast.kernels": "kernels", "degla_fast.negatives.prompts": "configs/negatives"},
-    package_data={"degla_fast": ["model_configs/*.json"], "degla_fast.negatives.prompts": ["*.yaml"]},
+    package_data={"degla_fast": ["model_configs/*.json", "auto_backends.json"], "degla_fast.negatives.prompts": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
