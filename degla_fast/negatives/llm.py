@@ -270,7 +270,8 @@ class ChatClient:
             except (TimeoutError, socket.timeout):
                 reason = "timeout"
             except urllib.error.URLError as err:
-                reason = "timeout" if isinstance(err.reason, (TimeoutError, socket.timeout)) else f"connection: {err.reason}"
+                timed_out = isinstance(err.reason, (TimeoutError, socket.timeout))
+                reason = "timeout" if timed_out else f"connection: {err.reason}"
             except (ConnectionError, http.client.HTTPException) as err:
                 reason = f"connection: {type(err).__name__}"
             except ValueError as err:  # a malformed body, or http.client refusing a header (the key's text)

@@ -55,8 +55,8 @@ class Checkpointer:
         (or weights that do not fit it) is a one-line error naming both."""
         if self._state is None:
             return
-        saved = str(self._state.get("model_name"))
-        if saved.replace("/", "-") != model_name.replace("/", "-"):
+        saved = self._state.get("model_name")
+        if isinstance(saved, str) and saved.replace("/", "-") != model_name.replace("/", "-"):
             raise ConfigError(f"resume: {self.resume_path} holds a {saved!r} model, this run is configured for "
                               f"{model_name!r}; resume it with --model {saved} (model.name)")
         from ..model import load_student
