@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import DeglaError
+from .errors import ConfigError, DeglaError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -23,9 +23,18 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are user errors like any other: one line, exit
+    status 2 (argparse prints its whole usage block first). ``--help`` still prints the usage.
+    Sub-command parsers are made of this class too (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s flags are loaded (all names are listed)."""
-    parser = argparse.ArgumentParser(prog="degla-fast", description=__doc__.splitlines()[0])
+    parser = Parser(prog="degla-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     try:
-        args = build_parser(command).parse_args(argv)
+        args, unknown = build_parser(command).parse_known_args(argv)
+        if unknown:  # named here, with the sub-command whose --help lists its flags
+            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)} (see degla-fast {args.command} --help)")
         return int(importlib.import_module(args._module).run(args) or 0)
     except DeglaError as err:
         print(f"degla-fast: error: {err}", file=sys.stderr)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import write_bytes_atomic, write_json_atomic
+from .io import check_output_folder, write_bytes_atomic, write_json_atomic
 
 # variant -> (label, loss fields)
 VARIANTS = {
@@ -296,6 +296,7 @@ def run_experiment(settings: Settings, output: str | Path, progress: bool = Fals
     import torch
 
     settings.validate()
+    check_output_folder(output, "--output")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:

@@ -105,6 +105,22 @@ def read_config_mapping(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path when it is a folder or can be made one; when it, or a folder on the way
+    to it, is a file: ``cannot write PATH: is a file, not a folder (FLAG names a folder)`` or
+    ``cannot write PATH: BLOCKER is a file, not a folder`` (a :class:`DataError`). Writes nothing,
+    so that a command refuses its output before any work."""
+    from .errors import DataError
+
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
+        raise DataError(f"cannot write {path}: is a file, not a folder ({flag} names a folder)")
+    if blocker is not None:
+        raise DataError(f"cannot write {path}: {blocker} is a file, not a folder")
+    return path
+
+
 def cannot_write(path: str | os.PathLike, err: OSError) -> "DataError":
     """The one-line error for an output that could not be written: ``cannot write PATH: reason``
     (a folder on the way that is a file is named as such, rather than ``File exists``)."""

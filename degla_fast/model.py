@@ -26,6 +26,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from safetensors import SafetensorError
 
 from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
 from .data.text import trim_tokens  # noqa: F401 - part of this module's token API (pad_tokens, trim_tokens)
@@ -100,24 +101,34 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
         if pretrained not in tags:
             raise ConfigError(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
                               f"(tags: {', '.join(tags) or 'none'})")
-    quiet = _without_random_init_warning() if pretrained is None else contextlib.nullcontext()
     try:
-        with quiet:
+        with _open_clip_logs(random_init=pretrained is None):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, precision="fp32", device=device)
-    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as err:
+        # SafetensorError: a corrupt .safetensors file ("header too large"), not an OSError.
         raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {first_line(err)}") from err
     return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
 
 
 @contextlib.contextmanager
-def _without_random_init_warning():
-    """Drop open_clip's "No pretrained weights loaded" warning: random weights were asked for
-    (or a checkpoint's weights are loaded right after), so it would only mislead."""
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
+def _open_clip_logs(random_init: bool):
+    """open_clip's log lines around one model creation. Its "No pretrained weights loaded"
+    warning is dropped when random weights were asked for (or a checkpoint's weights are loaded
+    right after): it would only mislead. Its error lines are held back: open_clip logs
+    "Failed to download weights ..." and then raises the same text, which our one-line error
+    carries, so they are dropped when the creation fails and let through when it succeeds."""
+    held: list[logging.LogRecord] = []
 
-    loggers = [logging.getLogger(), logging.getLogger("open_clip")]
+    def keep(record: logging.LogRecord) -> bool:
+        if random_init and record.getMessage().startswith("No pretrained weights loaded"):
+            return False
+        if record.levelno >= logging.ERROR:
+            held.append(record)
+            return False
+        return True
+
+    loggers = [logging.getLogger(), logging.getLogger("open_clip")]  # open_clip logs through the root logger
     for logger in loggers:
         logger.addFilter(keep)
     try:
@@ -125,6 +136,8 @@ def _without_random_init_warning():
     finally:
         for logger in loggers:
             logger.removeFilter(keep)
+    for record in held:  # reached only when the creation succeeded
+        logging.getLogger(record.name).handle(record)
 
 
 def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision) -> ModelBundle:
@@ -174,14 +187,26 @@ def _from_checkpoint(model: str | None, path: Path, state: dict, device, precisi
     if model is not None and model != state["model_name"]:
         raise ConfigError(f"model: {model!r} given but {path} holds a {state['model_name']!r} model")
     bundle = create_model(state["model_name"], None, device="cpu", precision="fp32")
-    student = {k.removeprefix("module."): v for k, v in state["student"].items()}
-    missing, unexpected = bundle.model.load_state_dict(student, strict=False)
-    if missing or unexpected:
-        raise DataError(f"{path}: student weights do not fit {state['model_name']!r} "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    load_student(bundle.model, state["student"], path, state["model_name"])
     bundle.model.to(device)
     bundle.pretrained, bundle.precision = str(path), precision
     return bundle
+
+
+def load_student(model: torch.nn.Module, weights: dict, where: str | os.PathLike, name: str) -> None:
+    """Load a checkpoint's ``student`` state dict (keys with or without DDP's ``module.``) into
+    ``model``, the open_clip model ``name``. Weights that do not fit (missing or extra keys, other
+    shapes) are one :class:`DataError` naming ``where`` and the first misfit."""
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # other shapes: load_state_dict raises even when not strict
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise DataError(f"{where}: student weights do not fit {name!r} ({len(shapes)} tensors of other shapes; "
+                        f"{shapes[0] if shapes else first_line(err)})") from None
+    if missing or unexpected:
+        raise DataError(f"{where}: student weights do not fit {name!r} "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,6 +4,7 @@ exit status 2, one line on stderr, no traceback, and every file that was there b
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -32,6 +33,17 @@ def _workspace(root):
     (root / "latin1bench" / "swap_obj.json").write_bytes(b'{"0": {"filename": "a.png", "caption": "caf\xe9"}}')
     (root / "out").mkdir()
     (root / "out" / "keep.txt").write_text("earlier output")
+    # issue 23, sections 4-5: a corrupt .safetensors (its 8-byte header length is 1 TB), a DeGLA
+    # training file and an empty list given to eval, a zero-shot image folder whose image is a FIFO
+    (root / "corrupt.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    (root / "train.json").write_text(json.dumps([{"image": "a.jpg", "original": "a dog", "enhanced": ["a cat"]}]))
+    (root / "empty.json").write_text("[]")
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (root / "zs" / label).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "zs" / "dog" / "1.png")
+    os.mkfifo(root / "zs" / "cat" / "0.png")  # nobody writes to it: an open that blocks waits for ever
 
 
 C = "run/checkpoints/step_00000001.pt"
@@ -91,6 +103,47 @@ CASES = {
                                      "--llm-url", "notaurl"], "--llm-url: 'notaurl'"),
     "synth --out onto a file": (["synth", "--out", "notes.txt", "--images", "2", "--eval-items", "1",
                                  "--zeroshot-items", "1", "--no-progress"], "cannot write notes.txt: is a file"),
+    # ---- issue 23, sections 4-5: no silent overwrite, no traceback, no nan table, no hang
+    "export onto an existing file": (["export", "run", "data.json"], "export: data.json exists; pass --overwrite"),
+    "train --resume a checkpoint of another model": (
+        TRAIN + ["--data", "train.csv", "--pretrained", "none", "--model", "degla-synth", "--resume", "run"],
+        f"resume: {C} holds a 'degla-tiny' model, this run is configured for 'degla-synth'; resume it with "
+        "--model degla-tiny"),
+    "train --resume weights that do not fit the model": (
+        TRAIN + ["--data", "train.csv", "--pretrained", "none", "--resume", "run"],
+        f"{C}: student weights do not fit 'degla-tiny' (missing ["),
+    "train --pretrained a corrupt .safetensors": (
+        TRAIN + ["--data", "train.csv", "--pretrained", "corrupt.safetensors"],
+        "cannot load weights 'corrupt.safetensors' for 'degla-tiny': SafetensorError: Error while deserializing"),
+    "eval --pretrained a corrupt .safetensors": (
+        ["eval", "--model", "degla-tiny", "--pretrained", "corrupt.safetensors", "--benchmark", "sugarcrepe",
+         "--data", ".", "--device", "cpu"], "SafetensorError: Error while deserializing header"),
+    "experiment --output onto a file": (["experiment", "--quick", "--output", "notes.txt", "--no-progress"],
+                                        "cannot write notes.txt: is a file, not a folder (--output names a folder)"),
+    "train an unknown flag": (["train", "--learning-rate", "1"],
+                              "unrecognized arguments: --learning-rate 1 (see degla-fast train --help)"),
+    "experiment --seeds abc": (["experiment", "--seeds", "abc"],
+                               "argument --seeds: invalid int value: 'abc' (see degla-fast experiment --help)"),
+    "a missing sub-command": ([], "the following arguments are required: COMMAND"),
+    **{f"eval --benchmark {name} --data a training file": (
+        ["eval", "--model", "degla-tiny", "--benchmark", name, "--data", "train.json", "--device", "cpu"], expected)
+       for name, expected in [
+           ("sugarcrepe", "train.json: record 0: missing field 'filename'"),
+           ("valse", "train.json: record 0: missing field 'caption'"),
+           ("aro-relation", "train.json: record 0: missing field 'image_path'"),
+           ("aro-attribution", "train.json: record 0: missing field 'image_path'"),
+           ("coco-order", "a.jpg: image file not found (record 0 of train.json)"),
+           ("flickr-order", "a.jpg: image file not found (record 0 of train.json)"),
+           ("zeroshot", "train.json: expected an object with 'classnames'"),
+           ("retrieval", "train.json: record 0: missing field 'caption'"),
+           ("synthetic", "train.json/eval: folder not found")]},
+    **{f"eval --benchmark {name} an empty file": (
+        ["eval", "--model", "degla-tiny", "--benchmark", name, "--data", "empty.json", "--device", "cpu"],
+        "empty.json: no records") for name in ("sugarcrepe", "valse", "coco-order", "aro-relation", "retrieval")},
+    "eval a zero-shot image that is a FIFO": (
+        ["eval", "--model", "degla-tiny", "--benchmark", "zeroshot", "--data", "zs", "--device", "cpu",
+         "--workers", "0", "--no-progress"], "zs/cat/0.png: cannot read image (OSError: a FIFO, not a regular file)"),
+    # ---- end of issue 23, sections 4-5
 }
 
 
@@ -98,6 +151,7 @@ def _snapshot(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.timeout(120)  # a case that hangs (an image that is a FIFO) fails instead of stopping the suite
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_mistake_is_one_line_exit_2_and_nothing_changes(case, tmp_path, monkeypatch, capsys):
     if case == "eval --device cuda without a GPU" and torch.cuda.is_available():
@@ -184,3 +238,39 @@ def test_train_with_a_worker_reports_an_unreadable_image_in_one_line(kind, bomb,
     lines = [line for line in err.strip().splitlines() if line.startswith("degla-fast: error: ")]
     assert status == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and "cannot read image" in lines[0] and "DataLoader worker" not in err, err
+
+
+# ---------------------------------------------------------------- issue 23, section 4: beside the table
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    _workspace(tmp_path)
+    target = tmp_path / "data.json"
+    before = target.read_bytes()
+    assert main(["export", str(tmp_path / "run"), str(target)]) == 2 and target.read_bytes() == before
+    assert main(["export", str(tmp_path / "run"), str(target), "--overwrite"]) == 0
+    assert torch.load(target, weights_only=True).keys() == {"w"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".data.json")] == []  # no temporary left
+
+
+@pytest.mark.timeout(180)
+def test_a_config_without_a_model_prints_only_our_line(tmp_path):
+    """The default model's weights cannot be fetched offline: open_clip logged its own
+    "ERROR:root:Failed to download weights ..." before our line (issue 23). A child process with
+    an empty Hugging Face cache, so that the weights are never found whatever this machine holds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _workspace(tmp_path)
+    (tmp_path / "nomodel.yaml").write_text("data:\n  path: train.csv\n  num_workers: 0\n  pipeline: torch\n"
+                                           "loss:\n  num_negatives: 0\ndevice: cpu\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "degla_fast", "train", "--config", "nomodel.yaml", "--output",
+                           "trainrun", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=150)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("degla-fast: error: pretrained: cannot load weights 'openai' for "
+                               "'ViT-B-32-quickgelu': RuntimeError: Failed to download weights"), lines[0]

@@ -86,6 +86,20 @@ class FakeServer:
         if behaviour in ("echo401", "echo400"):  # a server that echoes the request headers, key included
             echoed = json.dumps({"error": "bad key", "headers": dict(handler.headers)}).encode()
             return self._send(handler, int(behaviour[4:]), echoed)
+        if behaviour.startswith("cut"):  # "cut401 N": the header echoed so that byte 300 cuts N chars into the key
+            status, inside = behaviour[3:].split()
+            fixed = len(b'{"error": "invalid key", "pad": "", "received": "Bearer ')
+            pad = b"x" * (300 - int(inside) - fixed)
+            echoed = b'{"error": "invalid key", "pad": "%s", "received": "%s"}' % (
+                pad, handler.headers["Authorization"].encode())
+            return self._send(handler, int(status), echoed)
+        if behaviour == "echo200":  # a reply quoting the key, as a model asked to repeat its input might
+            header = handler.headers["Authorization"]
+            key = header.removeprefix("Bearer ")
+            content = (f"A black cat next to a white dog.\nAuthorization: {header}\nbearer%20{key}\n"
+                       f"the key starts {key[:30]} and ends {key[-30:]}")
+            reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+            return self._send(handler, 200, json.dumps(reply).encode())
         if behaviour == "malformed":
             return self._send(handler, 200, b'{"choices": [{"message": ')
         neg_type = body["messages"][0]["content"]  # the test prompts put the type in "system"
@@ -285,7 +299,19 @@ def test_cli_llm_end_to_end_and_resume(prompts, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the key, the URL, failures, the output
 
-KEY = "sk-test-0123456789abcdef"
+KEY = "sk-proj-Q7vR2mXk9LpT4wZs8YhN3cBf6GdJ1aUe5KoWi0ErPtx4"  # 52 characters, the length of a real key
+
+
+def _longest_piece(text: str, key: str = KEY) -> int:
+    """The length of the longest stretch of ``key`` that ``text`` holds (0: none)."""
+    longest = 0
+    for start in range(len(key)):
+        while start + longest < len(key) and key[start:start + longest + 1] in text:
+            longest += 1
+    return longest
+
+
+assert len(KEY) == 52
 
 
 def _free_port():
@@ -318,16 +344,46 @@ def test_a_redirect_to_another_port_never_receives_the_key(code, prompts, tmp_pa
     assert not (tmp_path / "neg.json").exists()
 
 
-@pytest.mark.parametrize("behaviour", ["echo401", "echo400"])
+def test_redact_leaves_no_piece_of_the_key_and_no_bearer_value():
+    from degla_fast.negatives.llm import KEY_FRAGMENT, redact
+
+    for start in range(len(KEY)):  # every prefix, suffix and middle piece of 8 or more characters
+        for end in range(start + KEY_FRAGMENT, len(KEY) + 1):
+            text = f'{{"got": "x{KEY[start:end]}y", "again": "{KEY[start:end]}"}}'
+            assert _longest_piece(redact(text, KEY)) < KEY_FRAGMENT, (start, end)
+    for form in ("Bearer {}", "bearer {}", "BEARER\t{}", "Bearer%20{}", "bearer+{}", "Bearer \\/{}", "Bearer   {}"):
+        other = "tok.en-_~+/9="  # not the key: any Bearer value goes
+        assert other not in redact(form.format(other), KEY) and "[redacted]" in redact(form.format(other), None)
+    assert redact("bearer\\u0020abcdef123", None) == "bearer\\u0020[redacted]"
+    # Ordinary text, short pieces of the key and a short key's neighbours stay; redacting twice changes nothing.
+    text = f"A black cat next to a white dog; {KEY[:7]} and {KEY[-7:]}."
+    assert redact(text, KEY) == text
+    once = redact(f"{KEY} and {KEY[3:40]} / Bearer {KEY}", KEY)
+    assert once == "[redacted] and [redacted] / Bearer [redacted]" and redact(once, KEY) == once
+    assert redact("the key is abcd!", "abcd") == "the key is [redacted]!"
+
+
+# 401/400 bodies that echo the header whole, or cut at byte 300 after 8, 20 or 51 of the key's 52
+# characters; a 200 reply that quotes it (kept and rejected candidates).
+ECHOES = ["echo401", "echo400", "cut401 8", "cut401 20", "cut401 51", "cut400 8", "cut400 20", "cut400 51", "echo200"]
+
+
+@pytest.mark.parametrize("behaviour", ECHOES)
 def test_an_echoed_key_is_never_printed_nor_cached(behaviour, prompts, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MY_KEY", KEY)
     with FakeServer(script=[behaviour] * 20) as server:
         status = cli_main(_cli_argv(prompts, tmp_path, server.url))
-    assert server.requests and status in (1, 2)
+    assert server.requests and server.headers[0]["Authorization"] == f"Bearer {KEY}"
+    assert status == (2 if "401" in behaviour else 1 if "400" in behaviour else 0)
     err = capsys.readouterr().err
-    assert KEY not in err and ("[redacted]" in err or behaviour == "echo400")
-    cache = tmp_path / "neg.json.cache.jsonl"
-    assert not cache.exists() or KEY not in cache.read_text()
+    written = {p.name: p.read_text() for p in tmp_path.glob("neg*")}  # the cache, the output or the partial output
+    assert _longest_piece(err) < 8 and all(_longest_piece(text) < 8 for text in written.values()), (err, written)
+    if "401" in behaviour:
+        assert "HTTP 401" in err and "[redacted]" in err
+    if behaviour == "echo200":
+        cache = written["neg.json.cache.jsonl"]
+        assert "Authorization: Bearer [redacted]" in cache and "bearer%20[redacted]" in cache
+        assert "the key starts [redacted] and ends [redacted]" in cache
 
 
 @pytest.mark.parametrize("url", ["notaurl", "ftp://host/v1", "http://", "localhost:8000/v1", "http://h:99999/v1",

@@ -129,6 +129,20 @@ def test_resume_latest_without_checkpoint_starts_fresh(synth, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
+def test_resume_with_another_k_or_loss_weight_is_allowed_and_says_so_in_one_line(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main.main(base_args(synth, out, "--max-steps", "2")) == 0
+    assert train_main.main(base_args(synth, out, "--max-steps", "3", "--resume", "latest")) == 0
+    assert "was trained with" not in capsys.readouterr().err  # the same loss: nothing to say
+    assert train_main.main(base_args(synth, out, "--max-steps", "4", "--resume", "latest", "--num-negatives", "2",
+                                     "--set", "loss.tgc_weight=0.2")) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "resume:" in line] == [
+        f"warning: resume: {out / 'checkpoints' / 'step_00000003.pt'} was trained with num_negatives=4, "
+        "tgc_weight=0.1; this run uses num_negatives=2, tgc_weight=0.2 from step 4 on"], err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
     out = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, "-m", "degla_fast", "train", *base_args(synth, out, "--max-steps", "10000",

@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +40,55 @@ class Record:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def read_image_bytes(record: Record) -> bytes:
-    """The encoded bytes of a record's image; raises ``OSError`` when missing or unreadable."""
-    with open(record.image, "rb") as fh:
-        if record.offset is None:
-            return fh.read()
-        fh.seek(record.offset)
-        data = fh.read(record.size)
-    if len(data) != record.size:
-        raise OSError(f"short read of {record.size} bytes at offset {record.offset}")
+# The most bytes read for one image: an uncompressed 4-channel image at PIL's MAX_IMAGE_PIXELS
+# (89.5 Mpx, the size above which PIL warns of a decompression bomb) is 358 MB; real photos (JPEG,
+# PNG, WebP) are far smaller. A larger file is an unreadable image, never read into memory.
+MAX_IMAGE_BYTES = 512 * 2**20
+
+
+def read_image_file(path: str | os.PathLike, offset: int | None = None, size: int | None = None) -> bytes:
+    """The bytes of the image file ``path`` (or its ``size`` bytes at ``offset``: a tar-shard
+    member); raises ``OSError`` naming why when it is missing, not a regular file, larger than
+    :data:`MAX_IMAGE_BYTES` or shorter than ``size``.
+
+    Only a regular file is read: a FIFO would block the reader forever, ``/dev/zero`` would
+    fill its memory. The file is opened without blocking and checked on its descriptor (no
+    window between the check and the read), and at most ``MAX_IMAGE_BYTES + 1`` bytes are read,
+    whatever the file claims."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{_file_kind(info.st_mode)}, not a regular file")
+        want = info.st_size - (offset or 0) if size is None else size
+        if want > MAX_IMAGE_BYTES:
+            raise OSError(f"{want} bytes, over the {MAX_IMAGE_BYTES}-byte cap of one image (MAX_IMAGE_BYTES)")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        if offset is not None:
+            fh.seek(offset)
+        data = fh.read(MAX_IMAGE_BYTES + 1 if size is None else size)
+    if len(data) > MAX_IMAGE_BYTES:  # the file grew after the check
+        raise OSError(f"over the {MAX_IMAGE_BYTES}-byte cap of one image (MAX_IMAGE_BYTES)")
+    if size is not None and len(data) != size:
+        raise OSError(f"short read of {size} bytes at offset {offset}")
     return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def read_image_bytes(record: Record) -> bytes:
+    """The encoded bytes of a record's image (:func:`read_image_file`); raises ``OSError`` when
+    missing or unreadable."""
+    return read_image_file(record.image, record.offset, record.size if record.offset is not None else None)
 
 
 def image_name(record: Record) -> str:

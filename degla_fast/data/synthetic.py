@@ -45,8 +45,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
-from ..io import cannot_write, write_bytes_atomic, write_json_atomic
+from ..errors import ConfigError
+from ..io import cannot_write, check_output_folder, write_bytes_atomic, write_json_atomic
 
 # The broad (pre-training) vocabulary; the fine-tuning world uses the first entries only.
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "semicircle")
@@ -578,9 +578,7 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
                              ("image_size", image_size, 16)):
         if int(value) != value or value < low:
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"cannot write {out}: is a file, not a folder (--out names the dataset's folder)")
+    out = check_output_folder(out_dir, "--out")
     splits = {"test": (out, eval_items, zeroshot_items), "val": (out / "val", val_eval_items, val_zeroshot_items)}
     folders = ["train", "pretrain"] + [str((base / sub).relative_to(out)) for base, _, _ in splits.values()
                                        for sub in ("eval/images", "zeroshot/images")]

@@ -91,20 +91,26 @@ def load_valse(path: str | Path, image_root: Path, min_votes: int = VALSE_MIN_VO
     """Items of one VALSE piece that at least ``min_votes`` annotators validated, and how many were dropped.
 
     Records: ``{"<id>": {"image_file", "caption", "foil", "mturk": {"caption": votes, ...}, ...}}``.
-    A record without ``mturk`` votes counts as not validated and is dropped.
+    A record without ``mturk`` votes counts as not validated and is dropped; every record must
+    have the string fields, and a file none of whose records is validated is a :class:`DataError`
+    (a file of another kind, such as a training file, is never scored as an empty benchmark).
     """
     path = require_file(path)
     items, dropped = [], 0
-    for key, record in records_of(read_json(path), path):
+    records = records_of(read_json(path), path)
+    for key, record in records:
+        captions = (field(record, "caption", path, key), field(record, "foil", path, key))
+        name = field(record, "image_file", path, key)
         votes = record.get("mturk") or {}
         if not isinstance(votes, dict) or not isinstance(votes.get("caption", 0), (int, float)):
             raise DataError(f"{path}: record {key}: field 'mturk' must be an object with a numeric 'caption' vote")
         if votes.get("caption", 0) < min_votes:
             dropped += 1
             continue
-        image = image_path(image_root, field(record, "image_file", path, key), path, key)
-        captions = (field(record, "caption", path, key), field(record, "foil", path, key))
-        items.append(ChoiceItem(ImageRef(image), captions))
+        items.append(ChoiceItem(ImageRef(image_path(image_root, name, path, key)), captions))
+    if not items:
+        raise DataError(f"{path}: none of its {len(records)} records has at least {min_votes} annotator votes "
+                        "(field 'mturk': {'caption': N}); nothing to score")
     return items, dropped
 
 

@@ -43,11 +43,17 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
 
 
 def load_image(ref: ImageRef):
-    """The RGB PIL image of ``ref``, cropped to its box when it has one."""
+    """The RGB PIL image of ``ref``, cropped to its box when it has one. The file is read as the
+    trainer reads images (:func:`degla_fast.data.sources.read_image_file`: a regular file of at
+    most ``MAX_IMAGE_BYTES``; a FIFO or a device is an unreadable image, not a hang)."""
+    import io
+
     from PIL import Image
 
+    from ..data.sources import read_image_file
+
     try:
-        with Image.open(ref.path) as image:
+        with Image.open(io.BytesIO(read_image_file(ref.path))) as image:
             image = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.

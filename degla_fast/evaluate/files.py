@@ -45,6 +45,8 @@ def records_of(data: Any, path: Path) -> list[tuple[str, dict]]:
         pairs = [(str(index), value) for index, value in enumerate(data)]
     else:
         raise DataError(f"{path}: expected a JSON object keyed by id or a list of records, got {type(data).__name__}")
+    if not pairs:  # scored, an empty file would be a table of NaN
+        raise DataError(f"{path}: no records (an empty benchmark file)")
     for key, value in pairs:
         if not isinstance(value, dict):
             raise DataError(f"{path}: record {key}: expected an object, got {type(value).__name__}")

@@ -8,6 +8,7 @@ each finished request is appended to the JSONL cache, so a rerun skips what is d
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -124,11 +125,52 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
-def _redact(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` (the API key) replaced, so that no message or cache line holds it."""
-    if secret and len(secret) >= 4:
-        text = text.replace(secret, "[redacted]")
+REDACTED = "[redacted]"
+# A stretch of the key this long or longer is a secret wherever it appears: servers echo the
+# Authorization header in errors and replies, cut anywhere (a length limit, a wrapped line), and
+# a prefix, a suffix or a middle piece of 8 characters is too much of a key to show.
+KEY_FRAGMENT = 8
+_BEARER_RE = re.compile(r"(?i)(bearer(?:\s|%20|\+|\\[tn]|\\u0020)+)(?:[A-Za-z0-9._~+/=-]|\\/)+")
+ERROR_BODY_BYTES = 64 * 1024  # read of an error body: redacted whole, then cut to ERROR_DETAIL_CHARS
+ERROR_DETAIL_CHARS = 300
+
+
+@functools.lru_cache(maxsize=4)
+def _fragments(secret: str) -> re.Pattern:
+    # Each start of a KEY_FRAGMENT-long piece of the key, found with overlaps (a lookahead), so
+    # that runs of them cover every stretch of KEY_FRAGMENT or more characters the key holds.
+    pieces = sorted({secret[i:i + KEY_FRAGMENT] for i in range(len(secret) - KEY_FRAGMENT + 1)})
+    return re.compile("(?=(" + "|".join(map(re.escape, pieces)) + "))")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without the API key ``secret``: the value of every ``Bearer`` token (any case,
+    any separator: a space, ``%20``, ``+``, an escaped tab), the whole key, and every stretch of
+    :data:`KEY_FRAGMENT` or more characters that also occurs in the key (a prefix, a suffix or a
+    middle piece: the key cut anywhere) become ``[redacted]``. The one filter of everything the
+    LLM client lets out (replies, error messages); see :meth:`ChatClient.complete`."""
+    text = _BEARER_RE.sub(lambda match: match.group(1) + REDACTED, text)
+    if not secret or len(secret) < 4:
+        return text
+    text = text.replace(secret, REDACTED)
+    if len(secret) < KEY_FRAGMENT:
+        return text
+    spans: list[list[int]] = []  # merged [start, end) of the pieces found
+    for match in _fragments(secret).finditer(text):
+        start = match.start()
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = start + KEY_FRAGMENT
+        else:
+            spans.append([start, start + KEY_FRAGMENT])
+    for start, end in reversed(spans):
+        text = text[:start] + REDACTED + text[end:]
     return text
+
+
+def _cut(text: str, limit: int = ERROR_DETAIL_CHARS) -> str:
+    """``text``'s first ``limit`` characters, or up to the end of a ``[redacted]`` that the limit cuts."""
+    marker = text.find(REDACTED, max(0, limit - len(REDACTED) + 1), limit + len(REDACTED) - 1)
+    return text[:limit] if marker < 0 or marker >= limit else text[:marker + len(REDACTED)]
 
 
 class RequestFailed(Exception):
@@ -169,9 +211,8 @@ class ChatClient:
                 pass  # an HTTP date: keep our own delay
         return delay
 
-    def _send(self, body: bytes) -> str:
+    def _send(self, body: bytes, key: str | None) -> str:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
@@ -188,21 +229,31 @@ class ChatClient:
     def complete(self, messages: list[dict]) -> str:
         """The assistant reply to ``messages``. Retries 429/5xx, timeouts, connection errors
         and malformed bodies; raises ConfigError on 401/403/404 (bad key, URL or model) and
-        RequestFailed when it gives up."""
+        RequestFailed when it gives up.
+
+        Nothing of the API key leaves here: the reply and every message pass through
+        :func:`redact` (servers echo the Authorization header in error bodies and in replies),
+        so that the cache, the output and what is printed never hold it."""
+        key = os.environ.get(self.key_env)
+        try:
+            return redact(self._complete(messages, key), key)
+        except (ConfigError, RequestFailed) as err:
+            raise type(err)(redact(str(err), key)) from None
+
+    def _complete(self, messages: list[dict], key: str | None) -> str:
         body = json.dumps(
             {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
         ).encode()
-        key = os.environ.get(self.key_env)
         reason = "no attempt"
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                return self._send(body)
+                return self._send(body, key)
             except urllib.error.HTTPError as err:
-                # Servers echo requests (and so the key) in error bodies: never show it.
-                detail = _redact(err.read(300).decode("utf-8", "replace").replace("\n", " "), key)
+                # Redacted whole, then cut: a key cut by the limit would escape a redaction after it.
+                detail = _cut(redact(" ".join(err.read(ERROR_BODY_BYTES).decode("utf-8", "replace").split()), key))
                 if 300 <= err.code < 400:
-                    location = _redact((err.headers.get("Location") if err.headers else None) or "?", key)
+                    location = (err.headers.get("Location") if err.headers else None) or "?"
                     raise ConfigError(
                         f"{self.endpoint}: HTTP {err.code} redirect to {location}; redirects are not followed "
                         "(the API key must not be sent to another address): give the final URL as --llm-url"
@@ -219,12 +270,12 @@ class ChatClient:
             except (TimeoutError, socket.timeout):
                 reason = "timeout"
             except urllib.error.URLError as err:
-                reason = ("timeout" if isinstance(err.reason, (TimeoutError, socket.timeout))
-                          else _redact(f"connection: {err.reason}", key))
+                timed_out = isinstance(err.reason, (TimeoutError, socket.timeout))
+                reason = "timeout" if timed_out else f"connection: {err.reason}"
             except (ConnectionError, http.client.HTTPException) as err:
                 reason = f"connection: {type(err).__name__}"
-            except ValueError as err:
-                reason = _redact(str(err), key)
+            except ValueError as err:  # a malformed body, or http.client refusing a header (the key's text)
+                reason = str(err)
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, retry_after))
         raise RequestFailed(f"{reason} after {self.max_retries + 1} attempts")

@@ -17,7 +17,7 @@ import torch
 from .. import checkpoint as files
 from ..ema import release_zero3_module
 from ..errors import ConfigError, DataError
-from ..io import cannot_write, write_text_atomic
+from ..io import cannot_write, check_output_folder, write_text_atomic
 from . import distributed as dist_utils
 from .checkpointer import Checkpointer
 from .config import TrainConfig, to_dict
@@ -90,7 +90,7 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     student = bundle.model.to(info.device)
     if config.model.grad_checkpointing:
         student.set_grad_checkpointing(True)
-    checkpointer.restore_weights(student)
+    checkpointer.restore_weights(student, bundle.name)
 
     data = build_train_data(
         config.data.path, tokenizer=bundle.tokenizer, image_size=bundle.image_size, mean=bundle.mean,
@@ -147,6 +147,8 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
         run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
                                    resume_step=run.start[0] if checkpointer.resuming else None,
                                    progress=config.progress, report_to=config.report_to, run_config=to_dict(config))
+    for note in checkpointer.notes:
+        run.warn(note)
     return run
 
 
@@ -212,10 +214,7 @@ def _check_output(output: Path, config: TrainConfig, *, resuming: bool) -> list[
     """Refuse an output folder that holds another run when this one does not resume it (unless
     ``overwrite``); returns the files :func:`_write_output` moves aside (``overwrite``). Read-only,
     on every rank."""
-    existing = next(p for p in (output, *output.parents) if p.exists() or p == p.parent)
-    if existing.exists() and not existing.is_dir():  # found before any work, so nothing is written
-        where = "is a file" if existing == output else f"{existing} is a file"
-        raise DataError(f"cannot write {output}: {where} (--output names a folder)")
+    check_output_folder(output, "--output")  # found before any work, so nothing is written
     if resuming or not _holds_run(output):
         return []
     held = [name for name in _RUN_FILES if (output / name).exists()]

@@ -37,6 +37,7 @@ class Checkpointer:
         # The newest checkpoint of this run and its step (the resume point's until the first save).
         self.last_path: Path | None = self.resume_path
         self.last_step: int | None = int(self._state["step"]) if self._state is not None else None
+        self.notes: list[str] = []  # warnings about the resume (restore_state), for the run's log
         written_by = self._state.get("world_size", 1) if self._state is not None else info.world_size
         if written_by != info.world_size:
             # The data position (epoch, batch) and the sharded engine state are per world size.
@@ -48,17 +49,29 @@ class Checkpointer:
     def resuming(self) -> bool:
         return self.resume_path is not None
 
-    def restore_weights(self, student: torch.nn.Module) -> None:
-        """The student's weights from the resume checkpoint (before any wrapping); nothing on a fresh start."""
-        if self._state is not None:
-            student.load_state_dict({k.removeprefix("module."): v for k, v in self._state["student"].items()})
+    def restore_weights(self, student: torch.nn.Module, model_name: str) -> None:
+        """The student's weights from the resume checkpoint (before any wrapping); nothing on a
+        fresh start. ``model_name``: the configured open_clip model; a checkpoint of another model
+        (or weights that do not fit it) is a one-line error naming both."""
+        if self._state is None:
+            return
+        saved = self._state.get("model_name")
+        if isinstance(saved, str) and saved.replace("/", "-") != model_name.replace("/", "-"):
+            raise ConfigError(f"resume: {self.resume_path} holds a {saved!r} model, this run is configured for "
+                              f"{model_name!r}; resume it with --model {saved} (model.name)")
+        from ..model import load_student
+
+        load_student(student, self._state["student"], self.resume_path, model_name)
 
     def restore_state(self, run: "Run") -> tuple[int, int, int]:
         """Teacher, optimiser (or engine), schedule, loss scaler and this rank's RNG from the
-        resume checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start."""
+        resume checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start.
+        A loss configured otherwise than the checkpoint's (K, a weight) is allowed; :attr:`notes`
+        then holds the one warning line that says so."""
         state, self._state = self._state, None
         if state is None:
             return 0, 0, 0
+        self.notes = _loss_changes(self.resume_path, state, run.config.loss)
         if run.teacher is not None and state.get("teacher") is not None:
             saved = state["teacher"]
             if run.sharded:  # its loader also wants the non-persistent buffers, which are not saved
@@ -113,6 +126,23 @@ class Checkpointer:
         dist_utils.raise_on_any_rank(error, self.info)
         self.last_path, self.last_step = path, step
         return path
+
+
+# The loss settings a resumed run may change, with a warning: the loss changes from the resume step on.
+_LOSS_FIELDS = ("num_negatives", "igc_weight", "tgc_weight", "distill_weight", "tgc_scale")
+
+
+def _loss_changes(path: Path, state: dict, loss) -> list[str]:
+    """One warning line when ``loss`` (the run's LossConfig) differs from the loss ``state`` (the
+    checkpoint) was trained with in any of :data:`_LOSS_FIELDS`; none otherwise, or when the
+    checkpoint holds no config."""
+    saved = (state.get("config") or {}).get("loss") or {}
+    changed = [name for name in _LOSS_FIELDS if name in saved and saved[name] != getattr(loss, name)]
+    if not changed:
+        return []
+    was = ", ".join(f"{name}={saved[name]}" for name in changed)
+    now = ", ".join(f"{name}={getattr(loss, name)}" for name in changed)
+    return [f"resume: {path} was trained with {was}; this run uses {now} from step {int(state['step']) + 1} on"]
 
 
 def _cpu(state_dict: dict) -> dict:

@@ -14,9 +14,11 @@ from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
 from ..io import atomic_write, cannot_write
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "student") -> tuple[Path, str]:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "student",
+                      overwrite: bool = False) -> tuple[Path, str]:
     """Write ``which`` ("student" or "teacher") weights of ``checkpoint`` (a file, a checkpoints or
-    output folder, or a ``latest`` file) to ``out`` as a plain state dict of CPU fp32 tensors.
+    output folder, or a ``latest`` file) to ``out`` as a plain state dict of CPU fp32 tensors,
+    atomically. An existing ``out`` is a :class:`ConfigError` unless ``overwrite``.
 
     Returns ``(out path, open_clip model name)``.
     """
@@ -30,6 +32,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "
                           "choose a file outside it")
     if out.is_dir():
         raise DataError(f"cannot write {out}: is a folder (give a file name such as {out / 'student.pt'})")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ConfigError(f"export: {out} exists; pass --overwrite to replace it, or choose another file name")
     state = load_checkpoint(path)
     weights = state.get(which)
     if weights is None:
@@ -57,10 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="training checkpoint file, its checkpoints/ or output folder, or 'latest'")
     parser.add_argument("out", help="output .pt file (a plain open_clip state dict)")
     parser.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Export and print where the weights went and how to load them."""
-    out, name = export_checkpoint(args.checkpoint, args.out, which="teacher" if args.teacher else "student")
+    out, name = export_checkpoint(args.checkpoint, args.out, which="teacher" if args.teacher else "student",
+                                  overwrite=args.overwrite)
     print(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
     return 0

@@ -94,3 +94,80 @@ def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(DataError, match="unknown format"):
         load_records(tmp_path / "x.parquet")
+
+
+# ---------------------------------------------------------------- odd files as images (issue 23)
+
+
+# Every reader of image files, each given an odd path; prints what each raised. Run in a child
+# process with 4 GiB of address space: a reader that reads /dev/zero to its end (the old one did)
+# ends in a MemoryError there, not in the test machine's memory.
+_READERS = """
+import sys
+from degla_fast.data.dali import read_batch
+from degla_fast.data import sources
+from degla_fast.data.sources import Record, read_image_bytes
+from degla_fast.data.torch_pipeline import open_image
+from degla_fast.evaluate.encode import ImageRef, load_image
+path, good = sys.argv[1], sys.argv[2]
+record = Record(path, "c", (), "r")
+for name, read in [("read_image_file", lambda: sources.read_image_file(path)),
+                   ("read_image_bytes", lambda: read_image_bytes(record)),
+                   ("open_image", lambda: open_image(record)),
+                   ("load_image", lambda: load_image(ImageRef(path))),
+                   ("dali read_batch", lambda: read_batch([record], [0], seed=0, epoch=0, skip_bad_images=False))]:
+    try:
+        read()
+        print(name, "read it")
+    except Exception as err:
+        print(name, type(err).__name__, err)
+skipped = read_batch([Record(good, "c", (), "g"), record], [0, 1], seed=0, epoch=0, skip_bad_images=True)[3]
+print("dali skip kept", [int(k[0]) for k in skipped])
+"""
+
+
+@pytest.mark.parametrize("kind, named", [("fifo", "a FIFO"), ("zero", "a device")])
+def test_every_image_reader_refuses_a_fifo_or_a_device(kind, named, tmp_path):
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo.jpg")  # nobody writes to it: a blocking open waits forever
+    path = str(tmp_path / "fifo.jpg") if kind == "fifo" else "/dev/zero"
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.jpg")
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _READERS, path, str(tmp_path / "good.jpg")], text=True,
+                              capture_output=True, timeout=60, preexec_fn=limit_memory)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} as an image did not end in 60 s (a hang)")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 6, proc.stdout + proc.stderr[-2000:]
+    assert lines[0] == lines[1].replace("read_image_bytes", "read_image_file") == \
+        f"read_image_file OSError {named}, not a regular file", lines
+    for line in lines[2:5]:  # the trainer's, the evaluator's and DALI's one-line error naming the file
+        assert f"DataError {path}: cannot read image (" in line and f"{named}, not a regular file)" in line, line
+    assert lines[5] == "dali skip kept [0]"
+
+
+def test_an_image_over_the_byte_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from degla_fast.data import sources
+
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 100)
+    (tmp_path / "ok.jpg").write_bytes(b"x" * 100)
+    assert sources.read_image_file(tmp_path / "ok.jpg") == b"x" * 100
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as handle:  # sparse: 1 TB on paper, nothing on disk
+        handle.truncate(2**40)
+    with pytest.raises(OSError, match=r"1099511627776 bytes, over the 100-byte cap of one image"):
+        sources.read_image_file(big)
+    with pytest.raises(OSError, match=r"101 bytes, over the 100-byte cap"):  # a tar member that claims more
+        sources.read_image_file(big, offset=10, size=101)
+    assert sources.read_image_file(tmp_path / "ok.jpg", offset=90, size=10) == b"x" * 10
