@@ -16,13 +16,13 @@ import open_clip.loss  # noqa: F401  (before any process group: see _worker)
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from degla_fast import DeGLALoss, LossOutput
 from degla_fast import functional as Fn
 from degla_fast.backends import LOSS_BACKENDS
 from degla_fast.errors import ConfigError
 from test_losses import make_inputs
+from test_losses_distributed import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD, B, D = 2, 3, 16
@@ -117,9 +117,7 @@ def _worker(rank, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 @pytest.mark.timeout(300)
