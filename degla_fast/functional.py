@@ -55,6 +55,19 @@ class LossOutput:
     tgc: torch.Tensor
     distill: torch.Tensor
 
+    def named(self, igc_weight: float, tgc_weight: float, distill_weight: float,
+              num_negatives: int) -> dict[str, torch.Tensor]:
+        """open_clip's form (``output_dict=True``; open_clip_train trains on the sum of the values
+        and logs each by name): ``contrastive_loss`` (the global term), then the weighted
+        ``igc_loss``, ``tgc_loss``, ``distill_loss`` that exist (K > 0) with a non-zero weight.
+        The values sum to ``total``."""
+        named = {"contrastive_loss": self.clip}
+        for name, weight, term in (("igc_loss", igc_weight, self.igc), ("tgc_loss", tgc_weight, self.tgc),
+                                   ("distill_loss", distill_weight, self.distill)):
+            if weight != 0 and num_negatives > 0:
+                named[name] = weight * term
+        return named
+
     def items(self) -> dict[str, float]:
         """Plain floats for logging (synchronises with the device)."""
         return {name: float(getattr(self, name).detach()) for name in ("total", "clip", "igc", "tgc", "distill")}
@@ -264,18 +277,11 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
 
     clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
                               row_offset, with_igc, precision)
-    with_tgc, with_distill = need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0
-    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
-                                with_distill)
+    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing,
+                                need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0)
     total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
-    if output_dict:  # open_clip_train trains on sum(losses.values()) and logs each by name
-        named = {"contrastive_loss": clip}
-        for used, name, weight, term in ((with_igc, "igc_loss", igc_weight, igc), (with_tgc, "tgc_loss", tgc_weight, tgc),
-                                         (with_distill, "distill_loss", distill_weight, distill)):
-            if used:
-                named[name] = weight * term
-        return named
-    return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+    out = LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+    return out.named(igc_weight, tgc_weight, distill_weight, num_negatives) if output_dict else out
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
