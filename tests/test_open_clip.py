@@ -216,6 +216,16 @@ def test_a_moved_binding_is_a_clear_error(monkeypatch):
     monkeypatch.undo()
     assert open_clip.create_loss is trainer.create_loss
 
+    # A trainer whose main() no longer reaches its loss through create_loss: refused before it runs.
+    from degla_fast.integrations.open_clip import run_open_clip_train
+
+    ran = []
+    monkeypatch.setattr(trainer, "main", lambda argv: ran.append(argv))
+    with pytest.raises(ConfigError) as err:
+        run_open_clip_train(["--help"])
+    assert "open_clip_train.main.main() no longer calls create_loss" in str(err.value) and not ran
+    assert open_clip.create_loss is trainer.create_loss  # restored
+
 
 # ---------------------------------------------------------------- open_clip_train's own main()
 

@@ -111,9 +111,9 @@ def use_degla_loss(**loss_kwargs) -> None:
             raise _mismatch("open_clip.factory has no create_loss")
 
     def create_loss(args):
+        """degla_fast.integrations.open_clip: the DeGLA loss in place of open_clip's create_loss."""
         return degla_loss_from_args(args, **kwargs)
 
-    create_loss.__doc__ = "degla_fast.integrations.open_clip: the DeGLA loss in place of open_clip's create_loss."
     # Every binding checked before any is replaced: a mismatch leaves open_clip as it was.
     modules = [sys.modules[name] for name in BINDINGS if name in sys.modules]  # one imported later binds ours itself
     for module in modules:
@@ -134,11 +134,6 @@ def restore() -> None:
         if module is not None and getattr(module, "create_loss", None) is replacement:
             module.create_loss = original
     _state.update(original=None, replacement=None, kwargs=None)
-
-
-def active_loss_kwargs() -> dict | None:
-    """The keywords of the loss in place (None: open_clip's own)."""
-    return dict(_state["kwargs"]) if _state["kwargs"] is not None else None
 
 
 def _calls(function, name: str) -> bool:
