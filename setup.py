@@ -18,8 +18,9 @@ extras = {
     "logging": ["tensorboard>=2.14"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
 }
+# pandas: open_clip_train's CSV reader, for the drop-in test of degla_fast.integrations.open_clip.
 extras["test"] = sorted(
-    {"pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.2"}
+    {"pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.2", "pandas>=1.5"}
     | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"])
 )
 extras["all"] = sorted({dep for name, group in extras.items() if name != "dali-cuda120" for dep in group})

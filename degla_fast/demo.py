@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         names = {"negclip": "NegCLIP", "degla": "DeGLA"}
         jobs = [(out / v, finetune_fields(s, data, pre, v, seed), {**depends, "start": str(pre)}, data, "test")
                 for v in names]
-        done = lambda i, m, sec: print(f"  {names[jobs[i][0].name]}: finished ({sec:.0f} s)", flush=True)
+
+        def done(i: int, metrics: dict, seconds: float | None) -> None:
+            folder = jobs[i][0]
+            print(f"  {names[folder.name]}: " + (f"reused ({folder})" if seconds is None else
+                                                  f"finished ({seconds:.0f} s)"), flush=True)
+
         finetuned = stages.train_and_evaluate(jobs, args.jobs, args.threads, "cpu", done)
         print("[4/4] evaluate on the held-out test split", flush=True)
         columns = {"start point (CLIP loss)": stages.eval_stage(pre, data, "test"),

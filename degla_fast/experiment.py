@@ -236,8 +236,9 @@ def contrast_table(rows: list[dict]) -> str:
 
 def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None, rows: list[dict] | None = None,
               title: str = "") -> bytes:
-    """PNG bytes: compositional and zero-shot accuracy per model (error bars = std over seeds),
-    chance levels as ticks, and (when given) the paired differences with their 95 % intervals."""
+    """PNG bytes: compositional and zero-shot accuracy per model (error bars = std over seeds, none
+    for a model of one seed), chance levels as ticks, and (when given) the paired differences with
+    their 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,8 +255,11 @@ def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None,
     for ax, metrics, name in ((axes[0], comp, "held-out compositional (%)"), (axes[1], zs, "zero-shot (%)")):
         for i, variant in enumerate(variants):
             xs = [m + (i - (len(variants) - 1) / 2) * width for m in range(len(metrics))]
+            # Error bars only where there is a spread to show: one seed (make train) draws none.
+            spread = any(summary[variant][m]["n"] > 1 for m in metrics)
             ax.bar(xs, [summary[variant][m]["mean"] for m in metrics], width,
-                   yerr=[summary[variant][m]["std"] for m in metrics], capsize=2, label=labels[variant])
+                   yerr=[summary[variant][m]["std"] for m in metrics] if spread else None, capsize=2 if spread else 0,
+                   label=labels[variant])
         if chance:
             for k, m in enumerate(metrics):
                 ax.hlines(chance[m], k - 0.45, k + 0.45, colors="black", linestyles=":", linewidth=1.2,
@@ -322,9 +326,10 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     print(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
           f"{settings.jobs} at a time)", flush=True)
 
-    def done(i: int, metrics: dict, seconds: float) -> None:
+    def done(i: int, metrics: dict, seconds: float | None) -> None:
+        took = "reused" if seconds is None else f"{seconds:.0f} s"
         print(f"  {keys[i][0]}-seed{keys[i][1]}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
-              f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({seconds:.0f} s)", flush=True)
+              f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({took})", flush=True)
 
     t0 = time.perf_counter()
     results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, settings.threads, settings.device, done)))

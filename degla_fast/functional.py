@@ -10,6 +10,11 @@ Inputs are features as the model returns them (L2-normalised; nothing is renorma
 * ``logit_scale``: scalar tensor, the multiplier with ``exp`` already applied (open_clip)
 * teacher features: same shapes, from the EMA teacher; they never receive gradients.
 
+open_clip's calling convention works as it is (``loss(**model_out, output_dict=True)``, as
+``open_clip_train`` calls its losses): the keywords ``image_features``, ``text_features``,
+``logit_scale``, a ``logit_bias`` that must be None (SigLIP's sigmoid loss is another loss), and
+``output_dict=True`` for the named weighted terms, which sum to the total.
+
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
 recomputed in backward), ``gemm`` (cuBLAS GEMMs over column chunks with Triton epilogues, one
 autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (fully fused tiled kernels, O((R + C) D)
@@ -51,6 +56,19 @@ class LossOutput:
     igc: torch.Tensor
     tgc: torch.Tensor
     distill: torch.Tensor
+
+    def named(self, igc_weight: float, tgc_weight: float, distill_weight: float,
+              num_negatives: int) -> dict[str, torch.Tensor]:
+        """open_clip's form (``output_dict=True``; open_clip_train trains on the sum of the values
+        and logs each by name): ``contrastive_loss`` (the global term), then the weighted
+        ``igc_loss``, ``tgc_loss``, ``distill_loss`` that exist (K > 0) with a non-zero weight.
+        The values sum to ``total``."""
+        named = {"contrastive_loss": self.clip}
+        for name, weight, term in (("igc_loss", igc_weight, self.igc), ("tgc_loss", tgc_weight, self.tgc),
+                                   ("distill_loss", distill_weight, self.distill)):
+            if weight != 0 and num_negatives > 0:
+                named[name] = weight * term
+        return named
 
     def items(self) -> dict[str, float]:
         """Plain floats for logging (synchronises with the device)."""
@@ -210,8 +228,15 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
                rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> LossOutput:
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, logit_bias: torch.Tensor | None = None,
+               output_dict: bool = False) -> LossOutput | dict[str, torch.Tensor]:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
+
+    Returns a :class:`LossOutput`, or with ``output_dict=True`` (open_clip's convention) the
+    weighted terms by name, which sum to the total: ``contrastive_loss`` (open_clip's name for
+    the global term), then ``igc_loss``, ``tgc_loss``, ``distill_loss`` for the terms whose
+    weight is not 0 (none with K = 0, where they do not exist). ``logit_bias`` (a SigLIP
+    model's) is refused: this loss is softmax-based.
 
     ``num_negatives=0``: plain CLIP (open_clip's ClipLoss) through the same backends; text
     features are [B, D], IGC, TGC and distillation are zero whatever their weights, and the
@@ -229,6 +254,9 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     gets the single-process loss of the concatenated batch. ``gather_with_grad`` gathers with
     autograd (gradients reach the rank that owns each feature). ``precision``: see the module doc.
     """
+    if logit_bias is not None:
+        raise ConfigError("logit_bias: the DeGLA loss is softmax-based; SigLIP's sigmoid loss (a model with a "
+                          "logit_bias) is not supported")
     need_teacher = needs_teacher(num_negatives, tgc_weight, distill_weight)
     backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision, chunk_bytes)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
@@ -251,17 +279,19 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
 
     with_tgc, with_distill = need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0
     if backend in FUSED:
-        return _fused(FUSED[backend], image_rows, text_all, image_all, text_rows, logit_scale, local,
-                      num_negatives=num_negatives, weights=(igc_weight, tgc_weight, distill_weight),
-                      row_offset=row_offset, with_igc=with_igc, with_tgc=with_tgc, with_distill=with_distill,
-                      tgc_scale=tgc_scale, official=official_tgc_indexing, chunk_bytes=chunk_bytes,
-                      precision=precision)
-    clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
-                              row_offset, with_igc, precision, chunk_bytes)
-    tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
-                                with_distill)
-    total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
-    return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+        out = _fused(FUSED[backend], image_rows, text_all, image_all, text_rows, logit_scale, local,
+                     num_negatives=num_negatives, weights=(igc_weight, tgc_weight, distill_weight),
+                     row_offset=row_offset, with_igc=with_igc, with_tgc=with_tgc, with_distill=with_distill,
+                     tgc_scale=tgc_scale, official=official_tgc_indexing, chunk_bytes=chunk_bytes,
+                     precision=precision)
+    else:
+        clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
+                                  row_offset, with_igc, precision, chunk_bytes)
+        tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
+                                    with_distill)
+        total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
+        out = LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
+    return out.named(igc_weight, tgc_weight, distill_weight, num_negatives) if output_dict else out
 
 
 def _fused_input(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,6 +20,12 @@ class DeGLALoss(nn.Module):
     applied. Teacher features may be None when :attr:`needs_teacher` is False (``tgc_weight``
     and ``distill_weight`` 0, or ``num_negatives=0``: plain CLIP on [B, D] captions, the same
     kernels, IGC/TGC/distillation reported as 0).
+
+    open_clip's convention, ``loss(**model_out, output_dict=True)``, works as it is: with
+    ``output_dict=True`` the result is a dict of the weighted terms (``contrastive_loss``, then
+    ``igc_loss``, ``tgc_loss``, ``distill_loss`` where their weight is not 0) whose sum is the
+    total; a ``logit_bias`` that is not None (SigLIP) is a ConfigError. See
+    :func:`~degla_fast.functional.degla_loss`.
     """
 
     def __init__(self, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
@@ -61,8 +67,10 @@ class DeGLALoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_features: torch.Tensor | None = None,
-                teacher_text_features: torch.Tensor | None = None) -> LossOutput:
+                teacher_text_features: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None,
+                output_dict: bool = False) -> LossOutput | dict[str, torch.Tensor]:
         return degla_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                          logit_bias=logit_bias, output_dict=output_dict,
                           num_negatives=self.num_negatives, igc_weight=self.igc_weight, tgc_weight=self.tgc_weight,
                           distill_weight=self.distill_weight, tgc_scale=self.tgc_scale, backend=self.backend,
                           official_tgc_indexing=self.official_tgc_indexing, local_loss=self.local_loss,

@@ -65,12 +65,13 @@ def synth_stage(folder: str | Path, *, progress: bool = False, log=print, **size
 
 
 def train_config(output: str | Path, fields: dict):
-    """The trainer's :class:`TrainConfig` of a stage: quiet CPU defaults, then ``fields`` (dotted names)."""
+    """The trainer's :class:`TrainConfig` of a stage: quiet CPU defaults, then ``fields`` (dotted names).
+    Quiet includes the trainer's own log lines: the demo and the experiment report their stages."""
     from .train.config import load_config
 
     defaults = {"data.num_workers": 0, "data.pipeline": "torch", "precision": "fp32", "device": "cpu",
                 "epochs": 10_000, "save_every": 0, "keep_last": 1, "log_every": 10, "profile_phases": False,
-                "resume": "latest"}
+                "resume": "latest", "log_lines": False}
     return load_config(None, {**defaults, **fields, "output": str(output)})
 
 
@@ -180,7 +181,8 @@ def train_and_evaluate(jobs: list[tuple], processes: int = 1, threads: int = 1, 
     """Train and evaluate several runs, ``processes`` at a time (1: in this process).
 
     ``jobs``: (run folder, trainer fields, stamp extras, data folder, split). Returns the metrics of
-    each run in order; ``on_done(index, metrics, seconds)`` is called as each one finishes."""
+    each run in order; ``on_done(index, metrics, seconds)`` is called as each one finishes, with
+    ``seconds`` None for a run that was finished already (reused, as :func:`run_stage` says)."""
     full = [(Path(f), fields, depends, Path(data), split, threads, device) for f, fields, depends, data, split in jobs]
     results: list[dict] = [{}] * len(full)
     pending = [job for job in full if finished(job[0], train_stamp(job[1], job[2])) is None]
@@ -203,6 +205,6 @@ def train_and_evaluate(jobs: list[tuple], processes: int = 1, threads: int = 1, 
             if not results[i]:
                 results[i], seconds = _train_eval_job(job)
                 if on_done:
-                    on_done(i, results[i], seconds)
+                    on_done(i, results[i], seconds if job in pending else None)
         torch.set_num_threads(previous)
     return results

@@ -20,3 +20,6 @@ def test_quick_demo_table_chart_and_reuse(tmp_path, capsys):
     again = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == stamps   # nothing redone
     assert again.count("reused") >= 3 and "done in" not in again   # data, start point and its evaluation
+    # the fine-tunes too, said as the other stages say it (not "finished (0 s)")
+    assert f"  NegCLIP: reused ({out / 'negclip'})" in again and f"  DeGLA: reused ({out / 'degla'})" in again
+    assert "finished (" not in again

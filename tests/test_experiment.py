@@ -31,6 +31,26 @@ def test_summarize_mean_and_sample_std_over_seeds():
     assert "| swap | 50.0 | 60.0 ± 10.0 | 40.0 |" in table
 
 
+def test_bar_chart_draws_error_bars_only_for_several_seeds(monkeypatch):
+    # make train's chart has one seed: a bar with an error bar (and caps) would suggest a spread it never measured
+    from matplotlib.axes import Axes
+
+    from degla_fast.experiment import bar_chart
+
+    drawn, real_bar = {}, Axes.bar
+
+    def bar(self, *args, label=None, **kwargs):
+        container = real_bar(self, *args, label=label, **kwargs)
+        drawn.setdefault(label, []).append(container.errorbar)
+        return container
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    summary = summarize({"negclip": [_metrics(50.0), _metrics(60.0)], "start": [_metrics(40.0)]})
+    assert bar_chart(summary, {"negclip": "NegCLIP", "start": "start"})[:4] == b"\x89PNG"
+    assert all(e is not None for e in drawn["NegCLIP"]) and len(drawn["NegCLIP"]) == 2  # two panels
+    assert drawn["start"] == [None, None]
+
+
 def test_paired_differences_and_their_t_interval():
     d = paired([3.0, 5.0, 4.0, 6.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0])   # differences 2, 4, 3, 5, 1
     half = 2.776 * statistics.stdev([2, 4, 3, 5, 1]) / math.sqrt(5)

@@ -51,11 +51,16 @@ def _worker(rank, init_file, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def run_ranks(worker, tmp, world: int = WORLD) -> list:
+    """``worker(rank, init_file, out_dir)`` in ``world`` spawned processes (each joins a gloo group
+    through ``init_file`` and saves its results to ``out_dir/rank<r>.pt``): the results in rank order."""
+    mp.spawn(worker, args=(str(tmp / "init"), str(tmp)), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("dist"))
 
 
 def _single(k, scale_local_terms):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,50 @@ def test_resume_with_another_k_or_loss_weight_is_allowed_and_says_so_in_one_line
         f"warning: resume: {out / 'checkpoints' / 'step_00000003.pt'} was trained with num_negatives=4, "
         "tgc_weight=0.1; this run uses num_negatives=2, tgc_weight=0.2 from step 4 on"], err
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+STEP_LINE = re.compile(r"degla-fast train: step (\d+)/(\d+) \(\d+%\) \| [0-9.]+ samples/s \| loss (\S+) clip (\S+) "
+                       r"igc (\S+) tgc (\S+) distill (\S+) \| lr (\S+) \| logit scale (\S+) \| ETA \d+:\d\d:\d\d")
+
+
+@pytest.mark.timeout(180)
+def test_a_run_with_stdout_to_a_file_reports_itself_in_lines(synth, tmp_path, capsys, monkeypatch):
+    # What a cluster job's log gets (SLURM, nohup, `> log 2>&1`): no terminal, so no progress bar.
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "degla_fast", "train",
+                               *base_args(synth, out, "--max-steps", "3", "--log-every", "2", "--save-every", "2")],
+                              cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=150)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, lines[-20:]
+    ours = [line for line in lines if line.startswith("degla-fast train:")]
+    assert ours[0] == (f"degla-fast train: start: model degla-tiny, data {synth} (48 samples, 6 steps per epoch), "
+                       "batch 8 per process (8 in all), K=4, loss backend torch (asked: auto), precision fp32, world "
+                       f"size 1, device cpu, output {out}, 3 steps")
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    steps = [STEP_LINE.fullmatch(line) for line in ours if STEP_LINE.fullmatch(line)]
+    assert [(m[1], m[2]) for m in steps] == [("2", "3"), ("3", "3")]  # every log_every steps, and the last
+    for m in steps:  # the values of the metrics row the host already read, nothing else
+        row = rows[int(m[1])]
+        assert m.groups()[2:] == tuple(f"{row[k]:.4g}" for k in ("loss", "clip", "igc", "tgc", "distill")) + (
+            f"{row['lr']:.3g}", f"{row['logit_scale']:.2f}")
+    checkpoints = out / "checkpoints"
+    assert [line for line in ours if "checkpoint written" in line] == [
+        f"degla-fast train: step 2: checkpoint written to {checkpoints / 'step_00000002.pt'}",
+        f"degla-fast train: step 3: checkpoint written to {checkpoints / 'step_00000003.pt'}"]
+    assert ours[-1].startswith("degla-fast train: finished at step 3 in ")
+
+    # Resumed (in this process; capsys is no terminal either): the start line says from where.
+    assert train_main.main(base_args(synth, out, "--max-steps", "4", "--resume", "latest")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith(f", 4 steps; resumed from step 3 of checkpoint {checkpoints / 'step_00000003.pt'}")
+    assert [STEP_LINE.fullmatch(line)[1] for line in printed if STEP_LINE.fullmatch(line)] == ["4"]
+
+    # With a terminal the progress bar speaks instead: only the closing line is printed.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert train_main.main(base_args(synth, out, "--max-steps", "5", "--resume", "latest")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith("degla-fast train: finished at step 5 in ")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):

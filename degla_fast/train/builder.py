@@ -146,7 +146,8 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     if info.is_main:
         run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
                                    resume_step=run.start[0] if checkpointer.resuming else None,
-                                   progress=config.progress, report_to=config.report_to, run_config=to_dict(config))
+                                   progress=config.progress, report_to=config.report_to, run_config=to_dict(config),
+                                   lines=config.log_lines)
     for note in checkpointer.notes:
         run.warn(note)
     return run

@@ -137,6 +137,8 @@ class TrainConfig:
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (ZeRO stage, offload); null trains without DeepSpeed", flag=True)
     report_to: str = _f("none", "where metrics also go besides metrics.jsonl", REPORTERS, flag=True)
     progress: bool = _f(True, "progress bar on rank 0 (also off when stderr is not a terminal)")
+    log_lines: bool | None = _f(None, "plain lines on stdout on rank 0 (a start line, one per log_every steps, one "
+                                      "per checkpoint): null = when stdout is not a terminal (a job's log file)")
     log_every: int = _f(50, "write a metrics row every this many steps; also how often the host reads the device "
                             "(losses, skipped steps, stop signals): the only host sync between those steps",
                         minimum=1, flag=True)

@@ -21,6 +21,7 @@ from ..errors import ConfigError, DataError, DeglaError, NonFiniteError
 from . import distributed as dist_utils
 from .builder import Run, build_run
 from .config import TrainConfig, add_flags, describe, flag_overrides, load_config
+from .loglines import checkpoint_line, start_line
 from .metrics import StepCounters, Window, metrics_row
 from .optim import rewind_scheduler
 from .step import train_step
@@ -157,6 +158,8 @@ def _train_loop(run: Run) -> TrainResult:
     device every ``log_every`` steps (and when saving): losses, skipped steps and stop flags."""
     config = run.config
     step, epoch, batch_index = run.start
+    if run.logger is not None:
+        run.logger.say(start_line(run, run.checkpointer.resume_path))
     if step >= run.total_steps:  # resumed at the end: nothing left to do
         return TrainResult(step, run.checkpointer.last_path, "done")
     stop = _StopFlag().install()
@@ -258,5 +261,7 @@ def _maybe_save(run: Run, step: int, position: tuple[int, int], force: bool) -> 
     is saved already; returns the newest checkpoint's path."""
     every = run.config.save_every
     if (force or (every and step % every == 0)) and run.checkpointer.last_step != step:
-        run.checkpointer.save(run, step, *position)
+        path = run.checkpointer.save(run, step, *position)
+        if run.logger is not None:
+            run.logger.say(checkpoint_line(step, path))
     return run.checkpointer.last_path

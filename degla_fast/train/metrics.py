@@ -1,4 +1,5 @@
-"""Where training metrics go: ``OUTPUT/metrics.jsonl`` (always), a progress bar, TensorBoard or wandb.
+"""Where training metrics go: ``OUTPUT/metrics.jsonl`` (always), a progress bar (stderr a
+terminal) or plain lines (stdout not a terminal, :mod:`.loglines`), TensorBoard or wandb.
 
 Only rank 0 creates a :class:`MetricsLogger`; rows hold plain numbers (means over ranks are
 taken by the caller).
@@ -15,6 +16,7 @@ import torch
 from ..errors import ConfigError
 from ..io import write_text_atomic
 from .distributed import sum_across
+from .loglines import step_line
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -30,11 +32,15 @@ class MetricsLogger:
     progress bar and TensorBoard/wandb writer.
 
     ``resume_step``: on resume, rows logged after that step (by the interrupted run, past its last
-    checkpoint) are dropped so that the file reads as one uninterrupted run.
+    checkpoint) are dropped so that the file reads as one uninterrupted run. ``lines``: print each
+    row and :meth:`say`'s lines on stdout (default: when stdout is not a terminal, a job's log).
     """
 
     def __init__(self, output: Path, *, total_steps: int, start_step: int = 0, resume_step: int | None = None,
-                 progress: bool = True, report_to: str = "none", run_config: dict | None = None):
+                 progress: bool = True, report_to: str = "none", run_config: dict | None = None,
+                 lines: bool | None = None):
+        self.total_steps = total_steps
+        self.lines = not sys.stdout.isatty() if lines is None else lines
         self.path = Path(output) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -67,6 +73,8 @@ class MetricsLogger:
         """Write one row (must hold ``step``) everywhere it goes."""
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self.lines:
+            self.say(step_line(row, self.total_steps))
         step = row["step"]
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
         if self.writer is not None:
@@ -74,6 +82,11 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{key}", value, step)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def say(self, line: str) -> None:
+        """``line`` on stdout when the run reports itself in lines (see ``lines``)."""
+        if self.lines:
+            print(line, flush=True)
 
     def advance(self, steps: int, postfix: dict | None = None) -> None:
         """Move the progress bar (if any) and show ``postfix``."""

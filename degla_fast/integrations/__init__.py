@@ -1,0 +1,6 @@
+"""Our loss inside other trainers: one module per trainer, the only place that touches its internals.
+
+* :mod:`degla_fast.integrations.open_clip`: ``use_degla_loss()`` / ``restore()`` for open_clip's
+  ``open_clip_train``; ``python -m degla_fast.integrations.open_clip_train ARGS...`` runs its
+  ``main(ARGS)`` with our loss.
+"""
