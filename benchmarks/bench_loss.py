@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_ratios, percentiles, profile_trace, roofline,  # noqa: E402
-                    report_run, run_case_in_subprocess, peak_memory_bytes)
+from common import (add_ratios, peak_memory_bytes, profile_trace, report_run, roofline,  # noqa: E402
+                    run_case_in_subprocess, time_fn)
 
 from degla_fast.profiling import profile_range  # noqa: E402
 
@@ -170,27 +170,12 @@ def _sync(device: torch.device) -> None:
 
 def timed(step, device: torch.device, budget_s: float = CASE_BUDGET_S) -> dict:
     """p20/p50/p80 of ``step`` in ms over as many iterations as fit in ``budget_s`` (3..30),
-    after warm-up calls (CUDA events on a GPU, perf_counter on the CPU)."""
+    judged from one first, timed call, after a second warm-up call."""
     t0 = time.perf_counter()
     step()
     _sync(device)
-    first = time.perf_counter() - t0
-    step()  # a second warm-up: autotuners and allocators settle after the first call
-    iters = max(3, min(30, int(budget_s / max(first, 1e-6))))
-    samples = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - t) * 1e3)
-    return {**percentiles(samples), "iters": iters}
+    iters = max(3, min(30, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
+    return {**time_fn(step, device=device, warmup=1, iters=iters), "iters": iters}
 
 
 def grad_errors(grads, x: dict, num_negatives: int) -> dict:
