@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..functional import _resolve_for
+from ..functional import DEFAULT_CHUNK_BYTES, _resolve_for
 
 if TYPE_CHECKING:
     from .builder import Run
@@ -31,13 +31,17 @@ def clock(seconds: float) -> str:
 
 def loss_backend(run: "Run") -> str:
     """The loss backend this run's batches get: the loss's own per-call rule
-    (:func:`degla_fast.functional._resolve_for`) on the shapes of one batch, on the run's device."""
+    (:func:`degla_fast.functional._resolve_for`) on the shapes, dtype and device of one batch's
+    features, with the run's loss settings."""
     config, world = run.config, run.info.world_size
     rows = config.data.batch_size
-    # Only the shapes and the device count: empty rows of width 0 stand for the features.
-    image = torch.empty((rows, 0), device=run.device)
-    text = torch.empty((rows * (1 + config.loss.num_negatives), 0), device=run.device)
-    return _resolve_for(config.loss.backend, image, text, config.loss.local_loss, world, "tf32")
+    # Only shapes, dtype and device count: empty rows of width 0 stand for the features, which
+    # reach the loss in the forward's autocast dtype (train_step).
+    dtype = run.parts.autocast_dtype or torch.float32
+    image = torch.empty((rows, 0), device=run.device, dtype=dtype)
+    text = torch.empty((rows * (1 + config.loss.num_negatives), 0), device=run.device, dtype=dtype)
+    # The trainer's loss keeps the loss's defaults for the dot precision and the chunk budget.
+    return _resolve_for(config.loss.backend, image, text, config.loss.local_loss, world, "tf32", DEFAULT_CHUNK_BYTES)
 
 
 def start_line(run: "Run", resumed_from: Path | None) -> str:
