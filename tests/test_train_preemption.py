@@ -1,7 +1,7 @@
 """A run on a cluster (issue 23). Preemption the way schedulers send it: SIGTERM (or SIGINT) to
 the whole process group, data workers included, at any moment, saves and stops; ``--resume
 latest`` then continues as if nothing happened; with the torch DataLoader's workers, DALI's reader
-processes, and two ranks under torchrun.
+processes, and two ranks under torchrun. And one writer per run folder.
 
 Each run is a subprocess in a session of its own (as a scheduler starts a job), paused by
 tests/stop_probe.py at a named moment (start-up, inside a step, inside a checkpoint write) where
@@ -227,7 +227,8 @@ def test_torchrun_forwarded_sigterm_stops_every_rank_at_one_step_and_resumes_exa
     run_job(train_args(synth, straight, *two), tmp_path / "logs-straight", ranks=2)
     out = tmp_path / "run"
     job = Job(train_args(synth, out, *two), tmp_path / "logs-1", at="step:3", ranks=2)
-    job.wait_for("step-3.rank0")
+    rank0 = job.wait_for("step-3.rank0")
+    assert (out / ".lock").read_text().startswith(f"pid {rank0} on ")  # rank 0 holds the run's lock
     job.signal(signal.SIGTERM)  # to torchrun, which forwards it to each rank's group
     job.finish()
     err = job.err()
@@ -238,8 +239,50 @@ def test_torchrun_forwarded_sigterm_stops_every_rank_at_one_step_and_resumes_exa
     state = torch.load(folder / "step_00000004.pt", map_location="cpu", weights_only=True)
     assert (folder / "latest").read_text().strip() == "step_00000004.pt"
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # both ranks' state: a complete checkpoint
+    assert (out / ".lock").read_text() == ""  # released
     run_job(train_args(synth, out, *two, "--resume", "latest"), tmp_path / "logs-2", ranks=2)
     assert rows(out) == rows(straight) and [r["step"] for r in rows(out)] == [2, 4, 6]
+
+
+# ---------------------------------------------------------------- one writer per run folder
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_lock(synth, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(synth, out, "--resume", "latest", workers=0)
+    first = Job(args, tmp_path / "logs-1", at="step:3", pause=600)
+    holder = first.wait_for("step-3.rank0")  # steps 1-2 logged and saved, step 3 under way
+    second = Job(args, tmp_path / "logs-2")
+    assert second.finish() == 2, second.err()[-3000:]
+    lines = second.err().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.err(), second.err()[-3000:]
+    assert lines[0] == (f"degla-fast: error: output: {out} is in use by another run (pid {holder} on "
+                        f"{socket.gethostname()}, holding {out / '.lock'}); wait for it to end or stop it, or choose "
+                        "another --output")
+    assert [r["step"] for r in rows(out)] == [1, 2]  # the second one wrote nothing
+    first.kill()  # SIGKILL: no clean-up; the file still names it, but the kernel took its lock
+    assert (out / ".lock").read_text().startswith(f"pid {holder} on ")
+    run_job(args, tmp_path / "logs-3")
+    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert (out / ".lock").read_text() == ""  # released at the end
+
+
+def test_the_run_lock_is_exclusive_names_its_holder_and_goes_with_release(tmp_path):
+    from degla_fast.errors import DataError
+    from degla_fast.train.run_lock import RunLock, holder_error
+
+    folder = tmp_path / "new" / "run"
+    assert holder_error(folder) is None
+    lock = RunLock.acquire(folder)  # creates the folder
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    assert (folder / ".lock").read_text() == me + "\n"
+    # flock is per open file: a second acquisition in this process is refused as another's would be
+    with pytest.raises(DataError, match=f"in use by another run \\({me}, holding "):
+        RunLock.acquire(folder)
+    assert f"({me}, holding" in holder_error(folder)
+    lock.release()
+    assert (folder / ".lock").read_text() == "" and holder_error(folder) is None
+    RunLock.acquire(folder).release()
 
 
 # ---------------------------------------------------------------- the pieces
