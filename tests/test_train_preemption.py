@@ -189,7 +189,7 @@ def test_a_signal_repeated_after_the_window_stops_at_once_in_one_line(synth, tmp
     job = Job(train_args(synth, out), tmp_path / "logs", at="step:3", pause=120)
     job.wait_for("step-3.rank0")
     job.signal(signal.SIGTERM)
-    time.sleep(REPEAT_WINDOW + 0.5)
+    time.sleep(REPEAT_WINDOW + 1.0)
     job.signal(signal.SIGINT)
     status = job.finish(timeout=60)
     err = job.err()

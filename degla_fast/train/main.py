@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         # One closing line: where the run ended and what to resume or export from.
         what = "stopped by a signal" if result.reason == "signal" else "finished"
         print(f"degla-fast train: {what} at step {result.step} in {time.perf_counter() - started:.0f} s; "
-              f"checkpoint {result.checkpoint or 'none yet'}; metrics {Path(config.output) / 'metrics.jsonl'}", flush=True)
+              f"checkpoint {result.checkpoint or 'none yet'}; metrics {Path(config.output) / 'metrics.jsonl'}",
+              flush=True)
     return 0
 
 
