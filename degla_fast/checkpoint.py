@@ -213,13 +213,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise DataError(f"{path}: folder holds no 'latest' or 'checkpoints/latest' file")
     if path.name == "latest" and path.is_file():
         try:
-            target = path.parent / path.read_text(encoding="utf-8").strip()
+            name = path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not a 'latest' pointer (not UTF-8 text at byte {err.start})") from None
         except OSError as err:
             raise DataError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
-        if not target.name or "\n" in target.name or len(target.name) > 255:
+        if not name or "\n" in name or len(name) > 255:
             raise DataError(f"{path}: not a 'latest' pointer (expected one checkpoint file name)")
+        if "/" in name or "\\" in name or name in (".", ".."):
+            # An absolute path or one through '..' would resume (or export) another run's file.
+            raise DataError(f"{path}: names {name!r}, outside its folder {path.parent}; 'latest' holds the file "
+                            "name of a checkpoint next to it")
+        target = path.parent / name
         if not target.is_file():
             raise DataError(f"{path}: names {target.name!r}, which does not exist in {path.parent}")
         return target

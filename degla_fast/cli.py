@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .errors import ConfigError, DeglaError
+from .stop_signals import StopNow, stop_request
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
+    # The trainer's imports take seconds: a stop signal during them is a stop request already.
+    installed = command == "train" and stop_request.install()
     try:
         args, unknown = build_parser(command).parse_known_args(argv)
         if unknown:  # named here, with the sub-command whose --help lists its flags
@@ -56,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeglaError as err:
         print(f"degla-fast: error: {err}", file=sys.stderr)
         return 2
+    except StopNow as stop:
+        print(f"degla-fast: {stop}", file=sys.stderr)
+        return stop.status
+    finally:
+        if installed:
+            stop_request.restore()
 
 
 if __name__ == "__main__":

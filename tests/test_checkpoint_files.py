@@ -64,6 +64,24 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(failur
     assert ckpt.resolve_checkpoint(folder) == first
 
 
+@pytest.mark.parametrize("pointer", ["../other/step_00000001.pt", "ABSOLUTE", "..", "sub/step_00000001.pt"])
+def test_a_latest_that_points_outside_its_folder_is_refused(pointer, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    ckpt.save_checkpoint(other, _payload(1), keep_last=1)  # a real checkpoint there: only the check refuses
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    ckpt.save_checkpoint(tmp_path / "run" / "sub", _payload(1), keep_last=1)
+    pointer = str(other / "step_00000001.pt") if pointer == "ABSOLUTE" else pointer
+    (tmp_path / "run" / "latest").write_text(pointer + "\n")
+    for given in (tmp_path / "run", tmp_path / "run" / "latest"):
+        with pytest.raises(DataError, match="outside its folder") as refused:
+            ckpt.resolve_checkpoint(given)
+        assert str(refused.value).startswith(f"{tmp_path / 'run' / 'latest'}: names {pointer!r}, outside")
+    (tmp_path / "run" / "latest").write_text("step_00000001.pt\n")
+    ckpt.save_checkpoint(tmp_path / "run", _payload(1), keep_last=1)
+    assert ckpt.resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "step_00000001.pt"
+
+
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     ckpt.save_checkpoint(tmp_path, _payload(3), keep_last=3)
     torn = [tmp_path / ".step_00000004.pt.k2j3h4.tmp", tmp_path / ".latest.abc.tmp"]

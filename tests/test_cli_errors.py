@@ -3,6 +3,7 @@ exit status 2, one line on stderr, no traceback, and every file that was there b
 (and no new one written)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -15,7 +16,8 @@ from degla_fast import checkpoint as ckpt
 
 def _workspace(root):
     """Files the cases point at: a training run with one checkpoint, a text file, a JSON file,
-    non-UTF-8 inputs, a training CSV without negatives, an empty data file."""
+    non-UTF-8 inputs, a training CSV without negatives, an empty data file, a run folder another
+    run holds, 'latest' pointers out of their folders. Returns the lock on busy/ (keep it open)."""
     run = root / "run" / "checkpoints"
     run.mkdir(parents=True)
     ckpt.save_checkpoint(run, {"model_name": "degla-tiny", "student": {"w": torch.ones(2)}, "teacher": None,
@@ -44,6 +46,18 @@ def _workspace(root):
         (root / "zs" / label).mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "zs" / "dog" / "1.png")
     os.mkfifo(root / "zs" / "cat" / "0.png")  # nobody writes to it: an open that blocks waits for ever
+    # Another run writing busy/ (its lock held, as that run's would be); 'latest' files that
+    # point outside their folders: up through '..', and an absolute path.
+    (root / "busy").mkdir()
+    held = open(root / "busy" / ".lock", "w")
+    held.write("pid 4242 on elsewhere\n")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX)
+    for name, target in (("escape", "../../run/checkpoints/step_00000001.pt"),
+                         ("absolute", str(run / "step_00000001.pt"))):
+        (root / name / "checkpoints").mkdir(parents=True)
+        (root / name / "checkpoints" / "latest").write_text(target + "\n")
+    return held
 
 
 C = "run/checkpoints/step_00000001.pt"
@@ -89,6 +103,20 @@ CASES = {
                                               "--output", "run", "--set", "data.pipeline=torch", "--data",
                                               "train.csv", "--pretrained", "none", "--num-negatives", "0"],
                                              "run already holds a run (checkpoints); resume it with --resume latest"),
+    # One writer per run folder; a 'latest' pointer stays in its folder (issue 23).
+    "train into a folder another run is writing": (TRAIN + ["--data", "train.csv", "--pretrained", "none",
+                                                           "--num-negatives", "0", "--batch-size", "1", "--output",
+                                                           "busy", "--resume", "latest"],
+                                                  "output: busy is in use by another run (pid 4242 on elsewhere, "
+                                                  "holding busy/.lock)"),
+    "train --resume latest through '..'": (TRAIN + ["--data", "train.csv", "--pretrained", "none", "--output",
+                                                    "escape", "--resume", "latest"],
+                                           "escape/checkpoints/latest: names '../../run/checkpoints/step_00000001.pt', "
+                                           "outside its folder"),
+    "train --resume latest to an absolute path": (TRAIN + ["--data", "train.csv", "--pretrained", "none", "--output",
+                                                           "absolute", "--resume", "latest"],
+                                                  "absolute/checkpoints/latest: names '/"),
+    "export a run whose latest points out of it": (["export", "escape", "x.pt"], "outside its folder"),
     "negatives non-UTF-8 CSV": (["negatives", "--input", "latin1.csv", "--output", "n.json"],
                                 "latin1.csv: not UTF-8 text (byte 0xe9 at byte offset 26"),
     "negatives non-UTF-8 JSON": (["negatives", "--input", "latin1.json", "--output", "n.json"],
@@ -156,12 +184,13 @@ def _snapshot(root):
 def test_user_mistake_is_one_line_exit_2_and_nothing_changes(case, tmp_path, monkeypatch, capsys):
     if case == "eval --device cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    _workspace(tmp_path)
+    busy = _workspace(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv, expected = CASES[case]
     before = _snapshot(tmp_path)
     capsys.readouterr()
     status = main(list(argv))
+    busy.close()
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status == 2, err

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..stop_signals import held, leave_to_parent
 from .sampling import _rng
 from .sources import Record, image_name, read_image_bytes
 from .text import batch_tokens, trim_tokens
@@ -157,6 +158,11 @@ class EpochSource:
     def __getstate__(self):
         return {**self.__dict__, "_plan": None, "_batches": None}
 
+    def __setstate__(self, state):
+        # Unpickled in each DALI worker process as it starts (DALI has no worker initializer).
+        self.__dict__.update(state)
+        leave_to_parent()
+
     def epoch_plan(self, epoch_idx: int) -> tuple[int, int]:
         if self._plan is None:
             self._plan = np.memmap(self.plan_path, dtype=np.int64, mode="r", shape=(_PLAN_SLOTS, 2))
@@ -224,6 +230,7 @@ _WORKER_STATE: dict = {}
 
 
 def _init_text_worker(records, tokenizer, num_negatives, with_replacement, trim, token_cache=None):
+    leave_to_parent()
     _WORKER_STATE.update(records=records, tokenizer=tokenizer, k=num_negatives, rep=with_replacement, trim=trim,
                          cache=token_cache)
 
@@ -239,7 +246,8 @@ def _text_job(indices, seed, epoch):
 
 def text_pool(records, tokenizer, num_negatives, with_replacement, trim, workers, token_cache=None):
     """Processes that tokenise batches off the training process (BPE on ``B*(1+K)`` captions costs
-    tens of ms of Python per batch). Spawned, not forked: forking next to DALI's threads can hang."""
+    tens of ms of Python per batch). Spawned, not forked: forking next to DALI's threads can hang.
+    Its processes start at a ``submit`` (:meth:`DaliEpochs._text` holds the stop signals there)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -302,6 +310,8 @@ class DaliEpochs:
         source = EpochSource(self.records, self._plan_path, batch_size=self.batch_size, seed=self.seed,
                              rank=self.rank, world_size=self.world_size, skip_bad_images=self.skip_bad_images)
         self.pipe, self._dali_epoch = _build_pipeline(source, **self._graph), 0
+        with held():  # the reader processes start here; they leave stop signals to the trainer
+            self.pipe.build()
         self.builds += 1
 
     def close_pipeline(self):
@@ -325,7 +335,8 @@ class DaliEpochs:
     def _text(self, indices):
         if self.pool is None:
             return _text_job_inline(self, indices)
-        return self.pool.submit(_text_job, indices, self.seed, self.epoch)
+        with held():  # a submit may start a pool process: it leaves stop signals to the trainer
+            return self.pool.submit(_text_job, indices, self.seed, self.epoch)
 
     def iterate(self, epoch: int, start_batch: int = 0):
         from .sampling import epoch_batches

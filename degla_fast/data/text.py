@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..stop_signals import held, leave_to_parent
+
 
 def tokenize_captions(tokenizer: Callable[[list[str]], torch.Tensor], positives: Sequence[str],
                       negatives: Sequence[Sequence[str]] = (), *, trim: bool = True) -> torch.Tensor:
@@ -111,7 +113,10 @@ class TokenCache:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            # A stop signal to the process group waits for the end of this start-up work (the
+            # trainer then stops) instead of ending the pool's processes under it.
+            with held(), ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=leave_to_parent) as ex:
                 parts = list(ex.map(_tokenize_chunk, jobs))
         else:
             parts = [_tokenize_chunk(job) for job in jobs]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DataError, from_worker
+from ..stop_signals import held, leave_to_parent
 from .sampling import _rng
 from .sources import Record, image_name, read_image_bytes
 from .text import batch_tokens
@@ -113,11 +114,15 @@ def torch_batches(dataset: BatchDataset, start_batch: int, num_workers: int, pin
     subset = torch.utils.data.Subset(dataset, range(start_batch, len(dataset)))
     # Forking a process in which DALI has run threads can hang the child: spawn workers then.
     context = "spawn" if num_workers > 0 and "nvidia.dali.backend" in sys.modules else None
+    # Workers leave SIGTERM/SIGINT to the trainer (a scheduler signals the whole process group):
+    # they start with the signals held and stop only when the loader ends them.
     loader = torch.utils.data.DataLoader(subset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                         multiprocessing_context=context,
+                                         multiprocessing_context=context, worker_init_fn=leave_to_parent,
                                          pin_memory=pin_memory, persistent_workers=False,
                                          prefetch_factor=2 if num_workers > 0 else None)
     try:
-        yield from loader
+        with held():  # the workers start here
+            batches = iter(loader)
+        yield from batches
     except DataError as err:  # from a worker: its message is the worker's traceback
         raise from_worker(err) from None

@@ -22,6 +22,7 @@ from . import distributed as dist_utils
 from .checkpointer import Checkpointer
 from .config import TrainConfig, to_dict
 from .metrics import MetricsLogger
+from .run_lock import RunLock, holder_error
 from .optim import build_optimizer, build_scheduler
 from ..precision import autocast_dtype
 from .optim import MAX_LOGIT_SCALE
@@ -47,6 +48,7 @@ class Run:
     logger: MetricsLogger | None  # rank 0 only
     total_steps: int
     start: tuple[int, int, int] = (0, 0, 0)  # (step, epoch, batch) to continue from
+    lock: RunLock | None = None  # the output folder's lock, rank 0 only
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +66,8 @@ class Run:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
         self.data.close()
         if hasattr(self.teacher, "close"):
             self.teacher.close()
@@ -82,6 +86,9 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     output = Path(config.output)
     checkpointer = Checkpointer(output / "checkpoints", config.resume, info)
     archive = _check_output(output, config, resuming=checkpointer.resuming)
+    # Another run writing this folder is said before the model and data are built (the lock
+    # itself is taken before the first write, _write_output).
+    dist_utils.raise_on_any_rank(holder_error(output) if info.is_main else None, info)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (random ones included)
     # On resume the weights come from the checkpoint: never fetch pretrained ones again.
@@ -142,12 +149,16 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     if not checkpointer.resuming:
         torch.manual_seed(config.seed + info.rank)
     # Written once everything a user can get wrong has been read: a mistake leaves no trace.
-    _write_output(output, config, info, archive)
+    run.lock = _write_output(output, config, info, archive)
     if info.is_main:
-        run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
-                                   resume_step=run.start[0] if checkpointer.resuming else None,
-                                   progress=config.progress, report_to=config.report_to, run_config=to_dict(config),
-                                   lines=config.log_lines)
+        try:
+            run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
+                                       resume_step=run.start[0] if checkpointer.resuming else None,
+                                       progress=config.progress, report_to=config.report_to,
+                                       run_config=to_dict(config), lines=config.log_lines)
+        except BaseException:
+            run.lock.release()
+            raise
     for note in checkpointer.notes:
         run.warn(note)
     return run
@@ -237,17 +248,22 @@ def _holds_run(output: Path) -> bool:
     return has_checkpoint or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
-def _write_output(output: Path, config: TrainConfig, info, archive: list[str]) -> None:
-    """On rank 0: the output folder, the previous run's files moved to ``previous/<time>/``
-    (``archive``), torn temporary files of a killed save removed, ``config.yaml``. A failure is
-    ``cannot write PATH: reason`` on every rank."""
-    error = None
+def _write_output(output: Path, config: TrainConfig, info, archive: list[str]) -> RunLock | None:
+    """On rank 0: the output folder and its lock (one writer per run folder; returned, None on
+    other ranks), the previous run's files moved to ``previous/<time>/`` (``archive``), torn
+    temporary files of a killed save removed, ``config.yaml``. A failure (``cannot write PATH:
+    reason``, another run holding the folder) is one line on every rank."""
+    error = lock = None
     if info.is_main:
         try:
+            lock = RunLock.acquire(output)
             _write_output_files(output, config, archive)
         except DataError as err:
             error = str(err)
+            if lock is not None:
+                lock.release()
     dist_utils.raise_on_any_rank(error, info)
+    return lock
 
 
 def _write_output_files(output: Path, config: TrainConfig, archive: list[str]) -> None:

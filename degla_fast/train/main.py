@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, DeglaError, NonFiniteError
+from ..stop_signals import StopNow, stop_request
 from . import distributed as dist_utils
 from .builder import Run, build_run
 from .config import TrainConfig, add_flags, describe, flag_overrides, load_config
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         # One closing line: where the run ended and what to resume or export from.
         what = "stopped by a signal" if result.reason == "signal" else "finished"
         print(f"degla-fast train: {what} at step {result.step} in {time.perf_counter() - started:.0f} s; "
-              f"checkpoint {result.checkpoint}; metrics {Path(config.output) / 'metrics.jsonl'}", flush=True)
+              f"checkpoint {result.checkpoint or 'none yet'}; metrics {Path(config.output) / 'metrics.jsonl'}",
+              flush=True)
     return 0
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeglaError as err:
         print(f"degla-fast: error: {err}", file=sys.stderr)
         return 2
+    except StopNow as stop:
+        print(f"degla-fast: {stop}", file=sys.stderr)
+        return stop.status
 
 
 # ---------------------------------------------------------------- the run
@@ -93,32 +97,6 @@ class TrainResult:
     reason: str
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the run exits 0.
-    A second signal interrupts at once."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: the user insists, stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _check_data_path(path: str) -> None:
     """One clear line for a missing local data file (shard patterns and URLs are checked by the loader)."""
     if "{" in path or "://" in path or path.startswith("pipe:"):
@@ -129,7 +107,18 @@ def _check_data_path(path: str) -> None:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run the training ``config`` describes; see the module doc. Raises DeglaError on user errors,
-    NonFiniteError (after saving) when the loss stays non-finite."""
+    NonFiniteError (after saving) when the loss stays non-finite. SIGTERM and SIGINT are stop
+    requests from here on (:mod:`degla_fast.stop_signals`; the command line handles them from
+    before its imports)."""
+    installed = stop_request.install()
+    try:
+        return _train(config)
+    finally:
+        if installed:
+            stop_request.restore()
+
+
+def _train(config: TrainConfig) -> TrainResult:
     _check_data_path(config.data.path)
     ds_config = None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,41 +151,46 @@ def _train_loop(run: Run) -> TrainResult:
         run.logger.say(start_line(run, run.checkpointer.resume_path))
     if step >= run.total_steps:  # resumed at the end: nothing left to do
         return TrainResult(step, run.checkpointer.last_path, "done")
-    stop = _StopFlag().install()
-    # One process reads its stop flag after every batch (a host variable: no sync); several
-    # agree on theirs at the reads, which every rank makes at the same steps.
+    # One process reads its stop request after every batch (a host variable: no sync). Several
+    # must stop at the same step (a save is a collective), so they agree on theirs where the host
+    # reads the device anyway: at log steps and saves (StepCounters.read sums the flags with the
+    # losses), at most log_every steps after the signal; no read is added to the steps between.
     alone = not run.info.distributed
+    # A stop asked for during start-up ends the run before its first step (one collective here).
+    if dist_utils.any_true(stop_request.requested, run.info):
+        run.warn(f"stop signal received during start-up: no step trained; the last checkpoint is "
+                 f"{run.checkpointer.last_path or 'none yet'}")
+        return TrainResult(step, run.checkpointer.last_path, "signal")
     counters, window = StepCounters(run.device), Window(step, time.perf_counter())
     result = lr = None
-    try:
+    tick = time.perf_counter()
+    for batch_epoch, position, batch in _batches(run, epoch, batch_index, lambda: alone and stop_request.requested):
+        if batch is not None:  # None: a stop signal while only unreadable batches came
+            images = batch.images.to(run.device, non_blocking=True)
+            tokens = batch.tokens.to(run.device, non_blocking=True)
+            if run.parts.sync is not None:
+                run.parts.sync()
+            window.data_time += time.perf_counter() - tick
+            lr = run.optimizer.param_groups[0]["lr"]
+            result = train_step(run.parts, images, tokens)
+            counters.add(result.applied)  # counted as applied until the host reads the counters
+            step += 1
+        signalled = stop_request.requested
+        due_save = bool(config.save_every) and step % config.save_every == 0
+        if batch is None or (alone and signalled) or step % config.log_every == 0 or step >= run.total_steps \
+                or due_save:
+            # The one host sync of these log_every steps.
+            stop_now, step, window = _log_step(run, counters, result, signalled, step, batch_epoch, lr, window,
+                                               position)
+            path = _maybe_save(run, step, position, force=stop_now or step >= run.total_steps)
+            if alone and stop_request.requested and not stop_now:  # it came while logging or saving
+                stop_now, path = True, _maybe_save(run, step, position, force=True)
+            if stop_now:
+                run.warn(f"stop signal received: saved step {step} to {path}; resume with --resume latest")
+                return TrainResult(step, path, "signal")
+            if step >= run.total_steps:
+                return TrainResult(step, path, "done")
         tick = time.perf_counter()
-        for batch_epoch, position, batch in _batches(run, epoch, batch_index, lambda: alone and stop.signum is not None):
-            if batch is not None:  # None: a stop signal while only unreadable batches came
-                images = batch.images.to(run.device, non_blocking=True)
-                tokens = batch.tokens.to(run.device, non_blocking=True)
-                if run.parts.sync is not None:
-                    run.parts.sync()
-                window.data_time += time.perf_counter() - tick
-                lr = run.optimizer.param_groups[0]["lr"]
-                result = train_step(run.parts, images, tokens)
-                counters.add(result.applied)  # counted as applied until the host reads the counters
-                step += 1
-            signalled = stop.signum is not None
-            due_save = bool(config.save_every) and step % config.save_every == 0
-            if batch is None or (alone and signalled) or step % config.log_every == 0 or step >= run.total_steps \
-                    or due_save:
-                # The one host sync of these log_every steps.
-                stop_now, step, window = _log_step(run, counters, result, signalled, step, batch_epoch, lr, window,
-                                                   position)
-                path = _maybe_save(run, step, position, force=stop_now or step >= run.total_steps)
-                if stop_now:
-                    run.warn(f"stop signal received: saved step {step} to {path}; resume with --resume latest")
-                    return TrainResult(step, path, "signal")
-                if step >= run.total_steps:
-                    return TrainResult(step, path, "done")
-            tick = time.perf_counter()
-    finally:
-        stop.restore()
     raise AssertionError("the batch stream ended")  # _batches crosses epochs until the loop returns
 
 
