@@ -110,17 +110,20 @@ class Job:
             pass
         self.proc.wait(30)
 
-    def assert_group_gone(self, timeout: float = 30) -> None:
-        """Every process of the job (the data workers too) has ended."""
+    def assert_group_gone(self, *groups: int, timeout: float = 30) -> None:
+        """Every process of the job (the data workers too) has ended; ``groups``: more process
+        groups to check (torchrun starts each rank in a session of its own)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        self.kill()
-        pytest.fail("processes of the stopped run were left behind")
+        for group in (self.proc.pid, *groups):
+            while True:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                if time.monotonic() > deadline:
+                    self.kill()
+                    pytest.fail(f"processes of the stopped run were left behind (process group {group})")
+                time.sleep(0.2)
 
 
 def run_job(args, logs: Path, **kwargs) -> Job:
@@ -227,14 +230,14 @@ def test_torchrun_forwarded_sigterm_stops_every_rank_at_one_step_and_resumes_exa
     run_job(train_args(synth, straight, *two), tmp_path / "logs-straight", ranks=2)
     out = tmp_path / "run"
     job = Job(train_args(synth, out, *two), tmp_path / "logs-1", at="step:3", ranks=2)
-    rank0 = job.wait_for("step-3.rank0")
+    rank0, rank1 = job.wait_for("step-3.rank0"), job.wait_for("step-3.rank1")
     assert (out / ".lock").read_text().startswith(f"pid {rank0} on ")  # rank 0 holds the run's lock
     job.signal(signal.SIGTERM)  # to torchrun, which forwards it to each rank's group
     job.finish()
     err = job.err()
     assert "stop signal received: saved step 4" in err, err[-3000:]
     assert "killed by signal" not in err and "stopped at once" not in err, err[-3000:]
-    job.assert_group_gone()
+    job.assert_group_gone(rank0, rank1)  # each rank's group: the rank and its data worker
     folder = out / "checkpoints"
     state = torch.load(folder / "step_00000004.pt", map_location="cpu", weights_only=True)
     assert (folder / "latest").read_text().strip() == "step_00000004.pt"
