@@ -49,6 +49,15 @@ def test_plain_run_reads_the_device_once_per_log_interval(synth, tmp_path, preci
     assert steps == EXPECTED
 
 
+@pytest.mark.parametrize("backend", ["reference", "gemm", "triton"])  # auto is torch on the CPU (above)
+def test_every_loss_backend_reads_nothing_between_log_steps(synth, tmp_path, backend):
+    # Backward passes included: the worker also counts ATen's _local_scalar_dense.
+    import sync_count_worker
+
+    steps = sync_count_worker.run(train_args(synth, tmp_path / backend, "--set", f"loss.backend={backend}"))
+    assert steps == EXPECTED
+
+
 def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
     # A NaN loss at step 2 is skipped on the device; the host learns it at step 3's read.
     import sync_count_worker
