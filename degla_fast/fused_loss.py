@@ -91,6 +91,19 @@ def _upstream(grad_outs) -> torch.Tensor | None:
     return torch.stack([g.reshape(()) if g is not None else ref.new_zeros(()) for g in grad_outs]).float()
 
 
+def _keep(ctx, terms: LossTerms, scale: torch.Tensor, *tensors) -> None:
+    """What both backwards need: the tensors, the terms, the scale's shape and dtype (its
+    gradient's); gradients of unused outputs stay None (no zero tensors made for them)."""
+    ctx.save_for_backward(*tensors)
+    ctx.terms, ctx.scale_meta = terms, (scale.shape, scale.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _scale_grad(ctx, dscale: torch.Tensor) -> torch.Tensor:
+    shape, dtype = ctx.scale_meta
+    return dscale.reshape(shape).to(dtype)
+
+
 def _local_forward(terms: LossTerms, q, x, teacher_q, teacher_x):
     """(tgc [B], tgc lse [B], distillation [B]) of the whole batch, or three Nones."""
     if not terms.local:
@@ -134,10 +147,9 @@ class GemmLoss(torch.autograd.Function):
         tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
         outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
         stored = logits if len(chunks) == 1 else None  # one chunk: keep it, skip the recomputation
-        ctx.save_for_backward(q, x, s, teacher_q, teacher_x, state["row_m"], state["group_m"], state["col_m"],
-                              tgc_lse, stored)
-        ctx.terms, ctx.chunks, ctx.scale_meta = terms, chunks, (scale.shape, scale.dtype)
-        ctx.set_materialize_grads(False)
+        _keep(ctx, terms, scale, q, x, s, teacher_q, teacher_x, state["row_m"], state["group_m"], state["col_m"],
+              tgc_lse, stored)
+        ctx.chunks = chunks
         return outs
 
     @staticmethod
@@ -178,8 +190,7 @@ class GemmLoss(torch.autograd.Function):
         dq, dx, dscale = kernels.finalize(dq_raw, dx_raw, s, grads, parts, q, x, local, num_groups=num_groups,
                                           num_negatives=K, official=terms.official, tgc_scale=terms.tgc_scale,
                                           weights=terms.weights, **terms.flags)
-        shape, dtype = ctx.scale_meta
-        return dq, dx, dscale.reshape(shape).to(dtype), None, None, None
+        return dq, dx, _scale_grad(ctx, dscale), None, None, None
 
 
 class TritonLoss(torch.autograd.Function):
@@ -207,10 +218,8 @@ class TritonLoss(torch.autograd.Function):
                               n_splits=col_splits, per_split=col_per)
         tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
         outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
-        ctx.save_for_backward(q, x, s, teacher_q, teacher_x, state["row_m"][0], state["group_m"][0],
-                              state["col_m"][0], tgc_lse)
-        ctx.terms, ctx.scale_meta = terms, (scale.shape, scale.dtype)
-        ctx.set_materialize_grads(False)
+        _keep(ctx, terms, scale, q, x, s, teacher_q, teacher_x, state["row_m"][0], state["group_m"][0],
+              state["col_m"][0], tgc_lse)
         return outs
 
     @staticmethod
@@ -230,8 +239,7 @@ class TritonLoss(torch.autograd.Function):
         dscale = kernels.backward(q, x, s, grads, (row_lse, group_lse, col_lse), dq, dx, row_offset=terms.row_offset,
                                   num_negatives=terms.num_negatives, weights=terms.weights, accumulate=terms.local,
                                   precision=terms.precision, **terms.flags)
-        shape, dtype = ctx.scale_meta
-        return dq, dx, dscale.reshape(shape).to(dtype), None, None, None
+        return dq, dx, _scale_grad(ctx, dscale), None, None, None
 
 
 FUSED = {"gemm": GemmLoss, "triton": TritonLoss}
