@@ -19,5 +19,9 @@ def thread_names() -> list[str]:
 
 if __name__ == "__main__":
     code = main(sys.argv[1:])
-    print("threads at exit: " + " ".join(thread_names()), file=sys.stderr)
+    sys.stderr.flush()
+    # One write of the whole line (atomic on a pipe below 4 KiB): print() writes the text and its
+    # newline separately, and two ranks finishing together once ran their lines into one.
+    os.write(2, ("threads at exit: " + " ".join(thread_names()) + "
+").encode())
     sys.exit(code)
