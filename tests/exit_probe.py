@@ -22,6 +22,5 @@ if __name__ == "__main__":
     sys.stderr.flush()
     # One write of the whole line (atomic on a pipe below 4 KiB): print() writes the text and its
     # newline separately, and two ranks finishing together once ran their lines into one.
-    os.write(2, ("threads at exit: " + " ".join(thread_names()) + "
-").encode())
+    os.write(2, ("threads at exit: " + " ".join(thread_names()) + "\n").encode())
     sys.exit(code)
