@@ -83,7 +83,8 @@ class Step:
         from degla_fast.model import create_model
         from degla_fast.reference import ema_update_loop_
         from degla_fast.train.optim import build_optimizer, build_scheduler
-        from degla_fast.train.step import StepParts, clamp_logit_scale_, make_loss
+        from degla_fast import DeGLALoss
+        from degla_fast.train.step import StepParts, clamp_logit_scale_
 
         self.variant, self.device, self.amp = variant, device, amp
         self.released, self.plain = variant.startswith("DeGLA as released"), variant.startswith("plain")
@@ -91,7 +92,8 @@ class Step:
         torch.manual_seed(0)
         self.bundle = create_model(model_name, None, device=str(device))
         self.model = self.bundle.model.train()
-        self.loss_fn = make_loss(num_negatives=self.k, backend="reference" if self.released else "auto")
+        self.loss_fn = DeGLALoss(num_negatives=self.k, backend="reference" if self.released else "auto",
+                                 check_finite=False)
         self.optimizer = build_optimizer(self.model, lr=1e-5, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
         self.teacher = self.ema = self.parts = None
         if self.released:

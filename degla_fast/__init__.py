@@ -2,7 +2,7 @@
 
 Public surface (imported lazily so that ``import degla_fast`` stays cheap)::
 
-    from degla_fast import DeGLALoss, LossOutput, EMATeacher, ema_update_
+    from degla_fast import DeGLALoss, LossOutput, LossSpec, EMATeacher, ema_update_
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DeGLALoss": "degla_fast.losses",
     "LossOutput": "degla_fast.losses",
+    "LossSpec": "degla_fast.loss_spec",
     "EMATeacher": "degla_fast.ema",
     "ema_update_": "degla_fast.ema",
 }

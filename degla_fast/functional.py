@@ -21,30 +21,33 @@ autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (fully fused tiled kern
 memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
 size; the rule lives in :mod:`degla_fast.backends`).
 
-``precision`` is the dot precision of fp32 inputs on a GPU: ``"tf32"`` (default, tensor cores,
+``dot_precision`` is the dot precision of fp32 inputs on a GPU: ``"tf32"`` (default, tensor cores,
 about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products, no tensor cores).
-bf16/fp16 inputs always use tensor cores; every backend accumulates in fp32.
+bf16/fp16 inputs always use tensor cores; every backend accumulates in fp32. (Not the trainer's
+``precision``, the autocast mode of :mod:`degla_fast.precision`.)
+
+The options are one :class:`~degla_fast.loss_spec.LossSpec`; :func:`degla_loss` builds it from
+its keywords, :func:`spec_loss` takes it whole (as :class:`~degla_fast.losses.DeGLALoss` does).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import reference
-from .backends import LOSS_BACKENDS, resolve_loss_backend
+from .backends import resolve_loss_backend
 from .errors import ConfigError, NonFiniteError, ShapeError
 from .fused_loss import DEFAULT_CHUNK_BYTES, FUSED, LossTerms
 from .kernels.configs import LOCAL_MAX_NEGATIVES
-from .kernels.configs import PRECISIONS as DOT_PRECISIONS
 from .loss_ops import GlobalContrast, TorchGlobalImpl, acc_dtype, distill_sum, group_columns, torch_local_terms
+from .loss_spec import LossSpec
 
-# DOT_PRECISIONS: the dot precisions of fp32 inputs (the loss's ``precision``; not the training
-# precision of :mod:`degla_fast.precision`, which picks an autocast dtype). LOCAL_MAX_NEGATIVES:
-# the local Triton kernel holds all K negatives of a sample at once; with larger K (or with
-# ``local_loss`` across ranks) the fused backends leave TGC and distillation to plain torch,
-# O(B*K*D) either way.
+# LOCAL_MAX_NEGATIVES: the local Triton kernel holds all K negatives of a sample at once; with
+# larger K (or with ``local_loss`` across ranks) the fused backends leave TGC and distillation to
+# plain torch, O(B*K*D) either way.
 
 
 @dataclass
@@ -57,16 +60,15 @@ class LossOutput:
     tgc: torch.Tensor
     distill: torch.Tensor
 
-    def named(self, igc_weight: float, tgc_weight: float, distill_weight: float,
-              num_negatives: int) -> dict[str, torch.Tensor]:
+    def named(self, spec: LossSpec) -> dict[str, torch.Tensor]:
         """open_clip's form (``output_dict=True``; open_clip_train trains on the sum of the values
         and logs each by name): ``contrastive_loss`` (the global term), then the weighted
         ``igc_loss``, ``tgc_loss``, ``distill_loss`` that exist (K > 0) with a non-zero weight.
         The values sum to ``total``."""
         named = {"contrastive_loss": self.clip}
-        for name, weight, term in (("igc_loss", igc_weight, self.igc), ("tgc_loss", tgc_weight, self.tgc),
-                                   ("distill_loss", distill_weight, self.distill)):
-            if weight != 0 and num_negatives > 0:
+        for name, weight, term in (("igc_loss", spec.igc_weight, self.igc), ("tgc_loss", spec.tgc_weight, self.tgc),
+                                   ("distill_loss", spec.distill_weight, self.distill)):
+            if weight != 0 and spec.num_negatives > 0:
                 named[name] = weight * term
         return named
 
@@ -79,33 +81,24 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_dot_precision(precision: str) -> str:
-    """``precision`` if it is one of :data:`DOT_PRECISIONS`, else a ConfigError naming the choices."""
-    if precision not in DOT_PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(DOT_PRECISIONS)}; got {precision!r}")
-    return precision
-
-
-def _resolve_for(backend, image_features, text_features, local_loss, world_size, precision, chunk_bytes) -> str:
-    """The backend for one call: ``precision`` checked, ``auto`` sized by this rank's
-    image-to-text logits (its anchor rows times every rank's caption rows)."""
-    check_dot_precision(precision)
-    anchors = image_features.shape[0] * (1 if local_loss else world_size)
-    return resolve_loss_backend(backend, image_features.device, rows=anchors,
+def _resolve_for(spec: LossSpec, image_features, text_features, world_size: int) -> str:
+    """The backend for one call: ``auto`` sized by this rank's image-to-text logits (its anchor
+    rows times every rank's caption rows)."""
+    anchors = image_features.shape[0] * (1 if spec.local_loss else world_size)
+    return resolve_loss_backend(spec.backend, image_features.device, rows=anchors,
                                 columns=text_features.shape[0] * world_size, dtype=image_features.dtype,
-                                chunk_bytes=chunk_bytes)
+                                chunk_bytes=spec.chunk_bytes)
 
 
-def needs_teacher(num_negatives: int, tgc_weight: float, distill_weight: float) -> bool:
-    """Whether the loss reads teacher features: TGC's positives or the distillation target.
-    Plain CLIP (K = 0) reads none: without negatives DeGLA's extra terms are all absent."""
-    return num_negatives > 0 and (tgc_weight != 0 or distill_weight != 0)
+def _check_negatives(num_negatives: int) -> None:
+    """K < 0 as a ShapeError: the functional forms name K with the shapes it sets."""
+    if num_negatives < 0:
+        raise ShapeError(f"num_negatives (K) must be >= 0, got {num_negatives}")
 
 
 def _validate(image, text, logit_scale, teacher_image, teacher_text, num_negatives: int, need_teacher: bool,
               check_finite: bool) -> None:
-    if num_negatives < 0:
-        raise ShapeError(f"num_negatives (K) must be >= 0, got {num_negatives}")
+    _check_negatives(num_negatives)
     if image.dim() != 2:
         raise ShapeError(f"image_features must be [B, D], got {_shape(image)}")
     if text.dim() != 2:
@@ -190,36 +183,72 @@ def _gather_text(text, batch, rank, world_size, with_grad):
     return torch.cat([positives, negatives], dim=0)
 
 
-def _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives, row_offset,
-                  with_igc, precision, chunk_bytes):
+class GlobalBatch(NamedTuple):
+    """The global contrast's operands: anchor rows against every rank's columns."""
+
+    image_rows: torch.Tensor  # image-to-text anchors: this rank's images (local_loss) or every rank's
+    text_all: torch.Tensor    # every rank's captions, [positives; negatives]
+    image_all: torch.Tensor   # every rank's images (text-to-image columns)
+    text_rows: torch.Tensor   # text-to-image anchors: the positive captions of image_rows
+    row_offset: int           # the index of image_rows[0] among every rank's samples
+
+
+class LocalBatch(NamedTuple):
+    """The samples TGC and distillation run on; teacher features None where not read."""
+
+    text: torch.Tensor
+    teacher_text: torch.Tensor | None
+    image: torch.Tensor
+    teacher_image: torch.Tensor | None
+
+
+def _batches(spec: LossSpec, image, text, teacher_image, teacher_text, rank: int,
+             world_size: int) -> tuple[GlobalBatch, LocalBatch]:
+    """This rank's operands: with ``local_loss`` (or one process) its own samples are the anchors
+    and the local batch; otherwise every rank's, so each rank computes the whole batch's loss."""
+    batch = image.shape[0]
+    image_all = _gather(image, rank, world_size, spec.gather_with_grad)
+    text_all = _gather_text(text, batch, rank, world_size, spec.gather_with_grad)
+    if spec.local_loss or world_size == 1:
+        return (GlobalBatch(image, text_all, image_all, text[:batch], rank * batch),
+                LocalBatch(text, teacher_text, image, teacher_image))
+    teachers = (None, None)
+    if spec.needs_teacher:  # teacher features carry no gradient: a plain gather suffices
+        teachers = (_gather(teacher_image.detach(), rank, world_size, False),
+                    _gather_text(teacher_text.detach(), batch, rank, world_size, False))
+    return (GlobalBatch(image_all, text_all, image_all, text_all[: batch * world_size], 0),
+            LocalBatch(text_all, teachers[1], image_all, teachers[0]))
+
+
+def _global_terms(backend: str, spec: LossSpec, rows: GlobalBatch, scale):
     """(clip, igc) for anchor rows against all columns, with the ``reference`` or ``torch`` backend."""
+    k, offset = spec.num_negatives, rows.row_offset
     if backend == "reference":
-        clip = reference.global_loss(image_rows, text_all, image_all, text_rows, logit_scale,
-                                     num_negatives=num_negatives, row_offset=row_offset)
-        igc = (reference.igc_loss(image_rows, text_all, logit_scale, num_negatives=num_negatives, row_offset=row_offset)
-               if with_igc else clip.new_zeros(()))
+        clip = reference.global_loss(rows.image_rows, rows.text_all, rows.image_all, rows.text_rows, scale,
+                                     num_negatives=k, row_offset=offset)
+        igc = (reference.igc_loss(rows.image_rows, rows.text_all, scale, num_negatives=k, row_offset=offset)
+               if spec.with_igc else clip.new_zeros(()))
         return clip, igc
-    i2t, igc = GlobalContrast.apply(image_rows, text_all, logit_scale, row_offset, num_negatives, with_igc,
-                                    TorchGlobalImpl, precision, chunk_bytes)
-    t2i, _ = GlobalContrast.apply(text_rows, image_all, logit_scale, row_offset, 0, False, TorchGlobalImpl, precision,
-                                  chunk_bytes)
+    options = (TorchGlobalImpl, spec.dot_precision, spec.chunk_bytes)
+    i2t, igc = GlobalContrast.apply(rows.image_rows, rows.text_all, scale, offset, k, spec.with_igc, *options)
+    t2i, _ = GlobalContrast.apply(rows.text_rows, rows.image_all, scale, offset, 0, False, *options)
     return (i2t + t2i) / 2, igc
 
 
-def _local_terms(backend, text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
-                 with_distill):
+def _local_terms(backend: str, spec: LossSpec, local: LocalBatch):
     """(tgc, distill) on one batch of samples, with the ``reference`` backend or plain torch."""
+    teacher_text = local.teacher_text.detach() if local.teacher_text is not None else None
+    teacher_image = local.teacher_image.detach() if local.teacher_image is not None else None
     if backend == "reference":
-        zero = text.new_zeros((), dtype=torch.float32)
-        tgc = (reference.tgc_loss(text, teacher_text.detach(), num_negatives=num_negatives, tgc_scale=tgc_scale,
-                                  official_indexing=official) if with_tgc else zero)
-        distill = (reference.distill_loss(image, text, teacher_image.detach(), teacher_text.detach())
-                   if with_distill else zero)
+        zero = local.text.new_zeros((), dtype=torch.float32)
+        tgc = (reference.tgc_loss(local.text, teacher_text, num_negatives=spec.num_negatives,
+                                  tgc_scale=spec.tgc_scale, official_indexing=spec.official_tgc_indexing)
+               if spec.with_tgc else zero)
+        distill = (reference.distill_loss(local.image, local.text, teacher_image, teacher_text)
+                   if spec.with_distill else zero)
         return tgc, distill
-    teacher_text = teacher_text.detach() if teacher_text is not None else None
-    teacher_image = teacher_image.detach() if teacher_image is not None else None
-    return torch_local_terms(text, teacher_text, image, teacher_image, num_negatives, tgc_scale, official, with_tgc,
-                             with_distill)
+    return torch_local_terms(local.text, teacher_text, local.image, teacher_image, spec.num_negatives,
+                             spec.tgc_scale, spec.official_tgc_indexing, spec.with_tgc, spec.with_distill)
 
 
 def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -227,7 +256,7 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
                *, num_negatives: int = 4, igc_weight: float = 0.1, tgc_weight: float = 0.1,
                distill_weight: float = 0.005, tgc_scale: float = 10.0, backend: str = "auto",
                official_tgc_indexing: bool = False, local_loss: bool = False, gather_with_grad: bool = False,
-               rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True,
+               rank: int = 0, world_size: int = 1, dot_precision: str = "tf32", check_finite: bool = True,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, logit_bias: torch.Tensor | None = None,
                output_dict: bool = False) -> LossOutput | dict[str, torch.Tensor]:
     """The DeGLA loss: ``clip + igc_weight*igc + tgc_weight*tgc + distill_weight*distill``.
@@ -238,9 +267,13 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     weight is not 0 (none with K = 0, where they do not exist). ``logit_bias`` (a SigLIP
     model's) is refused: this loss is softmax-based.
 
+    The keywords other than ``rank``, ``world_size``, ``logit_bias`` and ``output_dict`` are the
+    fields of :class:`~degla_fast.loss_spec.LossSpec` (documented there); this builds one and
+    calls :func:`spec_loss`.
+
     ``num_negatives=0``: plain CLIP (open_clip's ClipLoss) through the same backends; text
     features are [B, D], IGC, TGC and distillation are zero whatever their weights, and the
-    teacher features are not read (see :func:`needs_teacher`).
+    teacher features are not read (see :attr:`LossSpec.needs_teacher`).
 
     ``check_finite``: the ``torch`` and ``reference`` backends raise NonFiniteError on NaN/Inf
     inputs (a host read per input); a trainer that checks the loss on the device itself passes
@@ -252,46 +285,39 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
     captions, negatives (and images), labels offset by rank, and TGC/distillation use the
     local batch; without it every term is computed on the whole gathered batch, so each rank
     gets the single-process loss of the concatenated batch. ``gather_with_grad`` gathers with
-    autograd (gradients reach the rank that owns each feature). ``precision``: see the module doc.
+    autograd (gradients reach the rank that owns each feature). ``dot_precision``: see the module doc.
     """
+    _check_negatives(num_negatives)
+    spec = LossSpec(num_negatives=num_negatives, igc_weight=igc_weight, tgc_weight=tgc_weight,
+                    distill_weight=distill_weight, tgc_scale=tgc_scale, backend=backend,
+                    official_tgc_indexing=official_tgc_indexing, local_loss=local_loss,
+                    gather_with_grad=gather_with_grad, dot_precision=dot_precision, check_finite=check_finite,
+                    chunk_bytes=chunk_bytes)
+    return spec_loss(spec, image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                     rank=rank, world_size=world_size, logit_bias=logit_bias, output_dict=output_dict)
+
+
+def spec_loss(spec: LossSpec, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              teacher_image_features: torch.Tensor | None = None, teacher_text_features: torch.Tensor | None = None,
+              *, rank: int = 0, world_size: int = 1, logit_bias: torch.Tensor | None = None,
+              output_dict: bool = False) -> LossOutput | dict[str, torch.Tensor]:
+    """:func:`degla_loss` with its options as one :class:`~degla_fast.loss_spec.LossSpec`."""
     if logit_bias is not None:
         raise ConfigError("logit_bias: the DeGLA loss is softmax-based; SigLIP's sigmoid loss (a model with a "
                           "logit_bias) is not supported")
-    need_teacher = needs_teacher(num_negatives, tgc_weight, distill_weight)
-    backend = _resolve_for(backend, image_features, text_features, local_loss, world_size, precision, chunk_bytes)
+    backend = _resolve_for(spec, image_features, text_features, world_size)
     _validate(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
-              num_negatives, need_teacher, check_finite=check_finite and backend not in ("triton", "gemm"))
-    batch = image_features.shape[0]
-    with_igc = igc_weight != 0 and num_negatives > 0
-
-    image_all = _gather(image_features, rank, world_size, gather_with_grad)
-    text_all = _gather_text(text_features, batch, rank, world_size, gather_with_grad)
-    if local_loss or world_size == 1:
-        image_rows, text_rows, row_offset = image_features, text_features[:batch], rank * batch
-        local = (text_features, teacher_text_features, image_features, teacher_image_features)
-    else:
-        image_rows, text_rows, row_offset = image_all, text_all[: batch * world_size], 0
-        teachers = [None, None]
-        if need_teacher:  # teacher features carry no gradient: a plain gather suffices
-            teachers = [_gather(teacher_image_features.detach(), rank, world_size, False),
-                        _gather_text(teacher_text_features.detach(), batch, rank, world_size, False)]
-        local = (text_all, teachers[1], image_all, teachers[0])
-
-    with_tgc, with_distill = need_teacher and tgc_weight != 0, need_teacher and distill_weight != 0
+              spec.num_negatives, spec.needs_teacher, check_finite=spec.check_finite and backend not in FUSED)
+    rows, local = _batches(spec, image_features, text_features, teacher_image_features, teacher_text_features,
+                           rank, world_size)
     if backend in FUSED:
-        out = _fused(FUSED[backend], image_rows, text_all, image_all, text_rows, logit_scale, local,
-                     num_negatives=num_negatives, weights=(igc_weight, tgc_weight, distill_weight),
-                     row_offset=row_offset, with_igc=with_igc, with_tgc=with_tgc, with_distill=with_distill,
-                     tgc_scale=tgc_scale, official=official_tgc_indexing, chunk_bytes=chunk_bytes,
-                     precision=precision)
+        out = _fused(FUSED[backend], spec, rows, local, logit_scale)
     else:
-        clip, igc = _global_terms(backend, image_rows, text_all, image_all, text_rows, logit_scale, num_negatives,
-                                  row_offset, with_igc, precision, chunk_bytes)
-        tgc, distill = _local_terms(backend, *local, num_negatives, tgc_scale, official_tgc_indexing, with_tgc,
-                                    with_distill)
-        total = clip + igc_weight * igc + tgc_weight * tgc + distill_weight * distill
+        clip, igc = _global_terms(backend, spec, rows, logit_scale)
+        tgc, distill = _local_terms(backend, spec, local)
+        total = clip + spec.igc_weight * igc + spec.tgc_weight * tgc + spec.distill_weight * distill
         out = LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
-    return out.named(igc_weight, tgc_weight, distill_weight, num_negatives) if output_dict else out
+    return out.named(spec) if output_dict else out
 
 
 def _fused_input(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -301,38 +327,39 @@ def _fused_input(t: torch.Tensor | None) -> torch.Tensor | None:
     return (t.float() if t.dtype == torch.float64 else t).contiguous()
 
 
-def _fused(function, image_rows, text_all, image_all, text_rows, scale, local, *, num_negatives, weights, row_offset,
-           with_igc, with_tgc, with_distill, tgc_scale, official, chunk_bytes, precision) -> LossOutput:
+def _fused(function, spec: LossSpec, rows: GlobalBatch, local: LocalBatch, scale) -> LossOutput:
     """The loss through a :mod:`~degla_fast.fused_loss` Function: one node when the rows are the
     whole batch (world size 1, or ``local_loss=False``) and K <= 8; with ``local_loss`` across
     ranks, text-to-image is a second, 1/(1+K)-sized call and TGC/distillation the local batch's."""
-    w_igc, w_tgc, w_distill = weights
-    text, teacher_text, image, teacher_image = local
-    square = image_rows.shape[0] == image_all.shape[0]
-    fused = square and (with_tgc or with_distill) and num_negatives <= LOCAL_MAX_NEGATIVES
-    common = dict(row_offset=row_offset, tgc_scale=tgc_scale, official=official, chunk_bytes=chunk_bytes,
-                  precision=precision)
-    terms = LossTerms(num_negatives, weights=(1.0 if square else 0.5, w_igc if with_igc else 0.0,
-                                              w_tgc if fused else 0.0, w_distill if fused else 0.0),
-                      with_igc=with_igc, with_cols=square, local=fused, **common)
-    teachers = (_fused_input(teacher_image.detach()), _fused_input(teacher_text.detach())) if fused else (None, None)
-    dtype = image_rows.dtype
+    square = rows.image_rows.shape[0] == rows.image_all.shape[0]
+    with_local = spec.with_tgc or spec.with_distill
+    fused = square and with_local and spec.num_negatives <= LOCAL_MAX_NEGATIVES
+    common = dict(row_offset=rows.row_offset, tgc_scale=spec.tgc_scale, official=spec.official_tgc_indexing,
+                  chunk_bytes=spec.chunk_bytes, dot_precision=spec.dot_precision)
+    weights = (1.0 if square else 0.5, spec.igc_weight if spec.with_igc else 0.0,
+               spec.tgc_weight if fused else 0.0, spec.distill_weight if fused else 0.0)
+    terms = LossTerms(spec.num_negatives, weights=weights, with_igc=spec.with_igc, with_cols=square, local=fused,
+                      **common)
+    teachers = ((_fused_input(local.teacher_image.detach()), _fused_input(local.teacher_text.detach())) if fused
+                else (None, None))
+    dtype = rows.image_rows.dtype
     total, clip, igc, tgc, distill = (t.to(dtype) if dtype == torch.float64 else t for t in function.apply(
-        _fused_input(image_rows), _fused_input(text_all), scale, *teachers, terms))
+        _fused_input(rows.image_rows), _fused_input(rows.text_all), scale, *teachers, terms))
     if not square:  # text-to-image: this rank's captions against every rank's images
-        t2i_total, t2i_ce, *_ = function.apply(_fused_input(text_rows), _fused_input(image_all), scale, None, None,
+        t2i_total, t2i_ce, *_ = function.apply(_fused_input(rows.text_rows), _fused_input(rows.image_all), scale,
+                                               None, None,
                                                LossTerms(0, weights=(0.5, 0.0, 0.0, 0.0), with_cols=False, **common))
         total, clip = total + t2i_total.to(total.dtype), (clip + t2i_ce.to(clip.dtype)) / 2
-    if not fused and (with_tgc or with_distill):
-        tgc, distill = _local_terms("torch", text, teacher_text, image, teacher_image, num_negatives, tgc_scale,
-                                    official, with_tgc, with_distill)
-        total = total + w_tgc * tgc + w_distill * distill
+    if not fused and with_local:
+        tgc, distill = _local_terms("torch", spec, local)
+        total = total + spec.tgc_weight * tgc + spec.distill_weight * distill
     return LossOutput(total=total, clip=clip, igc=igc, tgc=tgc, distill=distill)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
               num_negatives: int = 0, backend: str = "auto", local_loss: bool = False, gather_with_grad: bool = False,
-              rank: int = 0, world_size: int = 1, precision: str = "tf32", check_finite: bool = True) -> torch.Tensor:
+              rank: int = 0, world_size: int = 1, dot_precision: str = "tf32",
+              check_finite: bool = True) -> torch.Tensor:
     """The global contrastive loss alone (NegCLIP when K >= 1, plain CLIP when K = 0): the
     ``clip`` term of :func:`degla_loss` with every other weight 0.
 
@@ -340,8 +367,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """
     return degla_loss(image_features, text_features, logit_scale, num_negatives=num_negatives, igc_weight=0.0,
                       tgc_weight=0.0, distill_weight=0.0, backend=backend, local_loss=local_loss,
-                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, precision=precision,
-                      check_finite=check_finite).clip
+                      gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
+                      dot_precision=dot_precision, check_finite=check_finite).clip
 
 
 def igc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,

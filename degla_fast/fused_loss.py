@@ -61,7 +61,7 @@ class LossTerms:
     official: bool = False
     tgc_scale: float = 10.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    precision: str = "tf32"
+    dot_precision: str = "tf32"
 
     @property
     def flags(self) -> dict:
@@ -139,7 +139,7 @@ class GemmLoss(torch.autograd.Function):
         s = scale.reshape(1).float()
         state = new_state(R, num_groups, 1, 1 if terms.with_cols else 0, q.device)
         chunks = plan_chunks(R, x.shape[0], q.element_size(), terms.chunk_bytes)
-        with loss_matmuls(q.device, terms.precision):
+        with loss_matmuls(q.device, terms.dot_precision):
             for c0, c1 in chunks:
                 logits = _logits(q, x, c0, c1)
                 kernels.stats(logits, s, state, c0=c0, row_offset=terms.row_offset, num_groups=num_groups,
@@ -172,7 +172,7 @@ class GemmLoss(torch.autograd.Function):
         if len(chunks) > 1:
             dx_raw = torch.empty(x.shape, device=x.device, dtype=torch.float32)
         offset = 0
-        with loss_matmuls(q.device, terms.precision):
+        with loss_matmuls(q.device, terms.dot_precision):
             for c0, c1 in chunks:
                 logits = stored if stored is not None else _logits(q, x, c0, c1)
                 grad = torch.empty_strided(logits.shape, logits.stride(), device=q.device, dtype=q.dtype)
@@ -205,16 +205,16 @@ class TritonLoss(torch.autograd.Function):
         R, K = q.shape[0], terms.num_negatives
         num_groups = x.shape[0] // (1 + K)
         s = scale.reshape(1).float()
-        splits, per = kernels.forward_splits(q, x, terms.precision)
-        col_splits, col_per = kernels.forward_splits(x[:num_groups], q, terms.precision) if terms.with_cols else (0, 0)
+        splits, per = kernels.forward_splits(q, x, terms.dot_precision)
+        col_splits, col_per = kernels.forward_splits(x[:num_groups], q, terms.dot_precision) if terms.with_cols else (0, 0)
         state = new_state(R, num_groups, splits, col_splits, q.device)
         kernels.row_stats(q, x, s, tuple(state[n] for n in ("row_m", "row_l", "pos", "group_m", "group_l")),
                           row_offset=terms.row_offset, num_negatives=K, with_igc=terms.with_igc,
-                          precision=terms.precision, n_splits=splits, per_split=per)
+                          precision=terms.dot_precision, n_splits=splits, per_split=per)
         if terms.with_cols:  # text-to-image: its rows' statistics are the first Bg columns'
             scratch = torch.empty_like(state["col_m"])
             kernels.row_stats(x[:num_groups], q, s, (state["col_m"], state["col_l"], scratch, scratch, scratch),
-                              row_offset=0, num_negatives=0, with_igc=False, precision=terms.precision,
+                              row_offset=0, num_negatives=0, with_igc=False, precision=terms.dot_precision,
                               n_splits=col_splits, per_split=col_per)
         tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
         outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
@@ -238,7 +238,7 @@ class TritonLoss(torch.autograd.Function):
                                        grads, terms.weights[2:], dx, dq, terms.official)
         dscale = kernels.backward(q, x, s, grads, (row_lse, group_lse, col_lse), dq, dx, row_offset=terms.row_offset,
                                   num_negatives=terms.num_negatives, weights=terms.weights, accumulate=terms.local,
-                                  precision=terms.precision, **terms.flags)
+                                  precision=terms.dot_precision, **terms.flags)
         return dq, dx, _scale_grad(ctx, dscale), None, None, None
 
 

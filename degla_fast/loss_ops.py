@@ -26,7 +26,7 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 class TorchGlobalImpl:
     """Row-blocked PyTorch implementation of the global-term primitives. Products go through
     :mod:`degla_fast.matmul` (16-bit GEMMs with fp32 results for 16-bit inputs, TF32 per
-    ``precision`` for fp32 ones); nothing is read on the host."""
+    ``dot_precision`` for fp32 ones); nothing is read on the host."""
 
     @staticmethod
     def _blocks(q: torch.Tensor, x: torch.Tensor, chunk_bytes: int):
@@ -37,7 +37,7 @@ class TorchGlobalImpl:
         return range(0, q.shape[0], size), size
 
     @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes):
+    def forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision, chunk_bytes):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
@@ -45,7 +45,7 @@ class TorchGlobalImpl:
         lse = torch.empty(rows, device=q.device, dtype=acc)
         lse_igc, pos = torch.empty_like(lse), torch.empty_like(lse)
         starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
-        with loss_matmuls(q.device, precision):
+        with loss_matmuls(q.device, dot_precision):
             for start in starts:
                 stop = min(start + size, rows)
                 logits = mm_f32(q[start:stop], x.T).mul_(s)
@@ -58,7 +58,7 @@ class TorchGlobalImpl:
         return lse, lse_igc, pos
 
     @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, precision, chunk_bytes):
+    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, dot_precision, chunk_bytes):
         rows, cols = q.shape[0], x.shape[0]
         num_groups = cols // (1 + num_negatives)
         acc = acc_dtype(q)
@@ -72,7 +72,7 @@ class TorchGlobalImpl:
         dx = torch.zeros(x.shape, device=q.device, dtype=acc)
         dscale = torch.zeros((), device=q.device, dtype=acc)
         starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
-        with loss_matmuls(q.device, precision):
+        with loss_matmuls(q.device, dot_precision):
             for start in starts:
                 stop = min(start + size, rows)
                 dots = mm_f32(q[start:stop], x.T)
@@ -97,16 +97,16 @@ class GlobalContrast(torch.autograd.Function):
     with ``impl`` = :class:`TorchGlobalImpl`.
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
-    With ``with_igc=False`` the second output is zero. ``precision``: dot precision of fp32
+    With ``with_igc=False`` the second output is zero. ``dot_precision``: dot precision of fp32
     inputs ("tf32" or "ieee"); ``chunk_bytes``: the torch backend's row-block budget.
     """
 
     @staticmethod
-    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, precision: str,
+    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, dot_precision: str,
                 chunk_bytes: int):
-        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, precision, chunk_bytes)
+        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision, chunk_bytes)
         ctx.save_for_backward(q, x, scale, lse, lse_igc)
-        ctx.args = (row_offset, num_negatives, with_igc, impl, precision, chunk_bytes)
+        ctx.args = (row_offset, num_negatives, with_igc, impl, dot_precision, chunk_bytes)
         ce = (lse - pos).mean()
         igc = (lse_igc - pos).mean() if with_igc else torch.zeros_like(ce)
         return ce, igc
@@ -114,10 +114,10 @@ class GlobalContrast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_igc):
         q, x, scale, lse, lse_igc = ctx.saved_tensors
-        row_offset, num_negatives, with_igc, impl, precision, chunk_bytes = ctx.args
+        row_offset, num_negatives, with_igc, impl, dot_precision, chunk_bytes = ctx.args
         grad_out = torch.stack([grad_ce, grad_igc])
         dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out,
-                                       precision, chunk_bytes)
+                                       dot_precision, chunk_bytes)
         return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
                 None, None, None, None, None, None)
 

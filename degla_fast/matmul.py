@@ -6,7 +6,7 @@ Both GEMM-based backends (``gemm`` and ``torch``) multiply through these, so the
   (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8): logits at scale 100 rounded to bf16
   would carry errors of about 0.2. Elsewhere (the CPU, an older torch) the inputs are upcast
   first: a product of two 16-bit numbers is exact in fp32, so it is the same sum.
-* fp32 inputs: TF32 tensor cores when the loss's ``precision`` is ``"tf32"``, exact fp32 products
+* fp32 inputs: TF32 tensor cores when the loss's ``dot_precision`` is ``"tf32"``, exact fp32 products
   for ``"ieee"``, whatever torch's global flag says (set for the call, then restored).
 * autocast is off inside: under an autocast region (open_clip_train calls its loss inside one)
   an fp32 product would otherwise be cast back to 16 bits.
@@ -44,27 +44,27 @@ def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 @contextlib.contextmanager
-def loss_matmuls(device: torch.device, precision: str):
+def loss_matmuls(device: torch.device, dot_precision: str):
     """The loss's products inside: autocast off, and on CUDA fp32 products in TF32 (``"tf32"``)
     or exact (``"ieee"``), torch's own setting restored on exit."""
-    with torch.autocast(device_type=device.type, enabled=False), _fp32_products(device, precision):
+    with torch.autocast(device_type=device.type, enabled=False), _fp32_products(device, dot_precision):
         yield
 
 
 @contextlib.contextmanager
-def _fp32_products(device: torch.device, precision: str):
+def _fp32_products(device: torch.device, dot_precision: str):
     if device.type != "cuda":
         yield
         return
     flags = torch.backends.cuda.matmul
     if hasattr(flags, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is an error there
-        old, flags.fp32_precision = flags.fp32_precision, ("tf32" if precision == "tf32" else "ieee")
+        old, flags.fp32_precision = flags.fp32_precision, ("tf32" if dot_precision == "tf32" else "ieee")
         try:
             yield
         finally:
             flags.fp32_precision = old
     else:
-        old, flags.allow_tf32 = flags.allow_tf32, precision == "tf32"
+        old, flags.allow_tf32 = flags.allow_tf32, dot_precision == "tf32"
         try:
             yield
         finally:

@@ -153,11 +153,11 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
         recorder.note("torch.cuda.synchronize")
         return real_sync(*args, **kwargs)
 
-    real_make_loss = builder.make_loss
+    real_from_spec, real_descriptor = builder.DeGLALoss.from_spec, builder.DeGLALoss.__dict__["from_spec"]
     nan_at = int(os.environ.get("SYNC_COUNT_NAN_AT", "0"))  # this loss call (1-based) is made NaN, on every rank
 
-    def make_loss(**kwargs):
-        loss_fn = real_make_loss(**kwargs)
+    def from_spec(spec, **kwargs):
+        loss_fn = real_from_spec(spec, **kwargs)
         calls = [0]
 
         def loss(*args):
@@ -170,7 +170,7 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
         return loss
 
     if nan_at:
-        builder.make_loss = make_loss
+        builder.DeGLALoss.from_spec = from_spec
     data_module.build_train_data, train_main.train_step, Checkpointer.save = build, step, save
     torch.cuda.synchronize = synchronize
     try:
@@ -178,7 +178,7 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
             status = train_main.main(train_args)
     finally:
         data_module.build_train_data, train_main.train_step, Checkpointer.save = real_build, real_step, real_save
-        builder.make_loss = real_make_loss
+        builder.DeGLALoss.from_spec = real_descriptor
         torch.cuda.synchronize = real_sync
     if status != 0:
         raise SystemExit(f"training failed with status {status}")

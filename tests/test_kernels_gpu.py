@@ -125,7 +125,7 @@ def test_loss_matches_float64(backend, flavour, dim, batch, k, with_igc, scale):
     want_grads = torch.autograd.grad(want_total, leaves)
 
     student = [x.detach().clone().requires_grad_(True) for x in (image, text, scale_t)]
-    kwargs = {"precision": precision} if precision else {}
+    kwargs = {"dot_precision": precision} if precision else {}
     loss = DeGLALoss(num_negatives=k, igc_weight=igc_weight, tgc_weight=WEIGHTS["tgc"],
                      distill_weight=WEIGHTS["distill"], backend=backend, **kwargs)
     out = loss(*student[:2], student[2], t_image, t_text)

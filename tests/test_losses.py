@@ -50,7 +50,7 @@ def test_matches_float64_oracle(backend, dtype, batch, k, dim, kernel_device):
     total_ref, terms_ref, grads_ref = oracle_with_grads(inputs, k)
     image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), dtype) for t in inputs]
     # fp32 to 1e-5 needs exact fp32 products on a GPU (the default TF32 is tested in test_kernels_gpu.py).
-    out = DeGLALoss(num_negatives=k, backend=backend, precision="ieee")(image, text, scale, t_image, t_text)
+    out = DeGLALoss(num_negatives=k, backend=backend, dot_precision="ieee")(image, text, scale, t_image, t_text)
     out.total.backward()
     rtol, atol, gtol = TOLERANCE[dtype]
     for got, want in zip((out.clip, out.igc, out.tgc, out.distill), terms_ref):
@@ -79,7 +79,7 @@ def test_plain_clip_matches_float64_oracle(backend, dtype, batch, dim, kernel_de
     clip_ref = oracle_terms(image, text, scale, image, text, 0)[0]
     grads_ref = torch.autograd.grad(clip_ref, (image, text, scale))
     image, text, scale = [leaf(t.to(kernel_device), dtype) for t in inputs[:3]]
-    loss = DeGLALoss(num_negatives=0, backend=backend, precision="ieee")
+    loss = DeGLALoss(num_negatives=0, backend=backend, dot_precision="ieee")
     assert not loss.needs_teacher
     out = loss(image, text, scale)
     out.total.backward()
@@ -260,7 +260,7 @@ def test_triton_column_splits_and_feature_chunks(splits, monkeypatch, kernel_dev
     inputs = make_inputs(batch, k, dim, seed=3)
     total_ref, _, grads_ref = oracle_with_grads(inputs, k)
     image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
-    out = DeGLALoss(num_negatives=k, backend="triton", precision="ieee")(image, text, scale, t_image, t_text)
+    out = DeGLALoss(num_negatives=k, backend="triton", dot_precision="ieee")(image, text, scale, t_image, t_text)
     out.total.backward()
     torch.testing.assert_close(out.total.double().cpu(), total_ref, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
@@ -288,10 +288,10 @@ def test_fp16_gradients_do_not_underflow(backend, kernel_device):
 
 def test_precision_setting():
     with pytest.raises(ConfigError, match="precision must be one of tf32, ieee"):
-        DeGLALoss(precision="fp32")
+        DeGLALoss(dot_precision="fp32")
     image, text, scale, _, _ = [t.float() for t in make_inputs(2, 1, 8)]
     with pytest.raises(ConfigError, match="precision"):
-        Fn.clip_loss(image, text, scale, num_negatives=1, precision="high")
+        Fn.clip_loss(image, text, scale, num_negatives=1, dot_precision="high")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -397,7 +397,7 @@ def test_saturated_rows_give_zero_gradients(dtype, backend, kernel_device):
     text = torch.cat([image, negatives])
     image, text = leaf(image.to(kernel_device), dtype), leaf(text.to(kernel_device), dtype)
     scale = leaf(torch.tensor(100.0).to(kernel_device), torch.float32)
-    out = DeGLALoss(num_negatives=k, backend=backend, precision="ieee", tgc_weight=0.0, distill_weight=0.0)(
+    out = DeGLALoss(num_negatives=k, backend=backend, dot_precision="ieee", tgc_weight=0.0, distill_weight=0.0)(
         image, text, scale)
     out.total.backward()
     assert float(out.clip.detach()) < 1e-6 and float(out.igc.detach()) < 1e-6
@@ -425,7 +425,7 @@ def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_
     results = []
     for chunk_bytes in (1 << 30, batch * 8 * 24, batch * 8 * 8):
         image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
-        loss = DeGLALoss(num_negatives=k, igc_weight=igc, backend="gemm", precision="ieee",
+        loss = DeGLALoss(num_negatives=k, igc_weight=igc, backend="gemm", dot_precision="ieee",
                          official_tgc_indexing=official, chunk_bytes=chunk_bytes)
         out = loss(image, text, scale, t_image, t_text)
         grads = torch.autograd.grad(out.total, (image, text, scale))
@@ -458,7 +458,7 @@ def test_gemm_back_propagates_through_every_output(kernel_device):
     results = []
     for backend in ("reference", "gemm"):
         image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
-        out = DeGLALoss(num_negatives=2, backend=backend, precision="ieee")(image, text, scale, t_image, t_text)
+        out = DeGLALoss(num_negatives=2, backend=backend, dot_precision="ieee")(image, text, scale, t_image, t_text)
         objective = 0.5 * out.total + 0.3 * out.clip - 0.7 * out.igc + 2.0 * out.tgc + 0.1 * out.distill
         results.append(torch.autograd.grad(objective, (image, text, scale)))
     for name, got, want in zip(("image", "text", "logit_scale"), results[1], results[0]):

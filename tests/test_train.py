@@ -216,13 +216,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["--set", "optim.fused=false"]], ids=["on-device skip", "host-read skip"])
 def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_path, monkeypatch, capsys, extra):
-    from degla_fast.train import step as step_module
+    from degla_fast import DeGLALoss
 
-    real_make_loss = step_module.make_loss
+    real_from_spec = DeGLALoss.from_spec
     calls = {"n": 0}
 
-    def flaky_make_loss(**kwargs):
-        loss_fn = real_make_loss(**kwargs)
+    def flaky_from_spec(spec, **kwargs):
+        loss_fn = real_from_spec(spec, **kwargs)
 
         def loss(*args):
             out = loss_fn(*args)
@@ -233,7 +233,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_a_checkpoint(synth, tmp_pat
 
         return loss
 
-    monkeypatch.setattr(builder, "make_loss", flaky_make_loss)
+    monkeypatch.setattr(builder.DeGLALoss, "from_spec", flaky_from_spec)
     out = tmp_path / "nan"
     status = train_main.main(base_args(synth, out, "--max-steps", "50", "--set", "max_nonfinite_steps=3", *extra))
     err = capsys.readouterr().err
@@ -333,7 +333,8 @@ def test_train_step_updates_student_clamps_logit_scale_and_moves_teacher():
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, make_loss, train_step
+    from degla_fast.losses import DeGLALoss
+    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)
     model = bundle.model
@@ -342,7 +343,7 @@ def test_train_step_updates_student_clamps_logit_scale_and_moves_teacher():
     teacher = EMATeacher(model, decay=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
+    parts = StepParts(model=model, loss_fn=DeGLALoss(num_negatives=2, check_finite=False), optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
                       clamp_logit_scale=lambda: clamp_logit_scale_(model), teacher=teacher)
     images = torch.randn(4, 3, bundle.image_size, bundle.image_size)
@@ -478,7 +479,8 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, make_loss, train_step
+    from degla_fast.losses import DeGLALoss
+    from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)
     with torch.no_grad():
@@ -493,7 +495,7 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
         teacher = EMATeacher(model, decay=0.5, forward_dtype=teacher_dtype)
         optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
                                     teacher=teacher if fused else None, fused=False)  # AdamW(foreach)
-        parts = StepParts(model=model, loss_fn=make_loss(num_negatives=2), optimizer=optimizer,
+        parts = StepParts(model=model, loss_fn=DeGLALoss(num_negatives=2, check_finite=False), optimizer=optimizer,
                           scheduler=build_scheduler(optimizer, warmup_steps=1, total_steps=10),
                           clamp_logit_scale=lambda m=model: clamp_logit_scale_(m), teacher=teacher,
                           teacher_autocast_dtype=teacher_dtype, optimizer_moves_teacher=fused,
@@ -560,13 +562,14 @@ def test_bf16_step_feeds_the_loss_bf16_features():
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.train.step import StepParts, clamp_logit_scale_, make_loss, train_step
+    from degla_fast.losses import DeGLALoss
+    from degla_fast.train.step import StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)
     model = bundle.model
     teacher = EMATeacher(model, decay=0.9, forward_dtype=torch.bfloat16)
     seen = []
-    real = make_loss(num_negatives=2)
+    real = DeGLALoss(num_negatives=2, check_finite=False)
 
     def loss(*args):
         seen.append([None if a is None else a.dtype for a in args])

@@ -61,13 +61,13 @@ def test_every_loss_backend_reads_nothing_between_log_steps(synth, tmp_path, bac
 def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
     # A NaN loss at step 2 is skipped on the device; the host learns it at step 3's read.
     import sync_count_worker
+    from degla_fast.losses import DeGLALoss
     from degla_fast.train import builder
-    from degla_fast.train import step as step_module
 
-    real_make_loss, calls = step_module.make_loss, {"n": 0}
+    real_from_spec, calls = DeGLALoss.from_spec, {"n": 0}
 
-    def flaky_make_loss(**kwargs):
-        loss_fn = real_make_loss(**kwargs)
+    def flaky_from_spec(spec, **kwargs):
+        loss_fn = real_from_spec(spec, **kwargs)
 
         def loss(*args):
             out = loss_fn(*args)
@@ -78,7 +78,7 @@ def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
 
         return loss
 
-    monkeypatch.setattr(builder, "make_loss", flaky_make_loss)
+    monkeypatch.setattr(builder.DeGLALoss, "from_spec", flaky_from_spec)
     steps = sync_count_worker.run(train_args(synth, tmp_path / "nan"))
     # 7 batches for 6 applied steps: reads at batches 3 (finds the skip: step 2), 4 (step 3), 7 (step 6)
     assert steps == {1: [], 2: [], 3: ["tolist"], 4: ["tolist"], 5: [], 6: [], 7: ["tolist"]}

@@ -8,7 +8,7 @@ takes that call as it is. After :func:`use_degla_loss`, ``create_loss`` returns 
 the same values and gradients as open_clip's ``ClipLoss``) through our memory-lean backends::
 
     from degla_fast.integrations.open_clip import use_degla_loss
-    use_degla_loss()                     # or use_degla_loss(backend="triton", precision="ieee")
+    use_degla_loss()                     # or use_degla_loss(backend="triton", dot_precision="ieee")
     from open_clip_train.main import main
     main(["--train-data", "train.csv", ...])
 
@@ -97,7 +97,7 @@ def degla_loss_from_args(args, **loss_kwargs) -> DeGLALoss:
 def use_degla_loss(**loss_kwargs) -> None:
     """From now on open_clip's ``create_loss(args)`` returns a :class:`DeGLALoss` (see the module doc).
 
-    ``loss_kwargs``: DeGLALoss arguments (``num_negatives`` default 0, ``backend``, ``precision``,
+    ``loss_kwargs``: DeGLALoss arguments (``num_negatives`` default 0, ``backend``, ``dot_precision``,
     the weights, ``check_finite`` default False) except the four that come from ``args``
     (:data:`FROM_ARGS`). Calling it again replaces the keywords; :func:`restore` undoes it.
     """

@@ -7,6 +7,7 @@ the resume state after everything it restores into.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .. import checkpoint as files
 from ..ema import release_zero3_module
 from ..errors import ConfigError, DataError
 from ..io import cannot_write, check_output_folder, write_text_atomic
+from ..losses import DeGLALoss
 from . import distributed as dist_utils
 from .checkpointer import Checkpointer
 from .config import TrainConfig, to_dict
@@ -26,7 +28,7 @@ from .run_lock import RunLock, holder_error
 from .optim import build_optimizer, build_scheduler
 from ..precision import autocast_dtype
 from .optim import MAX_LOGIT_SCALE
-from .step import StepParts, clamp_logit_scale_, make_loss
+from .step import StepParts, clamp_logit_scale_
 
 
 @dataclass
@@ -124,11 +126,9 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     amp_dtype = autocast_dtype(config.precision, info.device, deepspeed=engine is not None)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    loss = config.loss
-    loss_fn = make_loss(num_negatives=loss.num_negatives, igc_weight=loss.igc_weight, tgc_weight=loss.tgc_weight,
-                        distill_weight=loss.distill_weight, tgc_scale=loss.tgc_scale, backend=loss.backend,
-                        official_tgc_indexing=loss.official_tgc_indexing, local_loss=loss.local_loss,
-                        gather_with_grad=loss.gather_with_grad, rank=info.rank, world_size=info.world_size)
+    # No host read of the inputs (check_finite=False): the step checks the loss on the device.
+    loss_fn = DeGLALoss.from_spec(dataclasses.replace(config.loss, check_finite=False), rank=info.rank,
+                                  world_size=info.world_size)
     parts = StepParts(
         model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         clamp_logit_scale=(lambda: clamp_logit_scale_(student)) if engine is None else

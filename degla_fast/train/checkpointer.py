@@ -133,7 +133,7 @@ _LOSS_FIELDS = ("num_negatives", "igc_weight", "tgc_weight", "distill_weight", "
 
 
 def _loss_changes(path: Path, state: dict, loss) -> list[str]:
-    """One warning line when ``loss`` (the run's LossConfig) differs from the loss ``state`` (the
+    """One warning line when ``loss`` (the run's LossSpec) differs from the loss ``state`` (the
     checkpoint) was trained with in any of :data:`_LOSS_FIELDS`; none otherwise, or when the
     checkpoint holds no config."""
     saved = (state.get("config") or {}).get("loss") or {}

@@ -6,6 +6,7 @@ of the trainer reads the resulting :class:`TrainConfig` and passes plain values 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -13,27 +14,17 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends import EMA_BACKENDS, LOSS_BACKENDS
+from ..backends import EMA_BACKENDS
 from ..data.loader import PIPELINES
 from ..errors import ConfigError
-from ..functional import needs_teacher
+from ..fields import doc_field as _f
 from ..io import read_config_mapping
+from ..loss_spec import LossSpec
 from ..precision import PRECISIONS
 
 REPORTERS = ("none", "tensorboard", "wandb")
 EMA_DTYPES = ("same", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def _f(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None, *,
-       flag: str | bool = False):
-    """A dataclass field with its one-line doc and optional allowed values / lower bound.
-    ``flag``: the field is also a ``degla-fast train`` flag, named after the field (True) or as
-    given (``"data"`` for ``--data``); see :func:`add_flags`."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -62,24 +53,13 @@ class ModelConfig:
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers: less memory, one more forward", flag=True)
 
 
-@dataclass
-class LossConfig:
-    """DeGLA loss settings (num_negatives 0 gives the plain CLIP loss)."""
-
-    num_negatives: int = _f(4, "hard negatives per caption, K; 0 trains with the plain CLIP loss", minimum=0, flag=True)
-    igc_weight: float = _f(0.1, "weight of the image-grounded contrast (IGC)", minimum=0.0, flag=True)
-    tgc_weight: float = _f(0.1, "weight of the text-grounded contrast (TGC)", minimum=0.0, flag=True)
-    distill_weight: float = _f(0.005, "weight of the self-distillation toward the EMA teacher", minimum=0.0, flag=True)
-    tgc_scale: float = _f(10.0, "fixed logit scale of TGC (1 / temperature)", minimum=0.0)
-    backend: str = _f("auto", "loss implementation", LOSS_BACKENDS)
-    official_tgc_indexing: bool = _f(False, "reproduce the released code's TGC negative indexing (comparison only)")
-    local_loss: bool = _f(True, "each process's samples are the anchors against all gathered features")
-    gather_with_grad: bool = _f(True, "gather features across processes with autograd (exact global gradient)")
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Whether the loss reads teacher features (TGC's positives or the distillation target)."""
-        return needs_teacher(self.num_negatives, self.tgc_weight, self.distill_weight)
+def _trainer_loss() -> LossSpec:
+    """The ``loss:`` section's defaults: the loss's own spec (:class:`~degla_fast.loss_spec.LossSpec`,
+    whose field docs and checks the section uses) with one stated override."""
+    # LossSpec defaults local_loss and gather_with_grad to False, as open_clip's ClipLoss does; the
+    # trainer has always trained with both on (each process's samples are anchors against every
+    # gathered feature, gathered with autograd: the exact global gradient at O(B * world) logits).
+    return LossSpec(local_loss=True, gather_with_grad=True)
 
 
 @dataclass
@@ -118,7 +98,7 @@ class TrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "training data"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the model"})
-    loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "the loss"})
+    loss: LossSpec = field(default_factory=_trainer_loss, metadata={"doc": "the loss"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "optimiser and schedule"})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"doc": "the EMA teacher"})
     output: str = _f("runs/train", "output folder: metrics.jsonl, checkpoints/, tensorboard/", flag=True)
@@ -160,6 +140,12 @@ def _hints(cls) -> dict[str, Any]:
 
 def _is_section(tp) -> bool:
     return dataclasses.is_dataclass(tp)
+
+
+def _keys(obj) -> list[dataclasses.Field]:
+    """The fields of a section (a class or an instance) that are configuration keys: all but those
+    declared ``in_config=False`` (a loss setting the trainer fixes itself, such as ``check_finite``)."""
+    return [f for f in dataclasses.fields(obj) if f.metadata.get("in_config", True)]
 
 
 def _base_type(tp):
@@ -210,20 +196,30 @@ def _coerce(name: str, value: Any, tp, meta: dict) -> Any:
     return value
 
 
-def _fill(obj, values: dict, prefix: str = "") -> None:
-    """Set ``obj``'s fields from a nested dict, checking every key and value."""
+def _fill(obj, values: dict, prefix: str = ""):
+    """``obj`` with its fields set from a nested dict, checking every key and value. A frozen
+    section (the loss's :class:`LossSpec`) is replaced by a new one, which checks itself once."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {values!r}")
     hints = _hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in _keys(obj)}
+    changes = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(f"{name}: unknown configuration key (allowed here: {', '.join(fields)})")
         if _is_section(hints[key]):
-            _fill(getattr(obj, key), value if value is not None else {}, f"{name}.")
+            changes[key] = _fill(getattr(obj, key), value if value is not None else {}, f"{name}.")
         else:
-            setattr(obj, key, _coerce(name, value, hints[key], fields[key].metadata))
+            changes[key] = _coerce(name, value, hints[key], fields[key].metadata)
+    if type(obj).__dataclass_params__.frozen:
+        try:
+            return dataclasses.replace(obj, **changes)
+        except ConfigError as err:  # a rule across fields; each field's own bounds were checked above
+            raise ConfigError(f"{prefix}{err}") from None
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    return obj
 
 
 def set_field(config: TrainConfig, dotted: str, value: Any) -> None:
@@ -281,7 +277,7 @@ def _check(config: TrainConfig) -> None:
 def _flag_fields(cls=TrainConfig, prefix: str = ""):
     """(flag name, dotted field, type, metadata) of every field declared with ``flag``."""
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _keys(cls):
         if _is_section(hints[f.name]):
             yield from _flag_fields(hints[f.name], f"{prefix}{f.name}.")
         elif f.metadata.get("flag"):
@@ -308,19 +304,23 @@ def flag_overrides(args) -> dict[str, Any]:
 
 
 def to_dict(config: TrainConfig) -> dict:
-    """The configuration as a plain nested dict (what checkpoints and ``config.yaml`` hold)."""
-    return dataclasses.asdict(config)
+    """The configuration as a plain nested dict (what checkpoints and ``config.yaml`` hold): its
+    keys, sections as nested dicts."""
+    return {f.name: to_dict(value) if _is_section(value := getattr(config, f.name))
+            else copy.deepcopy(value)
+            for f in _keys(config)}
 
 
-def describe(cls=TrainConfig, prefix: str = "") -> list[str]:
-    """One line per field: ``dotted.name (default): doc [allowed values]``."""
+def describe(defaults=None, prefix: str = "") -> list[str]:
+    """One line per key: ``dotted.name (default): doc [allowed values]``; the defaults are those of
+    ``defaults`` (a section instance; a fresh :class:`TrainConfig` when None)."""
+    defaults = TrainConfig() if defaults is None else defaults
     lines = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if _is_section(hints[f.name]):
-            lines.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+    for f in _keys(defaults):
+        default = getattr(defaults, f.name)
+        if _is_section(default):
+            lines.extend(describe(default, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         allowed = f" [{', '.join(choices)}]" if choices else ""
         lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata['doc']}{allowed}")

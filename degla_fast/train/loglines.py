@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..functional import DEFAULT_CHUNK_BYTES, _resolve_for
+from ..functional import _resolve_for
 
 if TYPE_CHECKING:
     from .builder import Run
@@ -40,8 +40,7 @@ def loss_backend(run: "Run") -> str:
     dtype = run.parts.autocast_dtype or torch.float32
     image = torch.empty((rows, 0), device=run.device, dtype=dtype)
     text = torch.empty((rows * (1 + config.loss.num_negatives), 0), device=run.device, dtype=dtype)
-    # The trainer's loss keeps the loss's defaults for the dot precision and the chunk budget.
-    return _resolve_for(config.loss.backend, image, text, config.loss.local_loss, world, "tf32", DEFAULT_CHUNK_BYTES)
+    return _resolve_for(config.loss, image, text, world)
 
 
 def start_line(run: "Run", resumed_from: Path | None) -> str:

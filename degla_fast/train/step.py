@@ -14,22 +14,9 @@ from typing import Any, Callable
 import torch
 
 from ..functional import LossOutput
-from ..losses import DeGLALoss
 from ..model import clip_features
 from ..profiling import PhaseClock
 from .optim import MAX_LOGIT_SCALE, skips_on_device
-
-
-def make_loss(*, num_negatives: int, igc_weight: float = 0.1, tgc_weight: float = 0.1, distill_weight: float = 0.005,
-              tgc_scale: float = 10.0, backend: str = "auto", official_tgc_indexing: bool = False,
-              local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0, world_size: int = 1) -> DeGLALoss:
-    """The loss ``(img [B,D], txt [B*(1+K),D], scale, t_img, t_txt) -> LossOutput``; ``num_negatives
-    == 0`` is the plain CLIP loss (IGC, TGC and distillation 0). Inputs are not checked for
-    NaN/Inf on the host: the step checks the loss on the device."""
-    return DeGLALoss(num_negatives=num_negatives, igc_weight=igc_weight, tgc_weight=tgc_weight,
-                     distill_weight=distill_weight, tgc_scale=tgc_scale, backend=backend,
-                     official_tgc_indexing=official_tgc_indexing, local_loss=local_loss,
-                     gather_with_grad=gather_with_grad, rank=rank, world_size=world_size, check_finite=False)
 
 
 @dataclass
