@@ -24,6 +24,10 @@ PRECISIONS = ("tf32", "ieee")
 #: without Triton can read it.
 LOCAL_MAX_NEGATIVES = 8
 
+#: d(scale) partials one program sums per pass, in the last kernel of a backward (degla_loss's
+#: ``_dx_kernel``, gemm_loss's ``_finalize_kernel``).
+PART_BLOCK = 1024
+
 #: Architectures the launchers tell apart: 90 = Hopper and newer (227 KB of shared memory
 #: per block), 80 = everything older (A100's 163 KB; sm_86/89's 99 KB is not covered).
 ARCHS = (80, 90)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import POINTER_TYPES, PRECISIONS, KernelConfig, arch_of, make_config
+from .configs import PART_BLOCK, POINTER_TYPES, PRECISIONS, KernelConfig, arch_of, make_config
 from .loss_terms import NEG_BIG, group_member, logit_coefficients, logit_grad, upstream
 
 DOT_IEEE, DOT_TF32, DOT_NATIVE = 0, 1, 2
@@ -240,7 +240,6 @@ _NARROW_TILES = {
 _PROGRAMS_PER_SM = 4
 #: The interpreter runs programs one by one: a few splits keep the merge exercised in tests.
 _INTERPRETER_PROGRAMS = 4
-_PART_BLOCK = 1024
 
 
 def _dtype_name(dtype) -> str:
@@ -350,7 +349,7 @@ def backward(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, grads: torch
         dq.stride(0), *scalars, **common)
     _dx_kernel[(triton.cdiv(C, block_n), slices)](
         q, x, scale, grads, *lse, dx, parts, dscale, parts.numel(), R, C, D, row_offset, num_groups, num_negatives,
-        q.stride(0), x.stride(0), dx.stride(0), *scalars, PART_BLOCK=_PART_BLOCK, **common)
+        q.stride(0), x.stride(0), dx.stride(0), *scalars, PART_BLOCK=PART_BLOCK, **common)
     return dscale
 
 
@@ -383,7 +382,7 @@ def kernel_configs(dtype: str, D: int, arch: int) -> list[KernelConfig]:
         bm, bn, bk, bd, warps, stages = tiles(dot, D, arch, "bwd")
         types = {"Q": ptr, "X": ptr, "Scale": f32, "Grads": f32, "RowLse": f32, "GroupLse": f32, "ColLse": f32,
                  "DQ": ptr, "DX": ptr, "DScalePart": f32, "DScale": f32, "w_ce": "fp32", "w_igc": "fp32"}
-        for kernel, extra in ((_dq_kernel, {}), (_dx_kernel, {"PART_BLOCK": _PART_BLOCK})):
+        for kernel, extra in ((_dq_kernel, {}), (_dx_kernel, {"PART_BLOCK": PART_BLOCK})):
             out.append(make_config(kernel, {k: v for k, v in types.items() if k in kernel.arg_names},
                                    dict(DOT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd) | extra,
                                    num_warps=warps, num_stages=stages, arch=arch, aligned_ints=_aligned_ints(D),

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LOCAL_MAX_NEGATIVES, POINTER_TYPES, KernelConfig, make_config
+from .configs import LOCAL_MAX_NEGATIVES, PART_BLOCK, POINTER_TYPES, KernelConfig, make_config
 from .local_terms import local_blocks, local_chunk_grads, local_probabilities, sample_rows, tgc_dots
 from .loss_terms import NEG_BIG, logit_coefficients, logit_grad, upstream
 
@@ -205,9 +205,9 @@ GRAD_WARPS = 8
 #: (sm_90's 128-register cap at 8 warps).
 GRAD_TILES = {True: (32, 64), False: (16, 64)}
 #: The finalize kernel: the local kernels' feature chunk (BLOCK_D) and BLOCK_K, 8 warps (it holds
-#: the raw products of the sample's 1+K rows besides the local kernels' tiles), and the d(scale)
-#: partials summed per step by program 0.
-FINALIZE_WARPS, PART_BLOCK = 8, 1024
+#: the raw products of the sample's 1+K rows besides the local kernels' tiles); program 0 sums
+#: the d(scale) partials PART_BLOCK (configs) at a time.
+FINALIZE_WARPS = 8
 #: The grad kernel aims for this many programs per SM (its column tiles are split among them).
 _PROGRAMS_PER_SM = 8
 #: The interpreter runs programs one by one: a few splits keep the split path exercised in tests.
