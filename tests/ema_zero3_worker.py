@@ -144,6 +144,7 @@ def check_unpersisted_fp32(rank: int) -> None:
         expected = {n: e + (1 - DECAY) * (masters[n] - e) for n, e in expected.items()}
 
     state = teacher.state_dict()
+    assert set(state) == set(teacher.module.state_dict()) and all(v.device.type == "cpu" for v in state.values())
     for name, value in expected.items():
         assert state[name].dtype == torch.float32, name
         torch.testing.assert_close(state[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)
