@@ -13,7 +13,7 @@ packages.append("degla_fast.negatives.prompts")
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "dali-cuda120": ["nvidia-dali-cuda120"],
-    "deepspeed": ["deepspeed>=0.16"],
+    "deepspeed": ["deepspeed>=0.16,<0.20"],  # the versions degla_fast/compat/deepspeed.py was written for
     "eval": ["clip-benchmark>=1.6", "matplotlib>=3.7"],
     "logging": ["tensorboard>=2.14"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],

@@ -386,6 +386,53 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _ptxas_info(arch: int) -> tuple[str, str]:
+    """``(path, version line)`` of the ptxas that compiles for ``arch`` ("unknown" version when it does not run)."""
+    ptxas = _ptxas_path(arch)
+    try:
+        version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    except (OSError, IndexError):
+        version = "unknown"
+    return ptxas, version
+
+
+def _rows(distinct: list, results: list, by_module: dict, modules: list[str], shared_limit: dict) -> list[dict]:
+    """One checked row per compiled variant, in the order of ``modules``, then module, kernel, arch."""
+    rows = []
+    for (cfg, copies), res in zip(distinct, results):
+        row = {"kernel": cfg.name, "module": by_module[variant_key(cfg)], "arch": cfg.arch,
+               "label": _jsonable(cfg.label), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+               "constexprs": _jsonable(cfg.constexprs), "signature": _jsonable(cfg.signature),
+               "copies": copies, "shared_limit": shared_limit.get(cfg.arch), **res}
+        row["failures"] = check(row, shared_limit)
+        row["ok"] = not row["failures"]
+        rows.append(row)
+    order = {m: i for i, m in enumerate(modules)}
+    rows.sort(key=lambda r: (order.get(r["module"], order.get(r["module"].rsplit(".", 1)[-1], len(order))),
+                             r["module"], r["kernel"], r["arch"]))
+    return rows
+
+
+def _compile_and_check(args, shared_limit: dict) -> tuple[int, list[dict], list[str]]:
+    """Collect, deduplicate and compile every variant of ``args.modules``; ``(configs, rows, failures)``."""
+    configs, failures = collect(args.modules, args.arch)
+    by_module: dict[tuple, str] = {}
+    for module, cfg in configs:
+        by_module.setdefault(variant_key(cfg), module)
+    distinct = deduplicate([cfg for _, cfg in configs])
+    print(f"compile gate: {len(configs)} configs from {len(args.modules)} modules -> {len(distinct)} distinct "
+          f"variants, {args.jobs} processes")
+    sys.stdout.flush()
+    results = compile_all([cfg for cfg, _ in distinct], args.jobs)
+    rows = _rows(distinct, results, by_module, args.modules, shared_limit)
+    if rows:
+        print(format_table(rows))
+    for row in rows:
+        for failure in row["failures"]:
+            failures.append(f"{describe(row)}: {failure}")
+    return len(configs), rows, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "triton" in sys.modules:
@@ -399,11 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from degla_fast.kernels.configs import SHARED_LIMIT
 
-        ptxas = _ptxas_path(args.arch[0])
-        try:
-            ptxas_version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        except (OSError, IndexError):
-            ptxas_version = "unknown"
+        ptxas, ptxas_version = _ptxas_info(args.arch[0])
         print(f"compile gate: triton {triton.__version__} ({triton.__file__})")
         if args.expect_triton and triton.__version__ != args.expect_triton:
             print(f"FAIL: expected triton {args.expect_triton}, imported {triton.__version__} from {triton.__file__}")
@@ -413,40 +456,14 @@ def main(argv: list[str] | None = None) -> int:
               f"shared limits {' '.join(f'sm_{a}={SHARED_LIMIT.get(a)}B' for a in args.arch)}")
         sys.stdout.flush()
 
-        configs, failures = collect(args.modules, args.arch)
-        by_module: dict[tuple, str] = {}
-        for module, cfg in configs:
-            by_module.setdefault(variant_key(cfg), module)
-        distinct = deduplicate([cfg for _, cfg in configs])
-        print(f"compile gate: {len(configs)} configs from {len(args.modules)} modules -> {len(distinct)} distinct "
-              f"variants, {args.jobs} processes")
-        sys.stdout.flush()
-
-        results = compile_all([cfg for cfg, _ in distinct], args.jobs)
-        rows = []
-        for (cfg, copies), res in zip(distinct, results):
-            row = {"kernel": cfg.name, "module": by_module[variant_key(cfg)], "arch": cfg.arch,
-                   "label": _jsonable(cfg.label), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                   "constexprs": _jsonable(cfg.constexprs), "signature": _jsonable(cfg.signature),
-                   "copies": copies, "shared_limit": SHARED_LIMIT.get(cfg.arch), **res}
-            row["failures"] = check(row, SHARED_LIMIT)
-            row["ok"] = not row["failures"]
-            rows.append(row)
-        order = {m: i for i, m in enumerate(args.modules)}
-        rows.sort(key=lambda r: (order.get(r["module"], order.get(r["module"].rsplit(".", 1)[-1], len(order))),
-                                 r["module"], r["kernel"], r["arch"]))
-        if rows:
-            print(format_table(rows))
-        for row in rows:
-            for failure in row["failures"]:
-                failures.append(f"{describe(row)}: {failure}")
+        n_configs, rows, failures = _compile_and_check(args, SHARED_LIMIT)
         elapsed = time.perf_counter() - start
         cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                   for f in ("ru_utime", "ru_stime"))
         path = args.json or os.path.join("benchmarks", "results", f"compile_gate-triton{triton.__version__}.json")
         report = {"triton_version": triton.__version__, "triton_file": triton.__file__, "ptxas": ptxas,
                   "ptxas_version": ptxas_version, "archs": args.arch, "modules": args.modules,
-                  "shared_limit": {str(a): SHARED_LIMIT.get(a) for a in args.arch}, "configs": len(configs),
+                  "shared_limit": {str(a): SHARED_LIMIT.get(a) for a in args.arch}, "configs": n_configs,
                   "variants": len(rows), "elapsed_s": round(elapsed, 2), "cpu_s": round(cpu, 1), "jobs": args.jobs,
                   "ok": not failures,
                   "failures": failures, "rows": rows}
@@ -460,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failures else 0
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

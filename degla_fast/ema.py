@@ -5,7 +5,9 @@ keeps a teacher copy of a student module whose parameters are views of one flat 
 :meth:`EMATeacher.from_deepspeed` builds the teacher for a DeepSpeed engine (a full replica for
 ZeRO-0/1/2, a :class:`ShardedEMATeacher` partitioned like the student for ZeRO-3: fp32 EMA
 shards, a 16-bit forward copy that DeepSpeed gathers, small parameters kept gathered and
-refreshed after every update).
+refreshed after every update). Both teachers satisfy :class:`degla_fast.teacher.Teacher`, all the
+trainer and its checkpoint use of them; the DeepSpeed internals the sharded one needs are reached
+through :mod:`degla_fast.compat.deepspeed`.
 
 Backends: ``triton`` (one kernel launch for all tensors, ``degla_fast.kernels.ema``; CUDA, or
 CPU tensors under ``TRITON_INTERPRET=1``), ``torch`` (``torch._foreach_lerp_``), ``auto``
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 import weakref
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
 from .backends import EMA_BACKENDS, check_backend, resolve_backend
+from .compat.deepspeed import allgather_stream
+from .compat.deepspeed import release_zero3_module  # noqa: F401 (the trainer's name for it)
+from .compat.torch_nn import drop_compiled_forward
 from .errors import ConfigError, ShapeError
 from .plan_cache import PlanCache
 
@@ -108,6 +113,17 @@ def torch_lerp_(teacher: list[torch.Tensor], student: list[torch.Tensor], weight
     torch._foreach_lerp_(teacher, student, weight)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One prepared update: the (teacher, student) pairs of one (device, dtypes) group and how
+    they are run."""
+
+    plan: object | None  # the Triton kernel's block table; None: the torch path
+    teachers: list[torch.Tensor]
+    students: list[torch.Tensor]
+    copies: list[torch.Tensor] | None  # the forward copy's views, written with the teachers; or None
+
+
 class _Updater:
     """Grouped updates with one backend: :meth:`prepare` sorts pairs into launches once (Triton
     block tables cached by tensor addresses), :meth:`run` replays them with no Python per tensor."""
@@ -117,9 +133,8 @@ class _Updater:
         self._plans = PlanCache(_PLAN_CACHE_SIZE)
 
     def prepare(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                copy_of: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[tuple]:
-        """[(plan or None, teacher tensors, student tensors, copies or None)] per (device, dtypes)
-        group; plan None = torch path.
+                copy_of: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[_Launch]:
+        """One :class:`_Launch` per (device, dtypes) group.
 
         copy_of: optional (flat, copy_flat): the teacher tensors are views of ``flat`` and each
         also gets its new values written, in ``copy_flat``'s dtype, at the same offset of ``copy_flat``.
@@ -133,7 +148,7 @@ class _Updater:
                           for t in ts]
             triton = resolve_backend(self.backend, device) == "triton"
             plan = self._plan(ts, ss, None if copies is None else copies[0]) if triton else None
-            jobs.append((plan, ts, ss, copies))
+            jobs.append(_Launch(plan, ts, ss, copies))
         return jobs
 
     def _plan(self, ts: list[torch.Tensor], ss: list[torch.Tensor], copy_base: torch.Tensor | None):
@@ -153,7 +168,7 @@ class _Updater:
         return plan
 
     @staticmethod
-    def run(jobs: list[tuple], weight: float, apply: torch.Tensor | None = None) -> None:
+    def run(jobs: list[_Launch], weight: float, apply: torch.Tensor | None = None) -> None:
         """``t += weight * (s - t)`` for every prepared pair.
 
         ``apply``: optional 0-d tensor on the teachers' device, 1 to update and 0 to leave every
@@ -162,7 +177,8 @@ class _Updater:
         and the torch path takes as a tensor weight.
         """
         with torch.no_grad():
-            for plan, ts, ss, copies in jobs:
+            for job in jobs:
+                plan, ts, ss, copies = job.plan, job.teachers, job.students, job.copies
                 if apply is not None:
                     w = apply.to(device=ts[0].device, dtype=torch.float32) * weight
                 else:  # the kernel reads the weight from device memory: one cached tensor, no fill per step
@@ -203,6 +219,11 @@ def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterab
     _validate(teacher, student)
     updater = _UPDATERS[backend]
     updater.run(updater.prepare(teacher, student), 1.0 - decay)
+
+
+def _to_cpu(state: dict) -> dict:
+    """``state`` with every tensor detached and copied to the CPU (a checkpoint's copy of it)."""
+    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _flat_views(shapes: Sequence[torch.Size], dtype: torch.dtype, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -259,10 +280,7 @@ class EMATeacher:
         # student's parameters (and their gradients or hooks) are never copied.
         memo = {id(p): torch.nn.Parameter(v, requires_grad=False) for p, v in zip(params, module_views)}
         self.module = copy.deepcopy(student_module, memo)
-        for sub in self.module.modules():
-            # An in-place ``Module.compile()`` stores a callable bound to the *student*.
-            if getattr(sub, "_compiled_call_impl", None) is not None:
-                sub._compiled_call_impl = None
+        drop_compiled_forward(self.module)  # an in-place ``compile()`` would call the *student*
         self.module.eval()
         self._params = views
         self._names = [name for name, _ in student_module.named_parameters()]
@@ -270,7 +288,7 @@ class EMATeacher:
         self._student = None
         self._student_params: list[torch.Tensor] = []
         self._student_ptrs: list[int] = []
-        self._jobs: list[tuple] = []
+        self._jobs: list[_Launch] = []
 
     def parameter_views(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None]:
         """``(names, states, forwards)`` in parameter order: the EMA state of each parameter (views
@@ -284,7 +302,7 @@ class EMATeacher:
         """The 1-D buffer all teacher parameters are views of (padding between them)."""
         return self._flat
 
-    def _prepared(self, student_module: torch.nn.Module) -> list[tuple]:
+    def _prepared(self, student_module: torch.nn.Module) -> list[_Launch]:
         """The update's launches, re-planned (and re-checked) only when the module or its storage changed."""
         cached = self._student() if self._student is not None else None
         if cached is student_module and [p.data_ptr() for p in self._student_params] == self._student_ptrs:
@@ -308,10 +326,11 @@ class EMATeacher:
         self._updater.run(self._prepared(student_module), 1.0 - self.decay, apply)
 
     def state_dict(self) -> dict:
-        """The teacher module's state dict: parameters from the fp32 EMA state, buffers as copied."""
+        """The teacher module's state dict (its keys: no non-persistent buffers), parameters from
+        the fp32 EMA state, buffers as copied; copies on the CPU (what a checkpoint stores)."""
         state = self.module.state_dict()
         state.update({name: view for name, view in zip(self._names, self._params)})
-        return state
+        return _to_cpu(state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict written by :meth:`state_dict` (copied into the flat buffers' views)."""
@@ -321,6 +340,9 @@ class EMATeacher:
                 view.copy_(state_dict[name])
             if self._forward_flat is not self._flat:
                 self._forward_flat.copy_(self._flat)
+
+    def close(self) -> None:
+        """Nothing to release: a replica holds only its tensors (the :class:`Teacher` protocol)."""
 
     @staticmethod
     def from_deepspeed(engine, teacher_module: torch.nn.Module | None = None, *, decay: float = 0.9996,
@@ -343,32 +365,56 @@ class EMATeacher:
                                  forward_dtype=forward_dtype)
 
 
-def release_zero3_module(module: torch.nn.Module) -> None:
-    """Drop DeepSpeed's last references to a ZeRO-3 ``module`` once its hooks are removed.
+def _master_partitions(engine) -> tuple:
+    """``(optimizer, fp32 master partitions)`` of a ZeRO-3 engine, or a ConfigError."""
+    optimizer = getattr(engine, "optimizer", None)
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if masters is None:
+        raise ConfigError("ShardedEMATeacher needs a ZeRO-3 engine with an optimizer (fp32 master partitions)")
+    if any(m.numel() == 0 for m in masters) or getattr(optimizer, "offload_optimizer", False):
+        raise ConfigError("ShardedEMATeacher: optimizer offload (cpu/nvme) is not supported; the fp32 master "
+                          "partitions must live on the model's device")
+    return optimizer, masters
 
-    Two module-level holders outlive ``destroy()`` (DeepSpeed 0.19): ``DeepSpeedZeRoOffload``
-    (the engine's and :class:`ShardedEMATeacher`'s) pushes its top module onto
-    ``FWD_MODULE_STACK`` and never pops it, and a class-level cache keeps every module it saw.
-    Through them the modules, their partitioned parameters and the process groups those carry
-    would outlive the run (and the groups' threads meet interpreter shutdown, where a finished
-    rank can abort).
-    """
-    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
-    stack = getattr(offload, "FWD_MODULE_STACK", None)
-    if stack:
-        stack[:] = [m for m in stack if m is not module]
-    # The parameter coordinator's ``__params_to_release`` is an ``lru_cache`` on the class (under
-    # an NVTX decorator) whose keys are coordinators and modules: it holds every one, for ever.
-    # Clearing it costs the engines still running one recomputation per module.
-    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
-    fn = getattr(getattr(coordinator, "PartitionedParameterCoordinator", None),
-                 "_PartitionedParameterCoordinator__params_to_release", None)
-    for _ in range(3):  # through the decorators' closures to the cache
-        if fn is None or hasattr(fn, "cache_clear"):
-            break
-        fn = next((c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)), None)
-    if fn is not None and hasattr(fn, "cache_clear"):
-        fn.cache_clear()
+
+def _check_same_parameters(student: torch.nn.Module, teacher_module: torch.nn.Module) -> None:
+    """A ShapeError unless ``teacher_module`` has the (partitioned) student's parameter names and full shapes."""
+    student_params = dict(student.named_parameters())
+    teacher_params = dict(teacher_module.named_parameters())
+    if set(teacher_params) != set(student_params):
+        raise ShapeError(f"ShardedEMATeacher: teacher_module parameters differ from the student's: "
+                         f"{sorted(set(teacher_params) ^ set(student_params))[:5]}")
+    for name, p in teacher_params.items():
+        if tuple(p.shape) != tuple(student_params[name].ds_shape):
+            raise ShapeError(f"ShardedEMATeacher: {name}: teacher shape {tuple(p.shape)} != student shape "
+                             f"{tuple(student_params[name].ds_shape)}")
+
+
+def _place(teacher_module: torch.nn.Module, student: torch.nn.Module, device, *, gather_dtype: torch.dtype) -> None:
+    """The unpartitioned teacher on ``device``, frozen, in eval mode, its parameters in the dtype
+    they are partitioned (and so gathered) in, its buffers copies of the student's."""
+    teacher_module.to(device=device).requires_grad_(False).eval()
+    with torch.no_grad():
+        for p in teacher_module.parameters():  # partitioned (and so gathered) in the forward's dtype;
+            p.data = p.data.to(gather_dtype)   # buffers stay as the student's, as in EMATeacher
+        for (_, t_buf), (_, s_buf) in zip(teacher_module.named_buffers(), student.named_buffers()):
+            t_buf.data = s_buf.detach().clone()
+
+
+def _partition_like_student(engine, teacher_module: torch.nn.Module):
+    """Partition the teacher like the student (same world size and shapes give the same shards)
+    and register DeepSpeed's gather/release hooks for its forward, with the engine's own ZeRO-3
+    gather settings. Returns the ``DeepSpeedZeRoOffload`` that holds the hooks."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    return DeepSpeedZeRoOffload(
+        teacher_module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=engine.zero_overlap_comm(),
+        prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
+        max_reuse_distance=engine.zero_max_reuse_distance(),
+        max_live_parameters=engine.zero_max_live_parameters(),
+        param_persistence_threshold=engine.zero_param_persistence_threshold(),
+        model_persistence_threshold=engine.zero_model_persistence_threshold(), mpu=engine.mpu)
 
 
 class ShardedEMATeacher:
@@ -394,61 +440,36 @@ class ShardedEMATeacher:
 
     def __init__(self, engine, teacher_module: torch.nn.Module, *, decay: float = 0.9996, backend: str = "auto",
                  dtype: torch.dtype | None = None, forward_dtype: torch.dtype | None = None):
-        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
-        from deepspeed.utils.timer import NoopTimer
-
         self.decay, self.backend, self.forward_dtype = _teacher_settings(decay, backend, dtype, forward_dtype)
         self.dtype = torch.float32
-        optimizer = getattr(engine, "optimizer", None)
-        masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
-        if masters is None:
-            raise ConfigError("ShardedEMATeacher needs a ZeRO-3 engine with an optimizer (fp32 master partitions)")
-        if any(m.numel() == 0 for m in masters) or getattr(optimizer, "offload_optimizer", False):
-            raise ConfigError("ShardedEMATeacher: optimizer offload (cpu/nvme) is not supported; the fp32 master "
-                              "partitions must live on the model's device")
+        optimizer, masters = _master_partitions(engine)
         student = engine.module
-        names = {id(p): n for n, p in student.named_parameters()}
-        student_params = dict(student.named_parameters())
-        teacher_params = dict(teacher_module.named_parameters())
-        if set(teacher_params) != set(student_params):
-            raise ShapeError(f"ShardedEMATeacher: teacher_module parameters differ from the student's: "
-                             f"{sorted(set(teacher_params) ^ set(student_params))[:5]}")
-        for name, p in teacher_params.items():
-            if tuple(p.shape) != tuple(student_params[name].ds_shape):
-                raise ShapeError(f"ShardedEMATeacher: {name}: teacher shape {tuple(p.shape)} != student shape "
-                                 f"{tuple(student_params[name].ds_shape)}")
+        _check_same_parameters(student, teacher_module)
         device = masters[0].device
-        gather_dtype = self.forward_dtype or self.dtype
-        teacher_module.to(device=device).requires_grad_(False).eval()
-        with torch.no_grad():
-            for p in teacher_module.parameters():  # partitioned (and so gathered) in the forward's dtype;
-                p.data = p.data.to(gather_dtype)   # buffers stay as the student's, as in EMATeacher
-            for (_, t_buf), (_, s_buf) in zip(teacher_module.named_buffers(), student.named_buffers()):
-                t_buf.data = s_buf.detach().clone()
-        # Partition the teacher like the student (same world size and shapes give the same
-        # shards) and register DeepSpeed's gather/release hooks for its forward, with the
-        # engine's own ZeRO-3 gather settings.
-        self._offload = DeepSpeedZeRoOffload(
-            teacher_module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=engine.zero_overlap_comm(),
-            prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
-            max_reuse_distance=engine.zero_max_reuse_distance(),
-            max_live_parameters=engine.zero_max_live_parameters(),
-            param_persistence_threshold=engine.zero_param_persistence_threshold(),
-            model_persistence_threshold=engine.zero_model_persistence_threshold(), mpu=engine.mpu)
+        _place(teacher_module, student, device, gather_dtype=self.forward_dtype or self.dtype)
+        self._offload = _partition_like_student(engine, teacher_module)
         self.module = teacher_module
         #: The parameters kept gathered between forwards (refreshed by every update), in ds_id order.
         self.persisted = sorted((p for p in teacher_module.parameters() if getattr(p, "ds_persist", False)),
                                 key=lambda p: p.ds_id)
-
         # One fp32 buffer for the EMA state of all groups and, with a forward dtype, one of that
         # dtype with the same layout: the update writes both with one table.
-        sizes = [m.numel() for m in masters]
-        self._flat, self._shards = _flat_views([torch.Size([n]) for n in sizes], self.dtype, device)
+        sizes = [torch.Size([m.numel()]) for m in masters]
+        self._flat, self._shards = _flat_views(sizes, self.dtype, device)
         self._forward_flat, self._forward_shards = self._flat, self._shards
         if self.forward_dtype is not None:
-            self._forward_flat, self._forward_shards = _flat_views([torch.Size([n]) for n in sizes],
-                                                                   self.forward_dtype, device)
-        self._names = {}  # teacher parameter -> (group index, offset, partition numel), for state_dict
+            self._forward_flat, self._forward_shards = _flat_views(sizes, self.forward_dtype, device)
+        self._names = self._seed_shards(optimizer, masters, student)
+        self._optimizer, self._updater = optimizer, _Updater(backend)
+        self._jobs = self._prepare()
+
+    def _seed_shards(self, optimizer, masters: list[torch.Tensor], student: torch.nn.Module) -> dict:
+        """Copy the engine's fp32 masters into the shards (and forward copies), make the teacher's
+        partitions views of the forward shards and copy frozen student partitions as they are.
+        Returns ``{teacher parameter name: (group index, offset, partition numel)}`` (for state_dict)."""
+        names = {id(p): n for n, p in student.named_parameters()}
+        teacher_params = dict(self.module.named_parameters())
+        layout = {}
         with torch.no_grad():
             for g, (group, master) in enumerate(zip(optimizer.fp16_groups, masters)):
                 self._shards[g].copy_(master.detach())
@@ -462,14 +483,13 @@ class ShardedEMATeacher:
                         raise ShapeError(f"ShardedEMATeacher: {names[id(p)]}: teacher shard {t.ds_tensor.numel()} "
                                          f"elements, student shard {n}")
                     t.ds_tensor.data = self._forward_shards[g].narrow(0, offset, n)
-                    self._names[names[id(p)]] = (g, offset, n)
+                    layout[names[id(p)]] = (g, offset, n)
                     offset += n
             grouped = {id(p) for group in optimizer.fp16_groups for p in group}
-            for name, p in student_params.items():  # frozen student parameters: a constant EMA
+            for name, p in student.named_parameters():  # frozen student parameters: a constant EMA
                 if id(p) not in grouped:
                     teacher_params[name].ds_tensor.copy_(p.ds_tensor)
-        self._optimizer, self._updater = optimizer, _Updater(backend)
-        self._jobs = self._prepare()
+        return layout
 
     @property
     def shards(self) -> list[torch.Tensor]:
@@ -482,7 +502,7 @@ class ShardedEMATeacher:
         with ``forward_dtype``, else :attr:`shards` themselves."""
         return list(self._forward_shards)
 
-    def _prepare(self) -> list[tuple]:
+    def _prepare(self) -> list[_Launch]:
         # Re-read each step: a checkpoint load may swap the engine's master tensors.
         self._masters = list(self._optimizer.fp32_partitioned_groups_flat)
         self._master_ptrs = [m.data_ptr() for m in self._masters]
@@ -504,10 +524,9 @@ class ShardedEMATeacher:
     def _order_gathers_after_writes(self) -> None:
         """With ``overlap_comm`` on CUDA, DeepSpeed gathers (and prefetches) on its own stream:
         make that stream wait, on the device, for the shard writes just queued on this one (no
-        host sync). The stream is DeepSpeed's private attribute; without it nothing is done."""
-        coordinator = self._offload.get_param_coordinator()
-        stream = getattr(coordinator, "_PartitionedParameterCoordinator__allgather_stream", None)
-        if stream is not None and self._flat.is_cuda and hasattr(stream, "wait_stream"):
+        host sync). The stream is DeepSpeed's private attribute (compat); without it nothing is done."""
+        stream = allgather_stream(self._offload.get_param_coordinator())
+        if stream is not None and self._flat.is_cuda:
             stream.wait_stream(torch.cuda.current_stream(self._flat.device))
 
     def refresh_persisted(self) -> None:
@@ -535,8 +554,9 @@ class ShardedEMATeacher:
         release_zero3_module(self.module)
 
     def state_dict(self) -> dict:
-        """Full teacher parameters from the fp32 EMA state, and buffers, on every rank; a
-        collective (one all-gather per optimiser group): every rank calls it."""
+        """Full teacher parameters from the fp32 EMA state, and persistent buffers (the keys of
+        ``module.state_dict()``), on the CPU on every rank; a collective (one all-gather per
+        optimiser group): every rank calls it."""
         import torch.distributed as dist
 
         params = dict(self.module.named_parameters())
@@ -558,12 +578,15 @@ class ShardedEMATeacher:
                 full = torch.cat(parts).to(self.dtype)
             state[name] = full[: p.ds_numel].reshape(p.ds_shape).clone()
         state.update({k: v.detach().clone() for k, v in self.module.named_buffers()})
-        return state
+        keys = self.module.state_dict().keys()  # what open_clip saves: no non-persistent buffers
+        return _to_cpu({k: v for k, v in state.items() if k in keys})
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load full tensors (as :meth:`state_dict` writes): each rank keeps its own slice of the
         fp32 state (and its forward copy), then the persisted parameters are refreshed (a
-        collective when some are persisted: every rank calls it)."""
+        collective when some are persisted: every rank calls it). Non-persistent buffers, which
+        :meth:`state_dict` leaves out, keep their values."""
+        state_dict = {**dict(self.module.named_buffers()), **state_dict}
         with torch.no_grad():
             for name, p in self.module.named_parameters():
                 if name in self._names:

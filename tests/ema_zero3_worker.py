@@ -28,6 +28,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from degla_fast.ema import EMATeacher, ShardedEMATeacher
 from degla_fast.errors import ConfigError
+from degla_fast.teacher import Teacher
 from degla_fast.train.distributed import clamp_logit_scale_deepspeed, wrap_deepspeed, zero_dim_safe_broadcasts
 
 DECAY = 0.6
@@ -105,7 +106,7 @@ def sharded(engine, **kwargs) -> ShardedEMATeacher:
     torch.manual_seed(1)  # a different initialisation: the teacher must start as the student
     with zero_dim_safe_broadcasts():
         teacher = EMATeacher.from_deepspeed(engine, Net(), decay=DECAY, backend="triton", **kwargs)
-    assert isinstance(teacher, ShardedEMATeacher)
+    assert isinstance(teacher, ShardedEMATeacher) and isinstance(teacher, Teacher)
     return teacher
 
 
@@ -144,6 +145,7 @@ def check_unpersisted_fp32(rank: int) -> None:
         expected = {n: e + (1 - DECAY) * (masters[n] - e) for n, e in expected.items()}
 
     state = teacher.state_dict()
+    assert set(state) == set(teacher.module.state_dict()) and all(v.device.type == "cpu" for v in state.values())
     for name, value in expected.items():
         assert state[name].dtype == torch.float32, name
         torch.testing.assert_close(state[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)

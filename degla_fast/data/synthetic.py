@@ -572,69 +572,22 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
     pretrain_images = num_images if pretrain_images is None else pretrain_images
     val_eval_items = eval_items if val_eval_items is None else val_eval_items
     val_zeroshot_items = zeroshot_items if val_zeroshot_items is None else val_zeroshot_items
-    for name, value, low in (("images", num_images, 1), ("pretrain_images", pretrain_images, 1),
-                             ("eval_items", eval_items, 1), ("zeroshot_items", zeroshot_items, 1),
-                             ("val_eval_items", val_eval_items, 1), ("val_zeroshot_items", val_zeroshot_items, 1),
-                             ("image_size", image_size, 16)):
-        if int(value) != value or value < low:
-            raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+    _check_counts((("images", num_images, 1), ("pretrain_images", pretrain_images, 1),
+                   ("eval_items", eval_items, 1), ("zeroshot_items", zeroshot_items, 1),
+                   ("val_eval_items", val_eval_items, 1), ("val_zeroshot_items", val_zeroshot_items, 1),
+                   ("image_size", image_size, 16)))
     out = check_output_folder(out_dir, "--out")
     splits = {"test": (out, eval_items, zeroshot_items), "val": (out / "val", val_eval_items, val_zeroshot_items)}
-    folders = ["train", "pretrain"] + [str((base / sub).relative_to(out)) for base, _, _ in splits.values()
-                                       for sub in ("eval/images", "zeroshot/images")]
-    for folder in folders:
-        try:
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise cannot_write(out / folder, err) from None
+    _make_folders(out, ["train", "pretrain"] + [str((base / sub).relative_to(out)) for base, _, _ in splits.values()
+                                                for sub in ("eval/images", "zeroshot/images")])
     per_task = sum(len(c) for c in ZEROSHOT_CLASSES.values())
     total = num_images + pretrain_images + sum(e * len(EVAL_SUBSETS) + z * per_task for _, e, z in splits.values())
     bar = tqdm(total=total, desc="synth", unit="img", disable=not (sys.stderr.isatty() if progress is None else progress))
-
-    records = []
-    for i in range(pretrain_images):
-        scene, caption = pretrain_item(seed, i)
-        _write_image(out / "pretrain" / f"{i:06d}.jpg", scene, image_size,
-                     random.Random(f"{seed}/pixels/pretrain/{i}"), "tinted")
-        records.append({"image": f"pretrain/{i:06d}.jpg", "original": caption.text()})
-        bar.update()
-    write_json_atomic(out / "pretrain.json", records)
-
-    records = []
-    for i in range(num_images):
-        scene, caption, negatives = train_item(seed, i)
-        _write_image(out / "train" / f"{i:06d}.jpg", scene, image_size, random.Random(f"{seed}/pixels/train/{i}"))
-        records.append({"image": f"train/{i:06d}.jpg", "original": caption.text(), "enhanced": negatives})
-        bar.update()
-    write_json_atomic(out / "train.json", records)
-
+    _write_pretrain(out, seed, pretrain_images, image_size, bar)
+    _write_train(out, seed, num_images, image_size, bar)
     for split, (base, n_eval, n_zero) in splits.items():
-        number = 0
-        for subset in EVAL_SUBSETS:
-            items = {}
-            for i in range(n_eval):
-                scene, caption, negative = eval_item(seed, subset, i, split)
-                filename = f"{number:06d}.jpg"
-                _write_image(base / "eval" / "images" / filename, scene, image_size,
-                             random.Random(f"{seed}/pixels/{split}/eval/{number}"))
-                items[str(number)] = {"filename": filename, "caption": caption.text(), "negative_caption": negative}
-                number += 1
-                bar.update()
-            write_json_atomic(base / "eval" / f"{subset}.json", items)
-
-        number = 0
-        for task, classes in ZEROSHOT_CLASSES.items():
-            items = []
-            for i in range(n_zero * len(classes)):
-                scene, label = zeroshot_item(seed, task, i, split)
-                filename = f"{number:06d}.jpg"
-                _write_image(base / "zeroshot" / "images" / filename, scene, image_size,
-                             random.Random(f"{seed}/pixels/{split}/zeroshot/{number}"), "tinted")
-                items.append({"filename": filename, "label": label})
-                number += 1
-                bar.update()
-            write_json_atomic(base / "zeroshot" / f"{task}.json",
-                              {"classnames": list(classes), "templates": ZEROSHOT_TEMPLATES[task], "items": items})
+        _write_eval(base, split, seed, n_eval, image_size, bar)
+        _write_zeroshot(base, split, seed, n_zero, image_size, bar)
     bar.close()
     write_json_atomic(out / "manifest.json", {
         "format": "degla-fast/synthetic", "version": VERSION, "images": num_images, "pretrain_images": pretrain_images,
@@ -642,6 +595,76 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
         "val_zeroshot_items": val_zeroshot_items, "image_size": image_size, "zeroshot_tasks": list(ZEROSHOT_TASKS)})
     return out / "train.json"
 
+
+def _check_counts(limits) -> None:
+    """A ConfigError for the first ``(name, value, low)`` whose value is not an integer >= low."""
+    for name, value, low in limits:
+        if int(value) != value or value < low:
+            raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+
+
+def _make_folders(out: Path, folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise cannot_write(out / folder, err) from None
+
+
+def _write_pretrain(out: Path, seed: int, count: int, image_size: int, bar) -> None:
+    """``pretrain/`` images and ``pretrain.json`` (image, caption)."""
+    records = []
+    for i in range(count):
+        scene, caption = pretrain_item(seed, i)
+        _write_image(out / "pretrain" / f"{i:06d}.jpg", scene, image_size,
+                     random.Random(f"{seed}/pixels/pretrain/{i}"), "tinted")
+        records.append({"image": f"pretrain/{i:06d}.jpg", "original": caption.text()})
+        bar.update()
+    write_json_atomic(out / "pretrain.json", records)
+
+
+def _write_train(out: Path, seed: int, count: int, image_size: int, bar) -> None:
+    """``train/`` images and ``train.json`` (image, caption, hard negatives)."""
+    records = []
+    for i in range(count):
+        scene, caption, negatives = train_item(seed, i)
+        _write_image(out / "train" / f"{i:06d}.jpg", scene, image_size, random.Random(f"{seed}/pixels/train/{i}"))
+        records.append({"image": f"train/{i:06d}.jpg", "original": caption.text(), "enhanced": negatives})
+        bar.update()
+    write_json_atomic(out / "train.json", records)
+
+
+def _write_eval(base: Path, split: str, seed: int, n_eval: int, image_size: int, bar) -> None:
+    """``eval/images`` and one ``eval/<subset>.json`` per compositional subset of ``split``."""
+    number = 0
+    for subset in EVAL_SUBSETS:
+        items = {}
+        for i in range(n_eval):
+            scene, caption, negative = eval_item(seed, subset, i, split)
+            filename = f"{number:06d}.jpg"
+            _write_image(base / "eval" / "images" / filename, scene, image_size,
+                         random.Random(f"{seed}/pixels/{split}/eval/{number}"))
+            items[str(number)] = {"filename": filename, "caption": caption.text(), "negative_caption": negative}
+            number += 1
+            bar.update()
+        write_json_atomic(base / "eval" / f"{subset}.json", items)
+
+
+def _write_zeroshot(base: Path, split: str, seed: int, n_zero: int, image_size: int, bar) -> None:
+    """``zeroshot/images`` and one ``zeroshot/<task>.json`` per zero-shot task of ``split``."""
+    number = 0
+    for task, classes in ZEROSHOT_CLASSES.items():
+        items = []
+        for i in range(n_zero * len(classes)):
+            scene, label = zeroshot_item(seed, task, i, split)
+            filename = f"{number:06d}.jpg"
+            _write_image(base / "zeroshot" / "images" / filename, scene, image_size,
+                         random.Random(f"{seed}/pixels/{split}/zeroshot/{number}"), "tinted")
+            items.append({"filename": filename, "label": label})
+            number += 1
+            bar.update()
+        write_json_atomic(base / "zeroshot" / f"{task}.json",
+                          {"classnames": list(classes), "templates": ZEROSHOT_TEMPLATES[task], "items": items})
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``degla-fast synth``."""

@@ -6,7 +6,6 @@ Both launchers export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` 
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import sys
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..compat.deepspeed import local_fp32_fragment
+from ..compat.deepspeed import zero_dim_safe_broadcasts  # noqa: F401 (the trainer's name for it)
 from ..errors import ConfigError, DataError
 from ..io import read_config_mapping
 
@@ -83,11 +84,6 @@ def teardown() -> None:
     gc.collect()
 
 
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
 def all_true(flag: bool, info: DistInfo, device: torch.device | None = None) -> bool:
     """True when ``flag`` holds on every rank (one tiny all-reduce; no-op on one process)."""
     if not info.distributed:
@@ -138,15 +134,6 @@ def raise_on_any_rank(error: str | None, info: DistInfo) -> None:
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise DataError(first)
-
-
-def mean_across(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Element-wise mean of ``values`` over ranks (for logging)."""
-    if not info.distributed:
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / info.world_size
 
 
 def read_deepspeed_config(path: str, *, micro_batch: int, world_size: int, max_grad_norm: float) -> dict:
@@ -218,51 +205,6 @@ def mark_zero3_leaves(module: torch.nn.Module) -> None:
         set_z3_leaf_modules(module, [torch.nn.MultiheadAttention])
 
 
-@contextlib.contextmanager
-def zero_dim_safe_broadcasts():
-    """Within: DeepSpeed's start-up parameter broadcasts work for 0-d parameters.
-
-    DeepSpeed broadcasts each parameter as a byte view (``p.data.view(torch.uint8)``), which
-    fails for 0-d tensors such as open_clip's ``logit_scale``; the same broadcast of a 1-d view
-    of the parameter works. Patches the two places that do it (engine start-up, ZeRO-3
-    partitioning, which the EMA teacher's partitioning goes through too) and restores them.
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    saved = DeepSpeedEngine._broadcast_model, Init._zero_init_param
-    DeepSpeedEngine._broadcast_model, Init._zero_init_param = _broadcast_model, _zero_init_param
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model, Init._zero_init_param = saved
-
-
-def _broadcast_model(engine) -> None:
-    """Rank 0's replicated parameters to every rank (stands in for ``DeepSpeedEngine._broadcast_model``)."""
-    from deepspeed import comm
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from deepspeed.utils import groups
-
-    if engine.dist_backend is None:
-        return
-    for param in engine.module.parameters():
-        if hasattr(param, "ds_status") and param.ds_status is not ZeroParamStatus.AVAILABLE:
-            continue  # a ZeRO-3 partition: nothing replicated to broadcast
-        comm.broadcast(param.data.view(-1), groups._get_broadcast_src_rank(), group=engine.seq_data_parallel_group)
-
-
-def _zero_init_param(self, param) -> None:
-    """``Init._zero_init_param`` with a 1-d view in the broadcast: rank 0's values, then partition."""
-    from deepspeed import comm
-
-    self._convert_to_deepspeed_param(param)
-    group = self.get_partition_dp_group(param)
-    src = 0 if comm.get_world_group() == group else comm.get_global_rank(group, 0)
-    comm.broadcast(param.data.view(-1), src, group)
-    param.partition()
-
-
 def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> None:
     """``student.logit_scale <= maximum`` in the engine's fp32 master copy and in the model's own
     (possibly partitioned, possibly 16-bit) copy. A collective under ZeRO-3: every rank calls it."""
@@ -275,8 +217,7 @@ def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> Non
 
             master = safe_get_local_fp32_param(param)
         else:  # ZeRO-1/2: the fragment this rank's partition holds (None: another rank's)
-            mapping = getattr(param, "_hp_mapping", None)
-            master = mapping.get_hp_fragment() if mapping is not None else None
+            master = local_fp32_fragment(param)
         if master is not None:
             master.clamp_(max=maximum)
         # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..compat.torch_optim import set_last_lr, step_supports_amp_scaling
+
 # open_clip's convention: the learned temperature never exceeds 100.
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -61,7 +63,7 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` honours a device tensor ``optimizer.found_inf`` (1 = skip the
     step, state and step count untouched), as torch's fused Adam/AdamW do."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(
+    return step_supports_amp_scaling(optimizer) and bool(
         any(g.get("fused") for g in optimizer.param_groups))
 
 
@@ -95,4 +97,4 @@ def rewind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -
     lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
-    scheduler._last_lr = lrs
+    set_last_lr(scheduler, lrs)

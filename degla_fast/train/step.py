@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..compat.torch_amp import found_inf_flags
 from ..functional import LossOutput
 from ..model import clip_features
 from ..profiling import PhaseClock
@@ -159,8 +160,8 @@ def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tens
 def _join_scaler_found_inf(scaler, optimizer, found_inf: torch.Tensor) -> torch.Tensor:
     """Join the loss's ``found_inf`` into the scaler's per-device flags for ``optimizer`` (after
     ``unscale_``, so that ``scaler.step`` skips on either) and return the joined flag on the
-    loss's device. GradScaler has no public way to add a flag: this reads its per-optimiser state."""
-    flags = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    loss's device. GradScaler has no public way to add a flag: compat reads its per-optimiser state."""
+    flags = found_inf_flags(scaler, optimizer)
     for flag in flags:
         torch.maximum(flag, found_inf.to(flag.device), out=flag)
     total = sum(f.to(found_inf.device) for f in flags)
