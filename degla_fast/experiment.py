@@ -26,11 +26,12 @@ import io
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError
 from .io import check_output_folder, write_bytes_atomic, write_json_atomic
+from .loss_spec import LossSpec
 
 # variant -> (label, loss fields)
 VARIANTS = {
@@ -59,6 +60,8 @@ CONTRASTS = (
     ("fixed - release TGC", "degla", "degla_release", "compositional_avg"),
     ("fixed - release TGC", "degla", "degla_release", "zeroshot_avg"),
 )
+# the loss weights `degla-fast experiment` takes as flags (--igc-weight, ...)
+LOSS_WEIGHTS = ("igc_weight", "tgc_weight", "distill_weight")
 # two-sided 95 % Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
@@ -80,9 +83,9 @@ class Settings:
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
     warmup_steps: int = 20
-    igc_weight: float = 0.1
-    tgc_weight: float = 0.1
-    distill_weight: float = 0.02
+    # The loss weights of the DeGLA variants (the loss's own defaults but for distillation, 0.02,
+    # chosen on the validation split); K is num_negatives above, set per variant.
+    loss: LossSpec = field(default_factory=lambda: LossSpec(distill_weight=0.02))
     ema_decay: float = 0.995
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -133,9 +136,9 @@ def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, s
     return {**teacher, "data.path": str(data / "train.json"), "data.batch_size": settings.batch_size,
             "model.name": settings.model, "model.pretrained": str(start),
             "loss.num_negatives": settings.num_negatives if v["negatives"] else 0,
-            "loss.igc_weight": settings.igc_weight if v["igc"] else 0.0,
-            "loss.tgc_weight": settings.tgc_weight if v["igc"] else 0.0,
-            "loss.distill_weight": settings.distill_weight if v["distill"] else 0.0,
+            "loss.igc_weight": settings.loss.igc_weight if v["igc"] else 0.0,
+            "loss.tgc_weight": settings.loss.tgc_weight if v["igc"] else 0.0,
+            "loss.distill_weight": settings.loss.distill_weight if v["distill"] else 0.0,
             "loss.official_tgc_indexing": v["release_tgc"],
             "optim.lr": settings.finetune_lr, "optim.warmup_steps": min(settings.warmup_steps, settings.finetune_steps - 1),
             "max_steps": settings.finetune_steps, "seed": seed, "device": settings.device}
@@ -349,8 +352,8 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     head = (f"Synthetic ablation on the **{settings.split}** split: {settings.model}, pre-trained "
             f"{settings.pretrain_steps} steps (lr {settings.pretrain_lr:g}) with the CLIP loss on the broad "
             f"distribution, fine-tuned {settings.finetune_steps} steps (lr {settings.finetune_lr:g}, batch "
-            f"{settings.batch_size}, K={settings.num_negatives}, IGC/TGC {settings.igc_weight:g}/{settings.tgc_weight:g}, "
-            f"distillation {settings.distill_weight:g}, EMA decay {settings.ema_decay:g}) on the narrow one; seeds "
+            f"{settings.batch_size}, K={settings.num_negatives}, IGC/TGC {settings.loss.igc_weight:g}/{settings.loss.tgc_weight:g}, "
+            f"distillation {settings.loss.distill_weight:g}, EMA decay {settings.ema_decay:g}) on the narrow one; seeds "
             f"{seeds}; mean ± sample std over seeds; accuracies in %.")
     write_bytes_atomic(output / "results.md", (
         f"{head}\n\n{table}\n\n{diffs}\n\nWall time: {timings['total_s']:.0f} s (this invocation; reused stages "
@@ -379,9 +382,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "pretrain_steps", "finetune_steps", "warmup_steps", "threads", "jobs", "data_seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default {getattr(defaults, name)}")
-    for name in ("pretrain_lr", "finetune_lr", "ema_decay", "igc_weight", "tgc_weight", "distill_weight"):
+    for name in ("pretrain_lr", "finetune_lr", "ema_decay"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {getattr(defaults, name)}")
+    for name in LOSS_WEIGHTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                            help=f"default {getattr(defaults.loss, name)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -389,10 +395,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings: defaults, then ``--quick`` sizes, then explicit flags."""
     settings = Settings(**(QUICK if args.quick else {}))
-    for name in list(asdict(settings)):
+    for name in [f.name for f in fields(settings) if f.name != "loss"]:
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
+    weights = {name: getattr(args, name) for name in LOSS_WEIGHTS if getattr(args, name, None) is not None}
+    settings.loss = replace(settings.loss, **weights)  # LossSpec checks them (>= 0)
     return settings
 
 

@@ -1,5 +1,6 @@
 """The ablation experiment: its summary and paired-difference math, the one stage cache, and a smoke
 run of the whole pipeline (``degla-fast experiment --quick``)."""
+import argparse
 import json
 import math
 import statistics
@@ -83,12 +84,24 @@ def test_variants_map_to_trainer_fields(tmp_path):
     fields = {v: finetune_fields(s, tmp_path, tmp_path / "start", v, 3) for v in VARIANTS}
     assert fields["clip"]["loss.num_negatives"] == 0
     assert fields["negclip"]["loss.num_negatives"] == 4 and fields["negclip"]["loss.igc_weight"] == 0.0
-    assert fields["igc_tgc"]["loss.tgc_weight"] == s.tgc_weight and fields["igc_tgc"]["loss.distill_weight"] == 0.0
-    assert fields["degla"]["loss.distill_weight"] == s.distill_weight
+    assert fields["igc_tgc"]["loss.tgc_weight"] == s.loss.tgc_weight and fields["igc_tgc"]["loss.distill_weight"] == 0.0
+    assert fields["degla"]["loss.distill_weight"] == s.loss.distill_weight
     assert fields["degla_release"]["loss.official_tgc_indexing"] is True
     assert fields["degla"]["loss.official_tgc_indexing"] is False
     for f in fields.values():   # every field is a real trainer field
         stages.train_config(tmp_path / "x", {**f, "data.path": "x.json"})
+
+
+def test_loss_weight_flags_set_the_settings_loss_spec():
+    from degla_fast.experiment import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--distill-weight", "0.05", "--batch-size", "4"]))
+    assert (settings.loss.distill_weight, settings.loss.igc_weight, settings.batch_size) == (0.05, 0.1, 4)
+    assert Settings().loss.distill_weight == 0.02   # the experiment's own default, not the loss's
+    with pytest.raises(ConfigError, match="tgc_weight"):
+        settings_from_args(parser.parse_args(["--tgc-weight", "-1"]))
 
 
 def test_run_stage_runs_once_per_stamp(tmp_path):
