@@ -1,10 +1,11 @@
 """One DeGLA training step, and the pieces it needs (loss choice, autocast, timing).
 
-``train_step`` is the whole step on one screen: student forward on images and
-``[positives; negatives]``, teacher forward without grad, the loss, backward, optimiser and
-schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an optimiser whose
-step moves the teacher). The trainer and ``benchmarks/bench_step.py`` both call it, so what is
-benchmarked is what trains.
+``train_step`` reads as the step's outline in one function (about 40 lines): student forward
+on images and ``[positives; negatives]``, teacher forward without grad, the loss, backward,
+optimiser and schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an
+optimiser whose step moves the teacher); the backward and the optimiser step (loss scaler,
+clipping, the device-side skip) are two helpers below it. The trainer and
+``benchmarks/bench_step.py`` both call it, so what is benchmarked is what trains.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ class StepParts:
     ``scaler`` a ``torch.amp.GradScaler`` for fp16 or None; ``clamp_logit_scale`` a callable
     that keeps the student's ``logit_scale <= ln 100`` (see :func:`clamp_logit_scale_`);
     ``autocast_dtype`` / ``teacher_autocast_dtype``: the forwards' autocast (None: off);
-    ``scheduler`` is stepped once per call, skipped steps included (the trainer undoes those
-    with ``optim.rewind_scheduler`` when it reads the skip counters);
+    ``scheduler`` is stepped once per call, skipped steps included (the trainer's
+    :class:`~.step_account.StepAccount` takes those back when it reads the skip counters);
+    ``sharded``: a ZeRO-3 engine (parameters, the teacher's too, partitioned across ranks);
     ``all_finite(loss) -> 0-d bool tensor`` on the device, the same on every rank (an
     all-reduce, never a host read); ``optimizer_moves_teacher``: the optimiser is an
     ``AdamWEMA`` of ``teacher`` (its step is the EMA update); ``sync``: called at each phase
@@ -60,6 +62,7 @@ class StepParts:
     sync: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: torch.isfinite(t))
     optimizer_moves_teacher: bool = False
+    sharded: bool = False
 
 
 @dataclass
