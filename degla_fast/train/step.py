@@ -35,7 +35,8 @@ def make_loss(*, num_negatives: int, igc_weight: float = 0.1, tgc_weight: float 
 
 @dataclass
 class StepParts:
-    """What one step touches. ``model`` is the student (or the DeepSpeed engine around it);
+    """What one step touches, and the run's one owner of these parts (the trainer's ``Run``
+    holds this object, not copies of its fields). ``model`` is the student (or the DeepSpeed engine around it);
     ``engine`` is that engine or None; ``teacher`` an ``EMATeacher`` or None (plain CLIP);
     ``scaler`` a ``torch.amp.GradScaler`` for fp16 or None; ``clamp_logit_scale`` a callable
     that keeps the student's ``logit_scale <= ln 100`` (see :func:`clamp_logit_scale_`);
