@@ -3,7 +3,7 @@ restoring a run from it (the file format itself: :mod:`degla_fast.checkpoint`).
 
 A run hands the checkpointer a map of named stateful parts (torchtitan's pattern): each entry is
 saved under its name from its ``state_dict()`` and restored by its ``load_state_dict(saved)``, so
-save and restore mirror each other by construction. The entries (:func:`run_states`):
+save and restore mirror each other by construction. The entries (:meth:`Checkpointer.states`):
 ``model_name``, ``pretrained``, ``config`` (facts, checked where they matter), ``student``,
 ``teacher``, ``optimizer`` (or, under DeepSpeed, the engine's own folder named by ``deepspeed``),
 ``scheduler``, ``scaler``; the checkpointer itself adds the data position ``step``, ``epoch``,
@@ -37,8 +37,8 @@ class Checkpointer:
 
     ``resume`` (``None``, ``"latest"`` or a path, see :func:`degla_fast.checkpoint.find_resume`)
     is read once here; :meth:`restore_weights` and :meth:`restore_state` take what they need from
-    it, and :meth:`restore_state` lets it go. ``keep_last``: checkpoints kept on disk. Every method is a collective under DeepSpeed and DDP:
-    every rank calls it.
+    it, and :meth:`restore_state` lets it go. ``keep_last``: checkpoints kept on disk. Every
+    method is a collective under DeepSpeed and DDP: every rank calls it.
     """
 
     def __init__(self, folder: Path, resume: str | None, info: dist_utils.DistInfo, *, keep_last: int):
