@@ -65,6 +65,17 @@ class StepParts:
     optimizer_moves_teacher: bool = False
     sharded: bool = False
 
+    @property
+    def fused_ema(self) -> bool:
+        """The optimiser's step is the EMA update (an ``AdamWEMA`` of ``teacher``)."""
+        return self.teacher is not None and self.optimizer_moves_teacher
+
+    @property
+    def skip_on_device(self) -> bool:
+        """A non-finite step is skipped on the device (the fused AdamW's ``found_inf``); otherwise
+        the step reads the finiteness flag on the host."""
+        return not self.fused_ema and skips_on_device(self.optimizer)
+
 
 @dataclass
 class StepResult:
@@ -104,8 +115,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     with clock.phase("loss"):
         out = parts.loss_fn(image.to(dtype), text.to(dtype), scale.float(), _to(t_image, dtype), _to(t_text, dtype))
     finite = parts.all_finite(out.total.detach())
-    fused = parts.teacher is not None and parts.optimizer_moves_teacher
-    on_device = not fused and skips_on_device(parts.optimizer)
+    on_device = parts.skip_on_device
     if not on_device and not bool(finite):  # host read: this optimiser cannot skip on the device
         # Every rank skips together (all_finite agrees across ranks): no collective is left hanging.
         # The schedule steps as on the device path: the trainer takes skipped steps back at its read.
@@ -116,7 +126,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     with clock.phase("backward"):
         _backward(parts, out.total)
     with clock.phase("optimizer", key="optim"):
-        found_inf, teacher_moved = _optimizer_step(parts, found_inf, on_device, fused)
+        found_inf, teacher_moved = _optimizer_step(parts, found_inf)
         parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
         parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
     with clock.phase("ema"):
@@ -133,15 +143,14 @@ def _backward(parts: StepParts, loss: torch.Tensor) -> None:
         (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
 
 
-def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool,
-                    fused: bool) -> tuple[torch.Tensor, bool]:
+def _optimizer_step(parts: StepParts, found_inf: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Step the optimiser (skipping on ``found_inf`` where it can) and clear the gradients.
     Returns the step's skip flag (the scaler's inf/NaN gradients included) and whether the
     optimiser moved the teacher (AdamWEMA)."""
     if parts.engine is not None:
         _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
         return found_inf, False
-    teacher_moved = False
+    on_device, fused, teacher_moved = parts.skip_on_device, parts.fused_ema, False
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
     if parts.max_grad_norm > 0:
