@@ -1,6 +1,6 @@
 """One DeGLA training step, and the pieces it needs (loss choice, autocast, timing).
 
-``train_step`` reads as the step's outline in one function (about 40 lines): student forward
+``train_step`` reads as the step's outline in one function (44 lines): student forward
 on images and ``[positives; negatives]``, teacher forward without grad, the loss, backward,
 optimiser and schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an
 optimiser whose step moves the teacher); the backward and the optimiser step (loss scaler,
