@@ -8,22 +8,20 @@ the resume state after everything it restores into.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import checkpoint as files
 from ..ema import release_zero3_module
-from ..errors import ConfigError, DataError
-from ..io import cannot_write, check_output_folder, write_text_atomic
+from ..errors import DataError
 from ..losses import DeGLALoss
 from . import distributed as dist_utils
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, Stateful
 from .config import TrainConfig, to_dict
 from .metrics import MetricsLogger
+from .output_folder import check_output, write_output
 from .run_lock import RunLock, holder_error
 from .optim import build_optimizer, build_scheduler
 from ..precision import autocast_dtype
@@ -33,20 +31,20 @@ from .step import StepParts, clamp_logit_scale_
 
 @dataclass
 class Run:
-    """One training run, ready to step: what :func:`build_run` made and where it starts."""
+    """One training run, ready to step: what :func:`build_run` made and where it starts.
+
+    ``parts`` is the one owner of the optimiser, schedule, teacher, DeepSpeed engine and loss
+    scaler (what ``train_step`` touches); ``states`` names what a checkpoint saves and restores
+    (:meth:`Checkpointer.states`)."""
 
     config: TrainConfig
     info: dist_utils.DistInfo
     model_name: str
-    student: torch.nn.Module  # the bare model (also inside ``engine`` or DDP)
+    student: torch.nn.Module  # the bare model (also inside ``parts.engine`` or DDP)
     data: Any  # degla_fast.data.TrainData
-    teacher: Any  # EMATeacher or None
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    engine: Any  # the DeepSpeed engine or None
-    scaler: Any  # torch.amp.GradScaler (fp16) or None
-    parts: StepParts  # what train_step touches: model, loss, optimiser, ...
+    parts: StepParts  # what train_step touches: model, loss, optimiser, schedule, teacher, engine, scaler
     checkpointer: Checkpointer
+    states: dict[str, Stateful]  # the checkpoint's named stateful parts
     logger: MetricsLogger | None  # rank 0 only
     total_steps: int
     start: tuple[int, int, int] = (0, 0, 0)  # (step, epoch, batch) to continue from
@@ -55,11 +53,6 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.info.device
-
-    @property
-    def sharded(self) -> bool:
-        """A ZeRO-3 run: parameters (the teacher's too) are partitioned across ranks."""
-        return self.engine is not None and self.engine.zero_optimization_stage() == 3
 
     def warn(self, message: str) -> None:
         if self.logger is not None:
@@ -71,25 +64,25 @@ class Run:
         if self.lock is not None:
             self.lock.release()
         self.data.close()
-        if hasattr(self.teacher, "close"):
-            self.teacher.close()
-        if self.engine is not None:
+        teacher, engine = self.parts.teacher, self.parts.engine
+        if teacher is not None:
+            teacher.close()
+        if engine is not None:
             # Removes ZeRO's gradient hooks: closures that tie every parameter (and the process
             # groups it carries) into cycles through autograd nodes, which no gc can free.
-            self.engine.destroy()
-            release_zero3_module(self.engine.module)
+            engine.destroy()
+            release_zero3_module(engine.module)
 
 
 def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | None) -> Run:
     """The :class:`Run` ``config`` describes, restored from ``config.resume`` when it names a checkpoint."""
-    from ..data import build_train_data
     from ..model import load_model
 
     output = Path(config.output)
-    checkpointer = Checkpointer(output / "checkpoints", config.resume, info)
-    archive = _check_output(output, config, resuming=checkpointer.resuming)
+    checkpointer = Checkpointer(output / "checkpoints", config.resume, info, keep_last=config.keep_last)
+    archive = check_output(output, config, resuming=checkpointer.resuming)
     # Another run writing this folder is said before the model and data are built (the lock
-    # itself is taken before the first write, _write_output).
+    # itself is taken before the first write, write_output).
     dist_utils.raise_on_any_rank(holder_error(output) if info.is_main else None, info)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank (random ones included)
@@ -101,6 +94,25 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
         student.set_grad_checkpointing(True)
     checkpointer.restore_weights(student, bundle.name)
 
+    data = _train_data(config, info, bundle)
+    total_steps = config.max_steps or config.epochs * len(data)
+    parts = _step_parts(student, config, info, ds_config, total_steps)
+    states = checkpointer.states(parts, student, model_name=bundle.name, config=config)
+    run = Run(config=config, info=info, model_name=bundle.name, student=student, data=data, parts=parts,
+              checkpointer=checkpointer, states=states, logger=None, total_steps=total_steps)
+    run.start = checkpointer.restore_state(states, config.loss)
+    if not checkpointer.resuming:
+        torch.manual_seed(config.seed + info.rank)
+    # Written once everything a user can get wrong has been read: a mistake leaves no trace.
+    run.lock = write_output(output, config, info, archive)
+    _start_logging(run)
+    return run
+
+
+def _train_data(config: TrainConfig, info: dist_utils.DistInfo, bundle):
+    """This rank's share of ``data.path`` (at least one batch), prepared as ``bundle``'s model wants it."""
+    from ..data import build_train_data
+
     data = build_train_data(
         config.data.path, tokenizer=bundle.tokenizer, image_size=bundle.image_size, mean=bundle.mean,
         std=bundle.std, batch_size=config.data.batch_size, num_negatives=config.loss.num_negatives,
@@ -111,12 +123,31 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     if len(data) == 0:
         raise DataError(f"data.path: {config.data.path} holds fewer than one batch per process "
                         f"({data.num_samples} samples, batch {config.data.batch_size} x {info.world_size} processes)")
-    total_steps = config.max_steps or config.epochs * len(data)
+    return data
 
-    teacher, optimizer, engine, model = _teacher_and_optimizer(student, config, info, ds_config)
+
+def _start_logging(run: Run) -> None:
+    """Rank 0's metrics logger (the lock let go if it cannot start), then the resume's notes."""
+    config, checkpointer = run.config, run.checkpointer
+    if run.info.is_main:
+        try:
+            run.logger = MetricsLogger(Path(config.output), total_steps=run.total_steps, start_step=run.start[0],
+                                       resume_step=run.start[0] if checkpointer.resuming else None,
+                                       progress=config.progress, report_to=config.report_to,
+                                       run_config=to_dict(config), lines=config.log_lines)
+        except BaseException:
+            run.lock.release()
+            raise
+    for note in checkpointer.notes:
+        run.warn(note)
+
+
+def _step_parts(student, config: TrainConfig, info, ds_config, total_steps: int) -> StepParts:
+    """Everything a step touches, built once: optimiser (or engine), teacher, schedule, compiled
+    towers, loss scaler, loss."""
+    teacher, optimizer, engine, model, sharded = _teacher_and_optimizer(student, config, info, ds_config)
     scheduler = build_scheduler(optimizer, warmup_steps=config.optim.warmup_steps, total_steps=total_steps,
                                 min_ratio=config.optim.min_lr_ratio)
-    sharded = engine is not None and engine.zero_optimization_stage() == 3
     if config.model.compile:
         # In place, so state-dict keys stay those of open_clip. A ZeRO-3 teacher keeps eager
         # towers: its parameters are gathered by hooks around each module's forward.
@@ -129,43 +160,24 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     # No host read of the inputs (check_finite=False): the step checks the loss on the device.
     loss_fn = DeGLALoss.from_spec(dataclasses.replace(config.loss, check_finite=False), rank=info.rank,
                                   world_size=info.world_size)
-    parts = StepParts(
+    return StepParts(
         model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         clamp_logit_scale=(lambda: clamp_logit_scale_(student)) if engine is None else
         (lambda: dist_utils.clamp_logit_scale_deepspeed(student, MAX_LOGIT_SCALE)),
         teacher=teacher, engine=engine, scaler=scaler, autocast_dtype=amp_dtype,
         # A 16-bit teacher copy needs autocast even in an fp32 run (its inputs are fp32); autocast
         # leaves its 16-bit weights as they are.
-        teacher_autocast_dtype=amp_dtype or getattr(teacher, "forward_dtype", None),
+        teacher_autocast_dtype=amp_dtype or (teacher.forward_dtype if teacher is not None else None),
         max_grad_norm=config.optim.max_grad_norm,
         # Phase times cover the device's work only with profile_phases (a device sync at each lap).
         sync=torch.cuda.synchronize if (info.device.type == "cuda" and config.profile_phases) else None,
-        optimizer_moves_teacher=config.optim.fused_ema,
+        optimizer_moves_teacher=config.optim.fused_ema, sharded=sharded,
         all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info))
-    run = Run(config=config, info=info, model_name=bundle.name, student=student, data=data, teacher=teacher,
-              optimizer=optimizer, scheduler=scheduler, engine=engine, scaler=scaler, parts=parts,
-              checkpointer=checkpointer, logger=None, total_steps=total_steps)
-    run.start = checkpointer.restore_state(run)
-    if not checkpointer.resuming:
-        torch.manual_seed(config.seed + info.rank)
-    # Written once everything a user can get wrong has been read: a mistake leaves no trace.
-    run.lock = _write_output(output, config, info, archive)
-    if info.is_main:
-        try:
-            run.logger = MetricsLogger(output, total_steps=total_steps, start_step=run.start[0],
-                                       resume_step=run.start[0] if checkpointer.resuming else None,
-                                       progress=config.progress, report_to=config.report_to,
-                                       run_config=to_dict(config), lines=config.log_lines)
-        except BaseException:
-            run.lock.release()
-            raise
-    for note in checkpointer.notes:
-        run.warn(note)
-    return run
 
 
 def _teacher_and_optimizer(student, config: TrainConfig, info, ds_config):
-    """``(teacher, optimizer, engine, model)``; ``model`` is what the step calls (the engine, DDP or the student).
+    """``(teacher, optimizer, engine, model, sharded)``; ``model`` is what the step calls (the engine, DDP or
+    the student); ``sharded``: the engine is a ZeRO-3 one (the one place this is asked).
 
     The teacher (None when the loss needs none) is a copy of the student made once, here: before
     the optimiser with ``optim.fused_ema`` (AdamWEMA moves it; never with DeepSpeed), after the
@@ -178,15 +190,16 @@ def _teacher_and_optimizer(student, config: TrainConfig, info, ds_config):
     if ds_config is not None:
         optimizer = build_optimizer(student, **kwargs)
         engine = dist_utils.wrap_deepspeed(student, optimizer, ds_config)
-    teacher = _make_teacher(student, config, engine) if config.loss.needs_teacher else None
+    sharded = engine is not None and engine.zero_optimization_stage() == 3
+    teacher = _make_teacher(student, config, engine, sharded=sharded) if config.loss.needs_teacher else None
     if engine is not None:
-        return teacher, optimizer, engine, engine
+        return teacher, optimizer, engine, engine, sharded
     optimizer = build_optimizer(student, teacher=teacher if optim.fused_ema else None, **kwargs)
     model = student
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    return teacher, optimizer, None, model
+    return teacher, optimizer, None, model, False
 
 
 def _teacher_dtype(name: str, forward: torch.dtype | None = None):
@@ -196,8 +209,9 @@ def _teacher_dtype(name: str, forward: torch.dtype | None = None):
     return {"same": forward, "fp32": None, "bf16": torch.bfloat16}[name]
 
 
-def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
-    """The EMA teacher, a copy of ``student`` as it is now (a replica; under ZeRO-3 sharded like it)."""
+def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine, *, sharded: bool = False):
+    """The EMA teacher, a copy of ``student`` as it is now (a replica; under ZeRO-3, ``sharded``,
+    sharded like it)."""
     from ..ema import EMATeacher
 
     kwargs = dict(decay=config.ema.decay, backend=config.ema.backend)
@@ -207,7 +221,7 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
     if engine is None:
         return EMATeacher(student, forward_dtype=forward_dtype, **kwargs)
     fresh = None
-    if engine.zero_optimization_stage() == 3:
+    if sharded:
         # fp32 EMA shards plus a forward copy of forward_dtype (if any), which is what ZeRO-3
         # partitions and gathers for the teacher's forward (half the bytes of fp32 in bf16).
         from ..model import create_model
@@ -216,74 +230,3 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine):
         dist_utils.mark_zero3_leaves(fresh)
     with dist_utils.zero_dim_safe_broadcasts():
         return EMATeacher.from_deepspeed(engine, fresh, forward_dtype=forward_dtype, **kwargs)
-
-
-# What a run leaves in its output folder (besides wandb's own folder).
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
-
-
-def _check_output(output: Path, config: TrainConfig, *, resuming: bool) -> list[str]:
-    """Refuse an output folder that holds another run when this one does not resume it (unless
-    ``overwrite``); returns the files :func:`_write_output` moves aside (``overwrite``). Read-only,
-    on every rank."""
-    check_output_folder(output, "--output")  # found before any work, so nothing is written
-    if resuming or not _holds_run(output):
-        return []
-    held = [name for name in _RUN_FILES if (output / name).exists()]
-    if config.overwrite:
-        return held
-    if config.resume == "latest":  # a preempted job resubmitted before its first checkpoint
-        return []
-    raise ConfigError(f"output: {output} already holds a run ({', '.join(held)}); resume it with --resume latest, "
-                      f"choose another --output, or pass --overwrite to move its files to {output / 'previous'}/ "
-                      "and start again")
-
-
-def _holds_run(output: Path) -> bool:
-    """Whether ``output`` holds a run's metrics or checkpoints (a config alone is no run yet)."""
-    checkpoints = output / "checkpoints"
-    has_checkpoint = checkpoints.is_dir() and any(files.is_checkpoint_name(p.name) or p.name == "latest"
-                                                  for p in checkpoints.iterdir())
-    metrics = output / "metrics.jsonl"
-    return has_checkpoint or (metrics.is_file() and metrics.stat().st_size > 0)
-
-
-def _write_output(output: Path, config: TrainConfig, info, archive: list[str]) -> RunLock | None:
-    """On rank 0: the output folder and its lock (one writer per run folder; returned, None on
-    other ranks), the previous run's files moved to ``previous/<time>/`` (``archive``), torn
-    temporary files of a killed save removed, ``config.yaml``. A failure (``cannot write PATH:
-    reason``, another run holding the folder) is one line on every rank."""
-    error = lock = None
-    if info.is_main:
-        try:
-            lock = RunLock.acquire(output)
-            _write_output_files(output, config, archive)
-        except DataError as err:
-            error = str(err)
-            if lock is not None:
-                lock.release()
-    dist_utils.raise_on_any_rank(error, info)
-    return lock
-
-
-def _write_output_files(output: Path, config: TrainConfig, archive: list[str]) -> None:
-    import yaml
-
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        if archive:
-            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
-            previous = output / "previous" / stamp
-            while previous.exists():  # two overwrites within a second
-                n += 1
-                previous = output / "previous" / f"{stamp}-{n}"
-            previous.mkdir(parents=True)
-            for name in archive:
-                (output / name).rename(previous / name)
-            print(f"degla-fast train: moved the previous run's {', '.join(archive)} to {previous}", flush=True)
-        (output / "checkpoints").mkdir(exist_ok=True)
-        for path in files.remove_stale_temporaries(output / "checkpoints"):
-            print(f"degla-fast train: removed {path}, left by an interrupted save", flush=True)
-        write_text_atomic(output / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-    except OSError as err:
-        raise cannot_write(err.filename or output, err) from None

@@ -1,24 +1,35 @@
 """The one owner of a run's checkpoints: what a training checkpoint holds, writing it, and
 restoring a run from it (the file format itself: :mod:`degla_fast.checkpoint`).
 
-Save and restore mirror each other field by field: ``student``, ``teacher``, ``optimizer``
-(or the DeepSpeed engine's own folder, ``deepspeed``), ``scheduler``, ``scaler``, ``rng`` (one
-entry per rank) and the data position ``step``, ``epoch``, ``batch``.
+A run hands the checkpointer a map of named stateful parts (torchtitan's pattern): each entry is
+saved under its name from its ``state_dict()`` and restored by its ``load_state_dict(saved)``, so
+save and restore mirror each other by construction. The entries (:meth:`Checkpointer.states`):
+``model_name``, ``pretrained``, ``config`` (facts, checked where they matter), ``student``,
+``teacher``, ``optimizer`` (or, under DeepSpeed, the engine's own folder named by ``deepspeed``),
+``scheduler``, ``scaler``; the checkpointer itself adds the data position ``step``, ``epoch``,
+``batch``, the RNG (``rng``, one entry per rank) and ``world_size``.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from .. import checkpoint as files
 from ..errors import ConfigError, DataError
 from . import distributed as dist_utils
-from .config import to_dict
+from .config import TrainConfig, to_dict
+from .step import StepParts
 
-if TYPE_CHECKING:
-    from .builder import Run
+# Every part's key in the file, in the file's order (a part a run lacks is saved as None).
+_PARTS = ("model_name", "pretrained", "student", "teacher", "optimizer", "scheduler", "scaler")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, saved: Any) -> None: ...
 
 
 class Checkpointer:
@@ -26,12 +37,13 @@ class Checkpointer:
 
     ``resume`` (``None``, ``"latest"`` or a path, see :func:`degla_fast.checkpoint.find_resume`)
     is read once here; :meth:`restore_weights` and :meth:`restore_state` take what they need from
-    it, and :meth:`restore_state` lets it go. Every method is a collective under DeepSpeed and DDP:
-    every rank calls it.
+    it, and :meth:`restore_state` lets it go. ``keep_last``: checkpoints kept on disk. Every
+    method is a collective under DeepSpeed and DDP: every rank calls it.
     """
 
-    def __init__(self, folder: Path, resume: str | None, info: dist_utils.DistInfo):
-        self.folder, self.info = Path(folder), info
+    def __init__(self, folder: Path, resume: str | None, info: dist_utils.DistInfo, *, keep_last: int):
+        self.folder, self.info, self.keep_last = Path(folder), info, keep_last
+        self._step = 0  # the step being saved
         self.resume_path = files.find_resume(resume, self.folder)
         self._state = files.load_checkpoint(self.resume_path) if self.resume_path is not None else None
         # The newest checkpoint of this run and its step (the resume point's until the first save).
@@ -63,69 +75,138 @@ class Checkpointer:
 
         load_student(student, self._state["student"], self.resume_path, model_name)
 
-    def restore_state(self, run: "Run") -> tuple[int, int, int]:
-        """Teacher, optimiser (or engine), schedule, loss scaler and this rank's RNG from the
-        resume checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start.
-        A loss configured otherwise than the checkpoint's (K, a weight) is allowed; :attr:`notes`
-        then holds the one warning line that says so."""
+    def states(self, parts: StepParts, student: torch.nn.Module, *, model_name: str,
+               config: TrainConfig) -> dict[str, Stateful]:
+        """The run's map of named stateful parts, in the order they are restored (the teacher
+        before the optimiser or engine, as they always were). ``student``: the bare model."""
+        facts = {"model_name": _Fact(model_name), "pretrained": _Fact(config.model.pretrained),
+                 "config": _Fact(to_dict(config))}
+        states: dict[str, Stateful] = {**facts, "student": _Student(student, self.info, parts.engine is not None)}
+        if parts.teacher is not None:
+            states["teacher"] = _IfSaved(parts.teacher)  # a Teacher keeps (and filters) its own state
+        if parts.engine is not None:
+            states["deepspeed"] = _EngineFolder(parts.engine, self)
+        else:
+            states["optimizer"] = _Optimizer(parts.optimizer, self.resume_path)
+        states["scheduler"] = parts.scheduler
+        if parts.scaler is not None:
+            states["scaler"] = _IfSaved(parts.scaler)
+        return states
+
+    def restore_state(self, states: dict[str, Stateful], loss) -> tuple[int, int, int]:
+        """Every part of ``states`` (:meth:`states`) and this rank's RNG from the resume
+        checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start. A loss
+        (``loss``: the run's LossConfig) configured otherwise than the checkpoint's (K, a weight)
+        is allowed; :attr:`notes` then holds the one warning line that says so."""
         state, self._state = self._state, None
         if state is None:
             return 0, 0, 0
-        self.notes = _loss_changes(self.resume_path, state, run.config.loss)
-        if run.teacher is not None and state.get("teacher") is not None:
-            saved = state["teacher"]
-            if run.sharded:  # its loader also wants the non-persistent buffers, which are not saved
-                saved = {**dict(run.teacher.module.named_buffers()), **saved}
-            run.teacher.load_state_dict(saved)
-        if run.engine is not None:
-            run.engine.load_checkpoint(str(self.folder), tag=state["deepspeed"], load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-        else:
-            saved, groups = len(state["optimizer"]["param_groups"]), len(run.optimizer.param_groups)
-            if saved != groups:  # e.g. optim.fused_ema switched: AdamWEMA gives logit_scale its own group
-                raise ConfigError(f"resume: {self.resume_path} holds an optimiser of {saved} parameter groups, this "
-                                  f"run's has {groups}; resume with the optim.fused_ema setting it was written with")
-            run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        if run.scaler is not None and state.get("scaler"):
-            run.scaler.load_state_dict(state["scaler"])
+        self.notes = _loss_changes(self.resume_path, state, loss)
+        for name, part in states.items():
+            part.load_state_dict(state.get(name))
         rngs = state["rng"]
         files.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
         return int(state["step"]), int(state["epoch"]), int(state["batch"])
 
-    def save(self, run: "Run", step: int, epoch: int, batch: int) -> Path:
-        """A complete checkpoint of ``run`` at ``step``, resuming at batch ``batch`` of ``epoch``.
-        A write that fails on rank 0 is a :class:`DataError` on every rank (none is left waiting)."""
+    def save(self, states: dict[str, Stateful], step: int, epoch: int, batch: int) -> Path:
+        """A complete checkpoint of ``states`` at ``step``, resuming at batch ``batch`` of
+        ``epoch``. A write that fails on rank 0 is a :class:`DataError` on every rank (none is
+        left waiting)."""
         rngs = dist_utils.gather_objects(files.rng_state(), self.info)
-        tag = None
-        if run.engine is not None:
-            tag = files.deepspeed_tag(step)
-            run.engine.save_checkpoint(str(self.folder), tag=tag, save_latest=False)
-            student = dist_utils.full_state_dict(run.student, self.info)
-        else:
-            student = _cpu(run.student.state_dict()) if self.info.is_main else None
-        teacher = None
-        if run.teacher is not None:  # a collective for a ZeRO-3 teacher
-            keys = run.teacher.module.state_dict().keys()  # what open_clip saves: no non-persistent buffers
-            teacher = _cpu({k: v for k, v in run.teacher.state_dict().items() if k in keys})
+        self._step = step  # names the DeepSpeed engine's folder (_EngineFolder)
+        saved = {name: part.state_dict() for name, part in states.items()}  # collectives: every rank
         path, error = self.folder / files.checkpoint_name(step), None
         if self.info.is_main:
-            payload = {
-                "model_name": run.model_name, "pretrained": run.config.model.pretrained,
-                "student": student, "teacher": teacher,
-                "optimizer": run.optimizer.state_dict() if run.engine is None else None,
-                "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-                "step": step, "epoch": epoch, "batch": batch, "rng": rngs, "deepspeed": tag,
-                "world_size": self.info.world_size, "config": to_dict(run.config),
-            }
+            payload = {name: saved.get(name) for name in _PARTS}
+            payload.update(step=step, epoch=epoch, batch=batch, rng=rngs, deepspeed=saved.get("deepspeed"),
+                           world_size=self.info.world_size, config=saved["config"])
             try:
-                path = files.save_checkpoint(self.folder, payload, keep_last=run.config.keep_last)
+                path = files.save_checkpoint(self.folder, payload, keep_last=self.keep_last)
             except DataError as err:
                 error = str(err)
         dist_utils.raise_on_any_rank(error, self.info)
         self.last_path, self.last_step = path, step
         return path
+
+
+class _Fact:
+    """A fact about the run saved as is (the model's name, its config); restoring it is checking
+    it, which :meth:`Checkpointer.restore_weights` (the model) and the loss-change note do."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, saved: Any) -> None:
+        pass
+
+
+class _Student:
+    """The student's weights: on the CPU on rank 0 (None elsewhere), gathered from the engine's
+    partitions under DeepSpeed (a collective). Restored before any wrapping instead, by
+    :meth:`Checkpointer.restore_weights`: a ZeRO-3 engine partitions them as it is built."""
+
+    def __init__(self, student: torch.nn.Module, info: dist_utils.DistInfo, gathered: bool):
+        self.student, self.info, self.gathered = student, info, gathered
+
+    def state_dict(self) -> dict | None:
+        if self.gathered:
+            return dist_utils.full_state_dict(self.student, self.info)
+        return _cpu(self.student.state_dict()) if self.info.is_main else None
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        pass
+
+
+class _IfSaved:
+    """A part the run that wrote the checkpoint may have lacked (no teacher, no loss scaler:
+    saved as None): restored only when the checkpoint holds it."""
+
+    def __init__(self, part: Stateful):
+        self.part = part
+
+    def state_dict(self) -> Any:
+        return self.part.state_dict()
+
+    def load_state_dict(self, saved: Any) -> None:
+        if saved:
+            self.part.load_state_dict(saved)
+
+
+class _Optimizer:
+    """The optimiser, whose parameter groups must match the checkpoint's (``resume_path``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, resume_path: Path | None):
+        self.optimizer, self.resume_path = optimizer, resume_path
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        ours, groups = len(saved["param_groups"]), len(self.optimizer.param_groups)
+        if ours != groups:  # e.g. optim.fused_ema switched: AdamWEMA gives logit_scale its own group
+            raise ConfigError(f"resume: {self.resume_path} holds an optimiser of {ours} parameter groups, this "
+                              f"run's has {groups}; resume with the optim.fused_ema setting it was written with")
+        self.optimizer.load_state_dict(saved)
+
+
+class _EngineFolder:
+    """A DeepSpeed engine (the student's partitions and the optimiser's): written to a folder of
+    its own next to the checkpoint, whose name (the tag) the checkpoint holds under ``deepspeed``."""
+
+    def __init__(self, engine, checkpointer: Checkpointer):
+        self.engine, self.checkpointer = engine, checkpointer
+
+    def state_dict(self) -> str:
+        tag = files.deepspeed_tag(self.checkpointer._step)
+        self.engine.save_checkpoint(str(self.checkpointer.folder), tag=tag, save_latest=False)
+        return tag
+
+    def load_state_dict(self, tag: str) -> None:
+        self.engine.load_checkpoint(str(self.checkpointer.folder), tag=tag, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
 
 
 # The loss settings a resumed run may change, with a warning: the loss changes from the resume step on.

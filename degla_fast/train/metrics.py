@@ -11,11 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError
 from ..io import write_text_atomic
-from .distributed import sum_across
 from .loglines import step_line
 
 
@@ -110,42 +107,6 @@ class MetricsLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-class StepCounters:
-    """Device-side step counters read by the host once per log interval: steps skipped since
-    the last read, the current and longest run of consecutive skips. Updating them is three tiny
-    device ops per step; reading them (with the losses and the stop flags) is one all-reduce and
-    one ``tolist``."""
-
-    def __init__(self, device: torch.device):
-        self.skipped = torch.zeros((), device=device)
-        self.in_row = torch.zeros((), device=device)
-        self.max_in_row = torch.zeros((), device=device)
-
-    def add(self, applied: torch.Tensor) -> None:
-        skip = (~applied).float()
-        self.skipped += skip
-        self.in_row.add_(skip).mul_(skip)
-        torch.maximum(self.max_in_row, self.in_row, out=self.max_in_row)
-
-    def read(self, result, stopping: bool, info) -> dict:
-        """The host's view (one sync): mean losses over ranks, the counters (the same on every
-        rank), whether the last step was applied and whether any rank got a stop signal; then
-        the interval counters start again."""
-        losses = result.losses
-        values = torch.stack([losses.total, losses.clip, losses.igc, losses.tgc, losses.distill,
-                              result.logit_scale, self.skipped, self.max_in_row, self.in_row,
-                              (~result.applied).float(), torch.full_like(self.skipped, float(stopping))]).float()
-        values = sum_across(values, info).tolist()
-        n = info.world_size
-        self.skipped.zero_()
-        self.max_in_row.copy_(self.in_row)
-        names = ("loss", "clip", "igc", "tgc", "distill", "logit_scale")
-        stats = {name: v / n for name, v in zip(names, values)}
-        stats.update(skipped=round(values[6] / n), max_in_row=round(values[7] / n), in_row=round(values[8] / n),
-                     applied=values[9] == 0, stop=values[10] > 0)
-        return stats
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """One DeGLA training step, and the pieces it needs (loss choice, autocast, timing).
 
-``train_step`` is the whole step on one screen: student forward on images and
-``[positives; negatives]``, teacher forward without grad, the loss, backward, optimiser and
-schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an optimiser whose
-step moves the teacher). The trainer and ``benchmarks/bench_step.py`` both call it, so what is
-benchmarked is what trains.
+``train_step`` reads as the step's outline in one function (44 lines): student forward
+on images and ``[positives; negatives]``, teacher forward without grad, the loss, backward,
+optimiser and schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an
+optimiser whose step moves the teacher); the backward and the optimiser step (loss scaler,
+clipping, the device-side skip) are two helpers below it. The trainer and
+``benchmarks/bench_step.py`` both call it, so what is benchmarked is what trains.
 """
 from __future__ import annotations
 
@@ -17,18 +18,21 @@ from ..compat.torch_amp import found_inf_flags
 from ..functional import LossOutput
 from ..model import clip_features
 from ..profiling import PhaseClock
+from ..teacher import Teacher
 from .optim import MAX_LOGIT_SCALE, skips_on_device
 
 
 @dataclass
 class StepParts:
-    """What one step touches. ``model`` is the student (or the DeepSpeed engine around it);
+    """What one step touches, and the run's one owner of these parts (the trainer's ``Run``
+    holds this object, not copies of its fields). ``model`` is the student (or the DeepSpeed engine around it);
     ``engine`` is that engine or None; ``teacher`` an ``EMATeacher`` or None (plain CLIP);
     ``scaler`` a ``torch.amp.GradScaler`` for fp16 or None; ``clamp_logit_scale`` a callable
     that keeps the student's ``logit_scale <= ln 100`` (see :func:`clamp_logit_scale_`);
     ``autocast_dtype`` / ``teacher_autocast_dtype``: the forwards' autocast (None: off);
-    ``scheduler`` is stepped once per call, skipped steps included (the trainer undoes those
-    with ``optim.rewind_scheduler`` when it reads the skip counters);
+    ``scheduler`` is stepped once per call, skipped steps included (the trainer's
+    :class:`~.step_account.StepAccount` takes those back when it reads the skip counters);
+    ``sharded``: a ZeRO-3 engine (parameters, the teacher's too, partitioned across ranks);
     ``all_finite(loss) -> 0-d bool tensor`` on the device, the same on every rank (an
     all-reduce, never a host read); ``optimizer_moves_teacher``: the optimiser is an
     ``AdamWEMA`` of ``teacher`` (its step is the EMA update); ``sync``: called at each phase
@@ -39,7 +43,7 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     clamp_logit_scale: Callable[[], None]
-    teacher: Any = None
+    teacher: Teacher | None = None
     engine: Any = None
     scaler: Any = None
     autocast_dtype: torch.dtype | None = None
@@ -48,6 +52,18 @@ class StepParts:
     sync: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: torch.isfinite(t))
     optimizer_moves_teacher: bool = False
+    sharded: bool = False
+
+    @property
+    def fused_ema(self) -> bool:
+        """The optimiser's step is the EMA update (an ``AdamWEMA`` of ``teacher``)."""
+        return self.teacher is not None and self.optimizer_moves_teacher
+
+    @property
+    def skip_on_device(self) -> bool:
+        """A non-finite step is skipped on the device (the fused AdamW's ``found_inf``); otherwise
+        the step reads the finiteness flag on the host."""
+        return not self.fused_ema and skips_on_device(self.optimizer)
 
 
 @dataclass
@@ -88,8 +104,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     with clock.phase("loss"):
         out = parts.loss_fn(image.to(dtype), text.to(dtype), scale.float(), _to(t_image, dtype), _to(t_text, dtype))
     finite = parts.all_finite(out.total.detach())
-    fused = parts.teacher is not None and parts.optimizer_moves_teacher
-    on_device = not fused and skips_on_device(parts.optimizer)
+    on_device = parts.skip_on_device
     if not on_device and not bool(finite):  # host read: this optimiser cannot skip on the device
         # Every rank skips together (all_finite agrees across ranks): no collective is left hanging.
         # The schedule steps as on the device path: the trainer takes skipped steps back at its read.
@@ -100,7 +115,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     with clock.phase("backward"):
         _backward(parts, out.total)
     with clock.phase("optimizer", key="optim"):
-        found_inf, teacher_moved = _optimizer_step(parts, found_inf, on_device, fused)
+        found_inf, teacher_moved = _optimizer_step(parts, found_inf)
         parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
         parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
     with clock.phase("ema"):
@@ -117,15 +132,14 @@ def _backward(parts: StepParts, loss: torch.Tensor) -> None:
         (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
 
 
-def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool,
-                    fused: bool) -> tuple[torch.Tensor, bool]:
+def _optimizer_step(parts: StepParts, found_inf: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Step the optimiser (skipping on ``found_inf`` where it can) and clear the gradients.
     Returns the step's skip flag (the scaler's inf/NaN gradients included) and whether the
     optimiser moved the teacher (AdamWEMA)."""
     if parts.engine is not None:
         _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
         return found_inf, False
-    teacher_moved = False
+    on_device, fused, teacher_moved = parts.skip_on_device, parts.fused_ema, False
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
     if parts.max_grad_norm > 0:
