@@ -133,3 +133,31 @@ def test_each_loss_option_is_declared_at_most_three_times(option):
                             and item.target.id == option:
                         places.append(f"{path.relative_to(ROOT)}:{item.lineno} {node.name}.{option}")
     assert len(places) <= 3, f"{option} declared in {len(places)} places: " + "; ".join(places)
+
+
+def _private_names(tree: ast.AST) -> set[str]:
+    """Private attribute names a module reaches on objects other than its own ``self``/``cls``:
+    ``x._name`` and ``getattr``/``hasattr``/``setattr(x, "_name")``."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and ast.unparse(node.value) not in ("self", "cls", "ctx"):
+            names.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+                and node.args[1].value.startswith("_") and not node.args[1].value.startswith("__"):
+            names.add(node.args[1].value)
+    return names
+
+
+def test_library_internals_are_reached_in_the_compat_layer_only():
+    """Whatever private attribute a shim in degla_fast/compat/ reaches (DeepSpeed's, torch.amp's,
+    torch.optim's, torch.nn's), no other module of the package reaches it too."""
+    compat = {name: path for name, path in MODULES.items() if name.startswith("degla_fast.compat")}
+    reached = set().union(*(_private_names(_tree(path)) for path in compat.values()))
+    reached -= {"_versions"}  # the compat package's own module
+    assert {"_per_optimizer_states", "_step_supports_amp_scaling", "_last_lr", "_broadcast_model"} <= reached
+    outside = {f"{path.relative_to(ROOT)}: {name}" for module, path in MODULES.items() if module not in compat
+               for name in _private_names(_tree(path)) & reached}
+    assert not outside, "library internals outside degla_fast/compat/: " + "; ".join(sorted(outside))
