@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: {m: {"mean": v, "std": 0.0, "n": 1} for m, v in metrics.items()} for k, metrics in columns.items()}
     write_bytes_atomic(out / "results.png", bar_chart(summary, labels, chance, title="make train: one seed, test split"))
     note = (f"{s.model}: pre-trained {s.pretrain_steps} steps, fine-tuned {s.finetune_steps} steps (lr "
-            f"{s.finetune_lr:g}, batch {s.batch_size}, K={s.num_negatives}, distillation {s.distill_weight:g}, "
+            f"{s.finetune_lr:g}, batch {s.batch_size}, K={s.num_negatives}, distillation {s.loss.distill_weight:g}, "
             f"EMA decay {s.ema_decay:g}); seed {seed}; held-out test split.")
     write_text_atomic(out / "results.md", f"{note}\n\n{result}\n")
     print(f"\n{note}\n\n{result}\n\n(table saved to {out / 'results.md'}, chart to {out / 'results.png'}; "

@@ -96,7 +96,7 @@ class Checkpointer:
     def restore_state(self, states: dict[str, Stateful], loss) -> tuple[int, int, int]:
         """Every part of ``states`` (:meth:`states`) and this rank's RNG from the resume
         checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start. A loss
-        (``loss``: the run's LossConfig) configured otherwise than the checkpoint's (K, a weight)
+        (``loss``: the run's LossSpec) configured otherwise than the checkpoint's (K, a weight)
         is allowed; :attr:`notes` then holds the one warning line that says so."""
         state, self._state = self._state, None
         if state is None:
