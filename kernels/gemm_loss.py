@@ -32,20 +32,29 @@ import triton
 import triton.language as tl
 
 from .configs import LOCAL_MAX_NEGATIVES, PART_BLOCK, POINTER_TYPES, KernelConfig, make_config
-from .local_terms import local_blocks, local_chunk_grads, local_probabilities, sample_rows, tgc_dots
+from .local_terms import (local_blocks, local_chunk_grads, local_probabilities, negative_rows, sample_rows,
+                          tgc_dots)
 from .loss_terms import NEG_BIG, logit_coefficients, logit_grad, upstream
+
+
+@triton.jit
+def _running(M, S, rows, row_ok, first, BLOCK_M: tl.constexpr):
+    """The rows' running (max, sum of exp): fresh for the first chunk, else as the last chunk left it."""
+    if first:
+        m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+        s = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m = tl.load(M + rows, mask=row_ok, other=NEG_BIG)
+        s = tl.load(S + rows, mask=row_ok, other=0.0)
+    return m, s
+
 
 @triton.jit
 def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_offset, Bg, K, first, stride_l,
                WITH_IGC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    if first:
-        m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        s = tl.zeros([BLOCK_M], tl.float32)
-    else:
-        m = tl.load(RowM + rows, mask=row_ok, other=NEG_BIG)
-        s = tl.load(RowL + rows, mask=row_ok, other=0.0)
+    m, s = _running(RowM, RowL, rows, row_ok, first, BLOCK_M)
     for start in range(0, Cc, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < Cc)[None, :]
@@ -60,12 +69,7 @@ def _row_stats(L, scale, RowM, RowL, Pos, GroupM, GroupL, pid, R, Cc, c0, row_of
     here = row_ok & (target >= 0) & (target < Cc)
     tl.store(Pos + rows, tl.load(L + rows * stride_l + target, mask=here, other=0.0) * scale, mask=here)
     if WITH_IGC:
-        if first:
-            gm = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-            gs = tl.zeros([BLOCK_M], tl.float32)
-        else:
-            gm = tl.load(GroupM + rows, mask=row_ok, other=NEG_BIG)
-            gs = tl.load(GroupL + rows, mask=row_ok, other=0.0)
+        gm, gs = _running(GroupM, GroupL, rows, row_ok, first, BLOCK_M)
         for j in range(0, K + 1):
             col = tl.where(j == 0, rows + row_offset, Bg + (rows + row_offset) * K + j - 1) - c0
             ok = row_ok & (col >= 0) & (col < Cc)
@@ -173,22 +177,26 @@ def _finalize_kernel(DQRaw, DXRaw, Scale, Grads, DScalePart, n_parts, Text, TTex
     for k0 in range(0, D, BLOCK_D):
         dims = k0 + tl.arange(0, BLOCK_D)
         dim_ok = dims < D
-        neg_rows = tl.where(official != 0, Bg + i + ks * Bg, Bg + i * K + ks)
-        neg_ok = (i < Bg) & k_ok[:, None] & dim_ok[None, :]
         dq = alpha * tl.load(DQRaw + i * D + dims, mask=(i < R) & dim_ok, other=0.0)
         dt = alpha * tl.load(DXRaw + i * D + dims, mask=(i < Bg) & dim_ok, other=0.0)
-        dn = alpha * tl.load(DXRaw + neg_rows[:, None] * D + dims[None, :], mask=neg_ok, other=0.0)
         if WITH_LOCAL:
-            rows_n, t, tt, n, nt, img, timg = sample_rows(Text, TText, Img, TImg, i, Bg, K, official, dims, dim_ok,
-                                                          ks, k_ok, stride_t, stride_i)
+            _, t, tt, n, nt, img, timg = sample_rows(Text, TText, Img, TImg, i, Bg, K, official, dims, dim_ok, ks,
+                                                     k_ok, stride_t, stride_i)
             lt, ln, limg = local_chunk_grads(t, tt, n, nt, img, timg, p_pos, p_neg, g_tgc * tgc_scale / Bg,
                                              2.0 * g_dist)
             dt += lt
-            dn += ln
             dq += limg
         tl.store(DQ + i * stride_i + dims, dq.to(DQ.dtype.element_ty), mask=(i < R) & dim_ok)
         tl.store(DX + i * stride_t + dims, dt.to(DX.dtype.element_ty), mask=(i < Bg) & dim_ok)
-        tl.store(DX + neg_rows[:, None] * stride_t + dims[None, :], dn.to(DX.dtype.element_ty), mask=neg_ok)
+        # The negatives BLOCK_K at a time: K may exceed one tile when the local terms are not
+        # fused here (K > LOCAL_MAX_NEGATIVES); with them, K <= BLOCK_K and this is one pass.
+        for kb in range(0, K, BLOCK_K):
+            neg_rows = negative_rows(i, Bg, K, kb + ks, official)
+            neg_ok = (i < Bg) & (kb + ks < K)[:, None] & dim_ok[None, :]
+            dn = alpha * tl.load(DXRaw + neg_rows[:, None] * D + dims[None, :], mask=neg_ok, other=0.0)
+            if WITH_LOCAL:
+                dn += ln
+            tl.store(DX + neg_rows[:, None] * stride_t + dims[None, :], dn.to(DX.dtype.element_ty), mask=neg_ok)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -439,6 +439,21 @@ def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["gemm", "triton"])
+@pytest.mark.parametrize("k", [9, 17])
+def test_more_negatives_than_the_local_kernels_take(backend, k, kernel_device):
+    """K > LOCAL_MAX_NEGATIVES: TGC and distillation leave the fused kernels for plain torch, and
+    every negative's gradient row is still written (the gemm finalize walks them a tile at a time)."""
+    inputs = make_inputs(5, k, 20, seed=6)
+    total_ref, _, grads_ref = oracle_with_grads(inputs, k)
+    image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
+    out = DeGLALoss(num_negatives=k, backend=backend, dot_precision="ieee")(image, text, scale, t_image, t_text)
+    out.total.backward()
+    torch.testing.assert_close(out.total.double().cpu(), total_ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
+        assert_grads_close(got, want, 1e-5, name)
+
+
 def test_gemm_plan_chunks():
     from degla_fast.fused_loss import CHUNK_ALIGN, plan_chunks
 
