@@ -294,3 +294,9 @@ def load_checkpoint(path: Path) -> dict:
         if key not in state:
             raise DataError(f"{path}: training checkpoint lacks {key!r} (written by export, not by train?)")
     return state
+
+
+def cpu_copy(state: dict) -> dict:
+    """``state`` with every tensor detached and copied to the CPU: what a checkpoint keeps of a
+    state dict (no view into live device memory, no autograd history)."""
+    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .backends import EMA_BACKENDS, check_backend, resolve_backend
+from .checkpoint import cpu_copy
 from .compat.deepspeed import allgather_stream
 from .compat.deepspeed import release_zero3_module  # noqa: F401 (the trainer's name for it)
 from .compat.torch_nn import drop_compiled_forward
@@ -221,11 +222,6 @@ def ema_update_(teacher_tensors: Iterable[torch.Tensor], student_tensors: Iterab
     updater.run(updater.prepare(teacher, student), 1.0 - decay)
 
 
-def _to_cpu(state: dict) -> dict:
-    """``state`` with every tensor detached and copied to the CPU (a checkpoint's copy of it)."""
-    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
-
-
 def _flat_views(shapes: Sequence[torch.Size], dtype: torch.dtype, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One zeroed buffer and a view of it per shape, each starting on a multiple of ``_FLAT_ALIGN``."""
     starts, total = [], 0
@@ -330,7 +326,7 @@ class EMATeacher:
         the fp32 EMA state, buffers as copied; copies on the CPU (what a checkpoint stores)."""
         state = self.module.state_dict()
         state.update({name: view for name, view in zip(self._names, self._params)})
-        return _to_cpu(state)
+        return cpu_copy(state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict written by :meth:`state_dict` (copied into the flat buffers' views)."""
@@ -576,17 +572,16 @@ class ShardedEMATeacher:
                 parts = [torch.empty_like(p.ds_tensor) for _ in range(world)]
                 dist.all_gather(parts, p.ds_tensor.contiguous(), group=group)
                 full = torch.cat(parts).to(self.dtype)
-            state[name] = full[: p.ds_numel].reshape(p.ds_shape).clone()
-        state.update({k: v.detach().clone() for k, v in self.module.named_buffers()})
+            state[name] = full[: p.ds_numel].reshape(p.ds_shape)  # cpu_copy below copies it once
+        state.update(self.module.named_buffers())
         keys = self.module.state_dict().keys()  # what open_clip saves: no non-persistent buffers
-        return _to_cpu({k: v for k, v in state.items() if k in keys})
+        return cpu_copy({k: v for k, v in state.items() if k in keys})
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load full tensors (as :meth:`state_dict` writes): each rank keeps its own slice of the
         fp32 state (and its forward copy), then the persisted parameters are refreshed (a
         collective when some are persisted: every rank calls it). Non-persistent buffers, which
         :meth:`state_dict` leaves out, keep their values."""
-        state_dict = {**dict(self.module.named_buffers()), **state_dict}
         with torch.no_grad():
             for name, p in self.module.named_parameters():
                 if name in self._names:
@@ -603,6 +598,7 @@ class ShardedEMATeacher:
             if self._forward_flat is not self._flat:
                 self._forward_flat.copy_(self._flat)
             for name, buf in self.module.named_buffers():
-                buf.copy_(state_dict[name])
+                if name in state_dict:  # the persistent ones
+                    buf.copy_(state_dict[name])
         self._order_gathers_after_writes()  # first, as in update(): then the refresh
         self.refresh_persisted()

@@ -171,7 +171,7 @@ def _step_parts(student, config: TrainConfig, info, ds_config, total_steps: int)
         max_grad_norm=config.optim.max_grad_norm,
         # Phase times cover the device's work only with profile_phases (a device sync at each lap).
         sync=torch.cuda.synchronize if (info.device.type == "cuda" and config.profile_phases) else None,
-        optimizer_moves_teacher=config.optim.fused_ema, sharded=sharded,
+        optimizer_moves_teacher=config.optim.fused_ema,
         all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info))
 
 

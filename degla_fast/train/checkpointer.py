@@ -154,7 +154,7 @@ class _Student:
     def state_dict(self) -> dict | None:
         if self.gathered:
             return dist_utils.full_state_dict(self.student, self.info)
-        return _cpu(self.student.state_dict()) if self.info.is_main else None
+        return files.cpu_copy(self.student.state_dict()) if self.info.is_main else None
 
     def load_state_dict(self, saved: dict | None) -> None:
         pass
@@ -225,6 +225,3 @@ def _loss_changes(path: Path, state: dict, loss) -> list[str]:
     now = ", ".join(f"{name}={getattr(loss, name)}" for name in changed)
     return [f"resume: {path} was trained with {was}; this run uses {now} from step {int(state['step']) + 1} on"]
 
-
-def _cpu(state_dict: dict) -> dict:
-    return {k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in state_dict.items()}

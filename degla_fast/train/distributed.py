@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import cpu_copy
 from ..compat.deepspeed import local_fp32_fragment
 from ..compat.deepspeed import zero_dim_safe_broadcasts  # noqa: F401 (the trainer's name for it)
 from ..errors import ConfigError, DataError
@@ -240,7 +241,7 @@ def full_state_dict(module: torch.nn.Module, info: DistInfo) -> dict | None:
     params = dict(module.named_parameters())
     # GatheredParameters only gathers ZeRO-3 partitions; it is a no-op for other stages.
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if info.is_main else None
+        state = cpu_copy(module.state_dict()) if info.is_main else None
     for name, param in params.items():
         master = safe_get_full_fp32_param(param)
         if master is not None and state is not None:

@@ -152,7 +152,7 @@ def _train_loop(trainer: Run) -> TrainResult:
     ``account.step`` is provisional between those reads (:class:`.step_account.StepAccount`)."""
     config = trainer.config
     step, epoch, batch_index = trainer.start
-    if trainer.logger is not None:
+    if trainer.logger is not None and trainer.logger.lines:  # (a terminal gets the progress bar instead)
         trainer.logger.say(start_line(trainer, trainer.checkpointer.resume_path))
     if step >= trainer.total_steps:  # resumed at the end: nothing left to do
         return TrainResult(step, trainer.checkpointer.last_path, "done")

@@ -32,7 +32,6 @@ class StepParts:
     ``autocast_dtype`` / ``teacher_autocast_dtype``: the forwards' autocast (None: off);
     ``scheduler`` is stepped once per call, skipped steps included (the trainer's
     :class:`~.step_account.StepAccount` takes those back when it reads the skip counters);
-    ``sharded``: a ZeRO-3 engine (parameters, the teacher's too, partitioned across ranks);
     ``all_finite(loss) -> 0-d bool tensor`` on the device, the same on every rank (an
     all-reduce, never a host read); ``optimizer_moves_teacher``: the optimiser is an
     ``AdamWEMA`` of ``teacher`` (its step is the EMA update); ``sync``: called at each phase
@@ -52,7 +51,6 @@ class StepParts:
     sync: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: torch.isfinite(t))
     optimizer_moves_teacher: bool = False
-    sharded: bool = False
 
     @property
     def fused_ema(self) -> bool:
@@ -115,7 +113,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     with clock.phase("backward"):
         _backward(parts, out.total)
     with clock.phase("optimizer", key="optim"):
-        found_inf, teacher_moved = _optimizer_step(parts, found_inf)
+        found_inf, teacher_moved = _optimizer_step(parts, found_inf, on_device)
         parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
         parts.clamp_logit_scale()  # (AdamWEMA clamped already, before it moved the teacher: a no-op then)
     with clock.phase("ema"):
@@ -132,14 +130,14 @@ def _backward(parts: StepParts, loss: torch.Tensor) -> None:
         (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
 
 
-def _optimizer_step(parts: StepParts, found_inf: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool) -> tuple[torch.Tensor, bool]:
     """Step the optimiser (skipping on ``found_inf`` where it can) and clear the gradients.
     Returns the step's skip flag (the scaler's inf/NaN gradients included) and whether the
-    optimiser moved the teacher (AdamWEMA)."""
+    optimiser moved the teacher (AdamWEMA). ``on_device``: ``parts.skip_on_device``, asked once per step."""
     if parts.engine is not None:
         _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
         return found_inf, False
-    on_device, fused, teacher_moved = parts.skip_on_device, parts.fused_ema, False
+    fused, teacher_moved = parts.fused_ema, False
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)  # records its own found_inf (inf/NaN gradients)
     if parts.max_grad_norm > 0:
