@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_ratios, peak_memory_bytes, profile_trace, report_run, roofline,  # noqa: E402
+from common import (_sync, add_ratios, peak_memory_bytes, profile_trace, report_run, roofline,  # noqa: E402
                     run_case_in_subprocess, time_fn)
 
 from degla_fast.profiling import profile_range  # noqa: E402
@@ -161,11 +161,6 @@ def loss_step(impl: str, x: dict, num_negatives: int):
         with profile_range("backward"):
             return torch.autograd.grad(out.total, grads_of)
     return (_graphed(step) if "CUDA graph" in impl else step), None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(step, device: torch.device, budget_s: float = CASE_BUDGET_S) -> dict:

@@ -303,11 +303,11 @@ def run_experiment(settings: Settings, output: str | Path, progress: bool = Fals
     import torch
 
     settings.validate()
-    check_output_folder(output, "--output")
+    output = check_output_folder(output, "--output")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _run_experiment(settings, Path(output), progress)
+        return _run_experiment(settings, output, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -345,7 +345,9 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     rows = contrasts(per_seed)
     chance = stages.chance_levels(data)
     timings["total_s"] = time.perf_counter() - started
-    out = {"settings": asdict(settings), "summary": summary, "per_seed": per_seed, "contrasts": rows,
+    # The loss record holds the weights the variants use (K is the settings' num_negatives).
+    record = {**asdict(settings), "loss": {name: getattr(settings.loss, name) for name in LOSS_WEIGHTS}}
+    out = {"settings": record, "summary": summary, "per_seed": per_seed, "contrasts": rows,
            "chance": chance, "timings": timings}
     table, diffs = markdown(summary, labels, chance), contrast_table(rows)
     seeds = ", ".join(map(str, settings.seeds))

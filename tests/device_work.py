@@ -25,7 +25,8 @@ NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
 #: Ops whose result size depends on the data: the host waits for the device.
 DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                   "repeat_interleave", "bincount", "_local_scalar_dense", "is_nonzero", "equal", "allclose"}
-_HOST_METHODS = ("tolist", "numpy", "cpu", "item")
+# (``item`` is not among them: the dispatch mode sees its ``_local_scalar_dense``.)
+_HOST_METHODS = ("tolist", "numpy", "cpu")
 
 
 class DeviceWork(TorchDispatchMode):
