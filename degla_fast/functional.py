@@ -42,7 +42,7 @@ from .backends import resolve_loss_backend
 from .errors import ConfigError, NonFiniteError, ShapeError
 from .fused_loss import DEFAULT_CHUNK_BYTES, FUSED, LossTerms
 from .kernels.configs import LOCAL_MAX_NEGATIVES
-from .loss_ops import GlobalContrast, TorchGlobalImpl, acc_dtype, distill_sum, group_columns, torch_local_terms
+from .loss_ops import GlobalContrast, acc_dtype, distill_sum, group_columns, torch_local_terms
 from .loss_spec import LossSpec
 
 # LOCAL_MAX_NEGATIVES: the local Triton kernel holds all K negatives of a sample at once; with
@@ -66,9 +66,10 @@ class LossOutput:
         ``igc_loss``, ``tgc_loss``, ``distill_loss`` that exist (K > 0) with a non-zero weight.
         The values sum to ``total``."""
         named = {"contrastive_loss": self.clip}
-        for name, weight, term in (("igc_loss", spec.igc_weight, self.igc), ("tgc_loss", spec.tgc_weight, self.tgc),
-                                   ("distill_loss", spec.distill_weight, self.distill)):
-            if weight != 0 and spec.num_negatives > 0:
+        for name, on, weight, term in (("igc_loss", spec.with_igc, spec.igc_weight, self.igc),
+                                       ("tgc_loss", spec.with_tgc, spec.tgc_weight, self.tgc),
+                                       ("distill_loss", spec.with_distill, spec.distill_weight, self.distill)):
+            if on:
                 named[name] = weight * term
         return named
 
@@ -229,7 +230,7 @@ def _global_terms(backend: str, spec: LossSpec, rows: GlobalBatch, scale):
         igc = (reference.igc_loss(rows.image_rows, rows.text_all, scale, num_negatives=k, row_offset=offset)
                if spec.with_igc else clip.new_zeros(()))
         return clip, igc
-    options = (TorchGlobalImpl, spec.dot_precision, spec.chunk_bytes)
+    options = (spec.dot_precision, spec.chunk_bytes)
     i2t, igc = GlobalContrast.apply(rows.image_rows, rows.text_all, scale, offset, k, spec.with_igc, *options)
     t2i, _ = GlobalContrast.apply(rows.text_rows, rows.image_all, scale, offset, 0, False, *options)
     return (i2t + t2i) / 2, igc

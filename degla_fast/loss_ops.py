@@ -94,7 +94,7 @@ class TorchGlobalImpl:
 
 class GlobalContrast(torch.autograd.Function):
     """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC,
-    with ``impl`` = :class:`TorchGlobalImpl`.
+    computed by :class:`TorchGlobalImpl`.
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
     With ``with_igc=False`` the second output is zero. ``dot_precision``: dot precision of fp32
@@ -102,11 +102,12 @@ class GlobalContrast(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, impl, dot_precision: str,
+    def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, dot_precision: str,
                 chunk_bytes: int):
-        lse, lse_igc, pos = impl.forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision, chunk_bytes)
+        lse, lse_igc, pos = TorchGlobalImpl.forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision,
+                                                    chunk_bytes)
         ctx.save_for_backward(q, x, scale, lse, lse_igc)
-        ctx.args = (row_offset, num_negatives, with_igc, impl, dot_precision, chunk_bytes)
+        ctx.args = (row_offset, num_negatives, with_igc, dot_precision, chunk_bytes)
         ce = (lse - pos).mean()
         igc = (lse_igc - pos).mean() if with_igc else torch.zeros_like(ce)
         return ce, igc
@@ -114,12 +115,12 @@ class GlobalContrast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_igc):
         q, x, scale, lse, lse_igc = ctx.saved_tensors
-        row_offset, num_negatives, with_igc, impl, dot_precision, chunk_bytes = ctx.args
+        row_offset, num_negatives, with_igc, dot_precision, chunk_bytes = ctx.args
         grad_out = torch.stack([grad_ce, grad_igc])
-        dq, dx, dscale = impl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out,
-                                       dot_precision, chunk_bytes)
+        dq, dx, dscale = TorchGlobalImpl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc,
+                                                  grad_out, dot_precision, chunk_bytes)
         return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None)
 
 
 def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
