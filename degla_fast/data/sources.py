@@ -91,6 +91,22 @@ def read_image_bytes(record: Record) -> bytes:
     return read_image_file(record.image, record.offset, record.size if record.offset is not None else None)
 
 
+def open_rgb_image(read, name: str):
+    """The RGB PIL image in the bytes ``read()`` returns (:func:`read_image_file` or
+    :func:`read_image_bytes`); a file it cannot read (a FIFO, over the size cap) or PIL cannot
+    decode is a :class:`DataError` naming ``name``."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(read())) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.
+        detail = ("not a known image format" if isinstance(e, Image.UnidentifiedImageError)
+                  else f"{type(e).__name__}: {e}")
+        raise DataError(f"{name}: cannot read image ({detail})") from None
+
+
 def image_name(record: Record) -> str:
     """Human name of a record's image for messages (``shard.tar:member`` inside shards)."""
     return record.image if record.offset is None else f"{record.image}:{record.extra.get('member')}"

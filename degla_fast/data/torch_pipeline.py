@@ -5,7 +5,6 @@ batch is the same whichever worker builds it and whether or not the epoch was re
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import torch
@@ -13,22 +12,13 @@ import torch
 from ..errors import DataError, from_worker
 from ..stop_signals import held, leave_to_parent
 from .sampling import _rng
-from .sources import Record, image_name, read_image_bytes
+from .sources import Record, image_name, open_rgb_image, read_image_bytes
 from .text import batch_tokens
 
 
 def open_image(record: Record):
     """The record's image as an RGB PIL image; raises :class:`DataError` naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(read_image_bytes(record))) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.
-        detail = ("not a known image format" if isinstance(e, Image.UnidentifiedImageError)
-                  else f"{type(e).__name__}: {e}")
-        raise DataError(f"{image_name(record)}: cannot read image ({detail})") from None
+    return open_rgb_image(lambda: read_image_bytes(record), image_name(record))
 
 
 def train_transform(image_size: int, mean, std, *, uint8: bool = False):

@@ -46,18 +46,9 @@ def load_image(ref: ImageRef):
     """The RGB PIL image of ``ref``, cropped to its box when it has one. The file is read as the
     trainer reads images (:func:`degla_fast.data.sources.read_image_file`: a regular file of at
     most ``MAX_IMAGE_BYTES``; a FIFO or a device is an unreadable image, not a hang)."""
-    import io
+    from ..data.sources import open_rgb_image, read_image_file
 
-    from PIL import Image
-
-    from ..data.sources import read_image_file
-
-    try:
-        with Image.open(io.BytesIO(read_image_file(ref.path))) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        # A decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS) is an unreadable image too.
-        raise DataError(f"{ref.path}: cannot read image ({type(err).__name__}: {err})") from None
+    image = open_rgb_image(lambda: read_image_file(ref.path), str(ref.path))
     if ref.box is not None:
         x, y, w, h = ref.box
         image = image.crop((x, y, x + w, y + h))
