@@ -43,7 +43,7 @@ class Checkpointer:
 
     def __init__(self, folder: Path, resume: str | None, info: dist_utils.DistInfo, *, keep_last: int):
         self.folder, self.info, self.keep_last = Path(folder), info, keep_last
-        self._step = 0  # the step being saved
+        self.saving_step = 0  # the step save() is writing (it names the DeepSpeed engine's folder)
         self.resume_path = files.find_resume(resume, self.folder)
         self._state = files.load_checkpoint(self.resume_path) if self.resume_path is not None else None
         # The newest checkpoint of this run and its step (the resume point's until the first save).
@@ -113,7 +113,7 @@ class Checkpointer:
         ``epoch``. A write that fails on rank 0 is a :class:`DataError` on every rank (none is
         left waiting)."""
         rngs = dist_utils.gather_objects(files.rng_state(), self.info)
-        self._step = step  # names the DeepSpeed engine's folder (_EngineFolder)
+        self.saving_step = step
         saved = {name: part.state_dict() for name, part in states.items()}  # collectives: every rank
         path, error = self.folder / files.checkpoint_name(step), None
         if self.info.is_main:
@@ -200,7 +200,7 @@ class _EngineFolder:
         self.engine, self.checkpointer = engine, checkpointer
 
     def state_dict(self) -> str:
-        tag = files.deepspeed_tag(self.checkpointer._step)
+        tag = files.deepspeed_tag(self.checkpointer.saving_step)
         self.engine.save_checkpoint(str(self.checkpointer.folder), tag=tag, save_latest=False)
         return tag
 
