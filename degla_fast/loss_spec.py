@@ -55,7 +55,7 @@ class LossSpec:
         if self.num_negatives < 0:
             raise ConfigError(f"num_negatives must be >= 0 (0: plain CLIP), got {self.num_negatives}")
         check_backend(self.backend, LOSS_BACKENDS)
-        for name in ("igc_weight", "tgc_weight", "distill_weight"):
+        for name in ("igc_weight", "tgc_weight", "distill_weight", "tgc_scale"):  # (the fields' minimum 0)
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.chunk_bytes <= 0:

@@ -63,3 +63,5 @@ def test_config_key_dot_precision_and_one_line_errors():
         load_config(None, {"data.path": "x.json", "loss.check_finite": "true"})
     with pytest.raises(ConfigError, match="igc_weight must be >= 0"):
         LossSpec(igc_weight=-1.0)
+    with pytest.raises(ConfigError, match="tgc_scale must be >= 0"):  # its field's minimum, as the config has it
+        LossSpec(tgc_scale=-1.0)
