@@ -14,9 +14,13 @@ it with :func:`resolve_backend`, per call and device:
   1. the fastest backend *measured* on this GPU model (compute capability) and input dtype at
      the nearest measured size, from the committed table :data:`AUTO_TABLE` that
      ``make gpu-check`` writes (:func:`write_auto_table`), where one exists;
-  2. otherwise the modelled rule: ``gemm`` wherever one column chunk of at least
-     :data:`MIN_GEMM_COLUMNS` fits in ``chunk_bytes`` (cuBLAS reaches the 3-GEMM floor, see
-     docs/loss.md), else ``triton`` (no logits in memory at all: the batch sizes nothing else fits).
+  2. otherwise the modelled rule: ``triton``, which by count (docs/loss.md) is within a few per
+     cent of the three-GEMM floor where its logits are kept (16-bit, fitting in ``chunk_bytes``)
+     and five passes where they are recomputed, against ``gemm``'s 2.5x (its cuBLAS GEMMs are
+     faster per FLOP than Triton's; only a measurement can say by how much, hence step 1).
+
+  fp64 inputs take ``torch`` (the fused kernels compute in fp32 at most); an explicit ``gemm`` or
+  ``triton`` with fp64 inputs is a ConfigError.
 
   The loss's choice is logged once per (device, dtype, choice) on the ``degla_fast`` logger,
   with the reason, and kept in :data:`LAST_LOSS_CHOICE` for the trainer's start line.
@@ -36,10 +40,6 @@ from .errors import ConfigError
 
 LOSS_BACKENDS = ("auto", "reference", "torch", "gemm", "triton")
 EMA_BACKENDS = ("auto", "torch", "triton")
-#: The modelled rule's ``gemm`` needs a chunk at least this many columns wide to fit in
-#: ``chunk_bytes`` (narrower GEMMs waste the tensor cores; R x 256 fp32 logits + bf16 gradient
-#: is 1.5 KB per row: about 175,000 rows at the default 256 MiB).
-MIN_GEMM_COLUMNS = 256
 #: The committed measurements ``auto`` reads (written by ``benchmarks/gpu_check.py``).
 AUTO_TABLE = Path(__file__).resolve().parent / "auto_backends.json"
 #: (backend, reason) of the loss's last ``auto`` resolution, for logs (None before the first).
@@ -92,13 +92,11 @@ def resolve_backend(backend: str, device: torch.device, *, choices: tuple[str, .
 
 def modelled_loss_backend(rows: int, columns: int, dtype: torch.dtype, chunk_bytes: int) -> tuple[str, str]:
     """(backend, reason) of the modelled rule for a CUDA loss of ``rows`` x ``columns`` logits."""
-    itemsize = 4 if dtype in (torch.float32, torch.float64) else 2
-    need = rows * min(columns, MIN_GEMM_COLUMNS) * (4 + itemsize)
-    if need <= chunk_bytes:
-        return "gemm", (f"modelled: a {rows} x {min(columns, MIN_GEMM_COLUMNS)} chunk of logits fits in "
-                        f"chunk_bytes={chunk_bytes} (no GPU measurements for this device)")
-    return "triton", (f"modelled: even a {MIN_GEMM_COLUMNS}-column chunk of {rows} rows needs {need} bytes > "
-                      f"chunk_bytes={chunk_bytes}; the fused kernels keep no logits")
+    kept = 4 if dtype == torch.float32 else 2
+    need = rows * columns * kept
+    how = (f"keeps its {need >> 20} MiB of logits (chunk_bytes={chunk_bytes}): 3 GEMM passes"
+           if need <= chunk_bytes else f"recomputes its logits ({need >> 20} MiB > chunk_bytes={chunk_bytes})")
+    return "triton", f"modelled: triton {how}; no GPU measurements for this device"
 
 
 @functools.cache
@@ -141,10 +139,15 @@ def resolve_loss_backend(backend: str, device: torch.device, *, rows: int, colum
     global LAST_LOSS_CHOICE
     check_backend(backend, LOSS_BACKENDS)
     device = torch.device(device)
+    if backend in ("gemm", "triton") and dtype == torch.float64:
+        raise ConfigError(f"backend={backend!r} computes in fp32 at most; float64 features need backend='torch', "
+                          "'reference' or 'auto'")
     if backend != "auto":
         return _check_usable(backend, device)
     if device.type != "cuda" or not triton_importable():
         choice = ("torch", f"{device.type} tensors" if device.type != "cuda" else "Triton does not import")
+    elif dtype == torch.float64:
+        choice = ("torch", "float64 features: the fused kernels compute in fp32 at most")
     else:
         choice = (measured_loss_backend(device_capability(device), rows, columns, dtype, table_path)
                   or modelled_loss_backend(rows, columns, dtype, chunk_bytes))

@@ -17,8 +17,9 @@ open_clip's calling convention works as it is (``loss(**model_out, output_dict=T
 
 Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row-blocked,
 recomputed in backward), ``gemm`` (cuBLAS GEMMs over column chunks with Triton epilogues, one
-autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (fully fused tiled kernels, O((R + C) D)
-memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
+autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (tiled kernels with the statistics and
+the gradient inside the GEMMs, 16-bit logits kept where they fit in ``chunk_bytes``, else
+recomputed in O((R + C) D) memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
 size; the rule lives in :mod:`degla_fast.backends`).
 
 ``dot_precision`` is the dot precision of fp32 inputs on a GPU: ``"tf32"`` (default, tensor cores,
@@ -87,7 +88,8 @@ def _resolve_for(spec: LossSpec, image_features, text_features, world_size: int)
     rows times every rank's caption rows)."""
     anchors = image_features.shape[0] * (1 if spec.local_loss else world_size)
     return resolve_loss_backend(spec.backend, image_features.device, rows=anchors,
-                                columns=text_features.shape[0] * world_size, dtype=image_features.dtype,
+                                columns=text_features.shape[0] * world_size,
+                                dtype=torch.promote_types(image_features.dtype, text_features.dtype),
                                 chunk_bytes=spec.chunk_bytes)
 
 
@@ -278,8 +280,9 @@ def degla_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_
 
     ``check_finite``: the ``torch`` and ``reference`` backends raise NonFiniteError on NaN/Inf
     inputs (a host read per input); a trainer that checks the loss on the device itself passes
-    False. ``chunk_bytes``: the ``gemm`` backend's memory for one chunk of logits and their
-    gradient (:mod:`degla_fast.gemm_loss`; ``auto`` also sizes its choice by it).
+    False. ``chunk_bytes``: the logits the fused backends may keep for the backward (``triton``:
+    its 16-bit logits, all or none; ``gemm``: one chunk of fp32 logits and their gradient; see
+    :mod:`degla_fast.fused_loss`), beyond which they recompute; ``auto`` reports it.
 
     Distributed (open_clip's ClipLoss semantics): features of all ranks are gathered. With
     ``local_loss`` each rank's images (and positive captions) are anchors against every rank's
@@ -321,11 +324,13 @@ def spec_loss(spec: LossSpec, image_features: torch.Tensor, text_features: torch
     return out.named(spec) if output_dict else out
 
 
-def _fused_input(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Contiguous rows; fp64 computed in fp32 (the kernels are compiled for 32- and 16-bit)."""
+def _fused_input(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Contiguous rows of one dtype: features of mixed dtypes meet the kernels in their promoted
+    dtype, as the ``torch`` backend computes them (autograd casts each gradient back). fp64
+    never gets here (:func:`~degla_fast.backends.resolve_loss_backend` refuses it)."""
     if t is None:
         return None
-    return (t.float() if t.dtype == torch.float64 else t).contiguous()
+    return t.to(dtype).contiguous()
 
 
 def _fused(function, spec: LossSpec, rows: GlobalBatch, local: LocalBatch, scale) -> LossOutput:
@@ -341,14 +346,14 @@ def _fused(function, spec: LossSpec, rows: GlobalBatch, local: LocalBatch, scale
                spec.tgc_weight if fused else 0.0, spec.distill_weight if fused else 0.0)
     terms = LossTerms(spec.num_negatives, weights=weights, with_igc=spec.with_igc, with_cols=square, local=fused,
                       **common)
-    teachers = ((_fused_input(local.teacher_image.detach()), _fused_input(local.teacher_text.detach())) if fused
-                else (None, None))
-    dtype = rows.image_rows.dtype
-    total, clip, igc, tgc, distill = (t.to(dtype) if dtype == torch.float64 else t for t in function.apply(
-        _fused_input(rows.image_rows), _fused_input(rows.text_all), scale, *teachers, terms))
+    dtype = torch.promote_types(rows.image_rows.dtype, rows.text_all.dtype)
+    teachers = ((_fused_input(local.teacher_image.detach(), dtype), _fused_input(local.teacher_text.detach(), dtype))
+                if fused else (None, None))
+    total, clip, igc, tgc, distill = function.apply(_fused_input(rows.image_rows, dtype),
+                                                    _fused_input(rows.text_all, dtype), scale, *teachers, terms)
     if not square:  # text-to-image: this rank's captions against every rank's images
-        t2i_total, t2i_ce, *_ = function.apply(_fused_input(rows.text_rows), _fused_input(rows.image_all), scale,
-                                               None, None,
+        t2i_total, t2i_ce, *_ = function.apply(_fused_input(rows.text_rows, dtype),
+                                               _fused_input(rows.image_all, dtype), scale, None, None,
                                                LossTerms(0, weights=(0.5, 0.0, 0.0, 0.0), with_cols=False, **common))
         total, clip = total + t2i_total.to(total.dtype), (clip + t2i_ce.to(clip.dtype)) / 2
     if not fused and with_local:

@@ -12,20 +12,24 @@ logit's gradient once in the input dtype and takes dq and dx from two more GEMMs
 kernel scales and casts them and adds the local terms' gradients. The columns are chunked so
 that one chunk's fp32 logits and its gradient (``R * Cc * (4 + itemsize)`` bytes) fit in
 ``chunk_bytes``; with every column in one chunk the forward keeps it for the backward (three
-GEMM passes, the floor), otherwise each chunk is recomputed (four passes) and extra memory stays
-one chunk. The default budget (:data:`DEFAULT_CHUNK_BYTES`, 256 MiB) stores the logits up to
-B=2048 at K=4 (126 MB in bf16) and recomputes two chunks at B=4096 (252 MB a chunk, about 330 MB
-of extra memory for the whole loss instead of 500 MB stored).
+GEMM passes), otherwise each chunk is recomputed (four passes), one chunk alive at a time, and
+the fp32 dq product accumulates in place over the chunks. The default budget
+(:data:`DEFAULT_CHUNK_BYTES`, 256 MiB) stores the logits up to B=2990 at K=4 in bf16 and
+recomputes two chunks at B=4096 (about 300 MB of extra memory, docs/loss.md).
 
-``triton`` (:class:`TritonLoss`): no logits in memory at all (:mod:`degla_fast.kernels.degla_loss`):
-tiles are recomputed; the backward is a row-stationary dq kernel and a column-stationary dx
-kernel, each accumulating its rows' or columns' gradient in registers and writing it once (no
-atomics). Extra memory O((R + C) D): what lets B=65536 fit.
+``triton`` (:class:`TritonLoss`, :mod:`degla_fast.kernels.degla_loss`): the kernels are the GEMMs.
+The logits kernel keeps fp16 cosines (fp32 for fp32 inputs) where they fit in ``chunk_bytes``
+and makes every statistic in its epilogue; a row-stationary dq kernel and a column-stationary dx
+kernel read them (or recompute them, when they were not kept), form each logit's gradient in
+registers and write their rows or columns once (no atomics). Recomputed, extra memory is
+O((R + C) D): what lets B=65536 fit.
 
 Launches at world size 1 (K <= 8, TGC or distillation on), forward + backward: ``gemm`` stored
-8 (GEMM, stats, local, finish; grad, 2 GEMMs, finalize), two recomputed chunks 15; ``triton`` 7
-(two forward kernels, local, finish; local, dq, dx). Host-side choices depend on shapes only and
-nothing is read back, so both can be captured in a CUDA graph (docs/loss.md).
+8 (GEMM, stats, local, finish; grad, 2 GEMMs, finalize), two recomputed chunks 15; ``triton`` 6
+to 8 (logits + statistics, local, finish; local, dq, dx, and a merge of the fp32 partials of
+each backward loop that was split to fill the GPU). Host-side choices depend on shapes only and
+nothing is read back, so both can be captured in a CUDA graph (docs/loss.md); docs/loss.md's
+counts are printed by :mod:`degla_fast.loss_count`.
 """
 from __future__ import annotations
 
@@ -68,13 +72,20 @@ class LossTerms:
         return dict(with_igc=self.with_igc, with_cols=self.with_cols)
 
 
+#: Elements of one chunk stay below this: the Triton kernels index a chunk with int32 offsets.
+MAX_CHUNK_ELEMENTS = 2 ** 31 - 1
+
+
 def plan_chunks(rows: int, cols: int, grad_itemsize: int, chunk_bytes: int) -> list[tuple[int, int]]:
     """Column ranges ``[(c0, c1), ...]`` of near-equal width, each within ``chunk_bytes`` (at least
-    :data:`CHUNK_ALIGN` columns wide); one range when everything fits."""
-    per_column = max(1, rows) * (4 + grad_itemsize)
-    if per_column * cols <= chunk_bytes:
+    :data:`CHUNK_ALIGN` columns wide) and below :data:`MAX_CHUNK_ELEMENTS` elements (rows up to
+    2^31 / CHUNK_ALIGN); one range when everything fits."""
+    rows = max(1, rows)
+    per_column = rows * (4 + grad_itemsize)
+    if per_column * cols <= chunk_bytes and rows * cols <= MAX_CHUNK_ELEMENTS:
         return [(0, cols)]
     widest = max(CHUNK_ALIGN, chunk_bytes // per_column // CHUNK_ALIGN * CHUNK_ALIGN)
+    widest = min(widest, max(CHUNK_ALIGN, MAX_CHUNK_ELEMENTS // rows // CHUNK_ALIGN * CHUNK_ALIGN))
     count = -(-cols // widest)
     width = -(-(-(-cols // count)) // CHUNK_ALIGN) * CHUNK_ALIGN
     return [(c0, min(c0 + width, cols)) for c0 in range(0, cols, width)]
@@ -127,7 +138,7 @@ def _logits(q: torch.Tensor, x: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
 class GemmLoss(torch.autograd.Function):
     """The ``gemm`` backend: ``(q, x, scale, teacher_q, teacher_x, terms) -> (total, ce, igc, tgc,
     distill)``, five fp32 scalars. Teacher features are read only with ``terms.local`` and get no
-    gradient. Inputs: contiguous fp32, bf16 or fp16 (the caller casts fp64 to fp32)."""
+    gradient. Inputs: contiguous fp32, bf16 or fp16 of one dtype (the caller refuses fp64)."""
 
     @staticmethod
     def forward(ctx, q, x, scale, teacher_q, teacher_x, terms: LossTerms):
@@ -186,6 +197,7 @@ class GemmLoss(torch.autograd.Function):
                     dx_raw = mm_f32(grad.T, q)
                 else:
                     mm_f32(grad.T, q, out=dx_raw[c0:c1])
+                del grad  # freed before the next chunk's logits and gradient are allocated
         local = (teacher_x, teacher_q, tgc_lse) if terms.local else None
         dq, dx, dscale = kernels.finalize(dq_raw, dx_raw, s, grads, parts, q, x, local, num_groups=num_groups,
                                           num_negatives=K, official=terms.official, tgc_scale=terms.tgc_scale,
@@ -195,7 +207,9 @@ class GemmLoss(torch.autograd.Function):
 
 class TritonLoss(torch.autograd.Function):
     """The ``triton`` backend, with :class:`GemmLoss`'s signature and outputs (CUDA tensors, or
-    CPU tensors under ``TRITON_INTERPRET=1``)."""
+    CPU tensors under ``TRITON_INTERPRET=1``). The logits are kept from the forward (fp16 cosines
+    for 16-bit inputs, fp32 for fp32) where they fit in ``chunk_bytes``, else recomputed in the
+    backward (:func:`degla_fast.kernels.degla_loss.make_plan`)."""
 
     @staticmethod
     def forward(ctx, q, x, scale, teacher_q, teacher_x, terms: LossTerms):
@@ -205,21 +219,16 @@ class TritonLoss(torch.autograd.Function):
         R, K = q.shape[0], terms.num_negatives
         num_groups = x.shape[0] // (1 + K)
         s = scale.reshape(1).float()
-        splits, per = kernels.forward_splits(q, x, terms.dot_precision)
-        col_splits, col_per = kernels.forward_splits(x[:num_groups], q, terms.dot_precision) if terms.with_cols else (0, 0)
-        state = new_state(R, num_groups, splits, col_splits, q.device)
-        kernels.row_stats(q, x, s, tuple(state[n] for n in ("row_m", "row_l", "pos", "group_m", "group_l")),
-                          row_offset=terms.row_offset, num_negatives=K, with_igc=terms.with_igc,
-                          precision=terms.dot_precision, n_splits=splits, per_split=per)
-        if terms.with_cols:  # text-to-image: its rows' statistics are the first Bg columns'
-            scratch = torch.empty_like(state["col_m"])
-            kernels.row_stats(x[:num_groups], q, s, (state["col_m"], state["col_l"], scratch, scratch, scratch),
-                              row_offset=0, num_negatives=0, with_igc=False, precision=terms.dot_precision,
-                              n_splits=col_splits, per_split=col_per)
+        plan = kernels.plan_for(q, x, terms.dot_precision, num_groups=num_groups, with_cols=terms.with_cols,
+                                store_bytes=terms.chunk_bytes)
+        state = new_state(R, num_groups, plan.fwd_splits, plan.col_parts, q.device)
+        logits = kernels.forward(q, x, s, state, plan, row_offset=terms.row_offset, num_negatives=K,
+                                 with_igc=terms.with_igc)
         tgc, tgc_lse, dist = _local_forward(terms, q, x, teacher_q, teacher_x)
         outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
         _keep(ctx, terms, scale, q, x, s, teacher_q, teacher_x, state["row_m"][0], state["group_m"][0],
-              state["col_m"][0], tgc_lse)
+              state["col_m"][0], tgc_lse, logits)
+        ctx.plan = plan
         return outs
 
     @staticmethod
@@ -230,15 +239,15 @@ class TritonLoss(torch.autograd.Function):
         grads = _upstream(grad_outs)
         if grads is None:
             return None, None, None, None, None, None
-        q, x, s, teacher_q, teacher_x, row_lse, group_lse, col_lse, tgc_lse = ctx.saved_tensors
+        q, x, s, teacher_q, teacher_x, row_lse, group_lse, col_lse, tgc_lse, logits = ctx.saved_tensors
         terms = ctx.terms
         dq, dx = torch.empty_like(q), torch.empty_like(x)
         if terms.local:  # written first; the global term's kernels add to it
             local_terms.local_backward(x, teacher_x, q, teacher_q, terms.num_negatives, terms.tgc_scale, tgc_lse,
                                        grads, terms.weights[2:], dx, dq, terms.official)
-        dscale = kernels.backward(q, x, s, grads, (row_lse, group_lse, col_lse), dq, dx, row_offset=terms.row_offset,
-                                  num_negatives=terms.num_negatives, weights=terms.weights, accumulate=terms.local,
-                                  precision=terms.dot_precision, **terms.flags)
+        dscale = kernels.backward(q, x, logits, s, grads, (row_lse, group_lse, col_lse), dq, dx, ctx.plan,
+                                  row_offset=terms.row_offset, num_negatives=terms.num_negatives,
+                                  weights=terms.weights, accumulate=terms.local, **terms.flags)
         return dq, dx, _scale_grad(ctx, dscale), None, None, None
 
 

@@ -47,8 +47,10 @@ class LossSpec:
                                            "relative error per dot) or ieee (exact fp32 products)", DOT_PRECISIONS)
     check_finite: bool = doc_field(True, "raise NonFiniteError on NaN/Inf inputs (a host read per input; the trainer "
                                          "checks the loss on the device instead)", in_config=False)
-    chunk_bytes: int = doc_field(DEFAULT_CHUNK_BYTES, "bytes of one column chunk of logits and their gradient (the "
-                                                      "gemm backend; auto sizes its choice by it)", minimum=1)
+    chunk_bytes: int = doc_field(DEFAULT_CHUNK_BYTES, "bytes of logits the fused backends may keep from the forward "
+                                                      "for the backward (triton: all or none of its 16-bit logits; "
+                                                      "gemm: one column chunk of fp32 logits and their gradient; "
+                                                      "torch: one row block); beyond it they recompute", minimum=1)
 
     def __post_init__(self):
         check_dot_precision(self.dot_precision)

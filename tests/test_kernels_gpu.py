@@ -69,6 +69,11 @@ else:
         (4096, 4, True, 100.0), (4096, 1, False, 14.3))]
 LOSS_CASES = [pytest.param(backend, f, d, b, k, igc, s, id=f"{backend}-{f}-D{d}-B{b}-K{k}-{'igc' if igc else 'noigc'}")
               for backend in ("gemm", "triton") for f in FLAVOURS for d, b, k, igc, s in SHAPES]
+# The triton backend keeps its logits wherever they fit (all above but fp32 at B=4096): its recomputing path
+# (chunk_bytes=1) too, at D=512 (one feature slice, as the count assumes).
+LOSS_CASES += [pytest.param("triton-recomputed", f, d, b, k, igc, s,
+                            id=f"triton-recomputed-{f}-D{d}-B{b}-K{k}-{'igc' if igc else 'noigc'}")
+               for f in FLAVOURS for d, b, k, igc, s in SHAPES if DRY_RUN or d == 512]
 
 
 def expected_terms(image, text, scale, t_image, t_text, k: int, tgc_scale: float = 10.0) -> dict:
@@ -126,6 +131,8 @@ def test_loss_matches_float64(backend, flavour, dim, batch, k, with_igc, scale):
 
     student = [x.detach().clone().requires_grad_(True) for x in (image, text, scale_t)]
     kwargs = {"dot_precision": precision} if precision else {}
+    if backend == "triton-recomputed":
+        backend, kwargs["chunk_bytes"] = "triton", 1
     loss = DeGLALoss(num_negatives=k, igc_weight=igc_weight, tgc_weight=WEIGHTS["tgc"],
                      distill_weight=WEIGHTS["distill"], backend=backend, **kwargs)
     out = loss(*student[:2], student[2], t_image, t_text)

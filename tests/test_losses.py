@@ -194,11 +194,14 @@ def test_auto_backend_rule(monkeypatch, tmp_path):
     def auto(rows, columns, device=cuda, **kw):
         return backends.resolve_loss_backend("auto", device, rows=rows, columns=columns, **{**size, **kw})
 
-    assert auto(256, 1280) == "gemm"          # no measurements: the modelled rule prefers cuBLAS
-    assert "modelled" in backends.LAST_LOSS_CHOICE[1]
-    assert auto(65536, 327680) == "gemm"      # a 256-column chunk of 65536 rows fits in 256 MiB
-    assert auto(262144, 1310720) == "triton"  # it does not: the fused kernels keep no logits
-    assert auto(4096, 20480, chunk_bytes=1 << 20) == "triton"
+    assert auto(256, 1280) == "triton"        # no measurements: the modelled rule, by count
+    assert "modelled" in backends.LAST_LOSS_CHOICE[1] and "keeps" in backends.LAST_LOSS_CHOICE[1]
+    assert auto(65536, 327680) == "triton"    # its logits do not fit: recomputed
+    assert "recomputes" in backends.LAST_LOSS_CHOICE[1]
+    assert auto(4096, 20480, dtype=torch.float64) == "torch"  # fp64: the fused kernels compute in fp32
+    for name in ("triton", "gemm"):
+        with pytest.raises(ConfigError, match=f"backend='{name}' computes in fp32 at most"):
+            backends.resolve_loss_backend(name, cuda, rows=4, columns=4, **{**size, "dtype": torch.float64})
     assert auto(256, 1280, device=torch.device("cpu")) == "torch"
     assert backends.resolve_backend("auto", cuda) == "triton"  # the EMA: no size rule
     # One rule for both: without an importable Triton, auto is torch for the loss and the EMA alike.
@@ -239,7 +242,7 @@ def test_auto_follows_the_measured_table(monkeypatch, tmp_path, caplog):
     chosen = [r.getMessage() for r in caplog.records if "backend auto" in r.getMessage()]
     assert len([m for m in chosen if "-> torch" in m]) == 1  # logged once per choice, not per call
     assert len(chosen) == 3
-    assert auto(256, dtype=torch.float16) == "gemm"  # no fp16 entries: the modelled rule
+    assert auto(256, dtype=torch.float16) == "triton"  # no fp16 entries: the modelled rule
     monkeypatch.setattr(backends, "device_capability", lambda device: (8, 0))
     assert "modelled" in (auto(32) and backends.LAST_LOSS_CHOICE[1])  # another GPU model: not its table
 
@@ -250,17 +253,24 @@ def assert_grads_close(got, want, gtol, name):
     assert err <= bound, f"{name} grad error {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("mode", ["stored", "recomputed", "second-call columns"])
 @pytest.mark.parametrize("splits", [1, 3, 64])
-def test_triton_column_splits_and_feature_chunks(splits, monkeypatch, kernel_device):
-    """Partial log-sum-exps merged over 1..many column splits; D=130 spans several feature chunks."""
+def test_triton_column_splits_and_feature_chunks(splits, mode, monkeypatch, kernel_device):
+    """Partial log-sum-exps merged over 1..many column splits, the dq and dx loops split as many
+    ways (fp32 partials merged in order); D=130 spans several feature chunks; logits stored or
+    recomputed; text-to-image column statistics from the logits kernel's epilogue or (beyond
+    MAX_COL_PARTS row blocks) from a second forward call."""
     import degla_fast.kernels.degla_loss as kernels
 
     monkeypatch.setattr(kernels, "_INTERPRETER_PROGRAMS", splits)
+    if mode == "second-call columns":
+        monkeypatch.setattr(kernels, "MAX_COL_PARTS", 0)
     batch, k, dim = 37, 3, 130
     inputs = make_inputs(batch, k, dim, seed=3)
     total_ref, _, grads_ref = oracle_with_grads(inputs, k)
     image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float32) for t in inputs]
-    out = DeGLALoss(num_negatives=k, backend="triton", dot_precision="ieee")(image, text, scale, t_image, t_text)
+    out = DeGLALoss(num_negatives=k, backend="triton", dot_precision="ieee",
+                    chunk_bytes=1 if mode == "recomputed" else 256 << 20)(image, text, scale, t_image, t_text)
     out.total.backward()
     torch.testing.assert_close(out.total.double().cpu(), total_ref, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(("image", "text", "logit_scale"), (image.grad, text.grad, scale.grad), grads_ref):
@@ -366,15 +376,16 @@ def test_softmax_kernels_do_the_16bit_casts_a_gpu_does(dtype, kernel_device):
     from degla_fast.kernels.loss_terms import finish, new_state
 
     q, x, scale, grad = q.to(kernel_device), x.to(kernel_device), scale.reshape(1).to(kernel_device), grad.to(kernel_device)
-    splits, per = kernels.forward_splits(q, x, "tf32")
-    state = new_state(45, 131, splits, 0, q.device)
-    kernels.row_stats(q, x, scale, tuple(state[n] for n in ("row_m", "row_l", "pos", "group_m", "group_l")),
-                      row_offset=0, num_negatives=0, with_igc=False, precision="tf32", n_splits=splits, per_split=per)
+    # Recomputed logits (store_bytes=0): the emulation makes them from q and x the same way.
+    plan = kernels.plan_for(q, x, "tf32", num_groups=131, with_cols=False, store_bytes=0)
+    assert plan.stored is None
+    state = new_state(45, 131, plan.fwd_splits, 0, q.device)
+    kernels.forward(q, x, scale, state, plan, row_offset=0, num_negatives=0, with_igc=False)
     finish(state, None, None, (1.0, 0.0, 0.0, 0.0), num_groups=131, with_igc=False, with_cols=False)
     lse = state["row_m"][0]
     dq, dx = torch.empty_like(q), torch.empty_like(x)
-    ds = kernels.backward(q, x, scale, grad, (lse, lse, lse), dq, dx, row_offset=0, num_negatives=0,
-                          weights=(1.0, 0.0), with_igc=False, with_cols=False, accumulate=False, precision="tf32")
+    ds = kernels.backward(q, x, None, scale, grad, (lse, lse, lse), dq, dx, plan, row_offset=0, num_negatives=0,
+                          weights=(1.0, 0.0), with_igc=False, with_cols=False, accumulate=False)
     torch.testing.assert_close(lse.cpu(), lse_want, rtol=1e-5, atol=1e-5)
     for got, want in ((dq, dq_want), (dx, dx_want)):  # written in the input dtype: half an ulp more
         assert got.dtype == dtype
@@ -480,13 +491,35 @@ def test_gemm_back_propagates_through_every_output(kernel_device):
         assert_grads_close(got, want.double(), 1e-5, name)
 
 
-def test_gemm_float64_inputs_give_float64_gradients():
-    inputs = make_inputs(5, 2, 12)
-    image, text, scale = [leaf(t, torch.float64) for t in inputs[:3]]
-    out = DeGLALoss(num_negatives=2, backend="gemm")(image, text, scale, *inputs[3:])
-    grads = torch.autograd.grad(out.total, (image, text, scale))
-    assert out.total.dtype == torch.float64 and [g.dtype for g in grads] == [torch.float64] * 3
-    torch.testing.assert_close(out.total, oracle_total(*inputs, 2), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("backend", ["gemm", "triton"])
+def test_fused_backends_refuse_float64_in_one_line(backend, kernel_device):
+    """fp64 features are never computed in fp32 without a word: the fused backends refuse them
+    (auto takes torch, which computes in fp64)."""
+    image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), torch.float64) for t in make_inputs(5, 2, 12)]
+    with pytest.raises(ConfigError, match="computes in fp32 at most; float64 features need backend='torch'"):
+        DeGLALoss(num_negatives=2, backend=backend)(image, text, scale, t_image, t_text)
+    out = DeGLALoss(num_negatives=2, backend="auto")(image, text, scale, t_image, t_text)
+    assert out.total.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["gemm", "triton"])
+def test_fused_backends_promote_mixed_dtypes_alike(backend, kernel_device):
+    """bf16 images with fp32 text: both fused backends compute in the promoted dtype (fp32), as the
+    torch backend does, and each feature's gradient comes back in its own dtype."""
+    inputs = make_inputs(6, 2, 16)
+    image, text, scale, t_image, t_text = [t.float().to(kernel_device) for t in inputs]
+    image16 = image.to(torch.bfloat16)
+    want = [leaf(t, torch.float32) for t in (image16.float(), text, scale)]
+    loss = DeGLALoss(num_negatives=2, backend=backend, dot_precision="ieee")
+    ref = loss(*want, t_image, t_text).total
+    ref_grads = torch.autograd.grad(ref, want)
+    got_in = [leaf(image16, torch.bfloat16), leaf(text, torch.float32), leaf(scale, torch.float32)]
+    got = loss(*got_in, t_image, t_text).total
+    grads = torch.autograd.grad(got, got_in)
+    torch.testing.assert_close(got, ref)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), w.to(g.dtype).float())
 
 
 @pytest.mark.parametrize("backend", ["torch", "gemm"])
@@ -529,11 +562,15 @@ def test_gemm_launches_at_world_size_1(monkeypatch):
 
 
 def test_triton_launches_at_world_size_1():
-    """docs/loss.md's count for the tiled backend: 7 launches, no torch op at all."""
+    """docs/loss.md's count for the tiled backend: no torch op at all; the text-to-image column
+    statistics come from the logits kernel's epilogue; the dq loop is split (3 column tiles here)
+    and its fp32 partials merged by one more launch: 7, at most 8 when both loops are split."""
     work = _fwd_bwd_work("triton")
-    assert work.launches == ["triton:_lse_fwd_kernel", "triton:_lse_fwd_kernel", "triton:_local_fwd_kernel",
-                             "triton:_finish_kernel", "triton:_local_bwd_kernel", "triton:_dq_kernel",
+    assert work.launches == ["triton:_lse_fwd_kernel", "triton:_local_fwd_kernel", "triton:_finish_kernel",
+                             "triton:_local_bwd_kernel", "triton:_dq_kernel", "triton:_sum_parts_kernel",
                              "triton:_dx_kernel"]
+    recomputed = _fwd_bwd_work("triton", chunk_bytes=1)
+    assert recomputed.launches == work.launches
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -542,3 +579,82 @@ def test_no_host_reads_inside_the_loss(backend):
     (a float(tensor) in a backward pass is invisible to a TorchFunctionMode: counted at ATen level)."""
     work = _fwd_bwd_work(backend)
     assert work.host_reads == [], f"{backend}: {work.host_reads}"
+
+
+# --- CUDA-only hazards, checked on the CPU through the same code paths ---------------------------
+
+def _tf32_reads():
+    flags = torch.backends.cuda.matmul
+    out = []
+    for name in ("allow_tf32", "fp32_precision"):
+        try:
+            out.append(getattr(flags, name))
+        except RuntimeError:
+            out.append("refused")
+    return out
+
+
+@pytest.mark.parametrize("user", ["untouched", "legacy True", "new ieee", "new tf32"])
+@pytest.mark.parametrize("dot_precision", ["tf32", "ieee"])
+def test_tf32_setting_reads_back_through_both_apis(user, dot_precision):
+    """The loss sets cuBLAS's fp32 mode for its products and restores it through the API the
+    process uses: after the call (and inside it, where inductor may read it) the legacy
+    ``allow_tf32`` reads as before; torch >= 2.9 raises on that read once the new API was set to
+    "tf32" by the loss itself (the CUDA path ran only on GPUs; loss_matmuls takes it here)."""
+    from degla_fast.matmul import loss_matmuls
+
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32
+    try:
+        if user == "legacy True":
+            flags.allow_tf32 = True
+        elif user.startswith("new") and hasattr(flags, "fp32_precision"):
+            flags.fp32_precision = user.split()[1]
+        before = _tf32_reads()
+        with loss_matmuls(torch.device("cuda"), dot_precision):
+            inside = _tf32_reads()
+            if user != "new tf32":  # the process itself chose the new API at tf32: its own reads refuse
+                assert inside[0] == (dot_precision == "tf32")
+        assert _tf32_reads() == before
+        if user != "new tf32":
+            assert "refused" not in before
+    finally:
+        flags.allow_tf32 = saved
+
+
+def test_out_dtype_gate_admits_only_torch_that_accepts_it(monkeypatch):
+    """torch 2.8 and 2.9 have mm/addmm's out_dtype overloads but refuse addmm of an fp32
+    accumulator with 16-bit factors: the gate is the version."""
+    import importlib
+
+    import degla_fast.matmul as matmul
+
+    for version, admitted in (("2.8.0+cu128", False), ("2.9.1", False), ("2.10.0", True), ("2.11.0+cu126", True)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert importlib.reload(matmul)._HAS_OUT_DTYPE is admitted, version
+    monkeypatch.undo()
+    importlib.reload(matmul)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_logits_error_against_float64(dtype, kernel_device):
+    """What keeping the logits costs in precision: the forward keeps fp16 cosines (11 significant
+    bits; |cos| <= 1 for normalised features, so each is off by at most 2^-12 = 2.4e-4, i.e.
+    scale * 2.4e-4 in a logit) and makes its statistics from them, so the backward's probabilities
+    are the forward's. Stated bound: the loss moves by at most 2 * scale * 2^-12 (here 100 * 4.9e-4
+    = 0.049 at the worst), and measured against float64 on the same 16-bit inputs it is far
+    below that; the gradients stay within the bf16/fp16 tolerances of the recomputed path."""
+    batch, k, dim = 70, 4, 48
+    inputs = [t.to(dtype).double() for t in make_inputs(batch, k, dim, seed=11, scale=100.0)]
+    total_ref, _, grads_ref = oracle_with_grads(inputs, k)
+    errors = {}
+    for mode, budget in (("stored", 256 << 20), ("recomputed", 1)):
+        image, text, scale, t_image, t_text = [leaf(t.to(kernel_device), dtype) for t in inputs]
+        out = DeGLALoss(num_negatives=k, backend="triton", chunk_bytes=budget)(image, text, scale, t_image, t_text)
+        out.total.backward()
+        errors[mode] = abs(float(out.total) - float(total_ref))
+        rtol, atol, gtol = TOLERANCE[dtype]
+        for name, got, want in zip(("image", "text"), (image.grad, text.grad), grads_ref):
+            assert_grads_close(got.float(), want, gtol, f"{mode} {name}")
+    assert errors["stored"] <= 2 * 100.0 * 2.0 ** -12
+    assert errors["recomputed"] <= 1e-4 * max(1.0, float(total_ref))
