@@ -3,12 +3,13 @@
 
 On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no network:
 
-1. install: the wheels of :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made
-   here by ``make gpu-wheels``; the folder travels with the working tree; pytest's stack and
-   open_clip_torch with ftfy, wcwidth, tqdm and regex), ``--no-deps``, in dependency order,
-   then the project itself, editable, ``--no-index --no-deps`` and built in pip's isolated
-   environment with the carried setuptools and wheel (:func:`project_install_command`: none of
-   its CPU pins, nothing downloaded, no hook of the image's packages);
+1. install: ``gpu_check.py --install-only`` in its own process (:func:`install_only`; it needs
+   only the standard library and pip, so it also runs alone, before anything else): the wheels of
+   :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made here by ``make
+   gpu-wheels``; the folder travels with the working tree; pytest's stack and open_clip_torch
+   with ftfy, wcwidth, tqdm and regex), ``--no-index --no-deps``, in dependency order; then the
+   project, built by nothing: a .pth file and an import finder in site-packages
+   (:func:`install_project`, which says why not pip);
 2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
 3. ``bench_loss`` (B in 32..65536, K=4, D=512, bf16, fp32 at 4096: every backend, the gemm backend
@@ -73,16 +74,16 @@ DRY_OUT = ROOT / "runs" / "gpu-check-dry"
 #: this project's CI venv) and ``install`` puts in where the distribution's module is missing, in
 #: this order (each one's needs before it): pytest and its needs, pytest-benchmark (``make bench``),
 #: pytest-timeout (the suites' ``timeout`` marks, and a per-test limit here), pytest-xdist
-#: (test-gpu compiles its kernels in parallel processes), setuptools + wheel (the editable install
-#: without build isolation), and open_clip_torch with what its import needs beyond torch,
-#: torchvision and numpy (bench_step builds its models): wcwidth, ftfy, tqdm, regex. open_clip's
+#: (test-gpu compiles its kernels in parallel processes), and open_clip_torch with what its import
+#: needs beyond torch, torchvision and numpy (bench_step builds its models): wcwidth, ftfy, tqdm,
+#: regex. No setuptools or wheel: nothing is built (:func:`install_project`). open_clip's
 #: other needs (huggingface_hub, safetensors, timm) are imported only to load pretrained weights or
 #: timm towers, which bench_step never does, so none is carried; torchvision and numpy (compiled,
 #: tied to the image's torch) come with the image.
 WHEELS = (
     "pluggy==1.7.0", "iniconfig==2.3.1", "packaging==26.3", "pygments==2.21.0", "pytest==9.2.0",
     "py-cpuinfo2==10.1.1", "pytest-benchmark==5.3.1", "pytest-timeout==2.4.0",
-    "execnet==2.1.2", "pytest-xdist==3.8.0", "setuptools==84.2.1", "wheel==0.48.0",
+    "execnet==2.1.2", "pytest-xdist==3.8.0",
     "wcwidth==0.9.4", "ftfy==6.3.1", "tqdm==4.70.1", "regex==2026.11.19", "open_clip_torch==3.3.0",
 )
 #: The carried wheels with compiled code, one per CPython listed (manylinux x86_64; the GPU images
@@ -194,7 +195,7 @@ def test_gpu_command(python: str, *, dry_run: bool, args: str = "", kernel_tests
 WHEEL_MODULES = {"pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
                  "pygments": "pygments", "pytest-benchmark": "pytest_benchmark", "py-cpuinfo2": "cpuinfo",
                  "pytest-timeout": "pytest_timeout", "pytest-xdist": "xdist", "execnet": "execnet",
-                 "setuptools": "setuptools", "wheel": "wheel", "wcwidth": "wcwidth", "ftfy": "ftfy",
+                 "wcwidth": "wcwidth", "ftfy": "ftfy",
                  "tqdm": "tqdm", "regex": "regex", "open_clip_torch": "open_clip"}
 
 
@@ -204,13 +205,125 @@ def pip_install_command(python: str, wheels: Path) -> list[str]:
             "--disable-pip-version-check", "--find-links", str(wheels)]
 
 
-def project_install_command(python: str, wheels: Path, root: Path = ROOT) -> list[str]:
-    """The project, editable, built in pip's isolated environment from the carried setuptools,
-    wheel and packaging. Not ``--no-build-isolation``: then setuptools runs the image's own ``egg_info.writers``
-    hooks, and Hugging Face's ``kernels`` package (which transformers 5 requires) registers one
-    that imports ``kernels._internals``, which the build, run from this checkout, resolves to our
-    ``kernels/`` folder (ModuleNotFoundError). ``tests/test_gpu_check.py`` builds such an image."""
-    return pip_install_command(python, wheels) + ["-e", str(root)]
+# The project is not pip-installed on the GPU machine: :func:`install_project` writes a .pth file
+# and a small import finder into the interpreter's site-packages. Why not pip: the checkout has
+# no pyproject.toml, so pip older than 25.3 (23.2.1, 24.0, 25.2 tried) makes an editable install
+# with ``setup.py develop`` whenever setuptools and wheel are importable, and setuptools >= 80's
+# ``develop`` runs a nested ``pip install -e . --use-pep517`` that drops ``--no-index`` and
+# ``--find-links`` and asks the index (no network there: the install fails, and every stage after
+# it). A non-editable ``pip wheel``/``pip install .`` builds too, either in an isolated
+# environment (which must be fed setuptools and wheel from the carried folder, in a way each pip
+# version spells differently) or without isolation, where setuptools runs the image's own
+# ``egg_info.writers`` hooks (Hugging Face's ``kernels`` registers one that this checkout's
+# ``kernels/`` folder shadows: ModuleNotFoundError). Writing two files needs no build, no
+# setuptools and no pip at all, so it behaves the same under every pip; the finder reproduces
+# setup.py's ``package_dir`` (``kernels/`` -> ``degla_fast.kernels``), read from setup.py itself,
+# and does not put the checkout's root on sys.path (its ``kernels/`` would shadow that package).
+#: The module and the .pth file (``import`` line) that :func:`install_project` writes.
+CHECKOUT_FINDER = "_degla_fast_checkout"
+CHECKOUT_PTH = "degla_fast_checkout.pth"
+_FINDER_SOURCE = '''"""Written by benchmarks/gpu_check.py --install-only: the degla-fast checkout at
+{root} imported as setup.py installs it (package -> folder: {packages}), with
+no build. Remove this file and {pth} to undo it."""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+ROOT = {root!r}
+PACKAGES = {packages!r}
+
+
+class CheckoutFinder:
+    """Finds the mapped packages in the checkout; their submodules are then found in the
+    package's folder by Python's own path finder."""
+
+    def find_spec(self, name, path=None, target=None):
+        folder = PACKAGES.get(name)
+        if folder is None:
+            return None
+        folder = os.path.join(ROOT, folder)
+        init = os.path.join(folder, "__init__.py")
+        if os.path.isfile(init):
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)  # a data folder (no __init__.py)
+        spec.submodule_search_locations = [folder]
+        return spec
+
+
+if not any(type(f).__name__ == "CheckoutFinder" for f in sys.meta_path):
+    sys.meta_path.insert(0, CheckoutFinder())
+'''
+
+
+def project_packages(root: Path = ROOT) -> dict[str, str]:
+    """Package -> folder (relative to ``root``) as ``setup.py`` installs them: ``degla_fast`` and
+    setup()'s ``package_dir`` (read from setup.py's source, which stays their one owner)."""
+    import ast
+
+    tree = ast.parse((root / "setup.py").read_text(encoding="utf-8"))
+    package_dir = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            package_dir = next((ast.literal_eval(kw.value) for kw in node.keywords if kw.arg == "package_dir"), {})
+    return {"degla_fast": "degla_fast", **package_dir}
+
+
+def install_project(root: Path = ROOT, site: Path | None = None) -> Path:
+    """Make the checkout at ``root`` importable by this interpreter (see the comment above):
+    the finder module and the .pth file that imports it, into ``site`` (this interpreter's
+    site-packages). Returns the .pth file's path."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"]) if site is None else site
+    site.mkdir(parents=True, exist_ok=True)
+    source = _FINDER_SOURCE.format(root=str(root.resolve()), packages=project_packages(root), pth=CHECKOUT_PTH)
+    for name, text in ((f"{CHECKOUT_FINDER}.py", source), (CHECKOUT_PTH, f"import {CHECKOUT_FINDER}\n")):
+        tmp = site / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, site / name)
+    return site / CHECKOUT_PTH
+
+
+#: Run in a fresh process after the install: where ``degla_fast.kernels`` comes from.
+_CHECK_PROJECT = ("import importlib.util, degla_fast.kernels; "
+                  "print(importlib.util.find_spec('degla_fast.kernels.configs').origin)")
+
+
+def install_only(wheels: Path | None = None, python: str = sys.executable, root: Path = ROOT) -> int:
+    """``gpu_check.py --install-only``: the carried wheels whose module this interpreter lacks,
+    from ``wheels`` (:data:`WHEELS_DIR`) with no index, then the project (:func:`install_project`),
+    then ``import degla_fast.kernels`` in a fresh process from outside the checkout. The standard
+    library and pip only (no torch). Prints one line per action; 0 when the project imports."""
+    wheels = WHEELS_DIR if wheels is None else wheels
+    missing = [w for w in WHEELS if not _installed(w)]
+    if missing:
+        found = {w: carried_wheel(w, wheels) for w in missing}
+        absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
+                  for w, path in found.items() if path is None]
+        if absent:
+            print(f"install: missing here and not in {wheels}/: {', '.join(absent)} (run `make gpu-wheels` on a "
+                  f"machine with pip access and carry the folder)", flush=True)
+            return 1
+        # The wheel files themselves, in WHEELS' order (each one's needs first), none of their deps:
+        # installing a wheel builds nothing, so no pip version asks an index for it.
+        cmd = pip_install_command(python, wheels) + [str(found[w]) for w in missing]
+        print("install: + " + shlex.join(cmd), flush=True)
+        done = subprocess.run(cmd)
+        if done.returncode:
+            print(f"install: pip install of {' '.join(missing)} exited {done.returncode}", flush=True)
+            return 1
+    print(f"install: carried wheels installed: {' '.join(missing) or 'none (all present)'}", flush=True)
+    pth = install_project(root)
+    print(f"install: project {root} importable through {pth}", flush=True)
+    done = subprocess.run([python, "-c", _CHECK_PROJECT], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    origin = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode or Path(origin).resolve() != (root / "kernels" / "configs.py").resolve():
+        why = (done.stderr.strip().splitlines() or [f"degla_fast.kernels comes from {origin!r}"])[-1]
+        print(f"install: degla_fast.kernels does not import from {root}: {why}", flush=True)
+        return 1
+    print(f"install: degla_fast.kernels imports from {Path(origin).parent}", flush=True)
+    return 0
 
 
 def _installed(requirement: str) -> bool:
@@ -323,10 +436,14 @@ class Run:
         proc = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
 
+        self.last_output = []
+
         def pump():
             for line in proc.stdout:
                 sys.stdout.write(line)
                 self.log.write(line)
+                self.last_output.append(line.rstrip("\n"))
+                del self.last_output[:-200]
             sys.stdout.flush()
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -349,6 +466,10 @@ class Run:
         reader.join(timeout=10)
         self.log.flush()
         return rc, time.monotonic() - t0
+
+    def log_tail(self) -> list[str]:
+        """The last lines (up to 200) the last :meth:`call` printed."""
+        return list(getattr(self, "last_output", []))
 
     def record(self, step: str, status: str, seconds: float, **detail) -> dict:
         row = {"name": "gpu_check", "impl": step, "status": status, "seconds": round(seconds, 1), **detail}
@@ -382,7 +503,8 @@ def _probe(run: Run, open_clip: bool = False) -> dict:
 
 
 def step_install(run: Run) -> bool:
-    """Carried wheels for what is missing, then the project (editable, no deps, no index)."""
+    """Torch, triton and a GPU checked; then ``gpu_check.py --install-only`` (:func:`install_only`:
+    the carried wheels for what is missing, then the project) in its own process."""
     t0 = time.monotonic()
     probe = _probe(run)
     if not probe:
@@ -400,26 +522,13 @@ def step_install(run: Run) -> bool:
                    detail=f"dry run: this venv ({'project importable' if project else 'PROJECT NOT IMPORTABLE'}); "
                           f"a GPU run would install {len(missing)} carried wheels: {' '.join(missing) or 'none'}")
         return project
-    pip = pip_install_command(sys.executable, WHEELS_DIR)
-    if missing:
-        wheels = {w: carried_wheel(w) for w in missing}
-        absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
-                  for w, path in wheels.items() if path is None]
-        if absent:
-            run.record("install", "failed", time.monotonic() - t0,
-                       detail=f"missing here and not in {WHEELS_DIR.name}/: {', '.join(absent)} (run `make gpu-wheels` "
-                              f"on a machine with pip access and carry the folder)")
-            return False
-        # The wheel files themselves, in WHEELS' order (each one's needs first), none of their deps.
-        rc, _ = run.call("install wheels", pip + [str(wheels[w]) for w in missing], run.limit("install"))
-        if rc != 0:
-            run.record("install", "failed", time.monotonic() - t0, detail=f"pip install of {missing} exited {rc}")
-            return False
-    if not project:
-        rc, _ = run.call("install project", project_install_command(sys.executable, WHEELS_DIR), run.limit("install"))
-        if rc != 0 or not _probe(run).get("project"):
-            run.record("install", "failed", time.monotonic() - t0, detail=f"editable install exited {rc}")
-            return False
+    rc, _ = run.call("install", [sys.executable, str(Path(__file__).resolve()), "--install-only",
+                                 "--wheels", str(WHEELS_DIR)], run.limit("install"))
+    if rc != 0:
+        lines = [ln for ln in run.log_tail() if ln.startswith("install: ")]
+        why = lines[-1][len("install: "):] if lines else ("timed out" if rc is None else f"exited {rc}")
+        run.record("install", "failed", time.monotonic() - t0, detail=why)
+        return False
     # Imported for real (torchvision and numpy come from the image; a wheel may not fit it).
     run.probe = probe = {**probe, "open_clip": _probe(run, open_clip=True).get("open_clip")}
     # open_clip is bench_step's alone: without it the kernels are still tested and benchmarked.
@@ -757,12 +866,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also copy the report, the main JSON and the log here, and all of it in one tar.gz")
     parser.add_argument("--total-s", type=float, default=None, help="time limit of the whole run (default 480; dry 300)")
     parser.add_argument("--download-wheels", metavar="DIR", default=None, help="make gpu-wheels: download WHEELS to DIR")
+    parser.add_argument("--install-only", action="store_true",
+                        help="only install the carried wheels (where missing) and the project into this python, "
+                             "with no index; then exit")
+    parser.add_argument("--wheels", metavar="DIR", default=None,
+                        help=f"the carried wheels (default {WHEELS_DIR.name}/ in the checkout)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # bench_step's, epoch s
     args = parser.parse_args(argv)
     if args.download_wheels:
         return download_wheels(Path(args.download_wheels))
+    if args.install_only:
+        return install_only(Path(args.wheels) if args.wheels else None)
     if args.worker:
         try:
             return main_worker(args)

@@ -215,61 +215,99 @@ def _fake_wheels(folder: Path) -> None:
         (folder / name).write_bytes(b"")
 
 
-def _install_run(tmp_path, monkeypatch, wheels: Path, have: set[str]):
-    """A GPU run's install step with a stand-in probe (a CUDA machine that has ``have``)."""
-    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60)
-    monkeypatch.setattr(gpu_check, "WHEELS_DIR", wheels)
-    monkeypatch.setattr(gpu_check, "_probe", lambda run, open_clip=False: {
-        "torch": "2.11.0", "triton": "3.6.0", "cuda": "NVIDIA H200", "project": True,
-        "open_clip": "3.3.0" if open_clip else None})
-    monkeypatch.setattr(gpu_check, "_installed", lambda req: req.split("==")[0] in have)
+def _install_only(monkeypatch, tmp_path, have: set[str], origin: str | None = None):
+    """:func:`gpu_check.install_only` on a stand-in machine that has ``have``: the pip and import
+    commands it would run are recorded, the project goes into ``tmp_path/site``."""
     calls = []
-    monkeypatch.setattr(run, "call", lambda step, cmd, timeout: calls.append(cmd) or (0, 1.0))
-    return run, calls
+    monkeypatch.setattr(gpu_check, "_installed", lambda req: req.split("==")[0] in have)
+    monkeypatch.setattr(gpu_check, "install_project", lambda root: gpu_check.CHECKOUT_PTH)
+    kernels = str(gpu_check.ROOT / "kernels" / "configs.py") if origin is None else origin
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(
+        cmd, 0, stdout=kernels + "\n", stderr=""))
+    return calls
 
 
-def test_install_puts_in_the_missing_wheels_in_order(tmp_path, monkeypatch):
+def test_install_puts_in_the_missing_wheels_in_order(tmp_path, monkeypatch, capsys):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _fake_wheels(wheels)
     image = {"pytest", "pluggy", "iniconfig", "packaging", "pygments", "pytest-benchmark", "py-cpuinfo2",
              "pytest-timeout", "pytest-xdist", "execnet", "setuptools", "wheel", "tqdm", "regex"}
-    run, calls = _install_run(tmp_path, monkeypatch, wheels, image)
-    try:
-        assert gpu_check.step_install(run)
-        (cmd,) = calls
-        assert {"--no-index", "--no-deps", "install"} <= set(cmd)
-        assert [Path(c).name.split("-")[0] for c in cmd if c.endswith(".whl")] == ["wcwidth", "ftfy", "open_clip_torch"]
-        assert run.steps[-1]["status"] == "passed" and run.steps[-1]["open_clip"] == "3.3.0"
-        assert run.steps[-1]["wheels_installed"] == "wcwidth==0.9.4 ftfy==6.3.1 open_clip_torch==3.3.0"
-    finally:
-        run.log.close()
-        shutil.rmtree(run.cache, ignore_errors=True)
+    calls = _install_only(monkeypatch, tmp_path, image)
+    assert gpu_check.install_only(wheels) == 0
+    pip, check = calls
+    assert {"--no-index", "--no-deps", "install"} <= set(pip) and "-e" not in pip
+    assert [Path(c).name.split("-")[0] for c in pip if c.endswith(".whl")] == ["wcwidth", "ftfy", "open_clip_torch"]
+    assert check[1] == "-c" and "degla_fast.kernels" in check[2]
+    out = capsys.readouterr().out
+    assert "carried wheels installed: wcwidth==0.9.4 ftfy==6.3.1 open_clip_torch==3.3.0" in out
+    assert out.rstrip().endswith(f"degla_fast.kernels imports from {gpu_check.ROOT / 'kernels'}")
 
 
-def test_install_names_a_missing_wheel_in_one_line(tmp_path, monkeypatch):
+def test_install_names_a_missing_wheel_in_one_line(tmp_path, monkeypatch, capsys):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _fake_wheels(wheels)
     for whl in [*wheels.glob("open_clip_torch-*"), *wheels.glob("regex-*")]:
         whl.unlink()
     have = {w.split("==")[0] for w in gpu_check.WHEELS} - {"open_clip_torch", "regex"}
-    run, calls = _install_run(tmp_path, monkeypatch, wheels, have)
+    calls = _install_only(monkeypatch, tmp_path, have)
+    assert gpu_check.install_only(wheels) == 1 and not calls
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"regex==2026.11.19 ({gpu_check.wheel_tag()} manylinux x86_64), open_clip_torch==3.3.0" in line
+    assert "make gpu-wheels" in line
+
+
+def test_install_fails_when_the_project_comes_from_elsewhere(tmp_path, monkeypatch, capsys):
+    have = {w.split("==")[0] for w in gpu_check.WHEELS}
+    _install_only(monkeypatch, tmp_path, have, origin="/elsewhere/degla_fast/kernels/configs.py")
+    assert gpu_check.install_only(tmp_path) == 1
+    assert "does not import from" in capsys.readouterr().out.splitlines()[-1]
+
+
+def _install_step(tmp_path, monkeypatch, output: list[str], rc: int | None):
+    """A GPU run's install step with a stand-in probe (a CUDA machine) and a stand-in
+    ``--install-only`` process that prints ``output`` and exits ``rc``."""
+    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60)
+    monkeypatch.setattr(gpu_check, "_probe", lambda run, open_clip=False: {
+        "torch": "2.11.0", "triton": "3.6.0", "cuda": "NVIDIA H200", "project": False,
+        "open_clip": "3.3.0" if open_clip else None})
+    monkeypatch.setattr(gpu_check, "_installed", lambda req: req.split("==")[0] != "open_clip_torch")
+    calls = []
+
+    def call(step, cmd, timeout):
+        calls.append(cmd)
+        run.last_output = list(output)
+        return rc, 1.0
+    monkeypatch.setattr(run, "call", call)
+    return run, calls
+
+
+def test_install_step_runs_install_only(tmp_path, monkeypatch):
+    run, calls = _install_step(tmp_path, monkeypatch, ["install: degla_fast.kernels imports from x"], 0)
     try:
-        assert not gpu_check.step_install(run) and not calls
-        detail = run.steps[-1]["detail"]
-        assert run.steps[-1]["status"] == "failed" and "\n" not in detail
-        assert f"regex==2026.11.19 ({gpu_check.wheel_tag()} manylinux x86_64), open_clip_torch==3.3.0" in detail
-        assert "make gpu-wheels" in detail
+        assert gpu_check.step_install(run)
+        (cmd,) = calls
+        assert cmd[0] == sys.executable and cmd[2:4] == ["--install-only", "--wheels"]
+        assert run.steps[-1]["status"] == "passed" and run.steps[-1]["open_clip"] == "3.3.0"
+        assert run.steps[-1]["wheels_installed"] == "open_clip_torch==3.3.0"
+    finally:
+        run.log.close()
+        shutil.rmtree(run.cache, ignore_errors=True)
+    run, calls = _install_step(tmp_path / "b", monkeypatch, ["pip noise", "install: missing here: regex", "x"], 1)
+    try:
+        assert not gpu_check.step_install(run)
+        assert run.steps[-1]["status"] == "failed" and run.steps[-1]["detail"] == "missing here: regex"
     finally:
         run.log.close()
         shutil.rmtree(run.cache, ignore_errors=True)
 
 
 _HOOKED_KERNELS = {
-    # A stand-in for Hugging Face's `kernels` (transformers 5 requires it): a top-level package of
-    # that name whose distribution registers an egg_info writer in kernels._internals.
-    "kernels/__init__.py": "",
+    # A stand-in for Hugging Face's `kernels` (transformers 5 requires it; GPU images have it): a
+    # top-level package of that name whose distribution registers an egg_info writer in
+    # kernels._internals, which broke a setuptools build run from this checkout.
+    "kernels/__init__.py": "HF = True\n",
     "kernels/_internals/__init__.py": "",
     "kernels/_internals/locking.py": "def write_egg_lockfile(cmd, basename, filename):\n    pass\n",
     "kernels-0.19.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n",
@@ -279,52 +317,90 @@ _HOOKED_KERNELS = {
 }
 
 
-def _carried_build_wheels(folder: Path) -> None:
-    """The build's needs (setuptools, wheel and wheel's packaging), as ``make gpu-wheels`` carries
-    them (from .gpu-wheels/ where it exists)."""
-    wanted = [w for w in gpu_check.WHEELS if w.split("==")[0] in ("setuptools", "wheel", "packaging")]
-    for req in wanted:
-        carried = gpu_check.carried_wheel(req)
-        if carried is not None:
-            shutil.copy(carried, folder)
-    if len(list(folder.glob("*.whl"))) < len(wanted):
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                               "-d", str(folder), *wanted], capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"the build's wheels are neither in .gpu-wheels/ nor downloadable: {done.stderr[-300:]}")
+def _fake_wheel(folder: Path, requirement: str) -> None:
+    """A real (installable) stand-in wheel of ``requirement``: its module, ``FAKE = True``."""
+    import platform
+    import zipfile
+
+    name, version = requirement.split("==")
+    stem = gpu_check._wheel_stem(requirement)
+    tag = gpu_check.wheel_tag()
+    binary = requirement in gpu_check.BINARY_WHEELS
+    wheel_tag = f"{tag}-{tag}-manylinux_2_17_{platform.machine()}" if binary else "py3-none-any"
+    module = gpu_check.WHEEL_MODULES[name]
+    info = f"{stem}.dist-info"
+    files = {f"{module}/__init__.py": "FAKE = True\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: {'false' if binary else 'true'}\n"
+                              f"Tag: {wheel_tag}\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{stem}-{wheel_tag}.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
 
 
-@pytest.mark.timeout(300)
-def test_project_installs_offline_beside_a_package_named_kernels(tmp_path):
-    """The install step's project command in an image that has a `kernels` package with an
-    egg_info hook (as the GPU images do since transformers 5): --no-build-isolation fails there
-    (ModuleNotFoundError: No module named 'kernels._internals'); ours, built in pip's isolated
-    environment from the carried setuptools and wheel, with no index, installs, and
-    degla_fast.kernels imports from outside the checkout."""
+#: A pip older than 25.3 (the issue: 23.2.1, 24.0 and 25.2 fail the same way) with what makes it
+#: fall back to ``setup.py develop``: setuptools >= 80 and wheel importable.
+OLD_PIP = ("pip==24.0", "setuptools>=80", "wheel")
+
+
+def _offline_env() -> dict:
+    """No index reachable: the index an unreachable address, no config file, no other PIP_*
+    settings (the GPU machine has none), no retries."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0",
+            "PIP_DEFAULT_TIMEOUT": "5", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
+@pytest.mark.timeout(240)
+def test_install_only_offline_with_pip_24(tmp_path):
+    """``gpu_check.py --install-only`` in a fresh venv with pip 24.0, setuptools >= 80 and wheel
+    (nothing else: no torch) and a `kernels` package with an egg_info hook, with the index at an
+    unreachable address: pip's own editable install asks that index (the failure is real here),
+    ours installs the carried wheels (stand-ins) and the project, and degla_fast.kernels imports
+    from this checkout without shadowing the image's `kernels`."""
     venv = tmp_path / "image"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    got = subprocess.run([python, "-m", "pip", "install", "-q", *OLD_PIP], capture_output=True, text=True)
+    if got.returncode:
+        pytest.skip(f"cannot download {' '.join(OLD_PIP)} into the test venv: {got.stderr.strip()[-300:]}")
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    for name, text in _HOOKED_KERNELS.items():
-        (site / name).parent.mkdir(parents=True, exist_ok=True)
-        (site / name).write_text(text)
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    _carried_build_wheels(wheels)
-    checkout = tmp_path / "checkout"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
-    shutil.copytree(ROOT / "kernels", checkout / "kernels", dirs_exist_ok=True)  # the working tree's kernels
-    shutil.copy(ROOT / "setup.py", checkout / "setup.py")
-    old = gpu_check.pip_install_command(python, wheels) + ["--no-build-isolation", "-e", str(checkout)]
-    done = subprocess.run(old, cwd=checkout, capture_output=True, text=True)
-    assert done.returncode != 0 and "kernels._internals" in done.stdout + done.stderr  # the failure is real here
-    done = subprocess.run(gpu_check.project_install_command(python, wheels, checkout), cwd=checkout,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    found = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('degla_fast.kernels.configs')"
-                                          ".origin)"], capture_output=True, text=True, cwd=tmp_path)
-    assert found.stdout.strip() == str(checkout / "kernels" / "configs.py"), found.stderr
+    for req in gpu_check.WHEELS:
+        _fake_wheel(wheels, req)
+    env = _offline_env()
+    # pip's editable install (setup.py develop -> a nested pip that asks the index) fails here.
+    stub = tmp_path / "stub"  # setup.py and empty packages: the build writes into its checkout
+    for name in ("degla_fast/__init__.py", "kernels/__init__.py", "configs/negatives/x.yaml"):
+        (stub / name).parent.mkdir(parents=True, exist_ok=True)
+        (stub / name).write_text("")
+    shutil.copy(ROOT / "setup.py", stub / "setup.py")
+    old = gpu_check.pip_install_command(python, wheels) + ["-e", str(stub)]
+    done = subprocess.run(old, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "127.0.0.1:9" in done.stdout + done.stderr, done.stderr[-3000:]
+    for name, text in _HOOKED_KERNELS.items():  # with it, setup.py's egg_info would fail first
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+
+    done = subprocess.run([python, str(ROOT / "benchmarks" / "gpu_check.py"), "--install-only", "--wheels", str(wheels)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = [ln for ln in done.stdout.splitlines() if "carried wheels installed:" in ln]
+    for req in gpu_check.WHEELS:  # every one but the build's own, which the venv has
+        assert (req in line.split()) == (req.split("==")[0] not in ("setuptools", "wheel", "packaging")), req
+    check = ("import importlib.util, degla_fast, degla_fast.kernels, kernels, open_clip, regex; "
+             "print(degla_fast.kernels.__path__[0], importlib.util.find_spec('degla_fast.kernels.configs').origin, "
+             "importlib.util.find_spec('degla_fast.negatives.prompts').submodule_search_locations[0], "
+             "kernels.HF, open_clip.FAKE, regex.FAKE)")
+    found = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split() == [str(ROOT / "kernels"), str(ROOT / "kernels" / "configs.py"),
+                                    str(ROOT / "configs" / "negatives"), "True", "True", "True"]
 
 
 def test_each_step_keeps_the_later_steps_minimum(tmp_path):
