@@ -28,19 +28,73 @@ def _committed_outputs() -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
 
 
+_BLOCKER = """import sys
+
+BLOCKED = {blocked!r}
+
+
+class ImageLacks:
+    \"\"\"What the GPU image lacks cannot be imported (tests/test_gpu_check.py).\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (the GPU image has none)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, ImageLacks())
+"""
+
+
+def blocked_modules() -> list[str]:
+    """What the image lacks and gpu-check does not carry."""
+    carried = set(gpu_check.WHEEL_MODULES.values())
+    return [m for m in gpu_check.IMAGE_LACKS if m not in carried]
+
+
+def _image_env(tmp_path: Path) -> dict:
+    """This environment with a sitecustomize that blocks :func:`blocked_modules` in every process."""
+    import os
+
+    folder = tmp_path / "image-lacks"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_BLOCKER.format(blocked=blocked_modules()))
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_the_blocker_blocks(tmp_path):
+    assert "open_clip" not in blocked_modules() and {"safetensors", "deepspeed", "nvidia.dali"} <= set(blocked_modules())
+    done = subprocess.run([sys.executable, "-c", "import safetensors"], capture_output=True, text=True,
+                          env=_image_env(tmp_path), cwd=tmp_path)
+    assert done.returncode != 0 and "the GPU image has none" in done.stderr
+
+
 @pytest.mark.timeout(400)
 def test_dry_run_writes_the_table_and_json(tmp_path):
-    out = tmp_path / "dry"
+    """``make gpu-check DRY_RUN=1 OUT=DIR`` with what the GPU image lacks blocked in every process:
+    every stage runs, the summary is printed last, and everything comes back in DIR."""
+    out, copy = tmp_path / "dry", tmp_path / "OUT"
     before = _committed_outputs()
     if shutil.which("make"):
         cmd = ["make", "--no-print-directory", "-C", str(ROOT), "gpu-check", "DRY_RUN=1", "GPU_SETUP=",
-               f"PYTHON={sys.executable}", f"GPU_CHECK_OUT={out}"]
+               f"PYTHON={sys.executable}", f"GPU_CHECK_OUT={out}", f"OUT={copy}"]
     else:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=390)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
+               "--copy-to", str(copy)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=390, env=_image_env(tmp_path))
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     assert _committed_outputs() == before, "the dry run wrote into committed files"
+    tail = done.stdout.rstrip().split("=== gpu-check summary")[-1]
+    assert "DRY RUN" in tail.splitlines()[0] and len(tail.splitlines()) <= 24  # the last thing, one screen
+    for target in gpu_check.evaluate_targets([], gpu_check.TARGET_SHAPES["dry"]):
+        assert target["target"] in tail, target
+    files = sorted(p.name for p in copy.iterdir())
+    assert files == sorted(gpu_check.COPIED + ("gpu-check.tar.gz",)), files  # 8: the device tool's limit
+    assert json.loads((copy / "bench_loss.json").read_text())["benchmark"] == "bench_loss_quick"
+    assert json.loads((copy / "auto_backends.json").read_text())["entries"]  # the dry run's table, written
+    assert (copy / "summary.md").read_text().strip() == "=== gpu-check summary" + tail.rstrip()
 
     results = out / "results" / "gpu-check"
     summary = json.loads((results / "gpu_check.json").read_text())
@@ -56,7 +110,11 @@ def test_dry_run_writes_the_table_and_json(tmp_path):
         assert {"device", "torch", "triton", "date"} <= data["env"].keys()
         assert any(not r.get("skipped") and r.get("p50_ms") for r in data["rows"]), name
     loss = json.loads((results / "bench_loss_quick.json").read_text())["rows"]
-    assert {r["impl"] for r in loss} >= {"reference", "torch", "triton", "gemm floor"}
+    assert {r["impl"] for r in loss} >= {"reference", "torch", "triton", "triton, recomputed", "gemm floor",
+                                         "pure gemm floor"}
+    measured = [r for r in loss if not r.get("skipped")]
+    assert all(r.get("x_floor") and r.get("x_gemm_floor") for r in measured), measured
+    assert summary["targets"] == gpu_check.evaluate_targets(loss, gpu_check.TARGET_SHAPES["dry"])
     step = {r["impl"]: r for r in json.loads((results / "bench_step_quick.json").read_text())["rows"]}
     for impl in ("plain CLIP", "DeGLA as released", "DeGLA (ours)"):  # train_step itself, each in its process
         row = step[impl]
@@ -140,40 +198,111 @@ def test_carried_wheels_are_pinned_pure_python_and_never_torch():
         assert sum(f.stat().st_size for f in folder.glob("*.whl")) < 16e6  # small next to the 64 MiB tree
 
 
-def test_a_stopped_benchmark_keeps_its_rows(tmp_path, monkeypatch):
+class _StoppedLoss:
+    """bench_loss as the worker sees it, stopped (killed) while measuring its third case."""
+
+    import bench_loss
+
+    finish_rows = staticmethod(bench_loss.finish_rows)
+    times = {"pure gemm floor": 0.5, "gemm floor": 0.6, "gemm": 1.0}
+
+    @staticmethod
+    def cases(quick):
+        return [{"impl": impl, "B": 4096, "K": 4, "D": 512, "dtype": "bfloat16", "device": "cpu"}
+                for impl in ("pure gemm floor", "gemm floor", "gemm", "triton")]
+
+    @staticmethod
+    def skip_reason(impl, device):
+        return None
+
+    @classmethod
+    def run_case(cls, case):
+        if case["impl"] == "triton":
+            raise SystemExit(128 + 2)  # the stage's limit
+        return {"name": "degla_loss", **{k: case[k] for k in ("impl", "B", "K", "D", "dtype")},
+                "p50_ms": cls.times[case["impl"]], "peak_mem_bytes": 10**8}
+
+
+def test_a_stopped_benchmark_keeps_its_rows_and_ratios(tmp_path, monkeypatch):
     run = gpu_check.Run(tmp_path, dry_run=False, total_s=60)
     try:
-        partial = run.results / "bench_loss.partial.jsonl"
-        partial.write_text(json.dumps({"name": "degla_loss", "impl": "triton", "B": 256, "p50_ms": 1.0}) + "\n")
+        (run.results / "bench_loss.json").write_text(json.dumps({"rows": [{"impl": "stale"}]}))  # an earlier run's
         (run.results / "bench_loss.env.json").write_text(json.dumps({"device": "NVIDIA H200", "date": "2026-12-01"}))
-        monkeypatch.setattr(run, "call", lambda *a, **k: (None, 130.0))
+
+        def call(step, cmd, timeout):  # the worker, stopped at its third case
+            with pytest.raises(SystemExit):
+                gpu_check._loss_rows(_StoppedLoss, False, run.results, "bench_loss")
+            return None, 130.0
+        monkeypatch.setattr(run, "call", call)
         gpu_check.step_bench(run, "bench_loss")
         data = json.loads((run.results / "bench_loss.json").read_text())
-        assert data["env"]["device"] == "NVIDIA H200"
-        assert data["rows"][0]["impl"] == "triton" and "timed out" in data["rows"][-1]["skipped"]
-        assert run.steps[-1]["status"] == "timed out" and run.steps[-1]["rows"] == 1
+        assert "partial" not in data and data["env"]["device"]
+        rows = {r["impl"]: r for r in data["rows"]}
+        assert list(rows) == ["pure gemm floor", "gemm floor", "gemm", "(rest of the benchmark)"]
+        assert rows["gemm"]["x_floor"] == pytest.approx(2.0) and rows["gemm"]["x_gemm_floor"] == pytest.approx(1 / 0.6)
+        assert "timed out" in rows["(rest of the benchmark)"]["skipped"]
+        assert run.steps[-1]["status"] == "timed out" and run.steps[-1]["rows"] == 3
+        # Nothing written by the worker (stopped before its first row): the env and the reason.
+        monkeypatch.setattr(run, "call", lambda *a, **k: (None, 100.0))
+        gpu_check.step_bench(run, "bench_loss")
+        data = json.loads((run.results / "bench_loss.json").read_text())
+        assert data["env"]["device"] == "NVIDIA H200" and [r["impl"] for r in data["rows"]] == ["(rest of the benchmark)"]
     finally:
         run.log.close()
         shutil.rmtree(run.cache, ignore_errors=True)
+
+
+def _loss_row(impl, batch, ms, peak=10**8, **extra):
+    return {"impl": impl, "B": batch, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": ms, "peak_mem_bytes": peak,
+            **extra}
+
+
+def test_the_targets_from_bench_loss_rows():
+    import bench_loss
+
+    rows = [_loss_row("pure gemm floor", 4096, 0.40), _loss_row("gemm floor", 4096, 0.55),
+            _loss_row("gemm", 4096, 0.52, peak=390e6), _loss_row("triton", 4096, 0.48, peak=250e6),
+            _loss_row("triton, recomputed", 4096, 0.70), _loss_row("torch", 4096, 2.0),
+            _loss_row("pure gemm floor", 256, 0.01), _loss_row("gemm", 256, 0.05, grad_err_image=1e-3,
+                                                                grad_err_text=2e-3, grad_err_scale=0.0),
+            _loss_row("triton", 256, 0.04, grad_err_image=1e-3, grad_err_text=3e-3, grad_err_scale=0.0),
+            _loss_row("reference", 256, 0.20), _loss_row("torch", 256, 0.03),
+            _loss_row("gemm", 65536, 300.0, peak=39e9), _loss_row("triton", 65536, None, skipped="out of memory")]
+    rows = bench_loss.finish_rows(rows)
+    got = {t["target"].split(":")[0] + ":" + t["target"].split(":")[1][:12]: t
+           for t in gpu_check.evaluate_targets(rows, gpu_check.TARGET_SHAPES["gpu"])}
+    first, memory, small, large, errors = got.values()
+    assert first["met"] is True and first["figure"].startswith("triton 0.48 ms = 1.20x pure floor (0.4 ms)")
+    assert memory["met"] is True and memory["figure"] == "triton 250 MB"
+    # B=256: triton is faster than the reference but not than torch.
+    assert small["met"] is False and small["figure"].startswith("triton 0.04 ms: 5.00x reference")
+    assert large["met"] is True and "gemm 39,000 MB" in large["figure"] and "triton out of memory" in large["figure"]
+    assert errors["met"] is None and errors["figure"] == "gemm 0.002, triton 0.003"
+    rows = bench_loss.finish_rows([{k: v for k, v in r.items() if not k.startswith("x_")} for r in rows
+                                   if r["impl"] != "pure gemm floor"])  # no floor: no verdict, and it says why
+    first = gpu_check.evaluate_targets(rows, gpu_check.TARGET_SHAPES["gpu"])[0]
+    assert first["met"] is None and "pure floor not measured" in first["figure"]
 
 
 def test_copy_out_fits_the_device_tools_eight_files(tmp_path):
     import tarfile
 
-    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60)
+    run = gpu_check.Run(tmp_path / "out", dry_run=False, total_s=60, copy_to=tmp_path / "copy")
     try:
         (run.out / "RESULTS.md").write_text("# r")
         (run.out / "plots").mkdir()
         (run.out / "plots" / "step_breakdown.png").write_bytes(b"png")
-        for name in ("bench_loss", "bench_ema", "bench_adamw_ema", "bench_step", "gpu_check"):
+        for name in ("bench_loss", "bench_ema", "bench_adamw_ema", "bench_step", "gpu_check", "auto_backends"):
             (run.results / f"{name}.json").write_text("{}")
+        (run.results / "summary.md").write_text("s")
         (run.results / "test-gpu.xml").write_text("<testsuites/>")
-        gpu_check.copy_out(run, tmp_path / "copy")
+        run.record("install", "passed", 1.0)  # every step's record copies what there is
     finally:
         run.log.close()
         shutil.rmtree(run.cache, ignore_errors=True)
     files = sorted(p.name for p in (tmp_path / "copy").iterdir())
-    assert len(files) <= 8 and {"RESULTS.md", "gpu_check.json", "bench_step.json", "gpu-check.tar.gz"} <= set(files)
+    assert files == sorted(gpu_check.COPIED + ("gpu-check.tar.gz",)) and len(files) <= 8
+    assert "--- install: passed" in (tmp_path / "copy" / "gpu_check.log").read_text()
     with tarfile.open(tmp_path / "copy" / "gpu-check.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"results/gpu-check/test-gpu.xml", "results/gpu-check/bench_ema.json", "plots/step_breakdown.png"} <= names
@@ -405,6 +534,7 @@ def test_install_only_offline_with_pip_24(tmp_path):
 
 def test_each_step_keeps_the_later_steps_minimum(tmp_path):
     assert sum(gpu_check.STEP_MIN_S.values()) <= gpu_check.TOTAL_S
+    assert gpu_check.TOTAL_S + 30 <= 7 * 60  # the whole, install included, with a stopped step's grace
     assert list(gpu_check.STEP_LIMIT_S) == list(gpu_check.STEP_MIN_S) == list(gpu_check.STEPS)
     # bench_step's minimum always covers its eager B=256 table.
     import bench_step
@@ -480,12 +610,14 @@ def test_bench_step_stops_a_case_at_the_end_of_its_budget(monkeypatch):
 
 
 def test_report_writes_the_auto_table_from_bench_loss(tmp_path):
-    """A GPU run's bench_loss.json -> the loss's auto table beside it (the dry run leaves the
-    package's own table alone); a CPU run's JSON (no compute capability) writes none."""
+    """A GPU run's bench_loss.json -> the loss's auto table; the dry run's bench_loss_quick.json ->
+    its table beside it only (the package's own is left alone); a GPU run's JSON without a
+    compute capability writes none."""
     rows = [{"impl": impl, "B": 256, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": ms}
-            for impl, ms in (("gemm", 0.2), ("triton", 0.5), ("torch", 0.9), ("gemm floor", 0.1))]
+            for impl, ms in (("gemm", 0.2), ("triton", 0.5), ("triton, recomputed", 0.1), ("torch", 0.9),
+                             ("gemm floor", 0.1))]
     env = {"device": "NVIDIA H200", "date": "2026-12-04", "capability": "9.0"}
-    (tmp_path / "bench_loss.json").write_text(json.dumps({"benchmark": "bench_loss", "env": env, "rows": rows}))
+    (tmp_path / "bench_loss_quick.json").write_text(json.dumps({"benchmark": "bench_loss", "env": env, "rows": rows}))
     before = gpu_check.AUTO_TABLE.read_bytes() if gpu_check.AUTO_TABLE.exists() else None
     path = gpu_check.write_auto_table(tmp_path, dry_run=True)
     assert path == tmp_path / "auto_backends.json"
@@ -495,4 +627,5 @@ def test_report_writes_the_auto_table_from_bench_loss(tmp_path):
     (tmp_path / "bench_loss.json").write_text(json.dumps({"benchmark": "bench_loss", "env": {"capability": None},
                                                           "rows": rows}))
     (tmp_path / "auto_backends.json").unlink()
-    assert gpu_check.write_auto_table(tmp_path, dry_run=True) is None and not (tmp_path / "auto_backends.json").exists()
+    assert gpu_check.write_auto_table(tmp_path, dry_run=False) is None and not (tmp_path / "auto_backends.json").exists()
+    assert (gpu_check.AUTO_TABLE.read_bytes() if gpu_check.AUTO_TABLE.exists() else None) == before
