@@ -670,7 +670,7 @@ def write_summary(run: Run, env: dict, targets: list[dict] | None = None) -> Pat
 #: are its own tiny CPU ones, so the summary's code runs there too (its verdicts mean nothing).
 TARGET_SHAPES = {
     "gpu": {"K": 4, "D": 512, "dtype": "bfloat16", "B": 4096, "B_small": 256, "B_large": 65536},
-    "dry": {"K": 4, "D": 64, "dtype": "float32", "B": 256, "B_small": 64, "B_large": 256},
+    "dry": {"K": 4, "D": 64, "dtype": "float32", "B": 64, "B_small": 256, "B_large": 256},
 }
 #: The loss backends the targets compare (bench_loss's impl names): the fused ones, and torch.
 FUSED_IMPLS = ("gemm", "triton", "triton, recomputed")
@@ -733,7 +733,7 @@ def evaluate_targets(rows: list[dict], shape: dict) -> list[dict]:
     fits = [r for r in tried if not r.get("skipped") and r.get("peak_mem_bytes") is not None
             and r["peak_mem_bytes"] <= MAX_LARGE_BYTES]
     out.append({"target": name, "met": bool(fits) if tried else None,
-                "figure": "; ".join(f"{r['impl']} " + (r["skipped"][:60] if r.get("skipped") else
+                "figure": "; ".join(f"{r['impl']} " + (r["skipped"][:40] if r.get("skipped") else
                                                         f"{_mb(r.get('peak_mem_bytes'))}, {_ms(r)}")
                                     for r in tried) or "not measured"})
     errs = [(r["impl"], max(r.get(f"grad_err_{k}", 0.0) for k in ("image", "text", "scale")))
