@@ -14,8 +14,8 @@ On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
 3. ``bench_loss`` (B in 32..65536, K=4, D=512, bf16, fp32 at 4096: every backend, the gemm backend
    at three chunk budgets, triton storing and recomputing its logits, the two GEMM floors,
-   CUDA-graph replays; the rows the targets need first, torch.compile and the peers last), ``bench_atomics`` (fp32 vector atomics,
-   distinct and 32-way), ``bench_ema``,
+   CUDA-graph replays; the rows the targets need first, torch.compile and the peers last),
+   ``bench_atomics`` (fp32 vector atomics, distinct and 32-way), ``bench_ema``,
    ``bench_adamw_ema`` and ``bench_step`` (``train_step`` at ViT-B-32: plain CLIP, the release
    structure and ours at B=256 K=4, ours at B=1024 for peak memory, the compiled ones, the
    other two at B=1024, as many as its budget allows), each in its own process with a time limit; a
@@ -988,7 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy-to", default=None,
                         help="after every step, copy what was written so far here (8 files: the report, the "
                              "summary, the JSON, the log, the auto table, and all of it in one tar.gz)")
-    parser.add_argument("--total-s", type=float, default=None, help=f"time limit of the whole run's steps (default {TOTAL_S}; dry {DRY_TOTAL_S})")
+    parser.add_argument("--total-s", type=float, default=None,
+                        help=f"time limit of the whole run's steps (default {TOTAL_S}; dry {DRY_TOTAL_S})")
     parser.add_argument("--download-wheels", metavar="DIR", default=None, help="make gpu-wheels: download WHEELS to DIR")
     parser.add_argument("--install-only", action="store_true",
                         help="only install the carried wheels (where missing) and the project into this python, "

@@ -64,7 +64,8 @@ def _image_env(tmp_path: Path) -> dict:
 
 
 def test_the_blocker_blocks(tmp_path):
-    assert "open_clip" not in blocked_modules() and {"safetensors", "deepspeed", "nvidia.dali"} <= set(blocked_modules())
+    blocked = set(blocked_modules())
+    assert "open_clip" not in blocked and {"safetensors", "deepspeed", "nvidia.dali"} <= blocked
     done = subprocess.run([sys.executable, "-c", "import safetensors"], capture_output=True, text=True,
                           env=_image_env(tmp_path), cwd=tmp_path)
     assert done.returncode != 0 and "the GPU image has none" in done.stderr
@@ -246,7 +247,8 @@ def test_a_stopped_benchmark_keeps_its_rows_and_ratios(tmp_path, monkeypatch):
         monkeypatch.setattr(run, "call", lambda *a, **k: (None, 100.0))
         gpu_check.step_bench(run, "bench_loss")
         data = json.loads((run.results / "bench_loss.json").read_text())
-        assert data["env"]["device"] == "NVIDIA H200" and [r["impl"] for r in data["rows"]] == ["(rest of the benchmark)"]
+        assert data["env"]["device"] == "NVIDIA H200"
+        assert [r["impl"] for r in data["rows"]] == ["(rest of the benchmark)"]
     finally:
         run.log.close()
         shutil.rmtree(run.cache, ignore_errors=True)
