@@ -541,9 +541,10 @@ def step_install(run: Run) -> bool:
         return project
     rc, _ = run.call("install", [sys.executable, str(Path(__file__).resolve()), "--install-only",
                                  "--wheels", str(WHEELS_DIR)], run.limit("install"))
-    if rc != 0:
-        lines = [ln for ln in run.log_tail() if ln.startswith("install: ")]
-        why = lines[-1][len("install: "):] if lines else ("timed out" if rc is None else f"exited {rc}")
+    if rc != 0:  # install_only's last line says why (not its "+ command" lines)
+        lines = [ln[len("install: "):] for ln in run.log_tail() if ln.startswith("install: ")
+                 and not ln.startswith("install: + ")]
+        why = "timed out" if rc is None else (lines[-1] if lines else f"exited {rc}")
         run.record("install", "failed", time.monotonic() - t0, detail=why)
         return False
     # Imported for real (torchvision and numpy come from the image; a wheel may not fit it).
