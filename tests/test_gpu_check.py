@@ -425,7 +425,8 @@ def test_install_step_runs_install_only(tmp_path, monkeypatch):
     finally:
         run.log.close()
         shutil.rmtree(run.cache, ignore_errors=True)
-    run, calls = _install_step(tmp_path / "b", monkeypatch, ["pip noise", "install: missing here: regex", "x"], 1)
+    run, calls = _install_step(tmp_path / "b", monkeypatch, ["install: missing here: regex", "install: + pip install x",
+                                                              "pip noise"], 1)
     try:
         assert not gpu_check.step_install(run)
         assert run.steps[-1]["status"] == "failed" and run.steps[-1]["detail"] == "missing here: regex"
@@ -518,7 +519,8 @@ def test_install_only_offline_with_pip_24(tmp_path):
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text)
 
-    done = subprocess.run([python, str(ROOT / "benchmarks" / "gpu_check.py"), "--install-only", "--wheels", str(wheels)],
+    done = subprocess.run([python, str(ROOT / "benchmarks" / "gpu_check.py"), "--install-only",
+                           "--wheels", str(wheels)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (line,) = [ln for ln in done.stdout.splitlines() if "carried wheels installed:" in ln]
@@ -629,5 +631,6 @@ def test_report_writes_the_auto_table_from_bench_loss(tmp_path):
     (tmp_path / "bench_loss.json").write_text(json.dumps({"benchmark": "bench_loss", "env": {"capability": None},
                                                           "rows": rows}))
     (tmp_path / "auto_backends.json").unlink()
-    assert gpu_check.write_auto_table(tmp_path, dry_run=False) is None and not (tmp_path / "auto_backends.json").exists()
+    assert gpu_check.write_auto_table(tmp_path, dry_run=False) is None
+    assert not (tmp_path / "auto_backends.json").exists()
     assert (gpu_check.AUTO_TABLE.read_bytes() if gpu_check.AUTO_TABLE.exists() else None) == before
