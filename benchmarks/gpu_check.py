@@ -110,8 +110,12 @@ IMAGE_LACKS = ("deepspeed", "nvidia.dali", "webdataset", "safetensors", "timm", 
 BENCHES = ("bench_loss", "bench_atomics", "bench_ema", "bench_adamw_ema", "bench_step")
 STEPS = ("install", "test-gpu", *BENCHES, "report")
 #: The whole run, install included, in at most 7 minutes (a rerun then fits in a 15-minute device
-#: lease): 390 s of steps, plus what a stopped step's grace (:meth:`Run.call`) may add.
-TOTAL_S = 390
+#: lease): every step, stopped or not, ends within these 400 s (:meth:`Run.limit`); what is left
+#: of the 7 minutes is the summary's and the processes' start.
+TOTAL_S = 400
+#: A step at its limit: SIGINT (pytest still writes its JUnit file), then SIGTERM, then SIGKILL,
+#: each followed by this many seconds' wait for the step's process group to end.
+STOP_GRACE_S = {signal.SIGINT: 8, signal.SIGTERM: 4, signal.SIGKILL: 3}
 #: Time limit of each step (seconds). A step never runs past the whole's deadline, and never into
 #: the time kept for the steps after it (:data:`STEP_MIN_S`): an early step that runs long
 #: shortens the later ones only down to their minimum. The loss benchmark decides the loss
@@ -430,10 +434,12 @@ class Run:
 
     def limit(self, step: str) -> float:
         """``step``'s time limit now: its own, cut to what is left of the whole after the time
-        kept for the steps after it (their :data:`STEP_MIN_S`)."""
+        kept for the steps after it (their :data:`STEP_MIN_S`) and the time stopping it may take
+        (:data:`STOP_GRACE_S`), so even a stopped step ends before the later steps' share."""
         later = STEPS[STEPS.index(step) + 1:]
         reserve = sum(self.minimums[s] for s in later)
-        return max(0.0, min(self.limits[step], self.deadline - time.monotonic() - reserve))
+        left = self.deadline - time.monotonic() - reserve - sum(STOP_GRACE_S.values())
+        return max(0.0, min(self.limits[step], left))
 
     def call(self, step: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int | None, float]:
         """Run ``cmd`` (its own process group), its output to the console and the log; returns
@@ -460,7 +466,7 @@ class Run:
         except subprocess.TimeoutExpired:
             rc = None
             # SIGINT first: pytest then still writes its JUnit file and summary.
-            for sig, grace in ((signal.SIGINT, 8), (signal.SIGTERM, 4), (signal.SIGKILL, 3)):
+            for sig, grace in STOP_GRACE_S.items():
                 try:
                     os.killpg(proc.pid, sig)  # the group this call started, nothing else
                 except ProcessLookupError:
