@@ -1,12 +1,16 @@
 """DeGLA loss forward+backward: our ``gemm`` backend (at three chunk budgets: stored and recomputed
-logits), ``triton`` and ``torch`` backends, the release's structure (``backend="reference"``) and
-its ``torch.compile``, the three-GEMM floor (the B x D x B(1+K) matmuls alone), the loss replayed
-from a CUDA graph, and the library baselines for the global term (Inf-CL's tiled contrastive loss,
-Liger-Kernel's fused linear cross-entropy) when installed, at the same shapes in the same run.
+logits), ``triton`` (stored logits where they fit, and recomputed: ``chunk_bytes=1``) and
+``torch`` backends, the release's structure (``backend="reference"``) and its ``torch.compile``,
+two floors of the three B x D x B(1+K) GEMMs (:data:`FLOORS`: the pure one, into preallocated
+outputs and nothing else, and the ``gemm floor`` with its allocations and one copy of the logits),
+the loss replayed from a CUDA graph, and the library baselines for the global term (Inf-CL's
+tiled contrastive loss, Liger-Kernel's fused linear cross-entropy) when installed, at the same
+shapes in the same run, in :func:`measure_order` (what the targets need first).
 
 Reports p20/p50/p80 time, peak extra memory (``torch.cuda.max_memory_allocated`` above what was
 allocated before, the returned gradients included; on the CPU the peak RSS of a fresh process per
-case), the speedup against the reference and the ratio to the floor (``x_floor``), achieved
+case), the speedup against the reference and the ratios to the floors (``x_floor``: the pure one;
+``x_gemm_floor``), achieved
 TFLOP/s counted as the three GEMMs (6 B^2 (1+K) D FLOP) against the device's peak, and at
 B=:data:`ERROR_AT_B` the gradients' error against float64 (max |error| / max |float64|, per input).
 Each case times as many iterations as fit in :data:`CASE_BUDGET_S` (3 to 30). ``--quick``: tiny
