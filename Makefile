@@ -62,19 +62,25 @@ TEST_GPU_ARGS ?=
 test-gpu: $(GPU_SETUP)
 	TRITON_INTERPRET=$(if $(DRY_RUN),1,0) DEGLA_GPU_DRY_RUN=$(DRY_RUN) $(PYTHON) -m pytest -q $(TEST_GPU_ARGS) tests/test_kernels_gpu.py $(KERNEL_TESTS) -k "float64 or kernels_gpu"
 
-# One H100/H200 with only torch + triton, no network, at most 8 minutes: carried wheels and the
-# project installed, test-gpu, bench_loss/bench_ema/bench_adamw_ema, bench_step (train_step at
-# ViT-B-32, eager and compiled, B=256 and B=1024, as much as its budget allows), benchmarks/RESULTS.md
-# and benchmarks/results/gpu-check/*.json (docs/benchmarks.md, "GPU check"). DRY_RUN=1: the same on
-# the CPU with tiny sizes, written under runs/gpu-check-dry (GPU_CHECK_OUT), in this venv.
+# One H100/H200 with only torch + triton, no network, at most 7 minutes: `gpu_check.py --install-only`
+# (the carried .gpu-wheels for what is missing, then this checkout through a .pth file: no build,
+# so no pip version asks an index), test-gpu, bench_loss (the rows the targets need first),
+# bench_atomics/bench_ema/bench_adamw_ema, bench_step (train_step at ViT-B-32, as much as its
+# budget allows), benchmarks/RESULTS.md and benchmarks/results/gpu-check/*.json, and last a
+# one-screen summary of the targets (docs/benchmarks.md, "GPU check"). With OUT set (the device
+# tool sets it) everything it writes is also copied into $(OUT) after every step: 8 files
+# (RESULTS.md, summary.md, the JSON, the log, the auto table, gpu-check.tar.gz with all of it).
+# DRY_RUN=1: the same on the CPU with tiny sizes, written under runs/gpu-check-dry
+# (GPU_CHECK_OUT), in this venv; OUT=DIR copies there too.
 GPU_CHECK_OUT ?=
 GPU_PYTHON ?= python3
 gpu-check: $(if $(DRY_RUN),$(GPU_SETUP))
-	$(if $(DRY_RUN),$(PYTHON),$(GPU_PYTHON)) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+	$(if $(DRY_RUN),$(PYTHON),$(GPU_PYTHON)) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(if $(OUT),--copy-to "$(OUT)")
 
 # The wheels gpu-check installs where missing (benchmarks/gpu_check.py: WHEELS: pytest's stack and
 # open_clip_torch's; pure Python but regex, carried for CPython 3.11-3.13 manylinux x86_64), into
 # .gpu-wheels/ (ignored: name it in the device tool's carry so it travels with the working tree).
+# Run it here, where pip reaches the index; the GPU machine reaches none.
 gpu-wheels: setup
 	$(PYTHON) benchmarks/gpu_check.py --download-wheels .gpu-wheels
 

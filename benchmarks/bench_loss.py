@@ -1,12 +1,16 @@
 """DeGLA loss forward+backward: our ``gemm`` backend (at three chunk budgets: stored and recomputed
-logits), ``triton`` and ``torch`` backends, the release's structure (``backend="reference"``) and
-its ``torch.compile``, the three-GEMM floor (the B x D x B(1+K) matmuls alone), the loss replayed
-from a CUDA graph, and the library baselines for the global term (Inf-CL's tiled contrastive loss,
-Liger-Kernel's fused linear cross-entropy) when installed, at the same shapes in the same run.
+logits), ``triton`` (stored logits where they fit, and recomputed: ``chunk_bytes=1``) and
+``torch`` backends, the release's structure (``backend="reference"``) and its ``torch.compile``,
+two floors of the three B x D x B(1+K) GEMMs (:data:`FLOORS`: the pure one, into preallocated
+outputs and nothing else, and the ``gemm floor`` with its allocations and one copy of the logits),
+the loss replayed from a CUDA graph, and the library baselines for the global term (Inf-CL's
+tiled contrastive loss, Liger-Kernel's fused linear cross-entropy) when installed, at the same
+shapes in the same run, in :func:`measure_order` (what the targets need first).
 
 Reports p20/p50/p80 time, peak extra memory (``torch.cuda.max_memory_allocated`` above what was
 allocated before, the returned gradients included; on the CPU the peak RSS of a fresh process per
-case), the speedup against the reference and the ratio to the floor (``x_floor``), achieved
+case), the speedup against the reference and the ratios to the floors (``x_floor``: the pure one;
+``x_gemm_floor``), achieved
 TFLOP/s counted as the three GEMMs (6 B^2 (1+K) D FLOP) against the device's peak, and at
 B=:data:`ERROR_AT_B` the gradients' error against float64 (max |error| / max |float64|, per input).
 Each case times as many iterations as fit in :data:`CASE_BUDGET_S` (3 to 30). ``--quick``: tiny
@@ -40,13 +44,32 @@ LOSS_IMPLS = {
     "gemm 1 GiB": ("gemm", {"chunk_bytes": 1 << 30}),
     "gemm 64 MiB": ("gemm", {"chunk_bytes": 64 << 20}),
     "triton": ("triton", {}),
+    # The smallest chunk budget: the logits never fit one, so triton recomputes them in the
+    # backward (the default stores them when they fit, R*C*2 bytes <= chunk_bytes).
+    "triton, recomputed": ("triton", {"chunk_bytes": 1}),
     "torch": ("torch", {}),
     "reference": ("reference", {}),
     "torch.compile(reference)": ("reference", {}),
     "gemm (CUDA graph)": ("gemm", {}),
     "triton (CUDA graph)": ("triton", {}),
 }
-IMPLS = (*LOSS_IMPLS, "gemm floor", "inf-cl (global term)", "liger fused linear CE (global term)")
+#: The two floors and what each includes (a row's ``includes``). ``x_floor`` is against the pure one.
+FLOORS = {
+    "pure gemm floor": "three GEMMs into preallocated outputs, nothing else: logits = q @ x^T into a "
+                       "[B, B(1+K)] tensor, dq = G @ x and dx = G^T @ q (G a preallocated [B, B(1+K)] tensor)",
+    "gemm floor": "the logits GEMM into a new tensor, one copy of those logits into a preallocated [B, B(1+K)] "
+                  "tensor G, then G @ x and G^T @ q into new tensors",
+}
+PURE_FLOOR = "pure gemm floor"
+IMPLS = (*LOSS_IMPLS, *FLOORS, "inf-cl (global term)", "liger fused linear CE (global term)")
+#: What the targets need, measured first (docs/benchmarks.md, "GPU check"): at each of
+#: TARGET_SIZES (K=4, D=512, the run's first dtype) these rows, in this order; then the fused
+#: backends and floors at LARGE_B (does it run within 40 GB); then every other row by size,
+#: CUDA-graph replays, torch.compile and the library peers last.
+TARGET_SIZES = (4096, 256)
+TARGET_IMPLS = ("pure gemm floor", "gemm floor", "gemm", "triton", "triton, recomputed", "reference", "torch")
+LARGE_B = 65536
+LARGE_IMPLS = ("pure gemm floor", "gemm", "triton", "triton, recomputed")
 GPU_SIZES = (32, 256, 1024, 4096, 16384, 65536)
 #: Where the costly or narrow cases run on a GPU: compiling costs about a minute per shape; a
 #: CUDA graph matters where launches dominate; fp32 (TF32 dots) at the paper's global batch.
@@ -134,14 +157,24 @@ def loss_step(impl: str, x: dict, num_negatives: int):
     from degla_fast import DeGLALoss
 
     grads_of = [x["image"], x["text"], x["scale"]]
-    if impl == "gemm floor":
+    if impl in FLOORS:
         image, text = x["image"].detach(), x["text"].detach()
         grad_logits = torch.empty(image.shape[0], text.shape[0], device=image.device, dtype=image.dtype)
+        if impl == "gemm floor":
+            def step():
+                grad_logits.copy_(image @ text.T)  # forward logits; the copy stands in for "use them"
+                return grad_logits @ text, grad_logits.T @ image  # the two backward GEMMs
+            return step, None
+        grad_logits.normal_()  # G: finite values, so no GEMM takes a slow path on NaN or zeros
+        logits = torch.empty_like(grad_logits)
+        dq, dx = torch.empty_like(image), torch.empty_like(text)
 
-        def step():
-            grad_logits.copy_(image @ text.T)  # forward logits; the copy stands in for "use them"
-            return grad_logits @ text, grad_logits.T @ image  # the two backward GEMMs
-        return step, None
+        def pure():
+            torch.mm(image, text.T, out=logits)
+            torch.mm(grad_logits, text, out=dq)
+            torch.mm(grad_logits.T, image, out=dx)
+            return dq, dx
+        return pure, None
     reason = skip_reason(impl, x["image"].device)
     if reason:
         return None, reason
@@ -205,6 +238,8 @@ def run_case(case: dict) -> dict:
         torch.set_num_threads(1)  # shared machines: a stalled second thread dominates the timings
     fields = {k: case[k] for k in ("B", "K", "D", "dtype")}
     row = {"name": "degla_loss", "impl": case["impl"], **fields, **_gemm_fields(case["impl"], case)}
+    if case["impl"] in FLOORS:
+        row["includes"] = FLOORS[case["impl"]]
     if device.type == "cpu":
         # Load the libraries' code and lazy state at a tiny size, so peak RSS counts only the case.
         warm, _ = loss_step(case["impl"], make_inputs(8, case["K"], case["D"], torch.float32, device), case["K"])
@@ -217,7 +252,7 @@ def run_case(case: dict) -> dict:
             return {**row, "skipped": reason}
         row["peak_mem_bytes"] = peak_memory_bytes(step, device=device)
         row.update(timed(step, device, case.get("budget_s", CASE_BUDGET_S)))
-        if case["B"] == ERROR_AT_B and case["impl"] != "gemm floor":
+        if case["B"] == ERROR_AT_B and case["impl"] not in FLOORS:
             row.update(grad_errors(step(), x, case["K"]))
     except torch.cuda.OutOfMemoryError:
         return {**row, "skipped": "out of memory"}
@@ -240,27 +275,46 @@ def _wanted(impl: str, batch: int, dtype: str, gpu: bool, quick: bool) -> bool:
     return dtype == "bfloat16" or batch in FP32_SIZES
 
 
+def measure_order(case: dict, first_dtype: str) -> tuple:
+    """Where ``case`` comes in a run: the rows the targets need first (:data:`TARGET_IMPLS` at
+    :data:`TARGET_SIZES`, then :data:`LARGE_IMPLS` at :data:`LARGE_B`), then the other rows by
+    dtype and size, then CUDA-graph replays, torch.compile and the library peers: a run stopped
+    at its limit has measured what the targets need."""
+    impl, batch, main = case["impl"], case["B"], case["dtype"] == first_dtype
+    if main and batch in TARGET_SIZES and impl in TARGET_IMPLS:
+        return 0, TARGET_SIZES.index(batch), TARGET_IMPLS.index(impl)
+    if main and batch == LARGE_B and impl in LARGE_IMPLS:
+        return 1, 0, LARGE_IMPLS.index(impl)
+    tier = (5 if impl.startswith(("inf-cl", "liger")) else 4 if impl.startswith("torch.compile")
+            else 3 if "CUDA graph" in impl else 2)
+    return tier, not main, batch, IMPLS.index(impl)
+
+
 def cases(quick: bool) -> list[dict]:
-    """The configurations a run measures: GPU sizes in bf16 (fp32 at 4096), or CPU sizes in fp32."""
+    """The configurations a run measures, in :func:`measure_order`: GPU sizes in bf16 (fp32 at
+    4096), or CPU sizes in fp32."""
     gpu = torch.cuda.is_available() and not quick
     sizes = GPU_SIZES if gpu else (QUICK_SIZES if quick else CPU_SIZES)
     base = {"K": 4, "D": 64 if quick else 512, "device": "cuda" if gpu else "cpu",
             "budget_s": 0.3 if quick else CASE_BUDGET_S}
     dtypes = GPU_DTYPES if gpu else ("float32",)
-    return [{**base, "dtype": dtype, "impl": impl, "B": b} for dtype in dtypes for b in sizes for impl in IMPLS
-            if _wanted(impl, b, dtype, gpu, quick)]
+    found = [{**base, "dtype": dtype, "impl": impl, "B": b} for dtype in dtypes for b in sizes for impl in IMPLS
+             if _wanted(impl, b, dtype, gpu, quick)]
+    return sorted(found, key=lambda case: measure_order(case, dtypes[0]))
 
 
 def finish_rows(rows: list[dict]) -> list[dict]:
-    """Ratios within each (B, dtype): speedups against the reference and its compiled form, and
-    ``x_floor`` = p50 / the three-GEMM floor's p50."""
+    """Ratios within each (B, dtype), for every row measured so far (a run stopped at its limit
+    keeps them): speedups against the reference and its compiled form, ``x_floor`` = p50 / the
+    pure GEMM floor's p50, ``x_gemm_floor`` = p50 / the gemm floor's."""
     add_ratios(rows, "reference", group_by=("B", "dtype"))
     add_ratios(rows, "torch.compile(reference)", group_by=("B", "dtype"))
-    add_ratios(rows, "gemm floor", group_by=("B", "dtype"))
-    for r in rows:
-        ratio = r.pop("speedup_vs_gemm floor", None)
-        if ratio:
-            r["x_floor"] = 1.0 / ratio
+    for floor, field in ((PURE_FLOOR, "x_floor"), ("gemm floor", "x_gemm_floor")):
+        add_ratios(rows, floor, group_by=("B", "dtype"))
+        for r in rows:
+            ratio = r.pop(f"speedup_vs_{floor}", None)
+            if ratio:
+                r[field] = 1.0 / ratio
     return rows
 
 
@@ -284,7 +338,7 @@ def run(quick: bool) -> list[dict]:
 
 
 COLUMNS = ["B", "K", "D", "dtype", "impl", "chunks", "stored", "p20_ms", "p50_ms", "p80_ms", "peak_mem_bytes",
-           "x_floor", "speedup_vs_reference", "speedup_vs_torch.compile(reference)", "achieved_tflops",
+           "x_floor", "x_gemm_floor", "speedup_vs_reference", "speedup_vs_torch.compile(reference)", "achieved_tflops",
            "pct_of_peak_flops", "grad_err_image", "grad_err_text", "grad_err_scale", "skipped"]
 
 
@@ -296,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="TRACE.json", default=None,
                         help="write a torch.profiler trace of one configuration instead of benchmarking")
     parser.add_argument("--batch", type=int, default=None, help="B of the --profile configuration")
-    parser.add_argument("--backend", default="gemm", choices=sorted(LOSS_IMPLS) + ["gemm floor"],
+    parser.add_argument("--backend", default="gemm", choices=sorted(LOSS_IMPLS) + sorted(FLOORS),
                         help="implementation of the --profile configuration")
     args = parser.parse_args(argv)
     if args.case:

@@ -348,6 +348,12 @@ def run(quick: bool, batch: int | None = None, *, budget_s: float | None = None,
             rows.append(row)
             if on_row:
                 on_row(row)
+    return finish_rows(rows)
+
+
+def finish_rows(rows: list[dict]) -> list[dict]:
+    """The table's order (by B, then :data:`VARIANTS`) and the speedups against the released
+    step within each B, for the rows measured so far (gpu-check keeps them if it is stopped)."""
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (r["B"], order.get(r["impl"], len(order))))  # stable: the table's order
     return add_ratios(rows, "DeGLA as released", group_by=("B",))

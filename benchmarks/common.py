@@ -136,9 +136,11 @@ def add_ratios(rows: list[dict], baseline_impl: str, key: str = "p50_ms", group_
     return rows
 
 
-def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR, device=None) -> Path:
-    """Write ``{"env": ..., "rows": ...}`` to ``out_dir/<name>.json`` atomically; returns the path."""
-    payload = {"benchmark": name, "env": env_info(device), "rows": rows}
+def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR, device=None, *,
+                  partial: bool = False) -> Path:
+    """Write ``{"env": ..., "rows": ...}`` to ``out_dir/<name>.json`` atomically; returns the path.
+    ``partial``: the rows so far of a run still going (``"partial": true`` in the file)."""
+    payload = {"benchmark": name, "env": env_info(device), "rows": rows, **({"partial": True} if partial else {})}
     return write_json_atomic(Path(out_dir) / f"{name}.json", payload)
 
 

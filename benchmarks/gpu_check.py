@@ -3,30 +3,37 @@
 
 On a machine that has only torch and triton (torch 2.11 + triton 3.6 images), no network:
 
-1. install: the wheels of :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made
-   here by ``make gpu-wheels``; the folder travels with the working tree; pytest's stack and
-   open_clip_torch with ftfy, wcwidth, tqdm and regex), ``--no-deps``, in dependency order,
-   then the project itself, editable, ``--no-index --no-deps`` and built in pip's isolated
-   environment with the carried setuptools and wheel (:func:`project_install_command`: none of
-   its CPU pins, nothing downloaded, no hook of the image's packages);
+1. install: ``gpu_check.py --install-only`` in its own process (:func:`install_only`; it needs
+   only the standard library and pip, so it also runs alone, before anything else): the wheels of
+   :data:`WHEELS` whose module is missing, from ``.gpu-wheels/`` (made here by ``make
+   gpu-wheels``; the folder travels with the working tree; pytest's stack and open_clip_torch
+   with ftfy, wcwidth, tqdm and regex), ``--no-index --no-deps``, in dependency order; then the
+   project, built by nothing: a .pth file and an import finder in site-packages
+   (:func:`install_project`, which says why not pip);
 2. ``make test-gpu``: the float64-expectation kernel tests with the compiled kernels on CUDA
    (``tests/test_kernels_gpu.py`` at GPU sizes plus the float64 tests of the kernel suites);
 3. ``bench_loss`` (B in 32..65536, K=4, D=512, bf16, fp32 at 4096: every backend, the gemm backend
-   at three chunk budgets, the floor, CUDA-graph replays), ``bench_atomics`` (fp32 vector atomics,
-   distinct and 32-way), ``bench_ema``,
+   at three chunk budgets, triton storing and recomputing its logits, the two GEMM floors,
+   CUDA-graph replays; the rows the targets need first, torch.compile and the peers last),
+   ``bench_atomics`` (fp32 vector atomics, distinct and 32-way), ``bench_ema``,
    ``bench_adamw_ema`` and ``bench_step`` (``train_step`` at ViT-B-32: plain CLIP, the release
    structure and ours at B=256 K=4, ours at B=1024 for peak memory, the compiled ones, the
    other two at B=1024, as many as its budget allows), each in its own process with a time limit; a
    case that fails (an out-of-resources launch, out of memory) becomes a row with its reason, a
    case the budget leaves out a row that says so, and a benchmark stopped at its limit keeps the
-   rows it measured;
+   rows it measured and their ratios;
 4. the report: ``benchmarks/RESULTS.md`` (plots where matplotlib exists) from
    ``benchmarks/results/gpu-check/*.json``, which hold the device name, versions and date;
    ``gpu_check.json`` there records every step (status, seconds, test counts); and the loss's
    ``auto`` table from bench_loss's rows (``degla_fast/auto_backends.json``, and a copy beside
-   the JSON; the dry run writes only the copy).
+   the JSON; the dry run writes only the copy);
+5. printed last, a one-screen summary (also ``summary.md``, and ``targets`` in ``gpu_check.json``):
+   each step, then each target of issue 26 with its figure, met or not (:func:`evaluate_targets`).
 
-Every step has a time limit (:data:`STEP_LIMIT_S`) inside an 8-minute whole (:data:`TOTAL_S`),
+With ``--copy-to DIR`` (``make gpu-check`` passes ``$OUT`` where it is set, as on the GPU
+machine) everything written so far is copied into DIR after every step (:func:`copy_out`).
+Every step has a time limit (:data:`STEP_LIMIT_S`) inside a whole (:data:`TOTAL_S`) that, install
+included, ends within 7 minutes,
 and keeps the minimum of every later step (:data:`STEP_MIN_S`) free. A fresh
 ``TRITON_CACHE_DIR`` per run, so no kernel is taken from an earlier compile.
 
@@ -36,7 +43,8 @@ Triton's interpreter, in this venv (install checked, not run), written under ``-
 it in ``make test``.
 
     python3 benchmarks/gpu_check.py                      # on the GPU machine (make gpu-check)
-    python3 benchmarks/gpu_check.py --copy-to "$OUT"     # also copy the report, JSON, log (and a tar.gz) there
+    python3 benchmarks/gpu_check.py --copy-to "$OUT"     # also copy everything it writes there (8 files)
+    python3 benchmarks/gpu_check.py --install-only       # only the carried wheels and the project, no index
     .venv/bin/python benchmarks/gpu_check.py --dry-run   # CPU, tiny sizes (make gpu-check DRY_RUN=1)
     .venv/bin/python benchmarks/gpu_check.py --download-wheels .gpu-wheels   # make gpu-wheels
 
@@ -73,16 +81,16 @@ DRY_OUT = ROOT / "runs" / "gpu-check-dry"
 #: this project's CI venv) and ``install`` puts in where the distribution's module is missing, in
 #: this order (each one's needs before it): pytest and its needs, pytest-benchmark (``make bench``),
 #: pytest-timeout (the suites' ``timeout`` marks, and a per-test limit here), pytest-xdist
-#: (test-gpu compiles its kernels in parallel processes), setuptools + wheel (the editable install
-#: without build isolation), and open_clip_torch with what its import needs beyond torch,
-#: torchvision and numpy (bench_step builds its models): wcwidth, ftfy, tqdm, regex. open_clip's
+#: (test-gpu compiles its kernels in parallel processes), and open_clip_torch with what its import
+#: needs beyond torch, torchvision and numpy (bench_step builds its models): wcwidth, ftfy, tqdm,
+#: regex. No setuptools or wheel: nothing is built (:func:`install_project`). open_clip's
 #: other needs (huggingface_hub, safetensors, timm) are imported only to load pretrained weights or
 #: timm towers, which bench_step never does, so none is carried; torchvision and numpy (compiled,
 #: tied to the image's torch) come with the image.
 WHEELS = (
     "pluggy==1.7.0", "iniconfig==2.3.1", "packaging==26.3", "pygments==2.21.0", "pytest==9.2.0",
     "py-cpuinfo2==10.1.1", "pytest-benchmark==5.3.1", "pytest-timeout==2.4.0",
-    "execnet==2.1.2", "pytest-xdist==3.8.0", "setuptools==84.2.1", "wheel==0.48.0",
+    "execnet==2.1.2", "pytest-xdist==3.8.0",
     "wcwidth==0.9.4", "ftfy==6.3.1", "tqdm==4.70.1", "regex==2026.11.19", "open_clip_torch==3.3.0",
 )
 #: The carried wheels with compiled code, one per CPython listed (manylinux x86_64; the GPU images
@@ -92,21 +100,33 @@ BINARY_WHEELS = {"regex==2026.11.19": ("3.11", "3.12", "3.13")}
 BINARY_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 #: Wheels never carried: they come with the machine's image.
 NEVER_CARRIED = ("torch", "triton", "nvidia-")
+#: Modules the GPU image is taken to lack (it has torch, triton, numpy, torchvision, pillow, pyyaml;
+#: some images have more, none is relied on): a stage imports only what it needs, and a carried
+#: one (:data:`WHEEL_MODULES`) comes from .gpu-wheels. tests/test_gpu_check.py runs the dry run
+#: with the others blocked.
+IMAGE_LACKS = ("deepspeed", "nvidia.dali", "webdataset", "safetensors", "timm", "huggingface_hub", "open_clip")
 
 #: The benchmarks, in the order they run: bench_step last, since it fits its cases to what is left.
 BENCHES = ("bench_loss", "bench_atomics", "bench_ema", "bench_adamw_ema", "bench_step")
 STEPS = ("install", "test-gpu", *BENCHES, "report")
-TOTAL_S = 480
+#: The whole run, install included, in at most 7 minutes (a rerun then fits in a 15-minute device
+#: lease): every step, stopped or not, ends within these 400 s (:meth:`Run.limit`); what is left
+#: of the 7 minutes is the summary's and the processes' start.
+TOTAL_S = 400
+#: A step at its limit: SIGINT (pytest still writes its JUnit file), then SIGTERM, then SIGKILL,
+#: each followed by this many seconds' wait for the step's process group to end.
+STOP_GRACE_S = {signal.SIGINT: 8, signal.SIGTERM: 4, signal.SIGKILL: 3}
 #: Time limit of each step (seconds). A step never runs past the whole's deadline, and never into
 #: the time kept for the steps after it (:data:`STEP_MIN_S`): an early step that runs long
 #: shortens the later ones only down to their minimum. The loss benchmark decides the loss
-#: backends (and writes the auto table): it gets the largest share.
-STEP_LIMIT_S = {"install": 40, "test-gpu": 120, "bench_loss": 200, "bench_atomics": 30, "bench_ema": 30,
-                "bench_adamw_ema": 20, "bench_step": 120, "report": 20}
+#: backends (and writes the auto table): it gets the largest share, and measures the rows the
+#: targets need first.
+STEP_LIMIT_S = {"install": 40, "test-gpu": 90, "bench_loss": 150, "bench_atomics": 20, "bench_ema": 20,
+                "bench_adamw_ema": 15, "bench_step": 100, "report": 20}
 #: The seconds kept for a step whatever the steps before it took (bench_step: its eager B=256
 #: cases at least, see bench_step.CASE_NEED_S).
-STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 100, "bench_atomics": 20, "bench_ema": 15,
-              "bench_adamw_ema": 10, "bench_step": 90, "report": 20}
+STEP_MIN_S = {"install": 0, "test-gpu": 0, "bench_loss": 90, "bench_atomics": 10, "bench_ema": 10,
+              "bench_adamw_ema": 10, "bench_step": 90, "report": 15}
 #: bench_step's own share of its limit for the worker's start and the JSON: its cases get the rest.
 BENCH_STEP_MARGIN_S = 15
 #: The dry run on 2 CPU cores (the interpreter is slow, the sizes tiny).
@@ -120,14 +140,6 @@ DRY_TOTAL_S = 300
 #: The dry run's bench_step is ``bench_step --quick``: the tiny model at B=8, every eager variant
 #: (5 to 15 s each on 2 cores, mostly the fresh process's imports), compiled rows noted as
 #: GPU-only; the budget and the other stages are tested with a stand-in for the cases.
-#: Loss implementations in the order they are measured (each over both dtypes and every B): what
-#: a GPU run must show comes first, so a benchmark stopped at its limit has measured those;
-#: torch.compile, whose compiles dominate, last.
-LOSS_ORDER = ("gemm", "triton", "gemm floor", "torch", "reference", "gemm 1 GiB", "gemm 64 MiB", "gemm (CUDA graph)",
-              "triton (CUDA graph)", "inf-cl (global term)", "liger fused linear CE (global term)",
-              "torch.compile(reference)")
-
-
 # --- open_clip-free parameter shapes -----------------------------------------------------------
 
 #: open_clip's configs of the two CLIP models the EMA benchmarks use (``open_clip.get_model_config``).
@@ -194,7 +206,7 @@ def test_gpu_command(python: str, *, dry_run: bool, args: str = "", kernel_tests
 WHEEL_MODULES = {"pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
                  "pygments": "pygments", "pytest-benchmark": "pytest_benchmark", "py-cpuinfo2": "cpuinfo",
                  "pytest-timeout": "pytest_timeout", "pytest-xdist": "xdist", "execnet": "execnet",
-                 "setuptools": "setuptools", "wheel": "wheel", "wcwidth": "wcwidth", "ftfy": "ftfy",
+                 "wcwidth": "wcwidth", "ftfy": "ftfy",
                  "tqdm": "tqdm", "regex": "regex", "open_clip_torch": "open_clip"}
 
 
@@ -204,13 +216,125 @@ def pip_install_command(python: str, wheels: Path) -> list[str]:
             "--disable-pip-version-check", "--find-links", str(wheels)]
 
 
-def project_install_command(python: str, wheels: Path, root: Path = ROOT) -> list[str]:
-    """The project, editable, built in pip's isolated environment from the carried setuptools,
-    wheel and packaging. Not ``--no-build-isolation``: then setuptools runs the image's own ``egg_info.writers``
-    hooks, and Hugging Face's ``kernels`` package (which transformers 5 requires) registers one
-    that imports ``kernels._internals``, which the build, run from this checkout, resolves to our
-    ``kernels/`` folder (ModuleNotFoundError). ``tests/test_gpu_check.py`` builds such an image."""
-    return pip_install_command(python, wheels) + ["-e", str(root)]
+# The project is not pip-installed on the GPU machine: :func:`install_project` writes a .pth file
+# and a small import finder into the interpreter's site-packages. Why not pip: the checkout has
+# no pyproject.toml, so pip older than 25.3 (23.2.1, 24.0, 25.2 tried) makes an editable install
+# with ``setup.py develop`` whenever setuptools and wheel are importable, and setuptools >= 80's
+# ``develop`` runs a nested ``pip install -e . --use-pep517`` that drops ``--no-index`` and
+# ``--find-links`` and asks the index (no network there: the install fails, and every stage after
+# it). A non-editable ``pip wheel``/``pip install .`` builds too, either in an isolated
+# environment (which must be fed setuptools and wheel from the carried folder, in a way each pip
+# version spells differently) or without isolation, where setuptools runs the image's own
+# ``egg_info.writers`` hooks (Hugging Face's ``kernels`` registers one that this checkout's
+# ``kernels/`` folder shadows: ModuleNotFoundError). Writing two files needs no build, no
+# setuptools and no pip at all, so it behaves the same under every pip; the finder reproduces
+# setup.py's ``package_dir`` (``kernels/`` -> ``degla_fast.kernels``), read from setup.py itself,
+# and does not put the checkout's root on sys.path (its ``kernels/`` would shadow that package).
+#: The module and the .pth file (``import`` line) that :func:`install_project` writes.
+CHECKOUT_FINDER = "_degla_fast_checkout"
+CHECKOUT_PTH = "degla_fast_checkout.pth"
+_FINDER_SOURCE = '''"""Written by benchmarks/gpu_check.py --install-only: the degla-fast checkout at
+{root} imported as setup.py installs it (package -> folder: {packages}), with
+no build. Remove this file and {pth} to undo it."""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+ROOT = {root!r}
+PACKAGES = {packages!r}
+
+
+class CheckoutFinder:
+    """Finds the mapped packages in the checkout; their submodules are then found in the
+    package's folder by Python's own path finder."""
+
+    def find_spec(self, name, path=None, target=None):
+        folder = PACKAGES.get(name)
+        if folder is None:
+            return None
+        folder = os.path.join(ROOT, folder)
+        init = os.path.join(folder, "__init__.py")
+        if os.path.isfile(init):
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)  # a data folder (no __init__.py)
+        spec.submodule_search_locations = [folder]
+        return spec
+
+
+if not any(type(f).__name__ == "CheckoutFinder" for f in sys.meta_path):
+    sys.meta_path.insert(0, CheckoutFinder())
+'''
+
+
+def project_packages(root: Path = ROOT) -> dict[str, str]:
+    """Package -> folder (relative to ``root``) as ``setup.py`` installs them: ``degla_fast`` and
+    setup()'s ``package_dir`` (read from setup.py's source, which stays their one owner)."""
+    import ast
+
+    tree = ast.parse((root / "setup.py").read_text(encoding="utf-8"))
+    package_dir = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            package_dir = next((ast.literal_eval(kw.value) for kw in node.keywords if kw.arg == "package_dir"), {})
+    return {"degla_fast": "degla_fast", **package_dir}
+
+
+def install_project(root: Path = ROOT, site: Path | None = None) -> Path:
+    """Make the checkout at ``root`` importable by this interpreter (see the comment above):
+    the finder module and the .pth file that imports it, into ``site`` (this interpreter's
+    site-packages). Returns the .pth file's path."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"]) if site is None else site
+    site.mkdir(parents=True, exist_ok=True)
+    source = _FINDER_SOURCE.format(root=str(root.resolve()), packages=project_packages(root), pth=CHECKOUT_PTH)
+    for name, text in ((f"{CHECKOUT_FINDER}.py", source), (CHECKOUT_PTH, f"import {CHECKOUT_FINDER}\n")):
+        tmp = site / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, site / name)
+    return site / CHECKOUT_PTH
+
+
+#: Run in a fresh process after the install: where ``degla_fast.kernels`` comes from.
+_CHECK_PROJECT = ("import importlib.util, degla_fast.kernels; "
+                  "print(importlib.util.find_spec('degla_fast.kernels.configs').origin)")
+
+
+def install_only(wheels: Path | None = None, python: str = sys.executable, root: Path = ROOT) -> int:
+    """``gpu_check.py --install-only``: the carried wheels whose module this interpreter lacks,
+    from ``wheels`` (:data:`WHEELS_DIR`) with no index, then the project (:func:`install_project`),
+    then ``import degla_fast.kernels`` in a fresh process from outside the checkout. The standard
+    library and pip only (no torch). Prints one line per action; 0 when the project imports."""
+    wheels = WHEELS_DIR if wheels is None else wheels
+    missing = [w for w in WHEELS if not _installed(w)]
+    if missing:
+        found = {w: carried_wheel(w, wheels) for w in missing}
+        absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
+                  for w, path in found.items() if path is None]
+        if absent:
+            print(f"install: missing here and not in {wheels}/: {', '.join(absent)} (run `make gpu-wheels` on a "
+                  f"machine with pip access and carry the folder)", flush=True)
+            return 1
+        # The wheel files themselves, in WHEELS' order (each one's needs first), none of their deps:
+        # installing a wheel builds nothing, so no pip version asks an index for it.
+        cmd = pip_install_command(python, wheels) + [str(found[w]) for w in missing]
+        print("install: + " + shlex.join(cmd), flush=True)
+        done = subprocess.run(cmd)
+        if done.returncode:
+            print(f"install: pip install of {' '.join(missing)} exited {done.returncode}", flush=True)
+            return 1
+    print(f"install: carried wheels installed: {' '.join(missing) or 'none (all present)'}", flush=True)
+    pth = install_project(root)
+    print(f"install: project {root} importable through {pth}", flush=True)
+    done = subprocess.run([python, "-c", _CHECK_PROJECT], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    origin = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode or Path(origin).resolve() != (root / "kernels" / "configs.py").resolve():
+        why = (done.stderr.strip().splitlines() or [f"degla_fast.kernels comes from {origin!r}"])[-1]
+        print(f"install: degla_fast.kernels does not import from {root}: {why}", flush=True)
+        return 1
+    print(f"install: degla_fast.kernels imports from {Path(origin).parent}", flush=True)
+    return 0
 
 
 def _installed(requirement: str) -> bool:
@@ -285,8 +409,8 @@ def download_wheels(dest: Path) -> int:
 class Run:
     """One gpu-check run: where it writes, its deadline, its log and the step records."""
 
-    def __init__(self, out: Path, dry_run: bool, total_s: float, install: bool = False):
-        self.out, self.dry_run, self.install = out, dry_run, install
+    def __init__(self, out: Path, dry_run: bool, total_s: float, install: bool = False, copy_to: Path | None = None):
+        self.out, self.dry_run, self.install, self.copy_to = out, dry_run, install, copy_to
         self.probe: dict = {}
         self.results = out / "results" / "gpu-check"
         self.results.mkdir(parents=True, exist_ok=True)
@@ -310,10 +434,12 @@ class Run:
 
     def limit(self, step: str) -> float:
         """``step``'s time limit now: its own, cut to what is left of the whole after the time
-        kept for the steps after it (their :data:`STEP_MIN_S`)."""
+        kept for the steps after it (their :data:`STEP_MIN_S`) and the time stopping it may take
+        (:data:`STOP_GRACE_S`), so even a stopped step ends before the later steps' share."""
         later = STEPS[STEPS.index(step) + 1:]
         reserve = sum(self.minimums[s] for s in later)
-        return max(0.0, min(self.limits[step], self.deadline - time.monotonic() - reserve))
+        left = self.deadline - time.monotonic() - reserve - sum(STOP_GRACE_S.values())
+        return max(0.0, min(self.limits[step], left))
 
     def call(self, step: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[int | None, float]:
         """Run ``cmd`` (its own process group), its output to the console and the log; returns
@@ -323,10 +449,14 @@ class Run:
         proc = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
 
+        self.last_output = []
+
         def pump():
             for line in proc.stdout:
                 sys.stdout.write(line)
                 self.log.write(line)
+                self.last_output.append(line.rstrip("\n"))
+                del self.last_output[:-200]
             sys.stdout.flush()
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -336,7 +466,7 @@ class Run:
         except subprocess.TimeoutExpired:
             rc = None
             # SIGINT first: pytest then still writes its JUnit file and summary.
-            for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            for sig, grace in STOP_GRACE_S.items():
                 try:
                     os.killpg(proc.pid, sig)  # the group this call started, nothing else
                 except ProcessLookupError:
@@ -350,11 +480,25 @@ class Run:
         self.log.flush()
         return rc, time.monotonic() - t0
 
+    def log_tail(self) -> list[str]:
+        """The last lines (up to 200) the last :meth:`call` printed."""
+        return list(getattr(self, "last_output", []))
+
     def record(self, step: str, status: str, seconds: float, **detail) -> dict:
         row = {"name": "gpu_check", "impl": step, "status": status, "seconds": round(seconds, 1), **detail}
         self.steps.append(row)
         self.say(f"--- {step}: {status} in {seconds:.1f} s" + (f" ({detail})" if detail else ""))
+        self.copy()
         return row
+
+    def copy(self) -> None:
+        """Everything written so far into ``copy_to`` (``$OUT`` on the GPU machine), if set: a
+        run stopped from outside has sent what it had."""
+        if self.copy_to is not None:
+            try:
+                copy_out(self, self.copy_to)
+            except OSError as err:  # a full or missing folder must not end the run
+                print(f"gpu-check: cannot copy to {self.copy_to}: {err}", file=sys.stderr)
 
     def worker(self, task: str, *extra: str) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--results", str(self.results),
@@ -382,7 +526,8 @@ def _probe(run: Run, open_clip: bool = False) -> dict:
 
 
 def step_install(run: Run) -> bool:
-    """Carried wheels for what is missing, then the project (editable, no deps, no index)."""
+    """Torch, triton and a GPU checked; then ``gpu_check.py --install-only`` (:func:`install_only`:
+    the carried wheels for what is missing, then the project) in its own process."""
     t0 = time.monotonic()
     probe = _probe(run)
     if not probe:
@@ -400,26 +545,14 @@ def step_install(run: Run) -> bool:
                    detail=f"dry run: this venv ({'project importable' if project else 'PROJECT NOT IMPORTABLE'}); "
                           f"a GPU run would install {len(missing)} carried wheels: {' '.join(missing) or 'none'}")
         return project
-    pip = pip_install_command(sys.executable, WHEELS_DIR)
-    if missing:
-        wheels = {w: carried_wheel(w) for w in missing}
-        absent = [w + (f" ({wheel_tag()} manylinux x86_64)" if w in BINARY_WHEELS else "")
-                  for w, path in wheels.items() if path is None]
-        if absent:
-            run.record("install", "failed", time.monotonic() - t0,
-                       detail=f"missing here and not in {WHEELS_DIR.name}/: {', '.join(absent)} (run `make gpu-wheels` "
-                              f"on a machine with pip access and carry the folder)")
-            return False
-        # The wheel files themselves, in WHEELS' order (each one's needs first), none of their deps.
-        rc, _ = run.call("install wheels", pip + [str(wheels[w]) for w in missing], run.limit("install"))
-        if rc != 0:
-            run.record("install", "failed", time.monotonic() - t0, detail=f"pip install of {missing} exited {rc}")
-            return False
-    if not project:
-        rc, _ = run.call("install project", project_install_command(sys.executable, WHEELS_DIR), run.limit("install"))
-        if rc != 0 or not _probe(run).get("project"):
-            run.record("install", "failed", time.monotonic() - t0, detail=f"editable install exited {rc}")
-            return False
+    rc, _ = run.call("install", [sys.executable, str(Path(__file__).resolve()), "--install-only",
+                                 "--wheels", str(WHEELS_DIR)], run.limit("install"))
+    if rc != 0:  # install_only's last line says why (not its "+ command" lines)
+        lines = [ln[len("install: "):] for ln in run.log_tail() if ln.startswith("install: ")
+                 and not ln.startswith("install: + ")]
+        why = "timed out" if rc is None else (lines[-1] if lines else f"exited {rc}")
+        run.record("install", "failed", time.monotonic() - t0, detail=why)
+        return False
     # Imported for real (torchvision and numpy come from the image; a wheel may not fit it).
     run.probe = probe = {**probe, "open_clip": _probe(run, open_clip=True).get("open_clip")}
     # open_clip is bench_step's alone: without it the kernels are still tested and benchmarked.
@@ -484,10 +617,12 @@ def step_bench(run: Run, name: str) -> None:
     extra = []
     if name == "bench_step":  # its cases fit themselves into the limit (less the worker's margin)
         extra = ["--deadline", f"{time.time() + limit - BENCH_STEP_MARGIN_S:.1f}"]
-    rc, seconds = run.call(name, run.worker(name, *extra), limit)
     json_path = run.results / f"{name}{'_quick' if run.dry_run else ''}.json"
-    if rc in (0, NO_OPEN_CLIP) and json_path.exists():
-        rows = json.loads(json_path.read_text())["rows"]
+    json_path.unlink(missing_ok=True)  # an earlier run's is no result of this one
+    rc, seconds = run.call(name, run.worker(name, *extra), limit)
+    data = json.loads(json_path.read_text()) if json_path.exists() else None
+    if rc in (0, NO_OPEN_CLIP) and data and not data.get("partial"):
+        rows = data["rows"]
         if rc == NO_OPEN_CLIP:
             run.record(name, "skipped", seconds, detail=rows[0].get("skipped"))
             return
@@ -500,14 +635,17 @@ def step_bench(run: Run, name: str) -> None:
         run.record(name, "failed" if failed else "passed", seconds, rows=len(rows), skipped_rows=len(skipped),
                    **detail)
         return
-    # Stopped or failed: keep what it measured (the worker's partial rows) with the reason.
+    # Stopped or failed: keep what it measured, with the ratios (bench_loss and bench_step rewrite
+    # their JSON after every row), and say why the rest is missing.
     reason = f"timed out after {seconds:.0f} s" if rc is None else f"exited {rc}"
-    partial = run.results / f"{name}.partial.jsonl"
-    rows = [json.loads(ln) for ln in partial.read_text().splitlines() if ln.strip()] if partial.exists() else []
     env_path = run.results / f"{name}.env.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    if data is None:
+        data = {"benchmark": json_path.stem, "env": json.loads(env_path.read_text()) if env_path.exists() else {},
+                "rows": []}
+    data.pop("partial", None)
+    rows = data["rows"]
     rows.append({"name": name, "impl": "(rest of the benchmark)", "skipped": f"not run: {reason}"})
-    _write_json(json_path, {"benchmark": json_path.stem, "env": env, "rows": rows})
+    _write_json(json_path, data)
     run.record(name, "timed out" if rc is None else "failed", seconds, rows=len(rows) - 1)
 
 
@@ -523,42 +661,155 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(run: Run, env: dict) -> Path:
+def write_summary(run: Run, env: dict, targets: list[dict] | None = None) -> Path:
     payload = {"benchmark": "gpu_check" + ("_dry_run" if run.dry_run else ""), "env": env, "rows": run.steps,
                "dry_run": run.dry_run, "total_seconds": round(time.monotonic() - run.start, 1),
-               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               **({"targets": targets} if targets is not None else {})}
     path = run.results / "gpu_check.json"
     _write_json(path, payload)
     return path
 
 
-#: What ``--copy-to`` copies as plain files (the rest, and these too, go into one tar.gz).
-COPIED = ("RESULTS.md", "gpu_check.json", "gpu_check.log", "bench_step.json", "bench_loss.json", "auto_backends.json")
+# --- the targets (issue 26): the one-screen summary printed last --------------------------------
+
+#: The shapes the targets are judged at (K, D, dtype, and the three batch sizes); the dry run's
+#: are its own tiny CPU ones, so the summary's code runs there too (its verdicts mean nothing).
+TARGET_SHAPES = {
+    "gpu": {"K": 4, "D": 512, "dtype": "bfloat16", "B": 4096, "B_small": 256, "B_large": 65536},
+    "dry": {"K": 4, "D": 64, "dtype": "float32", "B": 64, "B_small": 256, "B_large": 256},
+}
+#: The loss backends the targets compare (bench_loss's impl names): the fused ones, and torch.
+FUSED_IMPLS = ("gemm", "triton", "triton, recomputed")
+BACKEND_IMPLS = (*FUSED_IMPLS, "torch")
+RELEASE_IMPL = "reference"  # the release's structure
+PURE_FLOOR_IMPL, GEMM_FLOOR_IMPL = "pure gemm floor", "gemm floor"
+MAX_X_FLOOR = 1.25  # the fastest backend's p50 against the pure floor's, at B
+MAX_EXTRA_BYTES = 300e6  # its peak extra memory at B
+MAX_LARGE_BYTES = 40e9  # at B_large, the peak of a fused backend that runs
+
+
+def _ms(row: dict | None) -> str:
+    return f"{row['p50_ms']:.3g} ms" if row and row.get("p50_ms") else "not measured"
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:,.0f} MB" if n is not None else "?"
+
+
+def evaluate_targets(rows: list[dict], shape: dict) -> list[dict]:
+    """Each target of issue 26 from bench_loss's rows: ``{"target", "figure", "met"}`` (``met``
+    None where the rows needed are missing, or the line only reports a figure)."""
+    def row(impl, batch):
+        return next((r for r in rows if r.get("impl") == impl and r.get("B") == batch and r.get("K") == shape["K"]
+                     and r.get("D") == shape["D"] and r.get("dtype") == shape["dtype"]), None)
+
+    def measured(impls, batch):
+        return [r for r in (row(i, batch) for i in impls) if r and not r.get("skipped") and r.get("p50_ms")]
+
+    big, small, large = shape["B"], shape["B_small"], shape["B_large"]
+    out = []
+    pure, floor = row(PURE_FLOOR_IMPL, big), row(GEMM_FLOOR_IMPL, big)
+    ran = measured(BACKEND_IMPLS, big)
+    fastest = min(ran, key=lambda r: r["p50_ms"]) if ran else None
+    name = f"B={big}: fastest backend <= {MAX_X_FLOOR}x the pure GEMM floor"
+    if fastest and fastest.get("x_floor"):
+        out.append({"target": name, "met": fastest["x_floor"] <= MAX_X_FLOOR,
+                    "figure": f"{fastest['impl']} {_ms(fastest)} = {fastest['x_floor']:.2f}x pure floor "
+                              f"({_ms(pure)}); gemm floor {_ms(floor)}"
+                              + (f" ({fastest['x_gemm_floor']:.2f}x)" if fastest.get("x_gemm_floor") else "")})
+    else:
+        out.append({"target": name, "met": None, "figure": f"fastest {_ms(fastest)}, pure floor {_ms(pure)}"})
+    name = f"B={big}: its peak extra memory <= {_mb(MAX_EXTRA_BYTES)}"
+    peak = fastest.get("peak_mem_bytes") if fastest else None
+    out.append({"target": name, "met": None if peak is None else peak <= MAX_EXTRA_BYTES,
+                "figure": f"{fastest['impl']} {_mb(peak)}" if fastest else "not measured"})
+    fused = measured(FUSED_IMPLS, small)
+    best = min(fused, key=lambda r: r["p50_ms"]) if fused else None
+    others = [row(RELEASE_IMPL, small), row("torch", small)]
+    name = f"B={small}: fastest fused backend faster than the release structure and torch"
+    if best and all(o and o.get("p50_ms") for o in others):
+        out.append({"target": name, "met": all(best["p50_ms"] < o["p50_ms"] for o in others),
+                    "figure": f"{best['impl']} {_ms(best)}: " + ", ".join(
+                        f"{o['p50_ms'] / best['p50_ms']:.2f}x {o['impl']} ({_ms(o)})" for o in others)})
+    else:
+        out.append({"target": name, "met": None, "figure": f"fused {_ms(best)}, " + ", ".join(
+            f"{impl} {_ms(o)}" for impl, o in zip((RELEASE_IMPL, "torch"), others))})
+    name = f"B={large}: a fused backend runs within {MAX_LARGE_BYTES / 1e9:.0f} GB"
+    tried = [r for r in (row(i, large) for i in FUSED_IMPLS) if r]
+    fits = [r for r in tried if not r.get("skipped") and r.get("peak_mem_bytes") is not None
+            and r["peak_mem_bytes"] <= MAX_LARGE_BYTES]
+    out.append({"target": name, "met": bool(fits) if tried else None,
+                "figure": "; ".join(f"{r['impl']} " + (r["skipped"][:40] if r.get("skipped") else
+                                                        f"{_mb(r.get('peak_mem_bytes'))}, {_ms(r)}")
+                                    for r in tried) or "not measured"})
+    errs = [(r["impl"], max(r.get(f"grad_err_{k}", 0.0) for k in ("image", "text", "scale")))
+            for r in measured((*BACKEND_IMPLS, RELEASE_IMPL), small) if "grad_err_image" in r]
+    out.append({"target": f"B={small}: gradient error vs float64 (max |err| / max |ref|, worst input)", "met": None,
+                "figure": ", ".join(f"{impl} {err:.2g}" for impl, err in errs) or "not measured"})
+    return out
+
+
+def summary_text(run: Run, targets: list[dict], total_s: float) -> str:
+    """The one-screen summary: each step's status, then each target, its figure, met or not."""
+    shape = TARGET_SHAPES["dry" if run.dry_run else "gpu"]
+    lines = [f"=== gpu-check summary ({'DRY RUN: CPU sizes, the verdicts mean nothing' if run.dry_run else 'GPU'}"
+             f"; {total_s:.0f} s; K={shape['K']} D={shape['D']} {shape['dtype']}) ==="]
+    for s in run.steps:
+        extra = f" ({s['passed']} passed, {s.get('failures', 0)} failed)" if "passed" in s else ""
+        lines.append(f"  {s['impl']:<16} {s['status']:<10} {s['seconds']:>6.1f} s{extra}")
+    for t in targets:
+        verdict = {True: "MET", False: "NOT MET", None: "-"}[t["met"]]
+        lines.append(f"[{verdict:^7}] {t['target']}: {t['figure']}")
+    return "\n".join(lines)
+
+
+def summarize(run: Run) -> tuple[list[dict], str]:
+    """The targets from this run's bench_loss JSON, and the summary written to ``summary.md``."""
+    path = run.results / f"bench_loss{'_quick' if run.dry_run else ''}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    targets = evaluate_targets(rows, TARGET_SHAPES["dry" if run.dry_run else "gpu"])
+    text = summary_text(run, targets, time.monotonic() - run.start)
+    (run.results / "summary.md").write_text(text + "\n", encoding="utf-8")
+    return targets, text
+
+
+#: What ``--copy-to`` copies as plain files (the rest, and these too, go into one tar.gz); the
+#: benchmarks' JSON under the dry run's names too (``_quick``).
+COPIED = ("RESULTS.md", "summary.md", "gpu_check.json", "gpu_check.log", "bench_loss.json", "bench_step.json",
+          "auto_backends.json")
 
 
 def copy_out(run: Run, dest: Path) -> None:
-    """RESULTS.md, the summary, the log, the step and loss JSON and the auto table as files, and
-    everything (``results/gpu-check/``: every JSON, the JUnit file, the log; ``plots/``; RESULTS.md)
-    in ``gpu-check.tar.gz``: 7 files at most, within the device tool's 8."""
+    """RESULTS.md, the summary, the step record, the log, the loss and step JSON and the auto
+    table as files, and everything (``results/gpu-check/``: every JSON, the JUnit file, the log;
+    ``plots/``; RESULTS.md) in ``gpu-check.tar.gz``: 8 files at most, the device tool's limit.
+    Called after every step, so a run stopped from outside has sent what it had."""
     dest.mkdir(parents=True, exist_ok=True)
+    run.log.flush()
     for name in COPIED:
         src = run.out / name if name == "RESULTS.md" else run.results / name
+        if not src.exists() and run.dry_run:
+            src = src.with_name(src.stem + "_quick" + src.suffix)
         if src.exists():
             shutil.copy2(src, dest / name)
-    with tarfile.open(dest / "gpu-check.tar.gz", "w:gz") as tar:
+    tmp = dest / "gpu-check.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
         for path, arcname in ((run.out / "RESULTS.md", "RESULTS.md"), (run.results, "results/gpu-check"),
                               (run.out / "plots", "plots")):
             if path.exists():
                 tar.add(path, arcname=arcname)
+    os.replace(tmp, dest / "gpu-check.tar.gz")
 
 
 def main_parent(args) -> int:
     out = Path(args.out) if args.out else (DRY_OUT if args.dry_run else BENCH)
     run = Run(out.resolve(), args.dry_run, args.total_s or (DRY_TOTAL_S if args.dry_run else TOTAL_S),
-              install=args.install)
+              install=args.install, copy_to=Path(args.copy_to).resolve() if args.copy_to else None)
     run.say(f"gpu-check{' (dry run: CPU, tiny sizes, Triton interpreter)' if args.dry_run else ''}: python "
-            f"{sys.executable}, writing {run.out}, limit {run.deadline - run.start:.0f} s, "
-            f"TRITON_CACHE_DIR={run.cache}")
+            f"{sys.executable}, writing {run.out}"
+            + (f" (and copying it to {run.copy_to})" if run.copy_to else "")
+            + f", limit {run.deadline - run.start:.0f} s, TRITON_CACHE_DIR={run.cache}")
     try:
         if step_install(run):
             step_test_gpu(run)
@@ -571,23 +822,20 @@ def main_parent(args) -> int:
         env = (json.loads(env_path.read_text()) if env_path.exists() else
                {"device": run.probe.get("cuda") or "unknown", "torch": run.probe.get("torch"),
                 "triton": run.probe.get("triton"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
-        write_summary(run, env)
+        targets, _ = summarize(run)
+        write_summary(run, env, targets)
         step_report(run)
-        summary = write_summary(run, env)
     finally:
         shutil.rmtree(run.cache, ignore_errors=True)
-    for partial in run.results.glob("*.partial.jsonl"):
-        partial.unlink()
     for env_file in run.results.glob("*.env.json"):
         env_file.unlink()
-    total = time.monotonic() - run.start
-    run.say("\n| step | status | seconds |\n|---|---|---|")
-    for s in run.steps:
-        run.say(f"| {s['impl']} | {s['status']} | {s['seconds']} |")
-    run.say(f"gpu-check finished in {total:.0f} s; {summary} and {run.out / 'RESULTS.md'}")
+    targets, text = summarize(run)
+    summary = write_summary(run, env, targets)
+    run.say(f"gpu-check finished in {time.monotonic() - run.start:.0f} s; {summary}, {run.out / 'RESULTS.md'}"
+            + (f"; copied to {run.copy_to}" if run.copy_to else ""))
+    run.say("\n" + text)
+    run.copy()
     run.log.close()
-    if args.copy_to:
-        copy_out(run, Path(args.copy_to))
     ok = all(s["status"] in ("passed", "skipped") for s in run.steps) and not any(
         s["impl"] == "install" and s["status"] == "failed" for s in run.steps)
     return 0 if ok else 1
@@ -595,54 +843,43 @@ def main_parent(args) -> int:
 
 # --- workers (one process each) -------------------------------------------------------------------
 
-def _bench_modules():
-    """Import the benchmarks with the parameter shapes from :func:`clip_parameter_shapes`
-    (open_clip is not on a bare GPU machine; the shapes are the same, see the tests)."""
+def _bench_module(name: str):
+    """Import the one benchmark this worker runs (a stage imports only what it needs), the EMA
+    ones with the parameter shapes from :func:`clip_parameter_shapes` (open_clip is not on a bare
+    GPU machine; the shapes are the same, see the tests)."""
     sys.path.insert(0, str(BENCH))
-    import bench_ema
-
-    bench_ema.clip_parameter_shapes = clip_parameter_shapes
-    import bench_adamw_ema
-    import bench_atomics
-    import bench_loss
-
-    bench_adamw_ema.clip_parameter_shapes = clip_parameter_shapes
-    import bench_step
-
-    return {"bench_loss": bench_loss, "bench_atomics": bench_atomics, "bench_ema": bench_ema,
-            "bench_adamw_ema": bench_adamw_ema, "bench_step": bench_step}
+    mod = importlib.import_module(name)
+    if name in ("bench_ema", "bench_adamw_ema"):
+        mod.clip_parameter_shapes = clip_parameter_shapes
+    return mod
 
 
-def _loss_rows(mod, quick: bool, partial: Path) -> list[dict]:
-    """bench_loss's cases one by one (a failing case becomes a skipped row), written as they come."""
+def _loss_rows(mod, quick: bool, results: Path, name: str) -> list[dict]:
+    """bench_loss's cases one by one, in its own order (what the targets need first; a failing
+    case becomes a skipped row); after each, ``<name>.json`` with every row so far and their
+    ratios, so a stage stopped at its limit keeps both."""
     import torch
+    from common import write_results
 
-    def order(case):
-        impl = LOSS_ORDER.index(case["impl"]) if case["impl"] in LOSS_ORDER else len(LOSS_ORDER)
-        return impl, case["dtype"] != "bfloat16", case["B"]
-
-    cases = sorted(mod.cases(quick), key=order)
     rows = []
-    with open(partial, "w", encoding="utf-8") as f:
-        for case in cases:
-            fields = {k: case[k] for k in ("impl", "B", "K", "D", "dtype")}
-            reason = mod.skip_reason(case["impl"], torch.device(case["device"]))
-            t0 = time.monotonic()
-            if reason:
-                row = {"name": "degla_loss", **fields, "skipped": reason}
-            else:
-                try:
-                    row = mod.run_case(case)
-                except Exception as err:  # noqa: BLE001 - a failing implementation is a result
-                    row = {"name": "degla_loss", **fields,
-                           "skipped": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
-                    if case["device"] == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-            print(f"[{time.monotonic() - t0:6.1f} s] {json.dumps(row, default=str)}", flush=True)
-            rows.append(row)
-            f.write(json.dumps(row, default=str) + "\n")
-            f.flush()
+    for case in mod.cases(quick):
+        fields = {k: case[k] for k in ("impl", "B", "K", "D", "dtype")}
+        reason = mod.skip_reason(case["impl"], torch.device(case["device"]))
+        t0 = time.monotonic()
+        if reason:
+            row = {"name": "degla_loss", **fields, "skipped": reason}
+        else:
+            try:
+                row = mod.run_case(case)
+            except Exception as err:  # noqa: BLE001 - a failing implementation is a result
+                row = {"name": "degla_loss", **fields,
+                       "skipped": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+                if case["device"] == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+        print(f"[{time.monotonic() - t0:6.1f} s] {json.dumps(row, default=str)}", flush=True)
+        rows.append(row)
+        write_results(name, mod.finish_rows([dict(r) for r in rows]), results, partial=True)
     return mod.finish_rows(rows)
 
 
@@ -652,7 +889,7 @@ def main_worker(args) -> int:
     if args.worker == "report":
         write_auto_table(results, dry_run=quick)
         return _report(results, Path(args.out))
-    mods = _bench_modules()
+    mod = _bench_module(args.worker)
     from common import env_info, write_results
 
     import torch
@@ -661,14 +898,11 @@ def main_worker(args) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     _write_json(results / f"{args.worker}.env.json", env_info())
-    mod = mods[args.worker]
     if args.worker == "bench_step":
         return _step_worker(mod, quick, results, args.deadline)
-    if args.worker == "bench_loss":
-        rows = _loss_rows(mod, quick, results / f"{args.worker}.partial.jsonl")
-    else:
-        rows = mod.run(quick)
-    path = write_results(args.worker + ("_quick" if quick else ""), rows, results)
+    name = args.worker + ("_quick" if quick else "")
+    rows = _loss_rows(mod, quick, results, name) if args.worker == "bench_loss" else mod.run(quick)
+    path = write_results(name, rows, results)
     print(f"wrote {path} ({len(rows)} rows)")
     return 0
 
@@ -690,14 +924,14 @@ def _step_worker(mod, quick: bool, results: Path, deadline: float | None) -> int
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     budget = None if deadline is None else max(0.0, deadline - time.time())
     print(f"bench_step: {budget:.0f} s for its cases" if budget is not None else "bench_step: no budget", flush=True)
-    partial = results / "bench_step.partial.jsonl"
-    with open(partial, "w", encoding="utf-8") as f:
-        def on_row(row):
-            print(f"[{row.get('case_s', 0):6.1f} s] {json.dumps(row, default=str)}", flush=True)
-            f.write(json.dumps(row, default=str) + "\n")
-            f.flush()
+    so_far = []
 
-        rows = mod.run(quick, budget_s=budget, on_row=on_row)
+    def on_row(row):  # every row so far, with their ratios, kept if the stage is stopped
+        print(f"[{row.get('case_s', 0):6.1f} s] {json.dumps(row, default=str)}", flush=True)
+        so_far.append(dict(row))
+        write_results(name, mod.finish_rows([dict(r) for r in so_far]), results, partial=True)
+
+    rows = mod.run(quick, budget_s=budget, on_row=on_row)
     path = write_results(name, rows, results)
     print(f"wrote {path} ({len(rows)} rows)")
     return 0
@@ -708,23 +942,28 @@ AUTO_TABLE = ROOT / "degla_fast" / "auto_backends.json"
 
 
 def write_auto_table(results: Path, dry_run: bool) -> Path | None:
-    """The loss's ``auto`` table from ``bench_loss.json`` (the fastest of torch, gemm and triton
-    per dtype and B on this GPU), beside it and, unless ``dry_run``, in the package."""
-    path = results / "bench_loss.json"
+    """The loss's ``auto`` table from bench_loss's JSON (the fastest of torch, gemm and triton
+    per dtype and B on this GPU), beside it and, unless ``dry_run``, in the package. The dry run
+    reads ``bench_loss_quick.json`` and writes its CPU rows beside it only, under capability
+    0.0 (no GPU has it), so the path is exercised."""
+    path = results / f"bench_loss{'_quick' if dry_run else ''}.json"
     if not path.exists():
+        print(f"auto table: no {path.name}: not written")
         return None
     data = json.loads(path.read_text())
-    capability = data["env"].get("capability")
+    capability = data["env"].get("capability") or ("0.0" if dry_run else None)
     if not capability:
-        print("auto table: no compute capability in bench_loss.json (a CPU run): not written")
+        print(f"auto table: no compute capability in {path.name} (a CPU run): not written")
         return None
     from degla_fast.backends import write_auto_table as write
 
     cap = tuple(int(v) for v in capability.split("."))
-    for target in [results / "auto_backends.json"] + ([] if dry_run else [AUTO_TABLE]):
+    targets = [results / "auto_backends.json"] + ([] if dry_run else [AUTO_TABLE])
+    for target in targets:
         table = write(data["rows"], data["env"], cap, target)
-    print(f"auto table: {len(table['entries'])} entries for {data['env'].get('device')} -> {target}")
-    return target
+    print(f"auto table: {len(table['entries'])} entries for {data['env'].get('device')} -> "
+          + ", ".join(str(t) for t in targets))
+    return targets[0]
 
 
 def _report(results: Path, out: Path) -> int:
@@ -754,15 +993,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true",
                         help="with --dry-run: run the install step too (into this python), as on the GPU machine")
     parser.add_argument("--copy-to", default=None,
-                        help="also copy the report, the main JSON and the log here, and all of it in one tar.gz")
-    parser.add_argument("--total-s", type=float, default=None, help="time limit of the whole run (default 480; dry 300)")
+                        help="after every step, copy what was written so far here (8 files: the report, the "
+                             "summary, the JSON, the log, the auto table, and all of it in one tar.gz)")
+    parser.add_argument("--total-s", type=float, default=None,
+                        help=f"time limit of the whole run's steps (default {TOTAL_S}; dry {DRY_TOTAL_S})")
     parser.add_argument("--download-wheels", metavar="DIR", default=None, help="make gpu-wheels: download WHEELS to DIR")
+    parser.add_argument("--install-only", action="store_true",
+                        help="only install the carried wheels (where missing) and the project into this python, "
+                             "with no index; then exit")
+    parser.add_argument("--wheels", metavar="DIR", default=None,
+                        help=f"the carried wheels (default {WHEELS_DIR.name}/ in the checkout)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # bench_step's, epoch s
     args = parser.parse_args(argv)
     if args.download_wheels:
         return download_wheels(Path(args.download_wheels))
+    if args.install_only:
+        return install_only(Path(args.wheels) if args.wheels else None)
     if args.worker:
         try:
             return main_worker(args)

@@ -26,7 +26,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from safetensors import SafetensorError
 
 from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
 from .data.text import trim_tokens  # noqa: F401 - part of this module's token API (pad_tokens, trim_tokens)
@@ -105,10 +104,21 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
         with _open_clip_logs(random_init=pretrained is None):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, precision="fp32", device=device)
-    except (RuntimeError, OSError, pickle.UnpicklingError, SafetensorError) as err:
-        # SafetensorError: a corrupt .safetensors file ("header too large"), not an OSError.
+    except (RuntimeError, OSError, pickle.UnpicklingError, *_safetensors_error()) as err:
         raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {first_line(err)}") from err
     return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
+
+
+def _safetensors_error() -> tuple[type[BaseException], ...]:
+    """``SafetensorError``, what a corrupt .safetensors file raises ("header too large"; not an
+    OSError), where safetensors is installed. Imported here, not at the top: only loading
+    pretrained weights needs it, and a model with random weights (bench_step on a bare GPU image,
+    which has no safetensors) must build without it."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
 
 
 @contextlib.contextmanager
