@@ -280,15 +280,15 @@ _TILES = {
     (DOT_NATIVE, 80): (32, 32, 32, 8, 3, 3, 512, 512),
     (DOT_TF32, 90): (32, 32, 16, 8, 3, 2, 256, 256),
     (DOT_TF32, 80): (32, 32, 16, 8, 2, 2, 256, 256),
-    (DOT_IEEE, 90): (32, 32, 16, 8, 1, 1, 64, 64),
-    (DOT_IEEE, 80): (32, 32, 16, 8, 1, 1, 64, 64),
+    (DOT_IEEE, 90): (32, 32, 16, 8, 1, 2, 64, 64),
+    (DOT_IEEE, 80): (32, 32, 16, 8, 1, 2, 64, 64),
 }
 # Features narrower than the table's BLOCK_K or not a multiple of 16 (no vector loads, so more
 # address registers): one narrow tile on both architectures.
 _NARROW_TILES = {
     DOT_NATIVE: (64, 64, 16, 8, 2, 1, 64, 64),
     DOT_TF32: (64, 64, 16, 8, 2, 1, 64, 64),
-    DOT_IEEE: (32, 32, 16, 8, 1, 1, 32, 32),
+    DOT_IEEE: (32, 32, 16, 8, 1, 2, 32, 32),
 }
 #: Forward programs the column splits aim for: a few per SM, so small batches fill the GPU.
 _PROGRAMS_PER_SM = 4
