@@ -27,6 +27,7 @@ Imports of transformers go through :mod:`degla_fast.compat.transformers` (this c
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -144,9 +145,9 @@ class EMATeacherCallback(transformers.TrainerCallback):
             path = Path(self.resume_from) / TEACHER_FILE
             if path.is_file():
                 self.teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                transformers.utils.logging.get_logger(__name__).info(f"degla-fast: EMA teacher restored from {path}")
+                logging.getLogger(__name__).info(f"degla-fast: EMA teacher restored from {path}")
             else:
-                transformers.utils.logging.get_logger(__name__).warning(
+                logging.getLogger(__name__).warning(
                     f"degla-fast: {self.resume_from} holds no {TEACHER_FILE}; the teacher starts from the resumed student")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
