@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import ConfigError, DataError, first_line
 from ..losses import DeGLALoss
 
@@ -208,14 +210,12 @@ class DeglaOptions:
 def collate_negatives(items):
     """``(images [B, ...], tokens [B*(1+K), L])`` from items ``(image, tokens [1+K, L])``: the loss's
     text layout, B positives then the B*K negatives sample-major."""
-    import torch
-
     images = torch.stack([image for image, _ in items])
     tokens = torch.stack([t for _, t in items])
     return images, torch.cat([tokens[:, 0], tokens[:, 1:].flatten(0, 1)])
 
 
-class NegativesCsvDataset:
+class NegativesCsvDataset(torch.utils.data.Dataset):
     """open_clip_train's CSV rows with each caption's K hard negatives, read and checked by this
     project's CSV reader (docs/data.md); item ``i``: ``(image, tokens [1+K, context])``, the K
     negatives drawn for ``(seed, epoch, i)`` as in ``degla-fast train``. Image paths are read as
@@ -350,8 +350,12 @@ class _DeglaRun:
     def attach_teacher(self, student, optimizer) -> None:
         from ..ema import EMATeacher
 
-        # Built before the hooks exist: the teacher is a deep copy of the student, hooks and all.
-        self.teacher = EMATeacher(student, decay=self.options.ema_decay)
+        # Built before the hooks exist: the teacher is a deep copy of the student, hooks and all. A
+        # student cast to 16 bits (--precision pure_bf16/pure_fp16) gets a teacher whose forward
+        # weights are in that dtype too (its inputs are); the EMA state stays fp32.
+        dtype = next(student.parameters()).dtype
+        forward_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        self.teacher = EMATeacher(student, decay=self.options.ema_decay, forward_dtype=forward_dtype)
         self.student = student
         if self.restored is not None:
             state, path = self.restored
@@ -369,8 +373,6 @@ class _DeglaRun:
         keywords ``DeGLALoss`` reads (open_clip_train passes the model's output dict to its loss)."""
         if not module.training or not isinstance(output, dict):  # evaluation: nothing to add
             return None
-        import torch
-
         with torch.no_grad():
             out = self.teacher.module(*args, **kwargs)
         return {**output, "teacher_image_features": out["image_features"],
