@@ -426,7 +426,8 @@ def test_two_gloo_ranks_compute_the_loss_of_one_process_on_the_whole_batch(neg_d
     # --local-loss: each rank's terms are the means over its own anchors; their mean is the whole batch's.
     for name, value in one[0].items():
         assert (two[0][0][name] + two[1][0][name]) / 2 == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    assert two[0][0]["contrastive_loss"] != pytest.approx(two[1][0]["contrastive_loss"], rel=1e-3)  # not one rank's copy
+    # (and not one rank's copy of the whole batch's loss)
+    assert two[0][0]["contrastive_loss"] != pytest.approx(two[1][0]["contrastive_loss"], rel=1e-3)
     # ... and the gradient: one optimiser step gives the same student and teacher.
     a = torch.load(single_out / "checkpoints" / "epoch_1.pt", weights_only=False)
     b = torch.load(ranks_out / "checkpoints" / "epoch_1.pt", weights_only=False)

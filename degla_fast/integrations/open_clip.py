@@ -20,9 +20,9 @@ This module is the only place that touches open_clip's internals: the names unde
 ``create_loss`` is found (:data:`BINDINGS`), for the launcher's first log line
 ``open_clip_train.main.setup_logging``, and, with negatives (:data:`DEGLA_HOOKS`), the names
 ``open_clip_train.main`` calls for its resume checkpoint (``pt_load``) and its epochs
-(``train_one_epoch``) and the CSV reader ``open_clip_train.data.get_csv_dataset``. Where the installed version no longer has them, the
-functions here stop with one line (a :class:`~degla_fast.errors.ConfigError`) instead of
-training silently with open_clip's own loss.
+(``train_one_epoch``) and the CSV reader ``open_clip_train.data.get_csv_dataset``. Where the
+installed version no longer has them, the functions here stop with one line (a
+:class:`~degla_fast.errors.ConfigError`) instead of training silently with open_clip's own loss.
 """
 from __future__ import annotations
 
@@ -244,7 +244,8 @@ class NegativesCsvDataset(torch.utils.data.Dataset):
         from ..data.text import tokenize_captions
 
         record = self.records[index]
-        image = self.transforms(open_rgb_image(lambda: read_image_file(record.image), f"{record.where}: {record.image}"))
+        image = open_rgb_image(lambda: read_image_file(record.image), f"{record.where}: {record.image}")
+        image = self.transforms(image)
         negatives = choose_negatives(record, index, self.num_negatives, seed=self.seed,
                                      epoch=self.shared_epoch.get_value())
         # Untrimmed (open_clip_train's context length): its models and its val/zero-shot code see the same shape.

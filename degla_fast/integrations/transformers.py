@@ -35,9 +35,10 @@ from typing import Any, Sequence
 import torch
 
 from ..compat.transformers import import_transformers
-from ..ema import EMATeacher
+from ..ema import EMATeacher, check_decay
 from ..errors import ConfigError, DataError
 from ..losses import DeGLALoss, LossOutput
+from ..train.config import EMAConfig
 
 transformers = import_transformers()
 
@@ -133,7 +134,7 @@ class EMATeacherCallback(transformers.TrainerCallback):
     ``checkpoint-N/degla_teacher.pt`` when the run resumes from ``checkpoint-N``), moved toward the
     student after every optimiser step, saved into every checkpoint folder the trainer writes."""
 
-    def __init__(self, decay: float = 0.9996, backend: str = "auto"):
+    def __init__(self, decay: float = EMAConfig.decay, backend: str = "auto"):
         self.decay, self.backend = decay, backend
         self.teacher: EMATeacher | None = None
         self.resume_from: str | None = None
@@ -148,7 +149,8 @@ class EMATeacherCallback(transformers.TrainerCallback):
                 logging.getLogger(__name__).info(f"degla-fast: EMA teacher restored from {path}")
             else:
                 logging.getLogger(__name__).warning(
-                    f"degla-fast: {self.resume_from} holds no {TEACHER_FILE}; the teacher starts from the resumed student")
+                    f"degla-fast: {self.resume_from} holds no {TEACHER_FILE}; the teacher starts from the resumed "
+                    "student")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.teacher.update(model)
@@ -164,14 +166,20 @@ class DeGLATrainer(transformers.Trainer):
     """``transformers.Trainer`` for ``CLIPModel`` with the DeGLA loss (see the module doc).
 
     ``loss_kwargs``: :class:`DeGLALoss` keywords (``num_negatives``, the weights, ``tgc_scale``,
-    ``backend``, ...; defaults and checks are the loss's own) except ``rank``/``world_size``, taken
-    from the trainer's arguments; with several processes the loss gathers features with autograd
-    from each process's anchors (``local_loss``, ``gather_with_grad``). ``ema_decay``: the teacher's
-    decay, used where the loss needs a teacher (an :class:`EMATeacherCallback` is added).
+    ``backend``, ...; defaults and checks are the loss's own, but ``check_finite`` is off) except
+    ``rank``/``world_size``, taken from the trainer's arguments; with several processes the loss
+    gathers features with autograd from each process's anchors (``local_loss``,
+    ``gather_with_grad``). ``ema_decay`` (default: ``ema.decay`` of ``degla-fast train``): the
+    teacher's decay, used where the loss needs a teacher (an :class:`EMATeacherCallback` is added).
     """
 
-    def __init__(self, *args, ema_decay: float = 0.9996, loss: DeGLALoss | None = None, **kwargs):
+    def __init__(self, *args, ema_decay: float = EMAConfig.decay, loss: DeGLALoss | None = None, **kwargs):
         loss_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(DeGLALoss).parameters}
+        placed = [k for k in ("rank", "world_size") if k in loss_kwargs]
+        if placed:
+            raise ConfigError(f"DeGLATrainer: {', '.join(placed)} come from the TrainingArguments (process_index, "
+                              "world_size); do not pass them")
+        check_decay(ema_decay)  # now, not when training starts
         super().__init__(*args, **kwargs)
         # The collator reads the examples' own columns (image, caption, negatives); the Trainer would
         # otherwise drop every column CLIPModel.forward does not name before the collator sees them.
@@ -180,6 +188,8 @@ class DeGLATrainer(transformers.Trainer):
             world = self.args.world_size
             loss_kwargs.setdefault("local_loss", world > 1)
             loss_kwargs.setdefault("gather_with_grad", world > 1)
+            # As with open_clip_train: no host read of the inputs each step (the Trainer watches the loss).
+            loss_kwargs.setdefault("check_finite", False)
             loss = DeGLALoss(rank=self.args.process_index, world_size=world, **loss_kwargs)
         elif loss_kwargs:
             raise ConfigError(f"DeGLATrainer: give loss= or the loss keywords ({', '.join(loss_kwargs)}), not both")
@@ -202,9 +212,10 @@ class DeGLATrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         teacher = self.teacher_callback.teacher if self.teacher_callback is not None else None
         out = clip_model_loss(model, inputs, self.degla_loss, teacher)
-        for name, value in out.named(self.degla_loss.spec).items():  # summed on the device, read when it logs
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach()
-        self._term_count += 1
+        if model.training:  # (an evaluation's loss is not a training log's)
+            for name, value in out.named(self.degla_loss.spec).items():  # summed on the device, read when it logs
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach()
+            self._term_count += 1
         return (out.total, out) if return_outputs else out.total
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
