@@ -15,13 +15,17 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_CHECKOUT_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+def _our_kernels() -> list[Path]:
+    """Where ``degla_fast.kernels`` lives: the checkout's ``kernels/`` in an editable install,
+    ``site-packages/degla_fast/kernels`` in a plain one (which shadows nothing)."""
+    spec = importlib.util.find_spec("degla_fast.kernels")
+    return [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
 
 
-def _shadows(entry: str) -> bool:
-    """Whether ``sys.path`` entry ``entry`` is this checkout's root (its ``kernels/`` is ours)."""
+def _shadows(entry: str, ours: list[Path]) -> bool:
+    """Whether ``sys.path`` entry ``entry`` holds our kernels as a top-level ``kernels/``."""
     try:
-        return (Path(entry or ".").resolve() / "kernels") == _CHECKOUT_KERNELS
+        return (Path(entry or ".").resolve() / "kernels") in ours
     except OSError:
         return False
 
@@ -29,7 +33,8 @@ def _shadows(entry: str) -> bool:
 def bind_hub_kernels() -> None:
     """``sys.modules["kernels"]`` = the installed hub-kernels package where one is installed and this
     checkout's folder would shadow it; nothing otherwise (no such package, or already imported)."""
-    if "kernels" in sys.modules or not any(_shadows(entry) for entry in sys.path):
+    ours = _our_kernels() if "kernels" not in sys.modules else []
+    if not any(_shadows(entry, ours) for entry in sys.path):
         return
     try:
         from importlib.metadata import distribution
@@ -38,7 +43,7 @@ def bind_hub_kernels() -> None:
     except Exception:  # not installed (transformers 4): nothing to bind, transformers finds no kernels
         return
     saved = list(sys.path)
-    sys.path[:] = [entry for entry in saved if not _shadows(entry)]
+    sys.path[:] = [entry for entry in saved if not _shadows(entry, ours)]
     try:
         importlib.import_module("kernels")
     finally:
