@@ -506,3 +506,16 @@ def test_launcher_flags_take_their_defaults_from_the_loss_spec():
             ours.official_tgc_indexing) == (0, 0.3, spec.tgc_weight, spec.distill_weight, spec.tgc_scale, "torch",
                                             spec.official_tgc_indexing)
     assert ours.csv_negatives_separator == "|" and ours.ema_decay == 0.9996
+
+
+def test_launcher_help_lists_our_flags_then_open_clip_trains(capsys):
+    from degla_fast.integrations.open_clip_train import LOSS_FLAGS, main
+
+    with pytest.raises(SystemExit) as done:  # open_clip_train's own parser prints its help and exits
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    ours = out.index("--csv-hard-captions-key")
+    assert all(0 <= out.index(flag) < out.index("--train-data") for flag in [*LOSS_FLAGS.values(), "--ema-decay"])
+    assert ours < out.index("--train-data") and "weight of the image-grounded contrast (IGC) (default: 0.1)" in " ".join(
+        out.split())
