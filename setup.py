@@ -17,11 +17,13 @@ extras = {
     "eval": ["clip-benchmark>=1.6", "matplotlib>=3.7"],
     "logging": ["tensorboard>=2.14"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+    # degla_fast.integrations.transformers: CLIPModel under transformers' Trainer (which needs accelerate).
+    "transformers": ["transformers>=4.46", "accelerate>=1.1"],
 }
-# pandas: open_clip_train's CSV reader, for the drop-in test of degla_fast.integrations.open_clip.
+# pandas: open_clip_train's CSV reader, for the tests of degla_fast.integrations.open_clip.
 extras["test"] = sorted(
     {"pytest>=7.4", "pytest-benchmark>=4.0", "pytest-timeout>=2.2", "pandas>=1.5"}
-    | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"])
+    | set(extras["deepspeed"]) | set(extras["eval"]) | set(extras["logging"]) | set(extras["transformers"])
 )
 extras["all"] = sorted({dep for name, group in extras.items() if name != "dali-cuda120" for dep in group})
 

@@ -28,10 +28,12 @@ def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int, r
     return batches
 
 
-def check_negatives(records: list[Record], num_negatives: int, *, source: str, with_replacement: bool) -> None:
+def check_negatives(records: list[Record], num_negatives: int, *, source: str, with_replacement: bool,
+                    replacement_hint: bool = True) -> None:
     """Raise one :class:`DataError` counting the records with fewer than ``num_negatives`` negatives.
 
-    With ``with_replacement`` only records with no negative at all are errors.
+    With ``with_replacement`` only records with no negative at all are errors. ``replacement_hint``:
+    the message points to ``sample_with_replacement`` (False where the caller has no such setting).
     """
     if num_negatives <= 0:
         return
@@ -43,7 +45,7 @@ def check_negatives(records: list[Record], num_negatives: int, *, source: str, w
                         f"{', '.join(extra['columns'])}); num_negatives={num_negatives} needs one "
                         "(captions joined by '|'), or set num_negatives=0 for plain CLIP")
     if short:
-        hint = "" if with_replacement else "; sample_with_replacement=True reuses negatives"
+        hint = "" if with_replacement or not replacement_hint else "; sample_with_replacement=True reuses negatives"
         raise DataError(f"{source}: {len(short)} of {len(records)} records have fewer than {need} negatives "
                         f"(num_negatives={num_negatives}; first: {short[0].where} with {len(short[0].negatives)})"
                         f"{hint}")
