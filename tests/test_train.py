@@ -157,6 +157,32 @@ def test_resume_with_another_k_or_loss_weight_is_allowed_and_says_so_in_one_line
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_resume_that_changes_the_schedule_says_what_the_lr_does_and_a_finished_run_says_so(synth, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "run"
+    assert train_main.main(base_args(synth, out, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    # Resumed at its end with the same length: nothing trained, and the closing line says why.
+    assert train_main.main(base_args(synth, out, "--max-steps", "3", "--resume", "latest")) == 0
+    captured = capsys.readouterr()
+    assert "scheduled" not in captured.err  # the same schedule: nothing to say
+    closing = unstamped(captured.out.strip().splitlines()[-1])
+    assert closing.startswith("degla-fast train: the run had already finished at step 3: nothing trained"), closing
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+    # Longer: the cosine now spans 6 steps, so the learning rate rises again from ~0; one line says so.
+    assert train_main.main(base_args(synth, out, "--max-steps", "6", "--resume", "latest")) == 0
+    lines = [unstamped(line) for line in capsys.readouterr().err.splitlines() if "scheduled" in line]
+    now = 1e-3 * cosine_with_warmup(3, warmup_steps=2, total_steps=6)
+    was = 1e-3 * cosine_with_warmup(3, warmup_steps=2, total_steps=3)
+    assert lines == [f"warning: resume: {out / 'checkpoints' / 'step_00000003.pt'} was scheduled for 3 steps, this "
+                     f"run for 6: the learning rate at step 4 is {now:.3g} (the old schedule's {was:.3g}) and follows "
+                     "the cosine to 0 at step 6"]
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert rows[4]["lr"] == pytest.approx(now)  # what the line says is what step 4 trained with
+    assert rows[5]["lr"] == pytest.approx(1e-3 * cosine_with_warmup(4, warmup_steps=2, total_steps=6))
+
+
 STEP_LINE = re.compile(r"degla-fast train: step (\d+)/(\d+) \(\d+%\) epoch (\d+) \| [0-9.]+ samples/s \| loss (\S+) clip (\S+) "
                        r"igc (\S+) tgc (\S+) distill (\S+) \| lr (\S+) \| logit scale (\S+) \| ETA \d+:\d\d:\d\d")
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError, DataError
-from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
 from ..io import atomic_write, cannot_write
 
 
@@ -22,6 +19,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "
 
     Returns ``(out path, open_clip model name)``.
     """
+    import torch  # here, not at the top: ``degla-fast export --help`` answers without it
+
+    from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
+
     path = resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists() and _same_file(out, path):
