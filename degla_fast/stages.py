@@ -129,14 +129,12 @@ def chance_levels(data: str | Path) -> dict:
     """Chance accuracy (%) of every metric: 50 for the two-way compositional choices, 100 / classes
     for each zero-shot task (balanced labels), and their averages."""
     from .data.synthetic import EVAL_SUBSETS
-    from .evaluate.synthetic import zeroshot_tasks
+    from .evaluate.synthetic import zeroshot_chance
 
-    root = split_dir(data, "test")
     out = {k: 50.0 for k in ("swap", "replace", "add", "compositional_avg", "train_pairwise", *EVAL_SUBSETS)}
-    classes = {t: len(json.loads((root / "zeroshot" / f"{t}.json").read_text())["classnames"])
-               for t in zeroshot_tasks(root)}
-    out.update({f"zeroshot_{t}": 100.0 / n for t, n in classes.items()})
-    out["zeroshot_avg"] = sum(100.0 / n for n in classes.values()) / len(classes)
+    chance = zeroshot_chance(split_dir(data, "test"))
+    out.update({f"zeroshot_{t}": value for t, value in chance.items()})
+    out["zeroshot_avg"] = sum(chance.values()) / len(chance)
     return out
 
 
