@@ -50,6 +50,14 @@ def table(columns: dict[str, dict], chance: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0])
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tuning runs at a time, in separate processes (default 2: NegCLIP and DeGLA)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive, default=None,
                         help="CPU threads for torch per process (default: OMP_NUM_THREADS when set, else the "
                              "cores this process may use divided by --jobs; degla_fast/threads.py)")
     args = parser.parse_args(argv)
@@ -71,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     from .io import write_bytes_atomic, write_text_atomic
     from .threads import set_threads
 
-    if args.threads is not None and args.threads < 1:
-        print(f"degla-fast demo: error: --threads: must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
     # The fine-tunes run --jobs processes side by side: each gets its share of the cores.
     threads = set_threads(args.threads, processes=max(1, args.jobs))
     s = settings(args.quick)
