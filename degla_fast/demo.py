@@ -60,7 +60,10 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="folder for the dataset, runs and table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, meaningless numbers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

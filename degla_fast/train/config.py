@@ -300,14 +300,21 @@ def add_flags(parser) -> None:
     name and default; a bool field is a switch that sets it true). :func:`flag_overrides` reads
     them back."""
     defaults = field_docs()
+    sections = {f.name: f.metadata["doc"] for f in _keys(TrainConfig) if _is_section(_hints(TrainConfig)[f.name])}
+    groups: dict = {}  # the flags grouped by YAML section, as --help-config groups the fields
     for flag, dotted, tp, meta in _flag_fields():
         base, _ = _base_type(tp)
+        section = dotted.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} ({sections[section]})" if section else
+                                                        "the run (top-level fields)")
         choices = f" [{', '.join(meta['choices'])}]" if meta.get("choices") else ""
         help_text = f"{meta['doc']}{choices} ({dotted}; {_default_words(defaults[dotted][0])})".replace("%", "%%")
         if base is bool:
-            parser.add_argument(f"--{flag}", dest=dotted, action="store_const", const=True, help=help_text)
+            groups[section].add_argument(f"--{flag}", dest=dotted, action="store_const", const=True, help=help_text)
         else:  # values are checked by load_config, which names the field
-            parser.add_argument(f"--{flag}", dest=dotted, metavar=dotted.rsplit(".", 1)[-1].upper(), help=help_text)
+            groups[section].add_argument(f"--{flag}", dest=dotted, metavar=dotted.rsplit(".", 1)[-1].upper(),
+                                         help=help_text)
 
 
 def flag_overrides(args) -> dict[str, Any]:
