@@ -44,6 +44,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..console import log
 from ..errors import ConfigError
 from ..io import cannot_write, check_output_folder, write_bytes_atomic, write_json_atomic
 
@@ -691,6 +692,6 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # a full disk, a file where an image folder should be
         raise cannot_write(args.out, err) from None
     root = train_json.parent
-    print(f"wrote {root / 'pretrain.json'} (pre-training), {train_json} ({args.images} fine-tuning images), "
-          f"{root / 'eval'} and {root / 'zeroshot'} (test), {root / 'val'} (validation)")
+    log(f"wrote {root / 'pretrain.json'} (pre-training), {train_json} ({args.images} fine-tuning images), "
+        f"{root / 'eval'} and {root / 'zeroshot'} (test), {root / 'val'} (validation)")
     return 0

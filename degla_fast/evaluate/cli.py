@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     if args.json_out:
         try:
-            print(f"wrote {result.save(args.json_out)}")
+            log(f"wrote {result.save(args.json_out)}")
         except OSError as err:
             raise cannot_write(args.json_out, err) from None
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..console import log
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, cannot_write
 
@@ -69,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
     """Export and print where the weights went and how to load them."""
     out, name = export_checkpoint(args.checkpoint, args.out, which="teacher" if args.teacher else "student",
                                   overwrite=args.overwrite)
-    print(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
+    log(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
     return 0
