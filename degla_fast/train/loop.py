@@ -46,11 +46,14 @@ def train(config: TrainConfig) -> TrainResult:
     """Run the training ``config`` describes; see the module doc. Raises DeglaError on user errors,
     NonFiniteError (after saving) when the loss stays non-finite. SIGTERM and SIGINT are stop
     requests from here on (:mod:`degla_fast.stop_signals`; the command line handles them from
-    before its imports)."""
+    before its imports). The CPU thread count the run sets (:func:`degla_fast.threads.set_threads`)
+    is the caller's again afterwards."""
     installed = stop_request.install()
+    threads = torch.get_num_threads()
     try:
         return _train(config)
     finally:
+        torch.set_num_threads(threads)
         if installed:
             stop_request.restore()
 
