@@ -41,9 +41,9 @@ def _once(args: list[str]) -> float:
 
 
 def run(quick: bool, iters: int | None = None) -> list[dict]:
-    iters = iters or (2 if quick else 10)
+    iters = iters or (1 if quick else 10)
     load_before = os.getloadavg()[0]
-    for _, args in CASES:  # one warm-up each: the first start reads every file from disk
+    for _, args in CASES if not quick else ():  # one warm-up each: the first start reads every file from disk
         _once(args)
     samples: dict[str, list[float]] = {name: [] for name, _ in CASES}
     for _ in range(iters):
@@ -58,8 +58,8 @@ def run(quick: bool, iters: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 runs per case (proves the benchmark runs)")
-    parser.add_argument("--iters", type=int, default=None, help="runs per case (default 10; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="1 run per case, no warm-up (proves the benchmark runs)")
+    parser.add_argument("--iters", type=int, default=None, help="runs per case (default 10; 1 with --quick)")
     args = parser.parse_args(argv)
     rows = run(args.quick, args.iters)
     report_run("bench_help", rows, ["name", "p20_ms", "p50_ms", "p80_ms", "iters", "cores", "load_1min"],
