@@ -38,7 +38,9 @@ test: setup check-kernels
 # The kernel compile gate (docs/kernels.md, "Compile gate"): every configuration a launcher can
 # pick, compiled by Triton's real compiler for sm_80 and sm_90 without a GPU, once with the
 # pinned Triton and once with Triton 3.6 (installed once into $(TRITON_36)); fails on compile
-# errors, shared memory above the block limit and register spills.
+# errors, shared memory above the block limit and register spills. Each run prints one line per
+# kernel and every failure in full; the table of every variant goes to
+# benchmarks/results/compile_gate-triton<version>.txt (and .json).
 TRITON_36 := $(VENV)/triton-3.6
 .PHONY: check-kernels
 # Both runs always run; the target fails if either did.

@@ -33,10 +33,16 @@ import logging
 import math
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that take devices and dtypes: the names and checks here
+# are what the training configuration's fields use, and ``degla-fast train --help`` must not pay
+# for torch's import (seconds) to list them.
 
 LOSS_BACKENDS = ("auto", "reference", "torch", "gemm", "triton")
 EMA_BACKENDS = ("auto", "torch", "triton")
@@ -62,6 +68,8 @@ def triton_importable() -> bool:
 def triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``: CUDA tensors, or CPU tensors
     under the interpreter, and Triton imports."""
+    import torch
+
     device = torch.device(device)
     interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
     return (device.type == "cuda" or interpret) and triton_importable()
@@ -83,6 +91,8 @@ def _check_usable(backend: str, device: torch.device) -> str:
 
 def resolve_backend(backend: str, device: torch.device, *, choices: tuple[str, ...] = EMA_BACKENDS) -> str:
     """The EMA's concrete backend for ``backend`` on ``device`` (see the module doc)."""
+    import torch
+
     check_backend(backend, choices)
     device = torch.device(device)
     if backend == "auto":
@@ -92,6 +102,8 @@ def resolve_backend(backend: str, device: torch.device, *, choices: tuple[str, .
 
 def modelled_loss_backend(rows: int, columns: int, dtype: torch.dtype, chunk_bytes: int) -> tuple[str, str]:
     """(backend, reason) of the modelled rule for a CUDA loss of ``rows`` x ``columns`` logits."""
+    import torch
+
     kept = 4 if dtype == torch.float32 else 2
     need = rows * columns * kept
     how = (f"keeps its {need >> 20} MiB of logits (chunk_bytes={chunk_bytes}): 3 GEMM passes"
@@ -128,6 +140,8 @@ def measured_loss_backend(capability: tuple[int, int], rows: int, columns: int, 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
     """The CUDA compute capability of ``device`` (a function, so tests can stand in for a GPU)."""
+    import torch
+
     return torch.cuda.get_device_capability(device)
 
 
@@ -136,6 +150,8 @@ def resolve_loss_backend(backend: str, device: torch.device, *, rows: int, colum
     """The loss's concrete backend for ``backend`` on ``device``, for ``rows`` x ``columns``
     image-to-text logits of ``dtype`` inputs (see the module doc). Raises ConfigError for a name
     not in :data:`LOSS_BACKENDS` or an unusable ``triton``/``gemm``."""
+    import torch
+
     global LAST_LOSS_CHOICE
     check_backend(backend, LOSS_BACKENDS)
     device = torch.device(device)

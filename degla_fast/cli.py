@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .errors import ConfigError, DeglaError
+from .fields import yaml_value
 from .stop_signals import StopNow, stop_request
 
 # name -> (module, one-line help)
@@ -24,10 +25,29 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with every flag's default, written as YAML writes it (``null``, ``true``),
+    unless the flag's help already says it; a required flag says so instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text \
+                or "required" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} (default: {yaml_value(action.default).replace('%', '%%')})"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are user errors like any other: one line, exit
-    status 2 (argparse prints its whole usage block first). ``--help`` still prints the usage.
-    Sub-command parsers are made of this class too (``add_subparsers`` uses the parent's)."""
+    status 2 (argparse prints its whole usage block first). ``--help`` still prints the usage,
+    with every flag's default (:class:`HelpFormatter`). Sub-command parsers are made of this
+    class too (``add_subparsers`` uses the parent's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"{message} (see {self.prog} --help)")

@@ -13,12 +13,15 @@ It fails (exit status 1, one ``FAIL:`` line per problem) on
   * shared memory above the block limit of the arch (``configs.SHARED_LIMIT``),
   * any register spill (spill stores or loads > 0),
   * a kernel module that cannot be imported, has no ``gate_configs`` or returns no configs,
-and prints a table of registers, shared memory, spills and tensor-core use per variant, also
-written as JSON.
+and prints one summary line per kernel (its variants, the most registers and shared memory any
+of them uses, spills, tensor-core use, the result) and every failure in full. The table of every
+variant (registers, shared memory, spills and tensor-core use) goes to a text file next to the
+JSON report (``--print-table`` prints it too): hundreds of lines that ``make test`` does not
+scroll past before its tests.
 
 Usage::
 
-    python -m degla_fast.compile_gate [--arch 80 90] [--json PATH] [--modules ema adamw_ema ...]
+    python -m degla_fast.compile_gate [--arch 80 90] [--json PATH] [--modules ema adamw_ema ...] [--print-table]
 
 Every run compiles into a fresh temporary ``TRITON_CACHE_DIR`` (set before triton is imported),
 so a cached kernel never hides a compile error. Compiles run in ``--jobs`` processes (default 2).
@@ -169,6 +172,32 @@ def format_table(rows: list[dict]) -> str:
             str(r["registers"]) if compiled else "-", _kib(r["shared"]) if compiled else "-", spills,
             str(r["stack_frame"]) if compiled else "-", r["tensor_cores"] if compiled else "-",
             "ok" if r["ok"] else ("ERROR" if not compiled else "FAIL"),
+        ])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def format_summary(rows: list[dict]) -> str:
+    """One line per kernel (in the rows' order): its variants per arch, the most registers and
+    shared memory any of them uses, how many spill, the tensor-core instructions, the result."""
+    kernels: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        kernels.setdefault((r["kernel"], r["module"].rsplit(".", 1)[-1]), []).append(r)
+    head = ["kernel", "module", "variants", "max regs", "max shared", "spilling", "tc", "result"]
+    body = []
+    for (kernel, module), group in kernels.items():
+        compiled = [r for r in group if r["error"] is None]
+        archs = sorted({r["arch"] for r in group})
+        per_arch = ", ".join(f"sm_{a} {sum(r['arch'] == a for r in group)}" for a in archs)
+        failed = sum(not r["ok"] for r in group)
+        body.append([
+            kernel, module, f"{len(group)} ({per_arch})",
+            str(max((r["registers"] or 0) for r in compiled)) if compiled else "-",
+            _kib(max(r["shared"] for r in compiled)) if compiled else "-",
+            str(sum(bool(r["spill_stores"] or r["spill_loads"]) for r in compiled)),
+            "/".join(sorted({r["tensor_cores"] for r in compiled} - {"none"})) or "none",
+            "ok" if not failed else f"{failed} FAILED",
         ])
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     fmt = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
@@ -377,7 +406,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m degla_fast.compile_gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="architectures (default: 80 90)")
     p.add_argument("--json", default=None,
-                   help="where to write the table as JSON (default: benchmarks/results/compile_gate-triton<version>.json)")
+                   help="where to write the table as JSON (default: benchmarks/results/compile_gate-triton<version>.json; "
+                        "the table as text goes next to it, with .txt for .json)")
+    p.add_argument("--print-table", action="store_true",
+                   help="print the table of every variant too (default: one summary line per kernel)")
     p.add_argument("--modules", nargs="+", default=list(DEFAULT_MODULES),
                    help="kernel modules with gate_configs(arch); a bare name means degla_fast.kernels.<name>")
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default: 2)")
@@ -426,7 +458,7 @@ def _compile_and_check(args, shared_limit: dict) -> tuple[int, list[dict], list[
     results = compile_all([cfg for cfg, _ in distinct], args.jobs)
     rows = _rows(distinct, results, by_module, args.modules, shared_limit)
     if rows:
-        print(format_table(rows))
+        print(format_table(rows) if args.print_table else format_summary(rows))
     for row in rows:
         for failure in row["failures"]:
             failures.append(f"{describe(row)}: {failure}")
@@ -461,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                   for f in ("ru_utime", "ru_stime"))
         path = args.json or os.path.join("benchmarks", "results", f"compile_gate-triton{triton.__version__}.json")
+        table_path = os.path.splitext(path)[0] + ".txt"
         report = {"triton_version": triton.__version__, "triton_file": triton.__file__, "ptxas": ptxas,
                   "ptxas_version": ptxas_version, "archs": args.arch, "modules": args.modules,
                   "shared_limit": {str(a): SHARED_LIMIT.get(a) for a in args.arch}, "configs": n_configs,
@@ -470,10 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
+        with open(table_path, "w") as f:
+            f.write(f"compile gate: triton {triton.__version__} ({triton.__file__}), ptxas {ptxas_version}\n\n"
+                    + (format_table(rows) if rows else "(no variants)") + "\n"
+                    + "".join(f"FAIL: {failure}\n" for failure in failures))
         for failure in failures:
             print(f"FAIL: {failure}")
         print(f"compile gate: triton {triton.__version__}: {len(rows)} variants, {len(failures)} failures, "
-              f"{elapsed:.1f} s ({cpu:.0f} CPU s in all processes); table in {path}")
+              f"{elapsed:.1f} s ({cpu:.0f} CPU s in all processes); every variant in {table_path} (JSON: {path})")
         return 1 if failures else 0
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -50,26 +50,40 @@ def table(columns: dict[str, dict], chance: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--output", default="runs/demo", help="folder for the dataset, runs and table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, meaningless numbers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--jobs", type=int, default=2,
                         help="fine-tuning runs at a time, in separate processes (default 2: NegCLIP and DeGLA)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the tiny model gains little from more, and "
-                             "spinning threads cost much when other work shares the cores)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads for torch per process (default: OMP_NUM_THREADS when set, else the "
+                             "cores this process may use divided by --jobs; degla_fast/threads.py)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from . import stages
+    from .console import log
     from .experiment import bar_chart, finetune_fields, pretrain_fields
     from .io import write_bytes_atomic, write_text_atomic
+    from .threads import set_threads
 
-    torch.set_num_threads(max(1, args.threads))
+    # The fine-tunes run --jobs processes side by side: each gets its share of the cores.
+    threads = set_threads(args.threads, processes=max(1, args.jobs))
     s = settings(args.quick)
     progress = not args.no_progress
     out = Path(args.output)
@@ -77,26 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .data.synthetic import VERSION
 
-        print(f"[1/4] synthetic world (pre-training + fine-tuning distributions) -> {out / 'synth'}", flush=True)
+        log(f"make train: {threads} per process, {max(1, args.jobs)} fine-tuning process(es) at a time")
+        log(f"[1/4] synthetic world (pre-training + fine-tuning distributions) -> {out / 'synth'}")
         data = stages.synth_stage(out / "synth", progress=progress, **s.data_sizes())
         depends = {"synthetic_version": VERSION, "data": s.data_sizes()}
-        print(f"[2/4] pre-train {s.model} with the plain CLIP loss on the broad distribution "
-              f"({s.pretrain_steps} steps) -> {out / 'pretrain'}", flush=True)
+        log(f"[2/4] pre-train {s.model} from random weights with the plain CLIP loss on the broad distribution "
+            f"({s.pretrain_steps} steps) -> {out / 'pretrain'}")
         pre = stages.train_stage(out / "pretrain", pretrain_fields(s, data), progress=progress, depends=depends)
         seed = s.seeds[0]
-        print(f"[3/4] fine-tune with NegCLIP and with DeGLA on the narrow distribution, side by side "
-              f"({s.finetune_steps} steps, K={s.num_negatives}) -> {out / 'negclip'}, {out / 'degla'}", flush=True)
+        log(f"[3/4] fine-tune with NegCLIP and with DeGLA on the narrow distribution, side by side "
+            f"({s.finetune_steps} steps, K={s.num_negatives}) -> {out / 'negclip'}, {out / 'degla'}")
         names = {"negclip": "NegCLIP", "degla": "DeGLA"}
         jobs = [(out / v, finetune_fields(s, data, pre, v, seed), {**depends, "start": str(pre)}, data, "test")
                 for v in names]
 
         def done(i: int, metrics: dict, seconds: float | None) -> None:
             folder = jobs[i][0]
-            print(f"  {names[folder.name]}: " + (f"reused ({folder})" if seconds is None else
-                                                  f"finished ({seconds:.0f} s)"), flush=True)
+            log(f"  {names[folder.name]}: " + (f"reused ({folder})" if seconds is None else
+                                                f"finished ({seconds:.0f} s)"))
 
-        finetuned = stages.train_and_evaluate(jobs, args.jobs, args.threads, "cpu", done)
-        print("[4/4] evaluate on the held-out test split", flush=True)
+        finetuned = stages.train_and_evaluate(jobs, args.jobs, torch.get_num_threads(), "cpu", done)
+        log("[4/4] evaluate on the held-out test split")
         columns = {"start point (CLIP loss)": stages.eval_stage(pre, data, "test"),
                    **{names[v]: m for v, m in zip(names, finetuned)}}
         chance = stages.chance_levels(data)

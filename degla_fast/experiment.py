@@ -29,9 +29,11 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .console import log
 from .errors import ConfigError
 from .io import check_output_folder, write_bytes_atomic, write_json_atomic
 from .loss_spec import LossSpec
+from .threads import set_threads
 
 # variant -> (label, loss fields)
 VARIANTS = {
@@ -91,7 +93,7 @@ class Settings:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     split: str = "test"            # "val" while choosing settings, "test" to report
     device: str = "cpu"
-    threads: int = 1               # torch threads per process
+    threads: int | None = None     # torch threads per process (None: degla_fast.threads' rule over `jobs`)
     jobs: int = 2                  # fine-tuning runs in parallel (processes)
     model: str = "degla-synth"
 
@@ -106,7 +108,7 @@ class Settings:
             raise ConfigError(f"--split: must be val or test, got {self.split!r}")
         for name in ("images", "pretrain_images", "eval_items", "zeroshot_items", "batch_size", "pretrain_steps",
                      "finetune_steps", "threads", "jobs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
 
     def data_sizes(self) -> dict:
@@ -305,19 +307,23 @@ def run_experiment(settings: Settings, output: str | Path, progress: bool = Fals
     settings.validate()
     output = check_output_folder(output, "--output")
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    # The fine-tunes run `jobs` processes side by side: each gets its share of the cores.
+    threads = set_threads(settings.threads, processes=settings.jobs)
     try:
-        return _run_experiment(settings, output, progress)
+        return _run_experiment(settings, output, progress, threads)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
+def _run_experiment(settings: Settings, output: Path, progress: bool, threads: str) -> dict:
+    import torch
+
     from . import stages
 
     started = time.perf_counter()
     timings = {}
-    print(f"[1/3] synthetic world and start point -> {output}", flush=True)
+    log(f"experiment: {threads} per process, {settings.jobs} fine-tuning process(es) at a time")
+    log(f"[1/3] synthetic world and start point -> {output}")
     t0 = time.perf_counter()
     data, start, depends = prepare(settings, output, progress)
     timings["prepare_s"] = time.perf_counter() - t0
@@ -326,19 +332,20 @@ def _run_experiment(settings: Settings, output: Path, progress: bool) -> dict:
     keys = [(v, s) for v in settings.variants for s in settings.seeds]
     jobs = [(output / "runs" / f"{v}-seed{s}", finetune_fields(settings, data, start, v, s),
              {**depends, "start": str(start)}, data, settings.split) for v, s in keys]
-    print(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
-          f"{settings.jobs} at a time)", flush=True)
+    log(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
+        f"{settings.jobs} at a time)")
 
     def done(i: int, metrics: dict, seconds: float | None) -> None:
         took = "reused" if seconds is None else f"{seconds:.0f} s"
-        print(f"  {keys[i][0]}-seed{keys[i][1]}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
-              f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({took})", flush=True)
+        log(f"  {keys[i][0]}-seed{keys[i][1]}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
+            f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({took})")
 
     t0 = time.perf_counter()
-    results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, settings.threads, settings.device, done)))
+    results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device,
+                                                       done)))
     timings["finetune_s"] = time.perf_counter() - t0
 
-    print("[3/3] summary", flush=True)
+    log("[3/3] summary")
     per_seed = {BASELINE: [baseline], **{v: [results[v, s] for s in settings.seeds] for v in settings.variants}}
     labels = {BASELINE: "start point (CLIP pre-training)", **{v: label for v, (label, _) in VARIANTS.items()}}
     summary = summarize(per_seed)
@@ -383,7 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("images", "pretrain_images", "eval_items", "zeroshot_items", "batch_size", "num_negatives",
                  "pretrain_steps", "finetune_steps", "warmup_steps", "threads", "jobs", "data_seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {getattr(defaults, name)}")
+                            help="CPU threads per process (default: OMP_NUM_THREADS when set, else the cores this "
+                                 "process may use divided by --jobs)" if name == "threads" else
+                            f"default {getattr(defaults, name)}")
     for name in ("pretrain_lr", "finetune_lr", "ema_decay"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {getattr(defaults, name)}")

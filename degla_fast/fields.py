@@ -21,3 +21,12 @@ def doc_field(default: Any, doc: str, choices: tuple | None = None, minimum: flo
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as a YAML file writes it (``null``, ``true``, ``1.0e-06``, ``''``): how help texts
+    show defaults, since they are written back into YAML configuration files."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    return text[:-len("...")].strip() if text.endswith("\n...") else text

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .loss_spec import DEFAULT_CHUNK_BYTES
 from .matmul import addmm_f32, loss_matmuls, mm_f32
 
-#: Bytes of one column chunk's fp32 logits plus their gradient in the input dtype (``gemm``).
-DEFAULT_CHUNK_BYTES = 256 << 20
 #: Column chunks are multiples of this (GEMM tiles, 16-byte aligned rows) except the last.
 CHUNK_ALIGN = 64
 

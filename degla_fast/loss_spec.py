@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from .backends import LOSS_BACKENDS, check_backend
 from .errors import ConfigError
 from .fields import doc_field
-from .fused_loss import DEFAULT_CHUNK_BYTES
 from .kernels.configs import PRECISIONS as DOT_PRECISIONS
+
+#: Bytes of one column chunk's fp32 logits plus their gradient in the input dtype (the ``gemm``
+#: backend, :mod:`degla_fast.fused_loss`). Here, with the spec's other defaults, so that the spec
+#: (and the trainer's configuration, ``degla-fast train --help``) loads without torch.
+DEFAULT_CHUNK_BYTES = 256 << 20
 
 # DOT_PRECISIONS: the dot precisions of fp32 inputs (the loss's ``dot_precision``; not the
 # training precision of :mod:`degla_fast.precision`, which picks an autocast dtype).

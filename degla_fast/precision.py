@@ -14,9 +14,12 @@ never as a precision.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: the configuration's choices load without torch (train --help)
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "amp")
 
@@ -31,6 +34,8 @@ def check_precision(precision: str) -> str:
 def autocast_dtype(precision: str, device: str | torch.device, *, deepspeed: bool = False) -> torch.dtype | None:
     """The forward's autocast dtype at ``precision`` on ``device`` (None: no autocast), which is
     also the dtype of the features the loss gets. ConfigError for a name not in :data:`PRECISIONS`."""
+    import torch
+
     if check_precision(precision) == "fp32":
         return None
     if precision == "amp" and torch.device(device).type == "cuda" and not deepspeed:
@@ -40,5 +45,7 @@ def autocast_dtype(precision: str, device: str | torch.device, *, deepspeed: boo
 
 def autocast(precision: str, device: str | torch.device, *, deepspeed: bool = False) -> torch.autocast:
     """``torch.autocast`` for a forward at ``precision`` on ``device`` (disabled for ``fp32``)."""
+    import torch
+
     dtype = autocast_dtype(precision, device, deepspeed=deepspeed)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

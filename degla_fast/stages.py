@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .console import log as log_line
 from .io import write_json_atomic
 
 STAGE_FILE = "stage.json"
@@ -35,7 +36,7 @@ def finished(folder: Path, stamp: dict) -> dict | None:
 
 
 def run_stage(folder: str | Path, stamp: dict, work: Callable[[], dict], name: str | None = None,
-              log: Callable[[str], None] | None = print) -> tuple[dict, float]:
+              log: Callable[[str], None] | None = log_line) -> tuple[dict, float]:
     """(result, seconds spent): ``work()``'s result, computed once per stamp; 0 s when reused."""
     folder = Path(folder)
     result = finished(folder, stamp)
@@ -55,7 +56,7 @@ def run_stage(folder: str | Path, stamp: dict, work: Callable[[], dict], name: s
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def synth_stage(folder: str | Path, *, progress: bool = False, log=print, **sizes) -> Path:
+def synth_stage(folder: str | Path, *, progress: bool = False, log=log_line, **sizes) -> Path:
     """The synthetic world in ``folder`` (:func:`degla_fast.data.synthetic.generate` with ``sizes``)."""
     from .data.synthetic import VERSION, generate
 
@@ -66,12 +67,16 @@ def synth_stage(folder: str | Path, *, progress: bool = False, log=print, **size
 
 def train_config(output: str | Path, fields: dict):
     """The trainer's :class:`TrainConfig` of a stage: quiet CPU defaults, then ``fields`` (dotted names).
-    Quiet includes the trainer's own log lines: the demo and the experiment report their stages."""
+    Quiet includes the trainer's own log lines: the demo and the experiment report their stages.
+    The CPU threads are those this process has: the demo and the experiment chose them for all of
+    their processes together (:mod:`degla_fast.threads`), which the trainer's own rule cannot know."""
+    import torch
+
     from .train.config import load_config
 
     defaults = {"data.num_workers": 0, "data.pipeline": "torch", "precision": "fp32", "device": "cpu",
                 "epochs": 10_000, "save_every": 0, "keep_last": 1, "log_every": 10, "profile_phases": False,
-                "resume": "latest", "log_lines": False}
+                "resume": "latest", "log_lines": False, "threads": torch.get_num_threads()}
     return load_config(None, {**defaults, **fields, "output": str(output)})
 
 
@@ -80,7 +85,7 @@ def train_stamp(fields: dict, depends: dict | None = None) -> dict:
     return {"stage": "train", "fields": dict(fields), **(depends or {})}
 
 
-def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=print, name: str | None = None,
+def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=log_line, name: str | None = None,
                 depends: dict | None = None) -> Path:
     """One ``degla-fast train`` run into ``folder`` with the configuration ``fields`` (dotted
     field names, see ``degla-fast train --help-config``); ``depends``: more of the stamp (the
@@ -99,7 +104,7 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
     return folder
 
 
-def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=print, device: str = "cpu") -> dict:
+def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=log_line, device: str = "cpu") -> dict:
     """Metrics of ``run``'s newest checkpoint on ``split`` ("val" or "test") of the synthetic world
     ``data``, cached as the stage ``run/eval-<split>``; see :func:`evaluate`."""
     from .checkpoint import resolve_checkpoint
@@ -124,14 +129,12 @@ def chance_levels(data: str | Path) -> dict:
     """Chance accuracy (%) of every metric: 50 for the two-way compositional choices, 100 / classes
     for each zero-shot task (balanced labels), and their averages."""
     from .data.synthetic import EVAL_SUBSETS
-    from .evaluate.synthetic import zeroshot_tasks
+    from .evaluate.synthetic import zeroshot_chance
 
-    root = split_dir(data, "test")
     out = {k: 50.0 for k in ("swap", "replace", "add", "compositional_avg", "train_pairwise", *EVAL_SUBSETS)}
-    classes = {t: len(json.loads((root / "zeroshot" / f"{t}.json").read_text())["classnames"])
-               for t in zeroshot_tasks(root)}
-    out.update({f"zeroshot_{t}": 100.0 / n for t, n in classes.items()})
-    out["zeroshot_avg"] = sum(100.0 / n for n in classes.values()) / len(classes)
+    chance = zeroshot_chance(split_dir(data, "test"))
+    out.update({f"zeroshot_{t}": value for t, value in chance.items()})
+    out["zeroshot_avg"] = sum(chance.values()) / len(chance)
     return out
 
 

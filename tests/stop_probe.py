@@ -34,21 +34,21 @@ def _before_trainer_imports(moment: str) -> None:
 
 
 def _in_build(moment: str) -> None:
-    from degla_fast.train import main as train_main
+    from degla_fast.train import loop
 
-    real_build = train_main.build_run
+    real_build = loop.build_run
 
     def build_run(*args, **kwargs):
         _pause(moment)
         return real_build(*args, **kwargs)
 
-    train_main.build_run = build_run
+    loop.build_run = build_run
 
 
 def _in_step(moment: str, n: int) -> None:
-    from degla_fast.train import main as train_main
+    from degla_fast.train import loop
 
-    real_step, calls = train_main.train_step, [0]
+    real_step, calls = loop.train_step, [0]
 
     def train_step(*args, **kwargs):
         calls[0] += 1
@@ -56,7 +56,7 @@ def _in_step(moment: str, n: int) -> None:
             _pause(moment)
         return real_step(*args, **kwargs)
 
-    train_main.train_step = train_step
+    loop.train_step = train_step
 
 
 def _in_save(moment: str, n: int) -> None:

@@ -131,11 +131,12 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
     """Run ``degla-fast train train_args`` in this process; {step: [host reads after it]}."""
     import degla_fast.data as data_module
     from degla_fast.train import builder
+    from degla_fast.train import loop
     from degla_fast.train import main as train_main
     from degla_fast.train.checkpointer import Checkpointer
 
     recorder = HostReads()
-    real_build, real_step, real_save = data_module.build_train_data, train_main.train_step, Checkpointer.save
+    real_build, real_step, real_save = data_module.build_train_data, loop.train_step, Checkpointer.save
     real_sync = torch.cuda.synchronize
 
     def build(*args, **kwargs):
@@ -171,13 +172,13 @@ def run(train_args: list[str]) -> dict[int, list[str]]:
 
     if nan_at:
         builder.DeGLALoss.from_spec = from_spec
-    data_module.build_train_data, train_main.train_step, Checkpointer.save = build, step, save
+    data_module.build_train_data, loop.train_step, Checkpointer.save = build, step, save
     torch.cuda.synchronize = synchronize
     try:
         with recorder, ScalarReads(recorder):
             status = train_main.main(train_args)
     finally:
-        data_module.build_train_data, train_main.train_step, Checkpointer.save = real_build, real_step, real_save
+        data_module.build_train_data, loop.train_step, Checkpointer.save = real_build, real_step, real_save
         builder.DeGLALoss.from_spec = real_descriptor
         torch.cuda.synchronize = real_sync
     if status != 0:

@@ -74,10 +74,23 @@ def test_gate_fails_each_bad_kernel_and_passes_the_good_one(tmp_path, triton_pat
     sm = row[("softmax_kernel", 80)]
     assert sm["spill_stores"] > 0 and sm["spill_loads"] > 0 and sm["stack_frame"] > 0
 
-    header = next(line for line in out.splitlines() if line.startswith("kernel "))
+    # What is printed (what `make test` shows): one line per kernel, the failures in full.
+    summary = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and
+               line.split()[0].endswith("_kernel")}
+    assert list(summary) == ["global_kernel", "good_kernel", "matmul_kernel", "softmax_kernel"], out
+    assert summary["good_kernel"].split()[-1] == "ok"
+    assert "2 (sm_80 1, sm_90 1)" in summary["good_kernel"]
+    assert summary["global_kernel"].endswith("1 FAILED") and summary["softmax_kernel"].endswith("1 FAILED")
+    assert summary["matmul_kernel"].endswith("1 FAILED") and " mma " in summary["matmul_kernel"]
+    # The table of every variant is in the text file named on the last line (and with --print-table).
+    table_file = tmp_path / "gate.txt"
+    assert out.strip().splitlines()[-1].endswith(f"every variant in {table_file} (JSON: {tmp_path / 'gate.json'})")
+    text = table_file.read_text()
+    assert [line for line in text.splitlines() if line.startswith("FAIL: ")] == fails
+    header = next(line for line in text.splitlines() if line.startswith("kernel "))
     assert header.split() == ["kernel", "arch", "dtype", "D", "tile", "case", "warps", "stages", "regs", "shared",
                               "spills", "stack", "tc", "result"]
-    table = {tuple(line.split()[:2]): line.split() for line in out.splitlines()
+    table = {tuple(line.split()[:2]): line.split() for line in text.splitlines()
              if line.split()[:1] and line.split()[0].endswith("_kernel")}
     assert table[("good_kernel", "sm_90")][-1] == "ok"
     assert table[("global_kernel", "sm_80")][-1] == "ERROR"
@@ -87,9 +100,11 @@ def test_gate_fails_each_bad_kernel_and_passes_the_good_one(tmp_path, triton_pat
 
 def test_gate_passes_when_every_config_compiles(tmp_path):
     # sm_90 gets only the good kernel from the fixture.
-    proc, report = _run_gate(tmp_path, "--arch", "90", "--jobs", "1")
+    proc, report = _run_gate(tmp_path, "--arch", "90", "--jobs", "1", "--print-table")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
+    printed = [line.split() for line in proc.stdout.splitlines() if line.startswith("good_kernel ")]
+    assert len(printed) == 1 and printed[0][1] == "sm_90"  # --print-table: the variant's row itself
     assert report["ok"] and report["failures"] == [] and [r["kernel"] for r in report["rows"]] == ["good_kernel"]
 
 

@@ -1,6 +1,18 @@
 """``make train`` (``python -m degla_fast.demo --quick``): one table with the start point, NegCLIP and
 DeGLA side by side and chance levels, a chart, and a second run that reuses every finished stage."""
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
 from degla_fast import demo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quick_demo_table_chart_and_reuse(tmp_path, capsys):
@@ -23,3 +35,42 @@ def test_quick_demo_table_chart_and_reuse(tmp_path, capsys):
     # the fine-tunes too, said as the other stages say it (not "finished (0 s)")
     assert f"  NegCLIP: reused ({out / 'negclip'})" in again and f"  DeGLA: reused ({out / 'degla'})" in again
     assert "finished (" not in again
+
+
+# `make train > train.log 2>&1`: the demo asks its data stage for a progress bar; a file must get
+# timestamped lines and no carriage returns (a bar's redraws were one 25 KB line), a terminal the bar.
+DATA_STAGE = ("import sys; from degla_fast import stages; stages.synth_stage(sys.argv[1], progress=True, num_images=8, "
+              "pretrain_images=8, eval_items=1, zeroshot_items=1)")
+STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d .+")
+
+
+def test_the_data_stage_draws_its_progress_bar_only_on_a_terminal(tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "wb") as fh:
+        subprocess.run([sys.executable, "-c", DATA_STAGE, str(tmp_path / "file")], cwd=REPO, stdout=fh,
+                       stderr=subprocess.STDOUT, check=True, timeout=120)
+    printed = log.read_bytes()
+    assert b"\r" not in printed
+    lines = printed.decode().splitlines()
+    assert lines and all(STAMPED.fullmatch(line) for line in lines), lines
+    assert " data: done in " in lines[-1]
+
+    main, child = pty.openpty()  # the same stage with stderr on a terminal draws its bar there
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns (a new pty has 0)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", DATA_STAGE, str(tmp_path / "terminal")], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=child)
+        os.close(child)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert proc.wait(timeout=120) == 0
+    finally:
+        os.close(main)
+    assert b"\r" in drawn and b"synth" in drawn

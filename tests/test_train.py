@@ -26,6 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("step", "epoch", "loss", "clip", "igc", "tgc", "distill", "lr", "logit_scale", "samples_per_s",
             "time_data", "time_forward", "time_backward", "time_ema")
 LOSS_KEYS = ("loss", "clip", "igc", "tgc", "distill", "lr", "logit_scale")
+#: What every plain log line starts with: the local time with its UTC offset (ISO 8601).
+STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d) (.*)")
+
+
+def unstamped(line: str) -> str:
+    """``line`` without its timestamp, which must be there and be the local time now (to the minute)."""
+    from datetime import datetime
+
+    match = STAMP.fullmatch(line)
+    assert match, f"no timestamp: {line!r}"
+    stamp = datetime.fromisoformat(match[1])
+    assert abs((datetime.now().astimezone() - stamp).total_seconds()) < 600, line
+    return match[2]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +66,7 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_exports(synth, tmp_path, 
     out = tmp_path / "run"
     assert train_main.main(base_args(synth, out, "--max-steps", "4", "--save-every", "2",
                                      "--report-to", "tensorboard")) == 0
-    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    closing = unstamped(capsys.readouterr().out.strip().splitlines()[-1])
     assert closing.startswith("degla-fast train: finished at step 4 in ")
     assert f"checkpoint {out / 'checkpoints' / 'step_00000004.pt'};" in closing
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -138,13 +151,39 @@ def test_resume_with_another_k_or_loss_weight_is_allowed_and_says_so_in_one_line
     assert train_main.main(base_args(synth, out, "--max-steps", "4", "--resume", "latest", "--num-negatives", "2",
                                      "--set", "loss.tgc_weight=0.2")) == 0
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if "resume:" in line] == [
+    assert [unstamped(line) for line in err.splitlines() if "was trained with" in line] == [
         f"warning: resume: {out / 'checkpoints' / 'step_00000003.pt'} was trained with num_negatives=4, "
         "tgc_weight=0.1; this run uses num_negatives=2, tgc_weight=0.2 from step 4 on"], err
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
-STEP_LINE = re.compile(r"degla-fast train: step (\d+)/(\d+) \(\d+%\) \| [0-9.]+ samples/s \| loss (\S+) clip (\S+) "
+def test_a_resume_that_changes_the_schedule_says_what_the_lr_does_and_a_finished_run_says_so(synth, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "run"
+    assert train_main.main(base_args(synth, out, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    # Resumed at its end with the same length: nothing trained, and the closing line says why.
+    assert train_main.main(base_args(synth, out, "--max-steps", "3", "--resume", "latest")) == 0
+    captured = capsys.readouterr()
+    assert "scheduled" not in captured.err  # the same schedule: nothing to say
+    closing = unstamped(captured.out.strip().splitlines()[-1])
+    assert closing.startswith("degla-fast train: the run had already finished at step 3: nothing trained"), closing
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+    # Longer: the cosine now spans 6 steps, so the learning rate rises again from ~0; one line says so.
+    assert train_main.main(base_args(synth, out, "--max-steps", "6", "--resume", "latest")) == 0
+    lines = [unstamped(line) for line in capsys.readouterr().err.splitlines() if "scheduled" in line]
+    now = 1e-3 * cosine_with_warmup(3, warmup_steps=2, total_steps=6)
+    was = 1e-3 * cosine_with_warmup(3, warmup_steps=2, total_steps=3)
+    assert lines == [f"warning: resume: {out / 'checkpoints' / 'step_00000003.pt'} was scheduled for 3 steps, this "
+                     f"run for 6: the learning rate at step 4 is {now:.3g} (the old schedule's {was:.3g}) and follows "
+                     "the cosine to 0 at step 6"]
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert rows[4]["lr"] == pytest.approx(now)  # what the line says is what step 4 trained with
+    assert rows[5]["lr"] == pytest.approx(1e-3 * cosine_with_warmup(4, warmup_steps=2, total_steps=6))
+
+
+STEP_LINE = re.compile(r"degla-fast train: step (\d+)/(\d+) \(\d+%\) epoch (\d+) \| [0-9.]+ samples/s \| loss (\S+) clip (\S+) "
                        r"igc (\S+) tgc (\S+) distill (\S+) \| lr (\S+) \| logit scale (\S+) \| ETA \d+:\d\d:\d\d")
 
 
@@ -155,19 +194,23 @@ def test_a_run_with_stdout_to_a_file_reports_itself_in_lines(synth, tmp_path, ca
     with open(log, "w") as fh:
         proc = subprocess.run([sys.executable, "-m", "degla_fast", "train",
                                *base_args(synth, out, "--max-steps", "3", "--log-every", "2", "--save-every", "2")],
-                              cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=150)
+                              cwd=REPO, env={k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"},
+                              stdout=fh, stderr=subprocess.STDOUT, timeout=150)
     lines = log.read_text().splitlines()
+    cores = len(os.sched_getaffinity(0))  # the thread rule: these cores over 1 process (nobody set the count)
     assert proc.returncode == 0, lines[-20:]
-    ours = [line for line in lines if line.startswith("degla-fast train:")]
+    assert all(STAMP.fullmatch(line) for line in lines), lines  # every line a job's log gets is timed
+    ours = [unstamped(line) for line in lines if "degla-fast train:" in line]
     assert ours[0] == (f"degla-fast train: start: model degla-tiny, data {synth} (48 samples, 6 steps per epoch), "
                        "batch 8 per process (8 in all), K=4, loss backend torch (asked: auto), precision fp32, world "
-                       f"size 1, device cpu, output {out}, 3 steps")
+                       f"size 1, device cpu, {cores} CPU thread{'s' if cores > 1 else ''} ({cores} cores / 1 local process), "
+                       f"output {out}, 3 steps")
     rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     steps = [STEP_LINE.fullmatch(line) for line in ours if STEP_LINE.fullmatch(line)]
-    assert [(m[1], m[2]) for m in steps] == [("2", "3"), ("3", "3")]  # every log_every steps, and the last
+    assert [(m[1], m[2], m[3]) for m in steps] == [("2", "3", "0"), ("3", "3", "0")]  # every log_every steps
     for m in steps:  # the values of the metrics row the host already read, nothing else
         row = rows[int(m[1])]
-        assert m.groups()[2:] == tuple(f"{row[k]:.4g}" for k in ("loss", "clip", "igc", "tgc", "distill")) + (
+        assert m.groups()[3:] == tuple(f"{row[k]:.4g}" for k in ("loss", "clip", "igc", "tgc", "distill")) + (
             f"{row['lr']:.3g}", f"{row['logit_scale']:.2f}")
     checkpoints = out / "checkpoints"
     assert [line for line in ours if "checkpoint written" in line] == [
@@ -177,7 +220,7 @@ def test_a_run_with_stdout_to_a_file_reports_itself_in_lines(synth, tmp_path, ca
 
     # Resumed (in this process; capsys is no terminal either): the start line says from where.
     assert train_main.main(base_args(synth, out, "--max-steps", "4", "--resume", "latest")) == 0
-    printed = capsys.readouterr().out.splitlines()
+    printed = [unstamped(line) for line in capsys.readouterr().out.splitlines()]
     assert printed[0].endswith(f", 4 steps; resumed from step 3 of checkpoint {checkpoints / 'step_00000003.pt'}")
     assert [STEP_LINE.fullmatch(line)[1] for line in printed if STEP_LINE.fullmatch(line)] == ["4"]
 
@@ -185,7 +228,7 @@ def test_a_run_with_stdout_to_a_file_reports_itself_in_lines(synth, tmp_path, ca
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert train_main.main(base_args(synth, out, "--max-steps", "5", "--resume", "latest")) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 1 and printed[0].startswith("degla-fast train: finished at step 5 in ")
+    assert len(printed) == 1 and unstamped(printed[0]).startswith("degla-fast train: finished at step 5 in ")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(synth, tmp_path):
@@ -273,11 +316,23 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_help_config_lists_every_field_with_its_doc(capsys):
+def test_help_config_lists_every_field_by_section_with_yaml_defaults_wrapped_to_the_terminal(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "72")
     assert train_main.main(["--help-config"]) == 0
-    out = capsys.readouterr().out
-    assert "loss.igc_weight (0.1): weight of the image-grounded contrast (IGC)" in out
-    assert "precision ('bf16'):" in out and "[fp32, bf16, amp]" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 72
+    headings = [line for line in lines if line and not line.startswith(" ")][1:]
+    assert [h.split(":")[0] for h in headings if h.endswith(")") or h == "top level:"] == [
+        "top level", "data", "model", "loss", "optim", "ema"]
+    text = "\n".join(lines)
+    section = text[text.index("\nloss: "):text.index("\noptim: ")]
+    assert "  igc_weight (default: 0.1): weight of the image-grounded" in section
+    # Values as a YAML file writes them, never Python's None/True/False or quotes.
+    assert "  resume (default: null):" in text and "  progress (default: true):" in text
+    assert "  overwrite (default: false):" in text and "  lr (default: 1.0e-06):" in text
+    assert "  precision (default: bf16):" in text and "[fp32, bf16, amp]" in text
+    assert "  path (required):" in text
+    assert not re.search(r"\(default: (None|True|False|'[^']+')\)", text)
 
 
 def test_yaml_unknown_key_and_bad_value_name_the_field(tmp_path):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from degla_fast.data.sampling import epoch_batches
+from degla_fast.train import loop
 from degla_fast.train import main as train_main
 from degla_fast.train.metrics import read_metrics
 
@@ -129,13 +130,13 @@ def test_first_batch_unreadable_trains_each_good_batch_once_and_says_what_it_ski
                                                                                      capsys):
     data = _data(tmp_path, bad=_batch_records(0))
     seen = []
-    real_step = train_main.train_step
+    real_step = loop.train_step
 
     def step(parts, images, tokens):
         seen.append(float(images.double().sum()))
         return real_step(parts, images, tokens)
 
-    monkeypatch.setattr(train_main, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     out = tmp_path / "run"
     good = len(epoch_batches(IMAGES, BATCH, seed=SEED, epoch=0)) - 1
     assert train_main.main(_args(str(data), out, "--max-steps", str(good), "--set", "data.skip_bad_images=true")) == 0

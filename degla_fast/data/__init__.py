@@ -1,9 +1,22 @@
 """Training data: DeGLA JSON / CSV / WebDataset sources, K-negative batches, DALI or torch image pipelines.
 
-Heavy dependencies (open_clip, nvidia.dali) load only when a pipeline is built.
+Heavy dependencies (torch, open_clip, nvidia.dali) load only when a name below is first used (the
+training configuration reads :data:`PIPELINES` without them: ``degla-fast train --help``).
 """
-from .loader import Batch, TrainData, build_train_data
-from .sources import Record, load_records
-from .text import tokenize_captions, trim_tokens
+from __future__ import annotations
 
-__all__ = ["Batch", "TrainData", "build_train_data", "Record", "load_records", "tokenize_captions", "trim_tokens"]
+import importlib
+
+#: The image pipelines ``data.pipeline`` names (:func:`build_train_data` resolves ``auto``).
+PIPELINES = ("auto", "dali", "torch")
+
+_LAZY = {"Batch": "loader", "TrainData": "loader", "build_train_data": "loader", "Record": "sources",
+         "load_records": "sources", "tokenize_captions": "text", "trim_tokens": "text"}
+
+__all__ = ["PIPELINES", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,14 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from . import dali
+from . import PIPELINES, dali
 from .dali import DaliEpochs, dali_available, text_pool
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
 from .text import cached_tokens
 from .torch_pipeline import BatchDataset, normalize, torch_batches, train_transform
-
-PIPELINES = ("auto", "dali", "torch")
 
 
 @dataclass

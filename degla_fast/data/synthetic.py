@@ -41,10 +41,10 @@ import itertools
 import math
 import os
 import random
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..console import log
 from ..errors import ConfigError
 from ..io import cannot_write, check_output_folder, write_bytes_atomic, write_json_atomic
 
@@ -564,10 +564,11 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
     ``eval_items`` items per compositional subset and ``zeroshot_items`` images per zero-shot class
     in the test split (``val_eval_items`` / ``val_zeroshot_items`` in the validation split, default
     the same); square JPEGs of ``image_size`` pixels. ``progress``: a progress bar on stderr
-    (``None``: only when stderr is a terminal). Raises :class:`ConfigError` for counts below 1
+    when stderr is a terminal (False or None: never; True: where there is a terminal; never in a
+    file, where its carriage returns would make one endless line, :mod:`degla_fast.console`). Raises :class:`ConfigError` for counts below 1
     or an image size below 16.
     """
-    from tqdm import tqdm
+    from ..console import progress_bar
 
     pretrain_images = num_images if pretrain_images is None else pretrain_images
     val_eval_items = eval_items if val_eval_items is None else val_eval_items
@@ -582,7 +583,7 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
                                                 for sub in ("eval/images", "zeroshot/images")])
     per_task = sum(len(c) for c in ZEROSHOT_CLASSES.values())
     total = num_images + pretrain_images + sum(e * len(EVAL_SUBSETS) + z * per_task for _, e, z in splits.values())
-    bar = tqdm(total=total, desc="synth", unit="img", disable=not (sys.stderr.isatty() if progress is None else progress))
+    bar = progress_bar(total, desc="synth", unit="img", enabled=progress is not False)
     _write_pretrain(out, seed, pretrain_images, image_size, bar)
     _write_train(out, seed, num_images, image_size, bar)
     for split, (base, n_eval, n_zero) in splits.items():
@@ -691,6 +692,6 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:  # a full disk, a file where an image folder should be
         raise cannot_write(args.out, err) from None
     root = train_json.parent
-    print(f"wrote {root / 'pretrain.json'} (pre-training), {train_json} ({args.images} fine-tuning images), "
-          f"{root / 'eval'} and {root / 'zeroshot'} (test), {root / 'val'} (validation)")
+    log(f"wrote {root / 'pretrain.json'} (pre-training), {train_json} ({args.images} fine-tuning images), "
+        f"{root / 'eval'} and {root / 'zeroshot'} (test), {root / 'val'} (validation)")
     return 0

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images or captions per forward pass")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image-decoding worker processes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS when set, else the cores this process "
+                             "may use divided by LOCAL_WORLD_SIZE; degla_fast/threads.py)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -70,8 +73,10 @@ def check_output(value: str | None, flag: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, run the benchmark, print its table, write ``--json-out``. Returns 0."""
+    from ..console import log
     from ..io import cannot_write
     from ..model import load_model
+    from ..threads import set_threads
     from . import run_benchmark
     from .encode import Encoder
 
@@ -79,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     device = check_device(args.device)
     check_output(args.json_out, "--json-out")
     for flag, value in (("--data", args.data), ("--image-root", args.image_root)):
@@ -88,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is None and not model_path.exists() and (model_path.suffix in (".pt", ".pth", ".bin")
                                                                 or os.sep in args.model):
         raise DataError(f"{args.model}: file not found (--model)")
+    log(f"degla-fast eval: {args.model} on {args.benchmark} ({args.data}), device {device}, "
+        f"{set_threads(args.threads)}")
     if args.pretrained is None and Path(args.model).exists():
         bundle = load_model(None, args.model, device=device)  # --model names a checkpoint of ours
     else:
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     if args.json_out:
         try:
-            print(f"wrote {result.save(args.json_out)}")
+            log(f"wrote {result.save(args.json_out)}")
         except OSError as err:
             raise cannot_write(args.json_out, err) from None
     return 0

@@ -7,13 +7,13 @@ On a GPU the encoders run under bf16 autocast by default (``Encoder(precision=..
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..console import progress_bar
 from ..errors import DataError, from_worker
 from ..precision import autocast, check_precision
 
@@ -32,14 +32,6 @@ class ChoiceItem:
 
     image: ImageRef
     captions: tuple[str, ...]
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
-    """A tqdm bar (rate and ETA) on stderr; silent when not ``enabled`` or stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                disable=not enabled or not sys.stderr.isatty())
 
 
 def load_image(ref: ImageRef):
@@ -95,7 +87,7 @@ class Encoder:
             _ImageDataset(refs, self.bundle.preprocess_val), batch_size=self.batch_size,
             num_workers=self.num_workers, shuffle=False, pin_memory=self.device.type == "cuda")
         chunks = []
-        with progress_bar(len(refs), desc, self.progress, unit="img") as bar:
+        with progress_bar(len(refs), desc=desc, enabled=self.progress, unit="img") as bar:
             try:
                 for pixels in loader:
                     with autocast(self.precision, self.device):
@@ -117,7 +109,7 @@ class Encoder:
         # Batches of similar length, each trimmed to its longest caption on the host: little padding.
         order = (tokens != 0).sum(dim=1).argsort(stable=True)
         feats = None
-        with progress_bar(len(texts), desc, self.progress, unit="txt") as bar:
+        with progress_bar(len(texts), desc=desc, enabled=self.progress, unit="txt") as bar:
             for start in range(0, len(texts), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 with autocast(self.precision, self.device):

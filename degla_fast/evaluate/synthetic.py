@@ -29,6 +29,14 @@ def zeroshot_tasks(data_dir: str | Path) -> list[str]:
     return sorted(p.stem for p in (data_dir / "zeroshot").glob("*.json"))
 
 
+def zeroshot_chance(data_dir: str | Path) -> dict[str, float]:
+    """Chance accuracy (%) of each zero-shot task of :func:`zeroshot_tasks`: 100 / its classes
+    (the rendered worlds' labels are balanced)."""
+    root = Path(data_dir) / "zeroshot"
+    return {t: 100.0 / len(json.loads((root / f"{t}.json").read_text(encoding="utf-8"))["classnames"])
+            for t in zeroshot_tasks(data_dir)}
+
+
 def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
     """All synthetic metrics (per subset, swap / replace / add, compositional_avg, zero-shot) as a Result."""
     data_dir = Path(data_dir)
@@ -48,6 +56,10 @@ def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
         result.metrics[f"zeroshot_{task}"] = zs.metrics["top1"]
         result.counts[f"zeroshot_{task}"] = zs.counts["top1"]
     result.metrics["zeroshot_avg"] = mean(result.metrics[f"zeroshot_{t}"] for t in tasks)
+    # What the numbers are measured against: a model that learned nothing scores these.
+    chance = zeroshot_chance(data_dir)
+    result.notes.append("chance: 50.0 per compositional choice; zero-shot " + ", ".join(
+        f"{t} {chance[t]:.1f}" for t in tasks) + f" (average {mean(chance.values()):.1f})")
     return result
 
 

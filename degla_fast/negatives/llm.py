@@ -321,7 +321,7 @@ def generate_llm(
     text are not sent again. Returns (caption id -> negatives in ``types`` order; summary),
     built from the cache so that a resumed run returns the same as an uninterrupted one.
     """
-    from tqdm import tqdm
+    from ..console import progress_bar
 
     if concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
@@ -334,7 +334,7 @@ def generate_llm(
         if done.get((caption.id, neg_type), {}).get("caption") != caption.caption
     ]
     failed: list[dict] = []
-    bar = tqdm(total=len(pending), desc="negatives", unit="req", disable=None if progress else True)
+    bar = progress_bar(len(pending), desc="negatives", unit="req", enabled=progress)
     jobs = iter(pending)
     pool = ThreadPoolExecutor(max_workers=concurrency)
     finished_cleanly = False

@@ -218,18 +218,20 @@ def generate_rule(
     Returns (caption id -> negatives in ``types`` order, up to ``per_type`` each; summary).
     A type a caption cannot support is counted as missing.
     """
-    from tqdm import tqdm
+    from ..console import progress_bar
 
     summary = Summary(types, captions=len(captions))
     negatives: dict[str, list[str]] = {}
-    for caption in tqdm(captions, desc="negatives", unit="caption", disable=None if progress else True):
-        produced: list[str] = []
-        for neg_type in types:
-            found = rule_negatives(caption.caption, neg_type, per_type, seed=seed, exclude=set(produced))
-            summary.kept[neg_type] += len(found)
-            summary.missing[neg_type] += not found
-            produced += found
-        if produced:
-            negatives[caption.id] = produced
+    with progress_bar(len(captions), desc="negatives", unit="caption", enabled=progress) as bar:
+        for caption in captions:
+            produced: list[str] = []
+            for neg_type in types:
+                found = rule_negatives(caption.caption, neg_type, per_type, seed=seed, exclude=set(produced))
+                summary.kept[neg_type] += len(found)
+                summary.missing[neg_type] += not found
+                produced += found
+            if produced:
+                negatives[caption.id] = produced
+            bar.update(1)
     summary.records = len(negatives)
     return negatives, summary

@@ -25,6 +25,7 @@ from .output_folder import check_output, write_output
 from .run_lock import RunLock, holder_error
 from .optim import build_optimizer, build_scheduler
 from ..precision import autocast_dtype
+from ..threads import set_threads
 from .optim import MAX_LOGIT_SCALE
 from .step import StepParts, clamp_logit_scale_
 
@@ -49,6 +50,7 @@ class Run:
     total_steps: int
     start: tuple[int, int, int] = (0, 0, 0)  # (step, epoch, batch) to continue from
     lock: RunLock | None = None  # the output folder's lock, rank 0 only
+    threads: str = ""  # the CPU threads this process uses and why, for the start line (set_threads)
 
     @property
     def device(self) -> torch.device:
@@ -78,6 +80,9 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     """The :class:`Run` ``config`` describes, restored from ``config.resume`` when it names a checkpoint."""
     from ..model import load_model
 
+    # Before anything computes: torch's default (every core in every process) oversubscribes the
+    # cores as soon as two processes share a node.
+    threads = set_threads(config.threads)
     output = Path(config.output)
     checkpointer = Checkpointer(output / "checkpoints", config.resume, info, keep_last=config.keep_last)
     archive = check_output(output, config, resuming=checkpointer.resuming)
@@ -99,8 +104,8 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     parts = _step_parts(student, config, info, ds_config, total_steps)
     states = checkpointer.states(parts, student, model_name=bundle.name, config=config)
     run = Run(config=config, info=info, model_name=bundle.name, student=student, data=data, parts=parts,
-              checkpointer=checkpointer, states=states, logger=None, total_steps=total_steps)
-    run.start = checkpointer.restore_state(states, config.loss)
+              checkpointer=checkpointer, states=states, logger=None, total_steps=total_steps, threads=threads)
+    run.start = checkpointer.restore_state(states, config, total_steps=total_steps, steps_per_epoch=len(data))
     if not checkpointer.resuming:
         torch.manual_seed(config.seed + info.rank)
     # Written once everything a user can get wrong has been read: a mistake leaves no trace.

@@ -20,6 +20,7 @@ from .. import checkpoint as files
 from ..errors import ConfigError, DataError
 from . import distributed as dist_utils
 from .config import TrainConfig, to_dict
+from .optim import apply_schedule, cosine_with_warmup
 from .step import StepParts
 
 # Every part's key in the file, in the file's order (a part a run lacks is saved as None).
@@ -93,17 +94,22 @@ class Checkpointer:
             states["scaler"] = _IfSaved(parts.scaler)
         return states
 
-    def restore_state(self, states: dict[str, Stateful], loss) -> tuple[int, int, int]:
+    def restore_state(self, states: dict[str, Stateful], config: TrainConfig, *, total_steps: int,
+                      steps_per_epoch: int) -> tuple[int, int, int]:
         """Every part of ``states`` (:meth:`states`) and this rank's RNG from the resume
         checkpoint; returns its ``(step, epoch, batch)``, ``(0, 0, 0)`` on a fresh start. A loss
-        (``loss``: the run's LossSpec) configured otherwise than the checkpoint's (K, a weight)
-        is allowed; :attr:`notes` then holds the one warning line that says so."""
+        configured otherwise than the checkpoint's (K, a weight) is allowed, and so is another
+        schedule (``total_steps``, the run's length; ``steps_per_epoch``: what the checkpoint's
+        ``epochs`` meant); :attr:`notes` then holds one warning line for each, which says so."""
         state, self._state = self._state, None
         if state is None:
             return 0, 0, 0
-        self.notes = _loss_changes(self.resume_path, state, loss)
+        self.notes = _loss_changes(self.resume_path, state, config.loss)
         for name, part in states.items():
             part.load_state_dict(state.get(name))
+        scheduler = states["scheduler"]
+        apply_schedule(scheduler)  # the lr this run's schedule has at the resume step
+        self.notes += _schedule_change(self.resume_path, state, config, scheduler, total_steps, steps_per_epoch)
         rngs = state["rng"]
         files.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
         return int(state["step"]), int(state["epoch"]), int(state["batch"])
@@ -225,3 +231,28 @@ def _loss_changes(path: Path, state: dict, loss) -> list[str]:
     now = ", ".join(f"{name}={getattr(loss, name)}" for name in changed)
     return [f"resume: {path} was trained with {was}; this run uses {now} from step {int(state['step']) + 1} on"]
 
+
+
+def _schedule_change(path: Path, state: dict, config: TrainConfig, scheduler, total_steps: int,
+                     steps_per_epoch: int) -> list[str]:
+    """One warning line when this run's learning-rate schedule (its length ``total_steps``, warm-up
+    or final ratio) differs from the one the checkpoint ``state`` was trained under: what the
+    learning rate is at the first resumed step, under each, and where it goes now. None when the
+    schedule is the same, or the checkpoint holds no config."""
+    saved = state.get("config") or {}
+    optim = saved.get("optim") or {}
+    if not saved or not optim:
+        return []
+    old_total = int(saved.get("max_steps") or 0) or int(saved.get("epochs", 0)) * steps_per_epoch
+    old = (old_total, optim.get("warmup_steps"), optim.get("min_lr_ratio"))
+    new = (total_steps, config.optim.warmup_steps, config.optim.min_lr_ratio)
+    if old == new or not old_total:
+        return []
+    step, base = int(state["step"]), scheduler.base_lrs[0]
+    was = base * cosine_with_warmup(step, warmup_steps=old[1], total_steps=old_total, min_ratio=old[2])
+    now = scheduler.get_last_lr()[0]
+    length = (f"was scheduled for {old_total} steps, this run for {total_steps}" if old_total != total_steps
+              else f"was scheduled with warm-up {old[1]} and min_lr_ratio {old[2]}, this run with {new[1]} and "
+                   f"{new[2]}")
+    return [f"resume: {path} {length}: the learning rate at step {step + 1} is {now:.3g} (the old schedule's "
+            f"{was:.3g}) and follows the cosine to {base * config.optim.min_lr_ratio:.3g} at step {total_steps}"]

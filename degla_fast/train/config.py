@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends import EMA_BACKENDS
-from ..data.loader import PIPELINES
+from ..data import PIPELINES
 from ..errors import ConfigError
 from ..fields import doc_field as _f
+from ..fields import yaml_value
 from ..io import read_config_mapping
 from ..loss_spec import LossSpec
 from ..precision import PRECISIONS
@@ -32,7 +33,7 @@ class DataConfig:
     """Where the training pairs come from and how they are batched."""
 
     path: str = _f("", "training data: a DeGLA .json, a .csv/.tsv, or WebDataset shards ('shards-{000..009}.tar')", flag='data')
-    image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)", flag=True)
+    image_root: str | None = _f(None, "folder that relative image paths start from; null = the data file's folder", flag=True)
     batch_size: int = _f(32, "images per process per step (the global batch is this times the number of processes)",
                          minimum=1, flag=True)
     num_workers: int = _f(2, "data-loading worker processes per training process", minimum=0, flag=True)
@@ -48,7 +49,7 @@ class ModelConfig:
 
     name: str = _f("ViT-B-32-quickgelu", "open_clip model name, e.g. 'ViT-B-32-quickgelu' or 'degla-tiny'", flag='model')
     pretrained: str | None = _f("openai", "open_clip pretrained tag, a state-dict file or a degla-fast checkpoint; "
-                                          "null for random weights", flag=True)
+                                          "null (or none) for random weights", flag=True)
     compile: bool = _f(False, "torch.compile the student's towers (GPU; first steps are slow while it compiles)", flag=True)
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers: less memory, one more forward", flag=True)
 
@@ -110,6 +111,9 @@ class TrainConfig:
                                 "accumulates in fp32) and a bf16 teacher forward copy; fp32; amp = fp16 autocast + "
                                 "loss scaling on CUDA (bf16 autocast elsewhere)", PRECISIONS, flag=True)
     device: str = _f("auto", "cuda when available, else cpu", DEVICES, flag=True)
+    threads: int | None = _f(None, "CPU threads per process (torch's intra-op threads); null = OMP_NUM_THREADS when "
+                                   "set, else the cores this process may use divided by the processes on this node "
+                                   "(LOCAL_WORLD_SIZE)", minimum=1, flag=True)
     overwrite: bool = _f(False, "start a new run in an output folder that holds one: its files are moved to "
                                 "OUTPUT/previous/<time>/ first (without it such a folder is refused unless resuming)",
                          flag=True)
@@ -285,17 +289,32 @@ def _flag_fields(cls=TrainConfig, prefix: str = ""):
             yield (f.name if flag is True else flag).replace("_", "-"), f"{prefix}{f.name}", hints[f.name], f.metadata
 
 
+def _default_words(value: Any) -> str:
+    """A field's default as its flag's help says it: YAML (:func:`~degla_fast.fields.yaml_value`);
+    an empty string is no default at all (a required field, such as ``data.path``)."""
+    return "required" if value == "" else f"default: {yaml_value(value)}"
+
+
 def add_flags(parser) -> None:
-    """One ``argparse`` flag per field declared with ``flag`` (its doc is the help; a bool field
-    is a switch that sets it true). :func:`flag_overrides` reads them back."""
+    """One ``argparse`` flag per field declared with ``flag`` (its doc is the help, with the field's
+    name and default; a bool field is a switch that sets it true). :func:`flag_overrides` reads
+    them back."""
+    defaults = field_docs()
+    sections = {f.name: f.metadata["doc"] for f in _keys(TrainConfig) if _is_section(_hints(TrainConfig)[f.name])}
+    groups: dict = {}  # the flags grouped by YAML section, as --help-config groups the fields
     for flag, dotted, tp, meta in _flag_fields():
         base, _ = _base_type(tp)
+        section = dotted.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} ({sections[section]})" if section else
+                                                        "the run (top-level fields)")
         choices = f" [{', '.join(meta['choices'])}]" if meta.get("choices") else ""
-        help_text = f"{meta['doc']}{choices} ({dotted})".replace("%", "%%")
+        help_text = f"{meta['doc']}{choices} ({dotted}; {_default_words(defaults[dotted][0])})".replace("%", "%%")
         if base is bool:
-            parser.add_argument(f"--{flag}", dest=dotted, action="store_const", const=True, help=help_text)
+            groups[section].add_argument(f"--{flag}", dest=dotted, action="store_const", const=True, help=help_text)
         else:  # values are checked by load_config, which names the field
-            parser.add_argument(f"--{flag}", dest=dotted, metavar=dotted.rsplit(".", 1)[-1].upper(), help=help_text)
+            groups[section].add_argument(f"--{flag}", dest=dotted, metavar=dotted.rsplit(".", 1)[-1].upper(),
+                                         help=help_text)
 
 
 def flag_overrides(args) -> dict[str, Any]:
@@ -311,17 +330,39 @@ def to_dict(config: TrainConfig) -> dict:
             for f in _keys(config)}
 
 
-def describe(defaults=None, prefix: str = "") -> list[str]:
-    """One line per key: ``dotted.name (default): doc [allowed values]``; the defaults are those of
-    ``defaults`` (a section instance; a fresh :class:`TrainConfig` when None)."""
+def field_docs(defaults=None, prefix: str = "") -> dict[str, tuple[Any, str, tuple | None]]:
+    """dotted name -> ``(default, doc, allowed values or None)`` of every key, in the file's order;
+    the defaults are those of ``defaults`` (a section instance; a fresh :class:`TrainConfig` when None)."""
     defaults = TrainConfig() if defaults is None else defaults
-    lines = []
+    docs = {}
     for f in _keys(defaults):
         default = getattr(defaults, f.name)
         if _is_section(default):
-            lines.extend(describe(default, f"{prefix}{f.name}."))
-            continue
-        choices = f.metadata.get("choices")
+            docs.update(field_docs(default, f"{prefix}{f.name}."))
+        else:
+            docs[f"{prefix}{f.name}"] = (default, f.metadata["doc"], f.metadata.get("choices"))
+    return docs
+
+
+def describe(width: int | None = None) -> list[str]:
+    """``--help-config``: every key grouped by YAML section (the top-level keys first), one entry
+    ``name (default: VALUE): doc [allowed values]`` with VALUE as YAML writes it, wrapped to
+    ``width`` columns (None: the terminal's, 80 when there is none)."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    sections = {f.name: f.metadata["doc"] for f in _keys(TrainConfig) if _is_section(_hints(TrainConfig)[f.name])}
+    groups: dict[str, list[str]] = {"": []}
+    for dotted, (default, doc, choices) in field_docs().items():
+        section, _, name = dotted.rpartition(".")
         allowed = f" [{', '.join(choices)}]" if choices else ""
-        lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata['doc']}{allowed}")
+        groups.setdefault(section, []).append(f"{name} ({_default_words(default)}): {doc}{allowed}")
+    lines = textwrap.wrap("Configuration fields, by YAML section; set them in the --config file, with a flag "
+                          "(--help) or with --set SECTION.FIELD=VALUE.", width=max(40, width - 1))
+    for section, entries in groups.items():
+        lines += ["", f"{section}: ({sections[section]})" if section else "top level:"]
+        for entry in entries:
+            lines += textwrap.wrap(entry, width=max(40, width - 1), initial_indent="  ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
     return lines

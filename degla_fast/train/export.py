@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
+from ..console import log
 from ..errors import ConfigError, DataError
-from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
 from ..io import atomic_write, cannot_write
 
 
@@ -22,6 +20,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, which: str = "
 
     Returns ``(out path, open_clip model name)``.
     """
+    import torch  # here, not at the top: ``degla-fast export --help`` answers without it
+
+    from ..checkpoint import is_checkpoint_name, load_checkpoint, resolve_checkpoint
+
     path = resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists() and _same_file(out, path):
@@ -68,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
     """Export and print where the weights went and how to load them."""
     out, name = export_checkpoint(args.checkpoint, args.out, which="teacher" if args.teacher else "student",
                                   overwrite=args.overwrite)
-    print(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
+    log(f"wrote {out} (load with open_clip.create_model_and_transforms({name!r}, pretrained={str(out)!r}))")
     return 0

@@ -6,6 +6,9 @@ Single process::
 
 Several processes (one per GPU; gloo on CPUs): ``torchrun --nproc_per_node 8 -m degla_fast train ...``
 or ``deepspeed --num_gpus 8 -m degla_fast train --deepspeed configs/ds_zero2.json ...``.
+
+The command line only: this module imports neither torch nor the run (:mod:`.loop`) until a
+run starts, so that ``--help`` and ``--help-config`` answer at once.
 """
 from __future__ import annotations
 
@@ -13,21 +16,12 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..errors import ConfigError, DataError, DeglaError, NonFiniteError
-from ..functional import _resolve_for
-from ..stop_signals import StopNow, stop_request
-from . import distributed as dist_utils
-from .builder import Run, build_run
+from ..console import log
+from ..errors import ConfigError, DeglaError
+from ..stop_signals import StopNow
 from .config import TrainConfig, add_flags, describe, flag_overrides, load_config
-from .loglines import PREFIX, checkpoint_line
-from .metrics import Window, metrics_row
-from .step_account import StepAccount
-from .step import train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,16 +60,30 @@ def run(args: argparse.Namespace) -> int:
     result = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         # One closing line: where the run ended and what to resume or export from.
-        what = "stopped by a signal" if result.reason == "signal" else "finished"
-        print(f"degla-fast train: {what} at step {result.step} in {time.perf_counter() - started:.0f} s; "
-              f"checkpoint {result.checkpoint or 'none yet'}; metrics {Path(config.output) / 'metrics.jsonl'}",
-              flush=True)
+        metrics = Path(config.output) / "metrics.jsonl"
+        if result.reason == "already":  # resumed at the end of its schedule
+            log(f"degla-fast train: the run had already finished at step {result.step}: nothing trained (a larger "
+                f"--max-steps trains on from it); checkpoint {result.checkpoint}; metrics {metrics}")
+        else:
+            what = "stopped by a signal" if result.reason == "signal" else "finished"
+            log(f"degla-fast train: {what} at step {result.step} in {time.perf_counter() - started:.0f} s; "
+                f"checkpoint {result.checkpoint or 'none yet'}; metrics {metrics}")
     return 0
+
+
+def train(config: TrainConfig):
+    """Run the training ``config`` describes (:func:`.loop.train`, imported here: the command
+    line's ``--help`` never loads it); returns its :class:`.loop.TrainResult`."""
+    from .loop import train as run_training
+
+    return run_training(config)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``degla-fast train ARGS`` as a function: 0 on success, 2 after printing a user error."""
-    parser = argparse.ArgumentParser(prog="degla-fast train", description=__doc__.splitlines()[0])
+    from ..cli import Parser
+
+    parser = Parser(prog="degla-fast train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))
@@ -87,211 +95,3 @@ def main(argv: list[str] | None = None) -> int:
         return stop.status
 
 
-# ---------------------------------------------------------------- the run
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run leaves: its last step and checkpoint, and why it stopped
-    (``"done"``, ``"signal"``)."""
-
-    step: int
-    checkpoint: Path | None
-    reason: str
-
-
-def _check_data_path(path: str) -> None:
-    """One clear line for a missing local data file (shard patterns and URLs are checked by the loader)."""
-    if "{" in path or "://" in path or path.startswith("pipe:"):
-        return
-    if not Path(path).exists():
-        raise DataError(f"data.path: no such file {path}")
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Run the training ``config`` describes; see the module doc. Raises DeglaError on user errors,
-    NonFiniteError (after saving) when the loss stays non-finite. SIGTERM and SIGINT are stop
-    requests from here on (:mod:`degla_fast.stop_signals`; the command line handles them from
-    before its imports)."""
-    installed = stop_request.install()
-    try:
-        return _train(config)
-    finally:
-        if installed:
-            stop_request.restore()
-
-
-def _train(config: TrainConfig) -> TrainResult:
-    _check_data_path(config.data.path)
-    ds_config = None
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.deepspeed is not None:
-        ds_config = dist_utils.read_deepspeed_config(
-            config.deepspeed, micro_batch=config.data.batch_size, world_size=world_size,
-            max_grad_norm=config.optim.max_grad_norm)
-        for key in ("optimizer", "scheduler"):
-            if key in ds_config:
-                raise ConfigError(f"deepspeed: {config.deepspeed}: remove the {key!r} section; the trainer builds "
-                                  "AdamW and the cosine schedule from the optim section")
-    info = dist_utils.setup(config.device, use_deepspeed=ds_config is not None)
-    try:
-        # ``trainer``: the built Run (``run`` is this module's command-line entry point).
-        trainer = build_run(config, info, ds_config)
-        try:
-            return _train_loop(trainer)
-        finally:
-            trainer.close()
-            del trainer  # the engine holds the process groups: teardown can end their threads
-    finally:
-        dist_utils.teardown()
-
-
-def _train_loop(trainer: Run) -> TrainResult:
-    """Step from the resume point until ``trainer.total_steps`` or a stop signal. The host reads
-    the device every ``log_every`` steps (and when saving): losses, skipped steps and stop flags;
-    ``account.step`` is provisional between those reads (:class:`.step_account.StepAccount`)."""
-    config = trainer.config
-    step, epoch, batch_index = trainer.start
-    if trainer.logger is not None and trainer.logger.lines:  # (a terminal gets the progress bar instead)
-        trainer.logger.say(start_line(trainer, trainer.checkpointer.resume_path))
-    if step >= trainer.total_steps:  # resumed at the end: nothing left to do
-        return TrainResult(step, trainer.checkpointer.last_path, "done")
-    # One process reads its stop request after every batch (a host variable: no sync). Several
-    # must stop at the same step (a save is a collective), so they agree on theirs where the host
-    # reads the device anyway: at log steps and saves (StepAccount.read sums the flags with the
-    # losses), at most log_every steps after the signal; no read is added to the steps between.
-    alone = not trainer.info.distributed
-    # A stop asked for during start-up ends the run before its first step (one collective here).
-    if dist_utils.any_true(stop_request.requested, trainer.info):
-        trainer.warn(f"stop signal received during start-up: no step trained; the last checkpoint is "
-                     f"{trainer.checkpointer.last_path or 'none yet'}")
-        return TrainResult(step, trainer.checkpointer.last_path, "signal")
-    account = StepAccount(step, trainer.parts.scheduler, trainer.device)
-    window = Window(step, time.perf_counter())
-    result = lr = None
-    tick = time.perf_counter()
-    for batch_epoch, resume_at, batch in _batches(trainer, epoch, batch_index,
-                                                  lambda: alone and stop_request.requested):
-        if batch is not None:  # None: a stop signal while only unreadable batches came
-            images = batch.images.to(trainer.device, non_blocking=True)
-            tokens = batch.tokens.to(trainer.device, non_blocking=True)
-            if trainer.parts.sync is not None:
-                trainer.parts.sync()
-            window.data_time += time.perf_counter() - tick
-            lr = trainer.parts.optimizer.param_groups[0]["lr"]
-            result = train_step(trainer.parts, images, tokens)
-            account.took(result.applied)  # counted as applied until the host reads the counters
-        step = account.step
-        signalled = stop_request.requested
-        due_save = bool(config.save_every) and step % config.save_every == 0
-        if batch is None or (alone and signalled) or step % config.log_every == 0 or step >= trainer.total_steps \
-                or due_save:
-            # The one host sync of these log_every steps.
-            stop_now, window = _log_step(trainer, account, result, signalled, batch_epoch, lr, window, resume_at)
-            step = account.step
-            path = _maybe_save(trainer, step, resume_at, force=stop_now or step >= trainer.total_steps)
-            if alone and stop_request.requested and not stop_now:  # it came while logging or saving
-                stop_now, path = True, _maybe_save(trainer, step, resume_at, force=True)
-            if stop_now:
-                trainer.warn(f"stop signal received: saved step {step} to {path}; resume with --resume latest")
-                return TrainResult(step, path, "signal")
-            if step >= trainer.total_steps:
-                return TrainResult(step, path, "done")
-        tick = time.perf_counter()
-    raise AssertionError("the batch stream ended")  # _batches crosses epochs until the loop returns
-
-
-def _batches(trainer: Run, epoch: int, batch: int, stopping):
-    """``(epoch of the batch, resume point after it, Batch)`` from the resume point ``(epoch,
-    batch)`` on, across epochs, without end. A resume point at or past the end of an epoch (the
-    data set shrank) starts the next one. ``Batch`` is None when ``stopping()`` says a stop was
-    asked for while only unreadable batches came (``data.skip_bad_images``), so that the stop is
-    honoured; an epoch whose every image is unreadable is an error, never an endless loop."""
-    data = trainer.data
-    while True:
-        if batch >= len(data):
-            epoch, batch = epoch + 1, 0
-        data.set_epoch(epoch, start_batch=batch)
-        whole, trained = batch == 0, 0
-        for item in data.batches():
-            batch = item.position + 1
-            resume_at = (epoch, batch) if batch < len(data) else (epoch + 1, 0)
-            if batch == len(data) and data.bad_images:  # said before the last batch: the run may end with it
-                trainer.warn(f"epoch {epoch}: skipped {data.bad_images} unreadable image(s) in {data.source}")
-            if len(item.indices):
-                trained += 1
-                yield epoch, resume_at, item
-            elif stopping():
-                yield epoch, resume_at, None
-        if whole and not trained:
-            raise DataError(f"every image in epoch {epoch} was unreadable ({data.bad_images} images in "
-                            f"{data.source}); check data.image_root and the image files")
-        epoch, batch = epoch + 1, 0
-
-
-def _log_step(trainer: Run, account: StepAccount, result, signalled: bool, epoch: int, lr, window: Window,
-              resume_at: tuple[int, int]) -> tuple[bool, Window]:
-    """The host's read of the device (``account.read``: skipped steps taken back from the step
-    and the schedule), a metrics row, a stop when the loss stayed non-finite too long. Returns
-    ``(stop, window)`` (``stop``: a stop signal reached some rank)."""
-    if result is None:  # no step trained yet in this process: nothing to read
-        return signalled, window
-    config = trainer.config
-    stats = account.read(result, signalled, trainer.info)
-    step = account.step
-    if stats["skipped"]:
-        trainer.warn(f"step {step + 1}: non-finite loss ({stats['loss']}), {stats['skipped']} step(s) skipped "
-                     f"since the last log ({stats['in_row']} in a row, limit {config.max_nonfinite_steps})")
-    if stats["applied"] and step > window.logged:
-        row = metrics_row(stats, result, step, epoch, lr, window, time.perf_counter(),
-                          config.data.batch_size * trainer.info.world_size)
-        if trainer.logger is not None:
-            trainer.logger.log(row)
-            trainer.logger.advance(step - window.logged, {"loss": f"{row['loss']:.4f}"})
-        window = Window(step, time.perf_counter())
-    if stats["max_in_row"] >= config.max_nonfinite_steps:
-        path = _maybe_save(trainer, step, resume_at, force=True)
-        raise NonFiniteError(f"loss was non-finite for {stats['max_in_row']} steps in a row (max_nonfinite_steps="
-                             f"{config.max_nonfinite_steps}); state saved to {path}; lower optim.lr or check the data")
-    return stats["stop"], window
-
-
-def _maybe_save(trainer: Run, step: int, resume_at: tuple[int, int], force: bool) -> Path | None:
-    """A checkpoint at ``step`` (resuming at ``resume_at``, ``(epoch, batch)``) when one is due
-    (``save_every``) or ``force``d, unless this step is saved already; returns the newest
-    checkpoint's path."""
-    every = trainer.config.save_every
-    if (force or (every and step % every == 0)) and trainer.checkpointer.last_step != step:
-        path = trainer.checkpointer.save(trainer.states, step, *resume_at)
-        if trainer.logger is not None:
-            trainer.logger.say(checkpoint_line(step, path))
-    return trainer.checkpointer.last_path
-
-
-def loss_backend(run: Run) -> str:
-    """The loss backend this run's batches get: the loss's own per-call rule
-    (:func:`degla_fast.functional._resolve_for`) on the shapes, dtype and device of one batch's
-    features, with the run's loss settings."""
-    config, world = run.config, run.info.world_size
-    rows = config.data.batch_size
-    # Only shapes, dtype and device count: empty rows of width 0 stand for the features, which
-    # reach the loss in the forward's autocast dtype (train_step).
-    dtype = run.parts.autocast_dtype or torch.float32
-    image = torch.empty((rows, 0), device=run.device, dtype=dtype)
-    text = torch.empty((rows * (1 + config.loss.num_negatives), 0), device=run.device, dtype=dtype)
-    return _resolve_for(config.loss, image, text, world)
-
-
-def start_line(run: Run, resumed_from: Path | None) -> str:
-    """What the run is: model, data, batch, K, loss backend, precision, processes, output, length;
-    where it resumed from (``resumed_from``: the checkpoint, None on a fresh start)."""
-    config, info = run.config, run.info
-    batch = config.data.batch_size
-    line = (f"{PREFIX} start: model {run.model_name}, data {config.data.path} ({run.data.num_samples} samples, "
-            f"{len(run.data)} steps per epoch), batch {batch} per process ({batch * info.world_size} in all), "
-            f"K={config.loss.num_negatives}, loss backend {loss_backend(run)} (asked: {config.loss.backend}), "
-            f"precision {config.precision}, world size {info.world_size}, device {run.device}, output "
-            f"{config.output}, {run.total_steps} steps")
-    if resumed_from is not None:
-        line += f"; resumed from step {run.start[0]} of checkpoint {resumed_from}"
-    return line

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..console import progress_bar, stamped
 from ..errors import ConfigError
 from ..io import write_text_atomic
 from .loglines import step_line
@@ -47,10 +48,8 @@ class MetricsLogger:
             write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self.bar = None
-        if progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if progress and sys.stderr.isatty():  # (no bar object at all elsewhere: warnings then print plainly)
+            self.bar = progress_bar(total_steps, initial=start_step, unit="step")
         self.writer = self.wandb = None
         if report_to == "tensorboard":
             try:
@@ -81,9 +80,10 @@ class MetricsLogger:
             self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
     def say(self, line: str) -> None:
-        """``line`` on stdout when the run reports itself in lines (see ``lines``)."""
+        """``line`` on stdout, behind the time (:func:`~degla_fast.console.stamped`), when the run
+        reports itself in lines (see ``lines``)."""
         if self.lines:
-            print(line, flush=True)
+            print(stamped(line), flush=True)
 
     def advance(self, steps: int, postfix: dict | None = None) -> None:
         """Move the progress bar (if any) and show ``postfix``."""
@@ -93,11 +93,11 @@ class MetricsLogger:
                 self.bar.set_postfix(postfix, refresh=False)
 
     def warn(self, message: str) -> None:
-        """A warning line that does not break the progress bar."""
+        """A warning line, behind the time, that does not break the progress bar."""
         if self.bar is not None:
-            self.bar.write(f"warning: {message}", file=sys.stderr)
+            self.bar.write(stamped(f"warning: {message}"), file=sys.stderr)
         else:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            print(stamped(f"warning: {message}"), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._file.close()

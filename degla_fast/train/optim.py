@@ -94,6 +94,14 @@ def rewind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -
     if steps <= 0:
         return
     scheduler.last_epoch -= steps
+    apply_schedule(scheduler)
+
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Give the optimiser's groups the learning rate ``scheduler`` has at its current step. A
+    resume needs it when the schedule changed (another ``max_steps``): the groups' lr comes from
+    the checkpoint's optimiser, written under the old schedule; with the same schedule it is the
+    same number."""
     lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .. import checkpoint as files
+from ..console import log
 from ..errors import ConfigError, DataError
 from ..io import cannot_write, check_output_folder, write_text_atomic
 from . import distributed as dist_utils
@@ -71,7 +72,7 @@ def _write_output_files(output: Path, config: TrainConfig, archive: list[str]) -
             _archive(output, archive)
         (output / "checkpoints").mkdir(exist_ok=True)
         for path in files.remove_stale_temporaries(output / "checkpoints"):
-            print(f"degla-fast train: removed {path}, left by an interrupted save", flush=True)
+            log(f"degla-fast train: removed {path}, left by an interrupted save")
         write_text_atomic(output / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     except OSError as err:
         raise cannot_write(err.filename or output, err) from None
@@ -87,4 +88,4 @@ def _archive(output: Path, names: list[str]) -> None:
     previous.mkdir(parents=True)
     for name in names:
         (output / name).rename(previous / name)
-    print(f"degla-fast train: moved the previous run's {', '.join(names)} to {previous}", flush=True)
+    log(f"degla-fast train: moved the previous run's {', '.join(names)} to {previous}")

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..console import log
 from ..errors import DataError
 from ..io import cannot_write
 
@@ -85,8 +86,8 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in _UNSUPPORTED:
                     raise cannot_write(path, err) from None
-                print(f"warning: {path}: this file system cannot lock files ({os.strerror(err.errno)}); a second "
-                      "run writing into the same folder will not be detected", file=sys.stderr, flush=True)
+                log(f"warning: {path}: this file system cannot lock files ({os.strerror(err.errno)}); a second "
+                    "run writing into the same folder will not be detected", file=sys.stderr)
                 return cls(path, None)
         try:
             os.ftruncate(fd, 0)
