@@ -58,8 +58,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     from .cli import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="python -m degla_fast.demo", description=__doc__.splitlines()[0],
@@ -72,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=_positive, default=None,
                         help="CPU threads for torch per process (default: OMP_NUM_THREADS when set, else the "
                              "cores this process may use divided by --jobs; degla_fast/threads.py)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit status."""
+    args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
