@@ -280,16 +280,20 @@ _TILES = {
     (DOT_NATIVE, 80): (32, 32, 32, 8, 3, 3, 512, 512),
     (DOT_TF32, 90): (32, 32, 16, 8, 3, 2, 256, 256),
     (DOT_TF32, 80): (32, 32, 16, 8, 2, 2, 256, 256),
-    (DOT_IEEE, 90): (32, 32, 16, 8, 1, 2, 64, 64),
-    (DOT_IEEE, 80): (32, 32, 16, 8, 1, 2, 64, 64),
+    (DOT_IEEE, 90): (16, 16, 16, 4, 1, 1, 32, 32),
+    (DOT_IEEE, 80): (16, 16, 16, 4, 1, 1, 32, 32),
 }
 # Features narrower than the table's BLOCK_K or not a multiple of 16 (no vector loads, so more
 # address registers): one narrow tile on both architectures.
 _NARROW_TILES = {
     DOT_NATIVE: (64, 64, 16, 8, 2, 1, 64, 64),
     DOT_TF32: (64, 64, 16, 8, 2, 1, 64, 64),
-    DOT_IEEE: (32, 32, 16, 8, 1, 2, 32, 32),
+    DOT_IEEE: (16, 16, 16, 4, 1, 1, 32, 32),
 }
+#: The interpreter (tests on the CPU) has no registers to spill; it runs programs one by one in
+#: numpy, so it takes larger tiles than the GPU's exact-fp32 ones (fewer, larger numpy steps).
+#: Every GPU variant is in the tables above and goes through the compile gate.
+_INTERPRETER_TILE = (32, 32, 16, 4, 1, 1, 64, 64)
 #: Forward programs the column splits aim for: a few per SM, so small batches fill the GPU.
 _PROGRAMS_PER_SM = 4
 #: Backward programs the splits of the dq and dx loops aim for (at least two per SM).
@@ -324,12 +328,12 @@ def dot_mode(dtype_name: str, precision: str, interpreted: bool) -> int:
     return DOT_NATIVE
 
 
-def tiles(dot: int, D: int, arch: int, which: str) -> tuple[int, int, int, int, int, int]:
+def tiles(dot: int, D: int, arch: int, which: str, interpreted: bool = False) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) of the ``fwd``, ``bwd``
     (recomputing) or ``bwd_stored`` kernels for width D (BLOCK_D: the backward's feature slice; 0
-    in the forward)."""
-    table = _TILES[(dot, arch)]
-    if D % 16 or D < table[2]:
+    in the forward) on ``arch``, or under the interpreter."""
+    table = _INTERPRETER_TILE if interpreted else _TILES[(dot, arch)]
+    if not interpreted and (D % 16 or D < table[2]):
         table = _NARROW_TILES[dot]
     block_m, block_n, block_k, warps, fwd_stages, bwd_stages, widest, widest_stored = table
     if which == "fwd":
@@ -415,11 +419,11 @@ def make_plan(R: int, C: int, D: int, dtype_name: str, precision: str, *, num_gr
     their padded size fits ``store_bytes`` (and below 2^31 elements: int32 offsets)."""
     interpreted = sm_count is None
     dot = dot_mode(dtype_name, precision, interpreted)
-    fwd = tiles(dot, D, arch, "fwd")
+    fwd = tiles(dot, D, arch, "fwd", interpreted)
     stride_l = triton.cdiv(C, STORE_ALIGN) * STORE_ALIGN
     kept = stored_dtype(dtype_name)
     store = R * stride_l * kept.itemsize <= store_bytes and R * stride_l < 2 ** 31
-    bwd = tiles(dot, D, arch, "bwd_stored" if store else "bwd")
+    bwd = tiles(dot, D, arch, "bwd_stored" if store else "bwd", interpreted)
     fwd_target = _INTERPRETER_PROGRAMS if interpreted else _PROGRAMS_PER_SM * sm_count
     bwd_target = _INTERPRETER_PROGRAMS if interpreted else _BACKWARD_PROGRAMS_PER_SM * sm_count
     block_m, block_n = fwd[:2]
