@@ -131,9 +131,13 @@ def test_zero3_bf16_run_trains_with_a_bf16_gathered_teacher(synth, tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         rows[name] = read_metrics(tmp_path / name / "metrics.jsonl")
     assert [r["step"] for r in rows["zero3"]] == [1, 2, 3, 4]
+    # At step 1 the student is its teacher: the distillation term is bf16 rounding alone (about
+    # 2e-3), and that rounding depends on the CPU's bf16 kernels as well as on the partitioning
+    # (2.07e-3 under DDP, 2.25e-3 under ZeRO-3 on an AVX2-only AMD EPYC): an absolute 5e-4 there;
+    # from step 2 on it is a real distance (about 4) held to the same 2 % as every other term.
     for a, b in zip(rows["ddp"], rows["zero3"]):
         for key in LOSS_KEYS:
-            assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-4), (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=2e-2, abs=5e-4 if key == "distill" else 1e-4), (a["step"], key)
     state = torch.load(tmp_path / "zero3" / "checkpoints" / "step_00000004.pt", map_location="cpu",
                        weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["teacher"].values() if v.is_floating_point())
