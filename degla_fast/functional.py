@@ -19,8 +19,8 @@ Backends: ``reference`` (full matrices, the release's structure), ``torch`` (row
 recomputed in backward), ``gemm`` (cuBLAS GEMMs over column chunks with Triton epilogues, one
 autograd node; :mod:`degla_fast.fused_loss`), ``triton`` (tiled kernels with the statistics and
 the gradient inside the GEMMs, 16-bit logits kept where they fit in ``chunk_bytes``, else
-recomputed in O((R + C) D) memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured or modelled per device and
-size; the rule lives in :mod:`degla_fast.backends`).
+recomputed in O((R + C) D) memory; CUDA, or CPU under TRITON_INTERPRET=1), ``auto`` (measured
+or modelled per device and size; the rule lives in :mod:`degla_fast.backends`).
 
 ``dot_precision`` is the dot precision of fp32 inputs on a GPU: ``"tf32"`` (default, tensor cores,
 about 1e-3 relative error per dot product) or ``"ieee"`` (exact fp32 products, no tensor cores).

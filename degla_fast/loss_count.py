@@ -43,9 +43,10 @@ class Count:
     passes: float
     bytes_per_logit: dict = field(default_factory=dict)
     launches: list = field(default_factory=list)
-    allocations: list = field(default_factory=list)  # (what, bytes, freed after step) in order
+    allocations: list = field(default_factory=list)  # (what, bytes, freed after step or None) in order
     peak_bytes: int = 0
     notes: str = ""
+    plan: object = None  # the triton backend's Plan
 
     @property
     def logits(self) -> int:
@@ -71,7 +72,8 @@ def _itemsize(dtype: str) -> int:
 
 
 def _peak(allocations: list) -> int:
-    """Most bytes alive at once: entries are (what, bytes, step it is freed after or None)."""
+    """Most bytes alive at once: entries are (what, bytes, step it is freed after, or None: alive to
+    the end of the backward)."""
     alive, peak = [], 0
     for step, (_, size, freed) in enumerate(allocations):
         alive = [(s, f) for s, f in alive if f is None or f >= step]
@@ -92,15 +94,15 @@ def triton_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, store_bytes
     count = Count("triton" + ("" if plan.stored is not None else ", recomputed"), B, K, D, dtype, passes=0.0)
     stats = 5 * plan.fwd_splits * R * F32 + 2 * max(1, plan.col_parts) * (B if plan.col_parts else 1) * F32
     kept = plan.stored.itemsize if plan.stored is not None else 0
-    recompute = 0 if plan.stored is not None else (plan.dq_slices + plan.dx_slices) / 2
+    recompute = 0 if plan.stored is not None else plan.slices
     count.passes = 1 + (0 if plan.fused_cols else 1 / (1 + K)) + 2 * recompute + 2
     local = 2 * 2 * (R + C) * D * isz  # TGC + distillation read student and teacher, forward and backward
     per = count.bytes_per_logit
     per["_lse_fwd_kernel"] = max(0, kept - isz) + 2 * stats / logits  # stored logits beyond the GEMM's own write
     dq_parts = plan.dq_splits * R * D * F32 if plan.dq_splits > 1 else 0
     dx_parts = plan.dx_splits * C * D * F32 if plan.dx_splits > 1 else 0
-    per["_dq_kernel"] = max(0, kept * plan.dq_slices - isz) + dq_parts / logits
-    per["_dx_kernel"] = max(0, kept * plan.dx_slices - isz) + dx_parts / logits
+    per["_dq_kernel"] = max(0, kept * plan.slices - isz) + dq_parts / logits
+    per["_dx_kernel"] = max(0, kept * plan.slices - isz) + dx_parts / logits
     if dq_parts:
         per["_sum_parts_kernel (dq)"] = (dq_parts + 2 * R * D * isz) / logits
     if dx_parts:
@@ -110,7 +112,7 @@ def triton_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, store_bytes
                       + ["_local_fwd_kernel", "_finish_kernel", "_local_bwd_kernel", "_dq_kernel"]
                       + (["_sum_parts_kernel"] if dq_parts else []) + ["_dx_kernel"]
                       + (["_sum_parts_kernel"] if dx_parts else []))
-    end = 99  # freed at the end of the backward
+    end = None  # alive to the end of the backward
     allocs = [(f"state {name}", plan.fwd_splits * R * F32, end) for name in ("row_m", "row_l", "pos", "group_m",
                                                                              "group_l")]
     cols = max(1, plan.col_parts) * (B if plan.col_parts else 1) * F32
@@ -130,10 +132,10 @@ def triton_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, store_bytes
     count.allocations = allocs
     count.peak_bytes = _peak(allocs)
     count.notes = (f"logits {'stored as ' + str(plan.stored).replace('torch.', '') if plan.stored is not None else 'recomputed'}"
-                   f"; feature slices dq {plan.dq_slices} x {plan.dq_block_d}, dx {plan.dx_slices} x "
-                   f"{plan.dx_block_d}; programs: forward {plan.row_blocks * plan.fwd_splits}, dq "
-                   f"{plan.row_blocks * plan.dq_slices * plan.dq_splits}, dx "
-                   f"{plan.col_blocks * plan.dx_slices * plan.dx_splits}")
+                   f"; feature slices dq {plan.slices} x {plan.block_d}, dx {plan.slices} x {plan.block_d}; "
+                   f"programs: forward {plan.row_blocks * plan.fwd_splits}, dq "
+                   f"{plan.row_blocks * plan.slices * plan.dq_splits}, dx "
+                   f"{plan.col_blocks * plan.slices * plan.dx_splits}")
     count.plan = plan
     return count
 
@@ -157,8 +159,6 @@ def gemm_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, chunk_bytes: 
     per["_grad_kernel"] = 4 + isz                                      # fp32 logits read, gradient written
     per["cuBLAS dq, dx"] = (8 * R * D * max(0, n - 1)) / logits        # the fp32 dq accumulator read + written per chunk
     per["_finalize_kernel"] = (2 * (R + C) * D * F32 + 2 * 2 * (R + C) * D * isz) / logits
-    device = torch.device("cuda") if gpu else torch.device("cpu")
-    del device
     count.launches = []
     for _ in chunks:
         count.launches += ["mm", "_stats_kernel"]
@@ -166,21 +166,18 @@ def gemm_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, chunk_bytes: 
     for i, _ in enumerate(chunks):
         count.launches += (["mm"] if n > 1 else []) + ["_grad_kernel", "mm" if i == 0 else "addmm", "mm"]
     count.launches += ["_finalize_kernel"]
-    end = 99
+    end = None
     allocs = [(f"state {name}", R * F32, end) for name in ("row_m", "row_l", "pos", "group_m", "group_l")]
     allocs += [("state col_m", B * F32, end), ("state col_l", B * F32, end)]
     for i, (c0, c1) in enumerate(chunks):
         allocs.append((f"logits chunk {i}", R * (c1 - c0) * F32, end if n == 1 else len(allocs)))
     allocs += [("tgc", B * F32, end), ("tgc lse", B * F32, end), ("distill", B * F32, end)]
     allocs += [(f"output {i}", F32, end) for i in range(5)]
-    rows_grid = gpu["sms"] * gemm_loss._PROGRAMS_PER_SM if gpu else 0
+    wanted = gpu["sms"] * gemm_loss._PROGRAMS_PER_SM if gpu else 0
     parts = 0
-    for c0, c1 in chunks:
-        block_m, block_n = gemm_loss.grad_tile(max(2, c1 - c0))
-        tiles, row_blocks = -(-(c1 - c0) // block_n), -(-R // block_m)
-        splits = gemm_loss._INTERPRETER_SPLITS if rows_grid == 0 else -(-rows_grid // row_blocks)
-        per_split = -(-tiles // max(1, min(tiles, splits)))
-        parts += row_blocks * -(-tiles // per_split)
+    for c0, c1 in chunks:  # a one-column chunk's logits have a row stride of 2 (fused_loss._logits)
+        row_blocks, splits, _ = gemm_loss.grad_grid_for(R, c1 - c0, max(2, c1 - c0), wanted)
+        parts += row_blocks * splits
     allocs.append(("d(scale) parts", parts * F32, end))
     if n > 1:
         allocs.append(("dx fp32 product", C * D * F32, end))

@@ -370,7 +370,6 @@ class Plan:
     C: int
     D: int
     dot: int
-    arch: int
     fwd: tuple
     bwd: tuple
     fwd_splits: int
@@ -381,10 +380,9 @@ class Plan:
     col_per: int
     stored: torch.dtype | None
     stride_l: int
-    dq_block_d: int
+    block_d: int
     dq_splits: int
     dq_per: int
-    dx_block_d: int
     dx_splits: int
     dx_per: int
 
@@ -397,12 +395,9 @@ class Plan:
         return triton.cdiv(self.C, self.bwd[1])
 
     @property
-    def dq_slices(self) -> int:
-        return triton.cdiv(self.D, self.dq_block_d)
-
-    @property
-    def dx_slices(self) -> int:
-        return triton.cdiv(self.D, self.dx_block_d)
+    def slices(self) -> int:
+        """Feature slices of both backward kernels (``block_d`` wide)."""
+        return triton.cdiv(self.D, self.block_d)
 
     @property
     def col_parts(self) -> int:
@@ -434,24 +429,23 @@ def make_plan(R: int, C: int, D: int, dtype_name: str, precision: str, *, num_gr
     if with_cols and not fused_cols:
         col_splits, col_per = _split(triton.cdiv(R, block_n), triton.cdiv(num_groups, block_m), fwd_target)
     fill = _INTERPRETER_PROGRAMS if interpreted else sm_count
-    dq_block_d = _slice_width(bwd[3], D, row_blocks * col_tiles, fill)
-    dx_block_d = _slice_width(bwd[3], D, row_blocks * col_tiles, fill)
-    dq_splits, dq_per = _split(col_tiles, row_blocks * triton.cdiv(D, dq_block_d), bwd_target)
-    dx_splits, dx_per = _split(row_blocks, col_tiles * triton.cdiv(D, dx_block_d), bwd_target)
+    block_d = _slice_width(bwd[3], D, row_blocks * col_tiles, fill)
+    slices = triton.cdiv(D, block_d)
+    dq_splits, dq_per = _split(col_tiles, row_blocks * slices, bwd_target)
+    dx_splits, dx_per = _split(row_blocks, col_tiles * slices, bwd_target)
     # Partials beyond int32 offsets: fewer splits (at such sizes the grid is full without them).
     while dq_splits > 1 and dq_splits * R * D >= 2 ** 31:
         dq_splits, dq_per = _split(col_tiles, 1, dq_splits // 2)
     while dx_splits > 1 and dx_splits * C * D >= 2 ** 31:
         dx_splits, dx_per = _split(row_blocks, 1, dx_splits // 2)
-    return Plan(R, C, D, dot, arch, fwd, bwd, fwd_splits, fwd_per, with_cols, fused_cols, col_splits, col_per,
-                kept if store else None, stride_l if store else 0, dq_block_d, dq_splits, dq_per, dx_block_d,
-                dx_splits, dx_per)
+    return Plan(R, C, D, dot, fwd, bwd, fwd_splits, fwd_per, with_cols, fused_cols, col_splits, col_per,
+                kept if store else None, stride_l if store else 0, block_d, dq_splits, dq_per, dx_splits, dx_per)
 
 
 def _slice_width(widest: int, D: int, tiles_: int, fill: int) -> int:
     """The backward's feature slice: the table's widest (every slice reads or recomputes the band
     of logits again), or half of it when the logit tiles alone cannot give every SM a program
-    (small batches: B=256 has 80 tiles of 64 x 64 for 132 SMs)."""
+    (small batches: B=128 at K=4 has 80 tiles of 32 x 32 for an H100's 132 SMs)."""
     if tiles_ >= fill or widest < 2 * MIN_SLICE or D <= widest // 2:
         return widest
     return widest // 2
@@ -543,16 +537,16 @@ def backward(q: torch.Tensor, x: torch.Tensor, logits: torch.Tensor | None, scal
                                                                       num_warps=SUM_WARPS)
 
     out, stride, acc, part = target(dq, plan.dq_splits)
-    _dq_kernel[(plan.row_blocks, plan.dq_slices, plan.dq_splits)](
+    _dq_kernel[(plan.row_blocks, plan.slices, plan.dq_splits)](
         q, x, stored, scale, grads, *lse, out, parts, R, C, D, row_offset, num_groups, num_negatives, q.stride(0),
-        x.stride(0), plan.stride_l, D, stride, *head, acc, plan.dq_per, BLOCK_D=plan.dq_block_d, **common)
+        x.stride(0), plan.stride_l, D, stride, *head, acc, plan.dq_per, BLOCK_D=plan.block_d, **common)
     merge(part, dq)
     del part
     out, stride, acc, part = target(dx, plan.dx_splits)
-    _dx_kernel[(plan.col_blocks, plan.dx_slices, plan.dx_splits)](
+    _dx_kernel[(plan.col_blocks, plan.slices, plan.dx_splits)](
         q, x, stored, scale, grads, *lse, out, parts, dscale, parts.numel(), R, C, D, row_offset, num_groups,
         num_negatives, q.stride(0), x.stride(0), plan.stride_l, D, stride, *head, acc, plan.dx_per,
-        BLOCK_D=plan.dx_block_d, PART_BLOCK=PART_BLOCK, **common)
+        BLOCK_D=plan.block_d, PART_BLOCK=PART_BLOCK, **common)
     merge(part, dx)
     return dscale
 

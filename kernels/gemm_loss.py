@@ -249,9 +249,14 @@ def grad_tile(row_stride: int) -> tuple[int, int]:
 
 def grad_grid(R: int, Cc: int, row_stride: int, device: torch.device) -> tuple[int, int, int]:
     """(row blocks, column splits, column tiles per program) of the grad kernel for a chunk of R x Cc."""
+    return grad_grid_for(R, Cc, row_stride, _programs(device))
+
+
+def grad_grid_for(R: int, Cc: int, row_stride: int, wanted: int) -> tuple[int, int, int]:
+    """:func:`grad_grid` for a device that wants ``wanted`` programs (0: the interpreter); also
+    what :mod:`degla_fast.loss_count` counts for a GPU it does not have."""
     block_m, block_n = grad_tile(row_stride)
     tiles, row_blocks = triton.cdiv(Cc, block_n), triton.cdiv(R, block_m)
-    wanted = _programs(device)
     splits = _INTERPRETER_SPLITS if wanted == 0 else triton.cdiv(wanted, row_blocks)
     per = triton.cdiv(tiles, max(1, min(tiles, splits)))
     return row_blocks, triton.cdiv(tiles, per), per
