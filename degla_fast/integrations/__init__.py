@@ -7,3 +7,9 @@
 * :mod:`degla_fast.integrations.transformers`: Hugging Face ``CLIPModel`` under
   ``transformers.Trainer`` (collator, trainer, EMA teacher callback).
 """
+
+
+def unwrap(model):
+    """The model a trainer wrapped (DDP and its kin keep it as ``.module``): whose parameters the
+    optimiser steps and whose ``logit_scale`` the loss reads."""
+    return model.module if hasattr(model, "module") else model

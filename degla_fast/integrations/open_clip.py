@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import unwrap
 from ..errors import ConfigError, DataError, first_line
 from ..losses import DeGLALoss
 
@@ -252,12 +253,6 @@ class NegativesCsvDataset(torch.utils.data.Dataset):
         return image, tokenize_captions(self.tokenizer, [record.caption], [negatives], trim=False)
 
 
-def _unwrap(model):
-    """The module whose parameters the optimiser steps: DDP's ``.module`` (as open_clip_train's own
-    ``unwrap_model``)."""
-    return model.module if hasattr(model, "module") else model
-
-
 class _DeglaRun:
     """The hooks of one open_clip_train run with negatives: its CSV reader, the teacher's restore
     from the resume checkpoint, and, at the first epoch, the EMA teacher with its forward, update
@@ -342,7 +337,7 @@ class _DeglaRun:
         def train_one_epoch(model, data, loss, epoch, optimizer, *args, **kwargs):
             """degla_fast.integrations.open_clip: open_clip_train's epoch with the EMA teacher attached."""
             if self.needs_teacher and self.teacher is None:
-                self.attach_teacher(_unwrap(model), optimizer)
+                self.attach_teacher(unwrap(model), optimizer)
             return original(model, data, loss, epoch, optimizer, *args, **kwargs)
 
         return train_one_epoch

@@ -36,6 +36,7 @@ import torch
 
 from ..compat.transformers import import_transformers
 from ..ema import EMATeacher, check_decay
+from . import unwrap
 from ..errors import ConfigError, DataError
 from ..losses import DeGLALoss, LossOutput
 from ..train.config import EMAConfig
@@ -106,11 +107,6 @@ class DeGLACollator:
                 "attention_mask": text["attention_mask"]}
 
 
-def _unwrap(model):
-    """The ``CLIPModel`` under a DDP (or similar) wrapper, whose ``logit_scale`` the loss reads."""
-    return model.module if hasattr(model, "module") else model
-
-
 def clip_model_loss(model, inputs: dict, loss_fn: DeGLALoss, teacher: EMATeacher | None = None) -> LossOutput:
     """``loss_fn`` on ``CLIPModel``'s normalised ``image_embeds`` / ``text_embeds`` of ``inputs`` and its
     ``logit_scale.exp()``; the teacher's embeddings of the same inputs where the loss needs them.
@@ -126,7 +122,7 @@ def clip_model_loss(model, inputs: dict, loss_fn: DeGLALoss, teacher: EMATeacher
             t_out = teacher.module(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
                                    attention_mask=inputs.get("attention_mask"))
         t_image, t_text = t_out.image_embeds, t_out.text_embeds
-    return loss_fn(out.image_embeds, out.text_embeds, _unwrap(model).logit_scale.exp(), t_image, t_text)
+    return loss_fn(out.image_embeds, out.text_embeds, unwrap(model).logit_scale.exp(), t_image, t_text)
 
 
 class EMATeacherCallback(transformers.TrainerCallback):
