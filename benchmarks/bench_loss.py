@@ -208,11 +208,11 @@ def timed(step, device: torch.device, budget_s: float = CASE_BUDGET_S) -> dict:
 
 def grad_errors(grads, x: dict, num_negatives: int) -> dict:
     """max |error| / max |float64| of each gradient against the float64 reference of the same inputs."""
-    from degla_fast import functional as Fn
+    from degla_fast.loss import degla_loss
 
     leaves = [x[k].detach().double().requires_grad_(True) for k in ("image", "text", "scale")]
-    out = Fn.degla_loss(*leaves, x["t_image"].double(), x["t_text"].double(), num_negatives=num_negatives,
-                        backend="reference")
+    out = degla_loss(*leaves, x["t_image"].double(), x["t_text"].double(), num_negatives=num_negatives,
+                     backend="reference")
     want = torch.autograd.grad(out.total, leaves)
     return {f"grad_err_{name}": float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30))
             for name, g, w in zip(("image", "text", "scale"), grads, want)}
@@ -223,7 +223,8 @@ def _gemm_fields(impl: str, case: dict) -> dict:
     backend, kwargs = LOSS_IMPLS.get(impl, (None, {}))
     if backend != "gemm":
         return {}
-    from degla_fast.fused_loss import DEFAULT_CHUNK_BYTES, plan_chunks
+    from degla_fast.loss.gemm_backend import plan_chunks
+    from degla_fast.loss.spec import DEFAULT_CHUNK_BYTES
 
     budget = kwargs.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
     itemsize = torch.tensor([], dtype=getattr(torch, case["dtype"])).element_size()

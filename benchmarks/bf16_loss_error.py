@@ -61,7 +61,7 @@ def oracle(inputs, k):
 
 
 def measure(backend: str, batch: int, k: int, dim: int) -> dict:
-    from degla_fast.losses import DeGLALoss
+    from degla_fast.loss import DeGLALoss
 
     exact = features(batch, k, dim)
     rounded = [t.to(torch.bfloat16) if i != 2 else t for i, t in enumerate(exact)]  # logit_scale stays fp32

@@ -53,7 +53,7 @@ def env_info(device: torch.device | str | None = None) -> dict:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        # The compute capability keys the loss's auto table (degla_fast.backends.write_auto_table).
+        # The compute capability keys the loss's auto table (degla_fast.loss.auto.write_auto_table).
         "capability": ("%d.%d" % torch.cuda.get_device_capability(device)
                        if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
                        else None),

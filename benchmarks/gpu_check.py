@@ -510,7 +510,7 @@ def _probe(run: Run, open_clip: bool = False) -> dict:
     the checkout (an install, not the cwd), from one fresh process; {} when torch is missing.
     ``open_clip``: also its version, or why it cannot be imported (a few seconds more)."""
     code = ("import json, torch, triton\n"
-            "try:\n import degla_fast.kernels, degla_fast.losses, degla_fast.optim_ema\n ok = True\n"
+            "try:\n import degla_fast.kernels, degla_fast.loss.module, degla_fast.optim_ema\n ok = True\n"
             "except Exception:\n ok = False\n"
             "oc = None\n"
             + ("try:\n import open_clip\n oc = open_clip.__version__\n"
@@ -955,7 +955,7 @@ def write_auto_table(results: Path, dry_run: bool) -> Path | None:
     if not capability:
         print(f"auto table: no compute capability in {path.name} (a CPU run): not written")
         return None
-    from degla_fast.backends import write_auto_table as write
+    from degla_fast.loss.auto import write_auto_table as write
 
     cap = tuple(int(v) for v in capability.split("."))
     targets = [results / "auto_backends.json"] + ([] if dry_run else [AUTO_TABLE])

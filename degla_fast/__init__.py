@@ -2,7 +2,11 @@
 
 Public surface (imported lazily so that ``import degla_fast`` stays cheap)::
 
-    from degla_fast import DeGLALoss, LossOutput, LossSpec, EMATeacher, ema_update_
+    from degla_fast import DeGLALoss, LossOutput, LossSpec, degla_loss, EMATeacher, ema_update_
+
+The loss lives in :mod:`degla_fast.loss`. The Triton kernels are ``degla_fast.kernels``: the
+project's top-level ``kernels/`` folder, installed under this package by setup.py's
+``package_dir`` (a top-level module named ``kernels`` already exists on PyPI).
 """
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DeGLALoss": "degla_fast.losses",
-    "LossOutput": "degla_fast.losses",
-    "LossSpec": "degla_fast.loss_spec",
+    "DeGLALoss": "degla_fast.loss",
+    "LossOutput": "degla_fast.loss",
+    "LossSpec": "degla_fast.loss",
+    "degla_loss": "degla_fast.loss",
     "EMATeacher": "degla_fast.ema",
     "ema_update_": "degla_fast.ema",
 }

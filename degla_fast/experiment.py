@@ -32,7 +32,7 @@ from pathlib import Path
 from .console import log
 from .errors import ConfigError
 from .io import check_output_folder, write_bytes_atomic, write_json_atomic
-from .loss_spec import LossSpec
+from .loss.spec import LossSpec
 from .threads import set_threads
 
 # variant -> (label, loss fields)

@@ -2,13 +2,19 @@
 
 The trainer's configuration (:mod:`degla_fast.train.config`) prints these docs with
 ``degla-fast train --help-config`` and generates its flags and checks from this metadata; the
-loss's :class:`~degla_fast.loss_spec.LossSpec` declares its fields with it, so the trainer's
-``loss:`` section is the spec itself.
+loss's :class:`~degla_fast.loss.spec.LossSpec` declares its fields with it, so the trainer's
+``loss:`` section is the spec itself. :func:`check_value` is the one rule both apply to a value:
+the configuration after reading its strings (``"0.1"`` from a flag), the spec to what a Python
+caller passes as it is.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import field
 from typing import Any
+
+from .errors import ConfigError
 
 
 def doc_field(default: Any, doc: str, choices: tuple | None = None, minimum: float | None = None, *,
@@ -30,3 +36,32 @@ def yaml_value(value: Any) -> str:
 
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
     return text[:-len("...")].strip() if text.endswith("\n...") else text
+
+
+def check_value(name: str, value: Any, base: type, meta: dict) -> Any:
+    """``value`` checked against a field of type ``base`` (bool, int, float or str) and its
+    ``choices`` and ``minimum``: an int is an integer that is not a bool (not a float, not a
+    string), a float a finite real number that is not a bool, a bool a bool, a str a str. Returns
+    it as ``base`` (a NumPy scalar as the Python number); else a one-line ConfigError naming
+    ``name``."""
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        value = int(value)
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+    elif base is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: must be a string, got {value!r}")
+    choices, minimum = meta.get("choices"), meta.get("minimum")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value!r}")
+    return value

@@ -21,7 +21,7 @@ C = Bg(1+K); text-to-image: q = captions, x = images, K = 0). Logit tiles ``s * 
   splits): the same tiles from the columns' side, ``G^T @ q[:, slice]`` in registers.
 
 :func:`make_plan` makes every launch choice from shapes alone (stored or recomputed, splits,
-slices); :mod:`degla_fast.loss_count` counts passes, bytes and memory from it. A feature slice
+slices); :mod:`degla_fast.loss.count` counts passes, bytes and memory from it. A feature slice
 narrower than D reads (or recomputes) the band of logits once per slice: the tiles are chosen so
 that D=512 is one slice.
 

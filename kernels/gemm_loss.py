@@ -1,6 +1,6 @@
 """Triton kernels of the ``gemm`` loss backend: everything around cuBLAS's GEMMs. Tensors in, tensors out.
 
-The backend (``degla_fast.gemm_loss``) has cuBLAS write the raw fp32 dot products of rows q [R, D]
+The backend (``degla_fast.loss.gemm_backend``) has cuBLAS write the raw fp32 dot products of rows q [R, D]
 with one chunk of columns ``x[c0:c0+Cc]``, ``L = q @ x_c^T`` [R, Cc]. These kernels read each
 such chunk once per use:
 
@@ -254,7 +254,7 @@ def grad_grid(R: int, Cc: int, row_stride: int, device: torch.device) -> tuple[i
 
 def grad_grid_for(R: int, Cc: int, row_stride: int, wanted: int) -> tuple[int, int, int]:
     """:func:`grad_grid` for a device that wants ``wanted`` programs (0: the interpreter); also
-    what :mod:`degla_fast.loss_count` counts for a GPU it does not have."""
+    what :mod:`degla_fast.loss.count` counts for a GPU it does not have."""
     block_m, block_n = grad_tile(row_stride)
     tiles, row_blocks = triton.cdiv(Cc, block_n), triton.cdiv(R, block_m)
     splits = _INTERPRETER_SPLITS if wanted == 0 else triton.cdiv(wanted, row_blocks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from degla_fast import loss_count
+from degla_fast.loss import count as loss_count
 from degla_fast.kernels import degla_loss as kernels
 from test_losses import _fwd_bwd_work
 
@@ -23,7 +23,7 @@ def test_triton_count_matches_a_real_call(chunk_bytes):
 
 def test_gemm_count_matches_a_real_call(monkeypatch):
     """The same for the gemm backend, one chunk (stored) and two recomputed ones."""
-    import degla_fast.fused_loss as fused
+    import degla_fast.loss.gemm_backend as fused
 
     work = _fwd_bwd_work("gemm")
     count = loss_count.gemm_count(16, 4, 32, "float32", gpu=None)
@@ -60,7 +60,7 @@ def test_the_targets_by_count_at_gpu_sizes():
 
 def test_plans_keep_int32_offsets():
     """No stored logits, split partials or chunks of 2^31 elements or more (int32 offsets)."""
-    from degla_fast.fused_loss import plan_chunks
+    from degla_fast.loss.gemm_backend import plan_chunks
 
     plan = kernels.make_plan(65536, 327680, 512, "bfloat16", "tf32", num_groups=65536, with_cols=True,
                              store_bytes=1 << 40, arch=90, sm_count=132)
@@ -71,10 +71,10 @@ def test_plans_keep_int32_offsets():
 
 
 def test_docs_hold_the_current_tables():
-    """docs/loss.md's tables are what ``python -m degla_fast.loss_count`` prints from the code now."""
+    """docs/loss.md's tables are what ``python -m degla_fast.loss.count`` prints from the code now."""
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "loss.md").read_text(encoding="utf-8")
     for batch in (256, 4096, 65536):
         for line in loss_count.table(batch).splitlines():
-            assert line in docs, f"docs/loss.md is missing (rerun python -m degla_fast.loss_count): {line}"
+            assert line in docs, f"docs/loss.md is missing (rerun python -m degla_fast.loss.count): {line}"

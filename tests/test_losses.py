@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from degla_fast import DeGLALoss, LossOutput, backends
-from degla_fast import functional as Fn
+from degla_fast.loss import LossSpec, auto as loss_auto
+from degla_fast.loss import functional as Fn
 from degla_fast.errors import ConfigError, NonFiniteError, ShapeError
 from loss_oracle import oracle_terms, oracle_total
 
@@ -124,7 +125,7 @@ def test_official_tgc_indexing(backend):
 
 def test_official_indexing_mask_matches_the_release_description():
     # Method doc: for B=32, K=4 the release contrasts row i with negatives of samples i//K + 8m.
-    from degla_fast.reference import _own_negative_mask
+    from degla_fast.loss.reference import _own_negative_mask
 
     mask = _own_negative_mask(32, 4, 0, 128, official=True, device="cpu")
     for i in (0, 5, 31):
@@ -181,43 +182,48 @@ def test_loss_output_items_and_auto_backend():
     items = out.items()
     assert set(items) == {"total", "clip", "igc", "tgc", "distill"}
     assert items["total"] == pytest.approx(float(oracle_total(*make_inputs(3, 2, 8), 2)), rel=1e-5)
-    assert backends.resolve_loss_backend("auto", torch.device("cpu"), rows=3, columns=9, dtype=torch.float32,
-                                         chunk_bytes=1 << 20) == "torch"
+    assert loss_auto.resolve_backend(LossSpec(num_negatives=2), batch=3, device="cpu",
+                                     dtype=torch.float32) == ("torch", "cpu tensors")
 
 
 def test_auto_backend_rule(monkeypatch, tmp_path):
     cuda = torch.device("cuda")  # resolving needs no GPU: the capability is stood in for
-    monkeypatch.setattr(backends, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(loss_auto, "device_capability", lambda device: (9, 0))
     no_table = tmp_path / "none.json"
     size = dict(dtype=torch.bfloat16, chunk_bytes=256 << 20, table_path=no_table)
 
-    def auto(rows, columns, device=cuda, **kw):
-        return backends.resolve_loss_backend("auto", device, rows=rows, columns=columns, **{**size, **kw})
+    def auto(rows, columns, device=cuda, backend="auto", **kw):
+        return loss_auto.choose(backend, device, rows=rows, columns=columns, **{**size, **kw})
 
-    assert auto(256, 1280) == "triton"        # no measurements: the modelled rule, by count
-    assert "modelled" in backends.LAST_LOSS_CHOICE[1] and "keeps" in backends.LAST_LOSS_CHOICE[1]
-    assert auto(65536, 327680) == "triton"    # its logits do not fit: recomputed
-    assert "recomputes" in backends.LAST_LOSS_CHOICE[1]
-    assert auto(4096, 20480, dtype=torch.float64) == "torch"  # fp64: the fused kernels compute in fp32
+    name, reason = auto(256, 1280)            # no measurements: the modelled rule, by count
+    assert name == "triton" and "modelled" in reason and "keeps" in reason
+    name, reason = auto(65536, 327680)        # its logits do not fit: recomputed
+    assert name == "triton" and "recomputes" in reason
+    assert auto(4096, 20480, dtype=torch.float64).name == "torch"  # fp64: the fused kernels compute in fp32
     for name in ("triton", "gemm"):
         with pytest.raises(ConfigError, match=f"backend='{name}' computes in fp32 at most"):
-            backends.resolve_loss_backend(name, cuda, rows=4, columns=4, **{**size, "dtype": torch.float64})
-    assert auto(256, 1280, device=torch.device("cpu")) == "torch"
+            auto(4, 4, backend=name, dtype=torch.float64)
+    assert auto(256, 1280, device=torch.device("cpu")).name == "torch"
+    # The trainer's form, from the spec and the batch: anchors times every rank's captions.
+    spec = LossSpec(num_negatives=4, local_loss=True)
+    assert loss_auto.resolve_backend(spec, batch=256, device=cuda, dtype=torch.bfloat16, world_size=2,
+                                     table_path=no_table) == auto(256, 2 * 1280)
     assert backends.resolve_backend("auto", cuda) == "triton"  # the EMA: no size rule
     # One rule for both: without an importable Triton, auto is torch for the loss and the EMA alike.
+    monkeypatch.setattr(loss_auto, "triton_importable", lambda: False)
     monkeypatch.setattr(backends, "triton_importable", lambda: False)
-    assert auto(4096, 20480) == "torch"
+    assert auto(4096, 20480).name == "torch"
     assert backends.resolve_backend("auto", cuda) == "torch"
     for name in ("triton", "gemm"):
         with pytest.raises(ConfigError, match=f"backend='{name}' needs Triton"):
-            backends.resolve_loss_backend(name, torch.device("cpu"), rows=4, columns=4, **size)
+            auto(4, 4, device=torch.device("cpu"), backend=name)
 
 
 def test_auto_follows_the_measured_table(monkeypatch, tmp_path, caplog):
     """The table gpu-check writes from bench_loss rows: per dtype and B the fastest of torch, gemm
     and triton; auto takes the entry nearest in logits for the GPU's capability and dtype."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(backends, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(loss_auto, "device_capability", lambda device: (9, 0))
     rows = [{"impl": impl, "B": b, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": ms}
             for b, times in ((32, {"torch": 0.05, "gemm": 0.09, "triton": 0.2}),
                              (4096, {"torch": 9.0, "gemm": 1.1, "triton": 2.5}),
@@ -226,25 +232,25 @@ def test_auto_follows_the_measured_table(monkeypatch, tmp_path, caplog):
     rows.append({"impl": "gemm floor", "B": 32, "K": 4, "D": 512, "dtype": "bfloat16", "p50_ms": 0.001})
     rows.append({"impl": "gemm", "B": 65536, "K": 4, "D": 512, "dtype": "bfloat16", "skipped": "out of memory"})
     table_path = tmp_path / "auto.json"
-    table = backends.write_auto_table(rows, {"device": "NVIDIA H200", "date": "2026-12-04"}, (9, 0), table_path)
+    table = loss_auto.write_auto_table(rows, {"device": "NVIDIA H200", "date": "2026-12-04"}, (9, 0), table_path)
     assert [(e["B"], e["backend"]) for e in table["entries"]] == [(32, "torch"), (4096, "gemm"), (65536, "triton")]
 
     def auto(batch, dtype=torch.bfloat16):
-        return backends.resolve_loss_backend("auto", cuda, rows=batch, columns=5 * batch, dtype=dtype,
-                                             chunk_bytes=256 << 20, table_path=table_path)
+        return loss_auto.choose("auto", cuda, rows=batch, columns=5 * batch, dtype=dtype, chunk_bytes=256 << 20,
+                                table_path=table_path)
 
-    monkeypatch.setattr(backends, "_logged", set())  # as in a fresh process
+    monkeypatch.setattr(loss_auto, "_logged", set())  # as in a fresh process
     with caplog.at_level("INFO", logger="degla_fast"):
-        assert [auto(b) for b in (16, 64, 2048, 8192, 40000, 100000)] == \
+        assert [auto(b).name for b in (16, 64, 2048, 8192, 40000, 100000)] == \
             ["torch", "torch", "gemm", "gemm", "triton", "triton"]
-        assert auto(64) == "torch"
-    assert "measured" in backends.LAST_LOSS_CHOICE[1] and "NVIDIA H200" in backends.LAST_LOSS_CHOICE[1]
+        name, reason = auto(64)
+    assert name == "torch" and "measured" in reason and "NVIDIA H200" in reason
     chosen = [r.getMessage() for r in caplog.records if "backend auto" in r.getMessage()]
     assert len([m for m in chosen if "-> torch" in m]) == 1  # logged once per choice, not per call
     assert len(chosen) == 3
-    assert auto(256, dtype=torch.float16) == "triton"  # no fp16 entries: the modelled rule
-    monkeypatch.setattr(backends, "device_capability", lambda device: (8, 0))
-    assert "modelled" in (auto(32) and backends.LAST_LOSS_CHOICE[1])  # another GPU model: not its table
+    assert auto(256, dtype=torch.float16).name == "triton"  # no fp16 entries: the modelled rule
+    monkeypatch.setattr(loss_auto, "device_capability", lambda device: (8, 0))
+    assert "modelled" in auto(32).reason  # another GPU model: not its table
 
 
 def assert_grads_close(got, want, gtol, name):
@@ -297,7 +303,7 @@ def test_fp16_gradients_do_not_underflow(backend, kernel_device):
 
 
 def test_precision_setting():
-    with pytest.raises(ConfigError, match="precision must be one of tf32, ieee"):
+    with pytest.raises(ConfigError, match="dot_precision: 'fp32' is not one of tf32, ieee"):
         DeGLALoss(dot_precision="fp32")
     image, text, scale, _, _ = [t.float() for t in make_inputs(2, 1, 8)]
     with pytest.raises(ConfigError, match="precision"):
@@ -330,11 +336,11 @@ def test_bad_shapes_name_expected_and_actual(backend):
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="num_negatives must be >= 0"):
+    with pytest.raises(ValueError, match="num_negatives: must be >= 0"):  # ConfigError is a ValueError
         DeGLALoss(num_negatives=-1)
-    with pytest.raises(ShapeError, match="num_negatives"):
+    with pytest.raises(ConfigError, match="num_negatives: must be >= 0"):  # an option: the spec's check
         Fn.degla_loss(*[t.float() for t in make_inputs(2, 1, 8)], num_negatives=-1)
-    with pytest.raises(ConfigError, match="backend must be one of"):
+    with pytest.raises(ConfigError, match="backend: 'cuda' is not one of"):
         DeGLALoss(backend="cuda")
 
 
@@ -424,7 +430,7 @@ def test_gemm_column_chunks_equal_the_oracle(monkeypatch, official, igc, kernel_
     """Recomputed column chunks of 8..24 columns: text-to-image columns, IGC groups and target
     columns cut by chunk edges, the release's TGC indexing; values and gradients equal float64 and
     the stored single chunk's."""
-    import degla_fast.fused_loss as gemm
+    import degla_fast.loss.gemm_backend as gemm
 
     batch, k, dim = 37, 3, 20
     inputs = make_inputs(batch, k, dim, seed=4)
@@ -466,7 +472,7 @@ def test_more_negatives_than_the_local_kernels_take(backend, k, kernel_device):
 
 
 def test_gemm_plan_chunks():
-    from degla_fast.fused_loss import CHUNK_ALIGN, plan_chunks
+    from degla_fast.loss.gemm_backend import CHUNK_ALIGN, plan_chunks
 
     assert plan_chunks(4096, 20480, 2, 1 << 30) == [(0, 20480)]  # 503 MB fit in 1 GiB: stored
     chunks = plan_chunks(4096, 20480, 2, 256 << 20)  # the default budget at B=4096, K=4: two halves
@@ -551,7 +557,7 @@ def _fwd_bwd_work(backend, batch=16, k=4, dim=32, **kw):
 def test_gemm_launches_at_world_size_1(monkeypatch):
     """docs/loss.md's count: 8 launches for forward + backward with the logits stored, 15 with two
     recomputed column chunks (K=4, IGC, TGC and distillation on)."""
-    import degla_fast.fused_loss as gemm
+    import degla_fast.loss.gemm_backend as gemm
 
     stored = _fwd_bwd_work("gemm")
     assert stored.launches == ["mm", "triton:_stats_kernel", "triton:_local_fwd_kernel", "triton:_finish_kernel",

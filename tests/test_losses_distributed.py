@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from degla_fast import functional as Fn
+from degla_fast.loss import functional as Fn
 from exit_probe import thread_names
 from test_losses import make_inputs
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from degla_fast import DeGLALoss, LossOutput
-from degla_fast import functional as Fn
-from degla_fast.backends import LOSS_BACKENDS
+from degla_fast.loss import functional as Fn
+from degla_fast.loss.spec import LOSS_BACKENDS
 from degla_fast.errors import ConfigError
 from test_losses import make_inputs
 from test_losses_distributed import run_ranks
@@ -158,7 +158,8 @@ def test_use_degla_loss_replaces_create_loss_until_restored():
         for create_loss in (open_clip.create_loss, open_clip.factory.create_loss, trainer.create_loss):
             loss = create_loss(_args(rank=1, world_size=2))
             assert isinstance(loss, DeGLALoss)
-            assert (loss.num_negatives, loss.backend, loss.local_loss, loss.gather_with_grad, loss.rank,
+            spec = loss.spec
+            assert (spec.num_negatives, spec.backend, spec.local_loss, spec.gather_with_grad, loss.rank,
                     loss.world_size) == (0, "reference", True, True, 1, 2)
         from open_clip import create_loss as imported_later  # a module imported now binds ours as well
 

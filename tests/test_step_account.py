@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from degla_fast.functional import LossOutput
+from degla_fast.loss import LossOutput
 from degla_fast.train.distributed import DistInfo
 from degla_fast.train.optim import build_scheduler
 from degla_fast.train.step import StepResult

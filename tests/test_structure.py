@@ -161,3 +161,66 @@ def test_library_internals_are_reached_in_the_compat_layer_only():
     outside = {f"{path.relative_to(ROOT)}: {name}" for module, path in MODULES.items() if module not in compat
                for name in _private_names(_tree(path)) & reached}
     assert not outside, "library internals outside degla_fast/compat/: " + "; ".join(sorted(outside))
+
+
+# ---------------------------------------------------------------- the loss package
+
+def _closure(module: str) -> set[str]:
+    """``module`` and every package module it imports at module level, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in MODULES:
+            continue
+        seen.add(current)
+        todo.extend(_top_level_imports(current))
+    return seen
+
+
+def test_the_loss_spec_imports_no_backend_kernel_or_torch():
+    """The spec is what the trainer's configuration holds (``--help`` without torch) and what the
+    backends read: it depends on none of them."""
+    closure = _closure("degla_fast.loss.spec")
+    inside = {m for m in closure if m.startswith("degla_fast.kernels") or m == "degla_fast.backends"
+              or (m.startswith("degla_fast.loss.") and m != "degla_fast.loss.spec")}
+    assert not inside, f"degla_fast.loss.spec imports {sorted(inside)}"
+    heavy = {f"{m}: {t}" for m in closure for t in _top_level_imports(m) if t.split(".")[0] in ("torch", "triton")}
+    assert not heavy, f"degla_fast.loss.spec's imports load torch or triton: {sorted(heavy)}"
+
+
+MAX_LOSS_FRAMES = 4
+
+
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_at_most_four_frames_from_the_module_to_a_kernel_launch(backend, monkeypatch):
+    """Every Triton launch of the loss's forward is at most four of the project's frames below
+    ``DeGLALoss.forward`` (that frame included): the module, the dispatch, the autograd Function's
+    forward, the launcher (Liger-Kernel's depth). Counted on the interpreter's launches."""
+    import inspect
+    import os
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the interpreter's launches (TRITON_INTERPRET=1)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from degla_fast.loss import DeGLALoss
+
+    depths, original = [], InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        ours = [f for f in inspect.stack(context=0)
+                if any(Path(f.filename).resolve().is_relative_to(folder) for folder in PACKAGES.values())]
+        below = next(i for i, f in enumerate(ours) if f.function == "forward" and f.filename.endswith("module.py"))
+        depths.append((below + 1, " <- ".join(f"{Path(f.filename).name}:{f.function}" for f in ours[:below + 1])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    k, batch, dim = 2, 3, 8
+    image = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(batch * (1 + k), dim), dim=-1)
+    DeGLALoss(num_negatives=k, backend=backend)(image, text, torch.tensor(10.0), image, text)
+    assert depths, "no Triton launch seen"
+    deepest = max(depths)
+    assert deepest[0] <= MAX_LOSS_FRAMES, f"{deepest[0]} frames: {deepest[1]}"

@@ -388,7 +388,7 @@ def test_train_step_updates_student_clamps_logit_scale_and_moves_teacher():
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.losses import DeGLALoss
+    from degla_fast.loss import DeGLALoss
     from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)
@@ -534,7 +534,7 @@ def test_fused_train_step_equals_unfused_when_logit_scale_is_clamped(teacher_dty
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.losses import DeGLALoss
+    from degla_fast.loss import DeGLALoss
     from degla_fast.train.step import MAX_LOGIT_SCALE, StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)
@@ -617,7 +617,7 @@ def test_bf16_step_feeds_the_loss_bf16_features():
     from degla_fast import EMATeacher
     from degla_fast.model import TINY_MODEL, create_model
     from degla_fast.train.optim import build_optimizer, build_scheduler
-    from degla_fast.losses import DeGLALoss
+    from degla_fast.loss import DeGLALoss
     from degla_fast.train.step import StepParts, clamp_logit_scale_, train_step
 
     bundle = create_model(TINY_MODEL)

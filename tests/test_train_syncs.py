@@ -61,7 +61,7 @@ def test_every_loss_backend_reads_nothing_between_log_steps(synth, tmp_path, bac
 def test_a_skipped_step_needs_no_extra_read(synth, tmp_path, monkeypatch):
     # A NaN loss at step 2 is skipped on the device; the host learns it at step 3's read.
     import sync_count_worker
-    from degla_fast.losses import DeGLALoss
+    from degla_fast.loss import DeGLALoss
     from degla_fast.train import builder
 
     real_from_spec, calls = DeGLALoss.from_spec, {"n": 0}

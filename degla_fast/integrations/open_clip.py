@@ -3,7 +3,7 @@
 ``open_clip_train`` (shipped in the ``open_clip_torch`` wheel) builds its loss once per run with
 ``create_loss(args)`` and calls it as ``loss(**model_out, output_dict=True)``; ``DeGLALoss``
 takes that call as it is. After :func:`use_degla_loss`, ``create_loss`` returns a
-:class:`~degla_fast.losses.DeGLALoss` built from ``args`` (``local_loss``, ``gather_with_grad``,
+:class:`~degla_fast.loss.DeGLALoss` built from ``args`` (``local_loss``, ``gather_with_grad``,
 ``rank``, ``world_size``) and the keywords given here: by default plain CLIP (``num_negatives=0``,
 the same values and gradients as open_clip's ``ClipLoss``) through our memory-lean backends::
 
@@ -36,7 +36,7 @@ import torch
 
 from . import unwrap
 from ..errors import ConfigError, DataError, first_line
-from ..losses import DeGLALoss
+from ..loss import DeGLALoss
 
 #: Where ``create_loss`` lives: its definition, the package's re-export, and the name
 #: ``open_clip_train.main`` imports (``from open_clip import ..., create_loss``) and calls in

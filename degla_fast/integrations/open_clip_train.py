@@ -16,7 +16,7 @@ import dataclasses
 import sys
 
 from ..errors import ConfigError, DeglaError
-from ..loss_spec import LossSpec
+from ..loss.spec import LossSpec
 
 #: LossSpec field -> launcher flag (the names ``degla-fast train`` uses, ``--loss-`` where
 #: open_clip_train's own flags would make a bare name unclear).

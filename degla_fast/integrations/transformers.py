@@ -12,7 +12,7 @@ Three pieces (docs/transformers.md)::
 * :class:`DeGLACollator`: the model's processor tokenises each caption and its K hard negatives
   into the loss's text layout (B positives, then the B*K negatives sample-major) and prepares the
   images.
-* :class:`DeGLATrainer`: ``Trainer`` whose loss is :class:`~degla_fast.losses.DeGLALoss` on
+* :class:`DeGLATrainer`: ``Trainer`` whose loss is :class:`~degla_fast.loss.DeGLALoss` on
   ``CLIPModel``'s projected, normalised embeddings and its ``logit_scale`` (:func:`clip_model_loss`);
   each term (``contrastive_loss``, ``igc_loss``, ``tgc_loss``, ``distill_loss``) is averaged into
   the trainer's logs next to its ``loss``. At K = 0 the loss is ``CLIPModel(..., return_loss=True).loss``
@@ -38,7 +38,7 @@ from ..compat.transformers import import_transformers
 from ..ema import EMATeacher, check_decay
 from . import unwrap
 from ..errors import ConfigError, DataError
-from ..losses import DeGLALoss, LossOutput
+from ..loss import DeGLALoss, LossOutput
 from ..train.config import EMAConfig
 
 transformers = import_transformers()
@@ -57,7 +57,7 @@ class DeGLACollator:
     with more are drawn without replacement from a generator seeded with ``seed`` (one draw per
     example, in the order batches come); one with fewer is a :class:`DataError` naming it. Text rows:
     the B captions, then each example's K negatives in example order (the layout
-    :class:`~degla_fast.losses.DeGLALoss` reads), padded to the batch's longest one.
+    :class:`~degla_fast.loss.DeGLALoss` reads), padded to the batch's longest one.
     """
 
     def __init__(self, processor, num_negatives: int = 4, *, image_key: str = "image", caption_key: str = "caption",

@@ -16,7 +16,7 @@ import torch
 
 from ..ema import release_zero3_module
 from ..errors import DataError
-from ..losses import DeGLALoss
+from ..loss import DeGLALoss
 from . import distributed as dist_utils
 from .checkpointer import Checkpointer, Stateful
 from .config import TrainConfig, to_dict

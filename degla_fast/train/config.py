@@ -18,9 +18,9 @@ from ..backends import EMA_BACKENDS
 from ..data import PIPELINES
 from ..errors import ConfigError
 from ..fields import doc_field as _f
-from ..fields import yaml_value
+from ..fields import check_value, yaml_value
 from ..io import read_config_mapping
-from ..loss_spec import LossSpec
+from ..loss.spec import LossSpec
 from ..precision import PRECISIONS
 
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -55,7 +55,7 @@ class ModelConfig:
 
 
 def _trainer_loss() -> LossSpec:
-    """The ``loss:`` section's defaults: the loss's own spec (:class:`~degla_fast.loss_spec.LossSpec`,
+    """The ``loss:`` section's defaults: the loss's own spec (:class:`~degla_fast.loss.LossSpec`,
     whose field docs and checks the section uses) with one stated override."""
     # LossSpec defaults local_loss and gather_with_grad to False, as open_clip's ClipLoss does; the
     # trainer has always trained with both on (each process's samples are anchors against every
@@ -161,43 +161,26 @@ def _base_type(tp):
 
 
 def _coerce(name: str, value: Any, tp, meta: dict) -> Any:
-    """``value`` as the field's type, or a ConfigError naming the field and what it accepts."""
+    """``value`` as the field's type, or a ConfigError naming the field and what it accepts: the
+    strings of flags and YAML read as their type, then :func:`~degla_fast.fields.check_value`."""
     base, optional = _base_type(tp)
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and optional):
         if optional:
             return None
         raise ConfigError(f"{name}: must be a {base.__name__}, got null")
-    if base is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            value = value.lower() in ("true", "yes", "1", "on")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: must be true or false, got {value!r}")
-    elif base is int:
+    if isinstance(value, str) and base is bool and value.lower() in ("true", "yes", "1", "on", "false", "no", "0",
+                                                                     "off"):
+        value = value.lower() in ("true", "yes", "1", "on")
+    elif isinstance(value, str) and base in (int, float):
         try:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
-    elif base is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
-    elif base is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{name}: must be a string, got {value!r}")
-        value = str(value)
-    choices, minimum = meta.get("choices"), meta.get("minimum")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value!r}")
-    return value
+            value = base(value) if base is float else int(value)
+        except ValueError:
+            pass  # left a string: check_value names what the field accepts
+    elif base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # YAML's ``4.0``
+    elif base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # YAML reads ``name: 123`` as a number
+    return check_value(name, value, base, meta)
 
 
 def _fill(obj, values: dict, prefix: str = ""):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError, NonFiniteError
-from ..functional import _resolve_for
+from ..loss import resolve_backend
 from ..stop_signals import stop_request
 from . import distributed as dist_utils
 from .builder import Run, build_run
@@ -206,17 +206,11 @@ def _maybe_save(trainer: Run, step: int, resume_at: tuple[int, int], force: bool
 
 
 def loss_backend(run: Run) -> str:
-    """The loss backend this run's batches get: the loss's own per-call rule
-    (:func:`degla_fast.functional._resolve_for`) on the shapes, dtype and device of one batch's
-    features, with the run's loss settings."""
-    config, world = run.config, run.info.world_size
-    rows = config.data.batch_size
-    # Only shapes, dtype and device count: empty rows of width 0 stand for the features, which
-    # reach the loss in the forward's autocast dtype (train_step).
-    dtype = run.parts.autocast_dtype or torch.float32
-    image = torch.empty((rows, 0), device=run.device, dtype=dtype)
-    text = torch.empty((rows * (1 + config.loss.num_negatives), 0), device=run.device, dtype=dtype)
-    return _resolve_for(config.loss, image, text, world)
+    """The loss backend this run's batches get (:func:`degla_fast.loss.resolve_backend`, the rule
+    each loss call applies), for the run's batch size and the features' dtype (the forward's
+    autocast dtype, train_step) and device."""
+    return resolve_backend(run.config.loss, batch=run.config.data.batch_size, device=run.device,
+                           dtype=run.parts.autocast_dtype or torch.float32, world_size=run.info.world_size).name
 
 
 def start_line(run: Run, resumed_from: Path | None) -> str:

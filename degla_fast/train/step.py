@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..compat.torch_amp import found_inf_flags
-from ..functional import LossOutput
+from ..loss import LossOutput
 from ..model import clip_features
 from ..profiling import PhaseClock
 from ..teacher import Teacher

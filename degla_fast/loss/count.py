@@ -1,8 +1,8 @@
 """What one forward + backward of the fused loss backends asks of a GPU, counted from their code.
 
-docs/loss.md's tables are printed by this module (``python -m degla_fast.loss_count``), from the
+docs/loss.md's tables are printed by this module (``python -m degla_fast.loss.count``), from the
 same plans the launchers use (:func:`degla_fast.kernels.degla_loss.make_plan`,
-:func:`degla_fast.fused_loss.plan_chunks`), and ``tests/test_loss_count.py`` checks what the CPU
+:func:`degla_fast.loss.gemm_backend.plan_chunks`), and ``tests/test_loss_count.py`` checks what the CPU
 can check against a real call: the launches, the allocations and their sizes, the plan's passes.
 
 The model (world size 1, IGC, TGC and distillation on, K <= 8):
@@ -85,7 +85,7 @@ def _peak(allocations: list) -> int:
 def triton_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, store_bytes: int = 256 << 20,
                  gpu: dict | None = H100, precision: str = "tf32") -> Count:
     """The ``triton`` backend (``gpu`` None: the plan the interpreter runs, for the CPU tests)."""
-    from .kernels import degla_loss as kernels
+    from ..kernels import degla_loss as kernels
 
     R, C, isz = B, B * (1 + K), _itemsize(dtype)
     plan = kernels.make_plan(R, C, D, dtype, precision, num_groups=B, with_cols=True, store_bytes=store_bytes,
@@ -144,8 +144,8 @@ def gemm_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, chunk_bytes: 
                gpu: dict | None = H100) -> Count:
     """The ``gemm`` backend: cuBLAS logits in fp32 per column chunk, a stats kernel, a gradient
     kernel writing the input dtype, two cuBLAS products, a finalize kernel."""
-    from .fused_loss import plan_chunks
-    from .kernels import gemm_loss
+    from .gemm_backend import plan_chunks
+    from ..kernels import gemm_loss
 
     R, C, isz = B, B * (1 + K), _itemsize(dtype)
     chunks = plan_chunks(R, C, isz, chunk_bytes)
@@ -175,7 +175,7 @@ def gemm_count(B: int, K: int, D: int, dtype: str = "bfloat16", *, chunk_bytes: 
     allocs += [(f"output {i}", F32, end) for i in range(5)]
     wanted = gpu["sms"] * gemm_loss._PROGRAMS_PER_SM if gpu else 0
     parts = 0
-    for c0, c1 in chunks:  # a one-column chunk's logits have a row stride of 2 (fused_loss._logits)
+    for c0, c1 in chunks:  # a one-column chunk's logits have a row stride of 2 (gemm_backend._logits)
         row_blocks, splits, _ = gemm_loss.grad_grid_for(R, c1 - c0, max(2, c1 - c0), wanted)
         parts += row_blocks * splits
     allocs.append(("d(scale) parts", parts * F32, end))

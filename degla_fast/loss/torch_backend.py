@@ -1,5 +1,7 @@
 """The ``torch`` backend of the DeGLA loss (the fused ``gemm`` and ``triton`` backends are
-:mod:`degla_fast.fused_loss`), and the O(B*K*D) local terms in plain torch.
+:mod:`degla_fast.loss.gemm_backend` and :mod:`degla_fast.loss.triton_backend`), and the O(B*K*D)
+local terms in plain torch, which the fused backends also use where their local kernel does not
+apply (K > 8, or ``local_loss`` across ranks).
 
 The forward keeps only per-row log-sum-exps; the backward recomputes the logits in row blocks of
 ordinary matmuls (peak extra memory: one block of ``chunk_bytes``). It runs anywhere torch does.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import loss_matmuls, mm_f32
+from ..matmul import loss_matmuls, mm_f32
 
 
 def group_columns(rows: int, row_offset: int, num_negatives: int, num_groups: int, device) -> torch.Tensor:
@@ -23,78 +25,77 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class TorchGlobalImpl:
-    """Row-blocked PyTorch implementation of the global-term primitives. Products go through
-    :mod:`degla_fast.matmul` (16-bit GEMMs with fp32 results for 16-bit inputs, TF32 per
-    ``dot_precision`` for fp32 ones); nothing is read on the host."""
+# The global term, row-blocked. Products go through :mod:`degla_fast.matmul` (16-bit GEMMs with
+# fp32 results for 16-bit inputs, TF32 per ``dot_precision`` for fp32 ones); nothing is read on
+# the host.
 
-    @staticmethod
-    def _blocks(q: torch.Tensor, x: torch.Tensor, chunk_bytes: int):
-        """Row blocks whose fp32 logits, their exp and the gradient (about three buffers of
-        block x C) fit in ``chunk_bytes``."""
-        per_row = max(1, x.shape[0]) * (8 + q.element_size())
-        size = max(8, chunk_bytes // per_row)
-        return range(0, q.shape[0], size), size
+def _blocks(q: torch.Tensor, x: torch.Tensor, chunk_bytes: int):
+    """Row blocks whose fp32 logits, their exp and the gradient (about three buffers of
+    block x C) fit in ``chunk_bytes``."""
+    per_row = max(1, x.shape[0]) * (8 + q.element_size())
+    size = max(8, chunk_bytes // per_row)
+    return range(0, q.shape[0], size), size
 
-    @staticmethod
-    def forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision, chunk_bytes):
-        rows, cols = q.shape[0], x.shape[0]
-        num_groups = cols // (1 + num_negatives)
-        acc = acc_dtype(q)
-        s = scale.to(acc)
-        lse = torch.empty(rows, device=q.device, dtype=acc)
-        lse_igc, pos = torch.empty_like(lse), torch.empty_like(lse)
-        starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
-        with loss_matmuls(q.device, dot_precision):
-            for start in starts:
-                stop = min(start + size, rows)
-                logits = mm_f32(q[start:stop], x.T).mul_(s)
-                group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups,
-                                                       q.device))
-                lse[start:stop] = torch.logsumexp(logits, dim=1)
-                pos[start:stop] = group[:, 0]
-                if with_igc:
-                    lse_igc[start:stop] = torch.logsumexp(group, dim=1)
-        return lse, lse_igc, pos
 
-    @staticmethod
-    def backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, dot_precision, chunk_bytes):
-        rows, cols = q.shape[0], x.shape[0]
-        num_groups = cols // (1 + num_negatives)
-        acc = acc_dtype(q)
-        s = scale.to(acc)
-        g_ce, g_igc = (grad_out.to(acc) / rows).unbind()
-        # The gradient of each logit enters the products in the input dtype at unit scale (divided
-        # by f = |g_ce| + |g_igc|, so it lies in [-1, 1]: no fp16 subnormals); f * s multiplies
-        # the fp32 products.
-        f = (g_ce.abs() + g_igc.abs()).clamp_min(1e-30)
-        dq = torch.empty(q.shape, device=q.device, dtype=acc)
-        dx = torch.zeros(x.shape, device=q.device, dtype=acc)
-        dscale = torch.zeros((), device=q.device, dtype=acc)
-        starts, size = TorchGlobalImpl._blocks(q, x, chunk_bytes)
-        with loss_matmuls(q.device, dot_precision):
-            for start in starts:
-                stop = min(start + size, rows)
-                dots = mm_f32(q[start:stop], x.T)
-                dlogits = dots.mul(s).sub_(lse[start:stop, None]).exp_().mul_(g_ce)
-                group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
-                d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
-                d_group[:, 0] = -g_ce
-                if with_igc:
-                    group = dots.gather(1, group_cols) * s
-                    d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
-                    d_group[:, 0] -= g_igc
-                dlogits.scatter_add_(1, group_cols, d_group)
-                dscale += torch.vdot(dlogits.reshape(-1), dots.reshape(-1))
-                unit = dlogits.div_(f).to(q.dtype)
-                dq[start:stop] = mm_f32(unit, x)
-                dx.add_(mm_f32(unit.T, q[start:stop]))
-        return dq.mul_(f * s), dx.mul_(f * s), dscale
+def _global_forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision, chunk_bytes):
+    rows, cols = q.shape[0], x.shape[0]
+    num_groups = cols // (1 + num_negatives)
+    acc = acc_dtype(q)
+    s = scale.to(acc)
+    lse = torch.empty(rows, device=q.device, dtype=acc)
+    lse_igc, pos = torch.empty_like(lse), torch.empty_like(lse)
+    starts, size = _blocks(q, x, chunk_bytes)
+    with loss_matmuls(q.device, dot_precision):
+        for start in starts:
+            stop = min(start + size, rows)
+            logits = mm_f32(q[start:stop], x.T).mul_(s)
+            group = logits.gather(1, group_columns(stop - start, row_offset + start, num_negatives, num_groups,
+                                                   q.device))
+            lse[start:stop] = torch.logsumexp(logits, dim=1)
+            pos[start:stop] = group[:, 0]
+            if with_igc:
+                lse_igc[start:stop] = torch.logsumexp(group, dim=1)
+    return lse, lse_igc, pos
+
+
+def _global_backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc, grad_out, dot_precision,
+                     chunk_bytes):
+    rows, cols = q.shape[0], x.shape[0]
+    num_groups = cols // (1 + num_negatives)
+    acc = acc_dtype(q)
+    s = scale.to(acc)
+    g_ce, g_igc = (grad_out.to(acc) / rows).unbind()
+    # The gradient of each logit enters the products in the input dtype at unit scale (divided
+    # by f = |g_ce| + |g_igc|, so it lies in [-1, 1]: no fp16 subnormals); f * s multiplies
+    # the fp32 products.
+    f = (g_ce.abs() + g_igc.abs()).clamp_min(1e-30)
+    dq = torch.empty(q.shape, device=q.device, dtype=acc)
+    dx = torch.zeros(x.shape, device=q.device, dtype=acc)
+    dscale = torch.zeros((), device=q.device, dtype=acc)
+    starts, size = _blocks(q, x, chunk_bytes)
+    with loss_matmuls(q.device, dot_precision):
+        for start in starts:
+            stop = min(start + size, rows)
+            dots = mm_f32(q[start:stop], x.T)
+            dlogits = dots.mul(s).sub_(lse[start:stop, None]).exp_().mul_(g_ce)
+            group_cols = group_columns(stop - start, row_offset + start, num_negatives, num_groups, q.device)
+            d_group = torch.zeros(group_cols.shape, device=q.device, dtype=acc)
+            d_group[:, 0] = -g_ce
+            if with_igc:
+                group = dots.gather(1, group_cols) * s
+                d_group += torch.exp(group - lse_igc[start:stop, None]) * g_igc
+                d_group[:, 0] -= g_igc
+            dlogits.scatter_add_(1, group_cols, d_group)
+            dscale += torch.vdot(dlogits.reshape(-1), dots.reshape(-1))
+            unit = dlogits.div_(f).to(q.dtype)
+            dq[start:stop] = mm_f32(unit, x)
+            dx.add_(mm_f32(unit.T, q[start:stop]))
+    return dq.mul_(f * s), dx.mul_(f * s), dscale
 
 
 class GlobalContrast(torch.autograd.Function):
     """Mean cross-entropy of rows ``q`` over columns ``x`` (target ``row_offset + r``) and mean IGC,
-    computed by :class:`TorchGlobalImpl`.
+    computed in row blocks of ordinary matmuls.
 
     q [R, D], x [Bg*(1+K), D], scale scalar (exp already applied) -> (ce, igc) scalars fp32.
     With ``with_igc=False`` the second output is zero. ``dot_precision``: dot precision of fp32
@@ -104,7 +105,7 @@ class GlobalContrast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, x, scale, row_offset: int, num_negatives: int, with_igc: bool, dot_precision: str,
                 chunk_bytes: int):
-        lse, lse_igc, pos = TorchGlobalImpl.forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision,
+        lse, lse_igc, pos = _global_forward(q, x, scale, row_offset, num_negatives, with_igc, dot_precision,
                                                     chunk_bytes)
         ctx.save_for_backward(q, x, scale, lse, lse_igc)
         ctx.args = (row_offset, num_negatives, with_igc, dot_precision, chunk_bytes)
@@ -117,13 +118,13 @@ class GlobalContrast(torch.autograd.Function):
         q, x, scale, lse, lse_igc = ctx.saved_tensors
         row_offset, num_negatives, with_igc, dot_precision, chunk_bytes = ctx.args
         grad_out = torch.stack([grad_ce, grad_igc])
-        dq, dx, dscale = TorchGlobalImpl.backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc,
+        dq, dx, dscale = _global_backward(q, x, scale, row_offset, num_negatives, with_igc, lse, lse_igc,
                                                   grad_out, dot_precision, chunk_bytes)
         return (dq.to(q.dtype), dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype),
                 None, None, None, None, None)
 
 
-def torch_local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
+def local_terms(text, teacher_text, image, teacher_image, num_negatives: int, tgc_scale: float,
                       official_indexing: bool, with_tgc: bool, with_distill: bool):
     """TGC and distillation with ordinary autograd ops: O(B*K*D) memory, fp32 arithmetic.
 
