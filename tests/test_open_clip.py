@@ -188,7 +188,8 @@ def test_create_loss_refuses_what_is_not_a_softmax_clip_loss(overrides, words):
     (dict(rank=1), ["rank", "open_clip_train's own arguments"]),
     (dict(learning_rate=1.0), ["unknown DeGLALoss argument 'learning_rate'"]),
     (dict(num_negatives=4), ["no EMA teacher", "degla-fast train"]),
-    (dict(backend="nope"), ["backend must be one of"]),
+    (dict(backend="nope"), ["backend: 'nope' is not one of"]),
+    (dict(igc_weight="x"), ["igc_weight: must be a number, got 'x'"]),
 ])
 def test_use_degla_loss_checks_its_keywords_at_once(kwargs, words):
     import open_clip
@@ -455,8 +456,8 @@ K4 = ["--num-negatives", "4", "--csv-hard-captions-key", "neg"]
     (["--num-negatives", "4"], "--num-negatives 4: needs --csv-hard-captions-key COL"),
     ([*K4, "--accum-freq", "2"], "--accum-freq 2: open_clip_train's accumulation"),
     ([*K4, "--torchcompile"], "--torchcompile: not supported with --num-negatives 4"),
-    (["--igc-weight", "-1"], "--igc-weight: igc_weight must be >= 0"),
-    (["--num-negatives", "-1"], "--num-negatives: num_negatives must be >= 0"),
+    (["--igc-weight", "-1"], "--igc-weight: igc_weight: must be >= 0.0, got -1.0"),
+    (["--num-negatives", "-1"], "--num-negatives: num_negatives: must be >= 0, got -1"),
     ([*K4, "--ema-decay", "1.5"], "--ema-decay: decay must be in [0, 1]"),
 ], ids=lambda v: " ".join(v)[:40] if isinstance(v, list) else None)
 def test_launcher_refuses_in_one_line_before_training(argv, start, capsys, monkeypatch):

@@ -38,7 +38,7 @@ from ..compat.transformers import import_transformers
 from ..ema import EMATeacher, check_decay
 from . import unwrap
 from ..errors import ConfigError, DataError
-from ..loss import DeGLALoss, LossOutput
+from ..loss import DeGLALoss, LossOutput, LossSpec
 from ..train.config import EMAConfig
 
 transformers = import_transformers()
@@ -62,8 +62,7 @@ class DeGLACollator:
 
     def __init__(self, processor, num_negatives: int = 4, *, image_key: str = "image", caption_key: str = "caption",
                  negatives_key: str = "negatives", max_length: int | None = None, seed: int = 0):
-        if num_negatives < 0:
-            raise ConfigError(f"num_negatives must be >= 0 (0: plain CLIP), got {num_negatives}")
+        num_negatives = LossSpec(num_negatives=num_negatives).num_negatives  # the loss's own check of K
         self.processor, self.num_negatives = processor, num_negatives
         self.image_key, self.caption_key, self.negatives_key = image_key, caption_key, negatives_key
         self.max_length = max_length

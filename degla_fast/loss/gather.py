@@ -31,7 +31,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         # deprecated on newer ones and their replacements absent on older ones).
         ctx.rank, ctx.world_size = rank, world_size
         parts = [torch.empty_like(t) for _ in range(world_size)]
-        dist.allgather(parts, t.contiguous())
+        dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
@@ -52,7 +52,7 @@ def gather(t: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> torc
     if with_grad:
         return _AllGatherWithGrad.apply(t, rank, world_size)
     parts = [torch.empty_like(t) for _ in range(world_size)]
-    dist.allgather(parts, t.detach().contiguous())
+    dist.all_gather(parts, t.detach().contiguous())
     parts[rank] = t
     return torch.cat(parts, dim=0)
 
