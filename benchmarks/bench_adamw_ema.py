@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ema import _QUICK_SCALE, _gbps, clip_parameter_shapes  # noqa: E402
-from common import add_ratios, measure, report_run  # noqa: E402
+from bench_ema import _QUICK_SCALE, _gbps, clip_parameter_shapes
+from common import add_ratios, measure, report_run
 
 DECAY = 0.9996
 LR = 1e-4

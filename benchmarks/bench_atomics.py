@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ratios, measure, report_run  # noqa: E402
+from common import add_ratios, measure, report_run
 
 NAME = "bench_atomics"
 BLOCK, WARPS = 1024, 4

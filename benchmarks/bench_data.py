@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ratios, markdown_table, measure, percentiles, write_results  # noqa: E402
+from common import add_ratios, markdown_table, measure, percentiles, write_results
 
 _SUBJECTS = ["a man", "a woman", "two dogs", "a cat", "a young boy", "a group of people", "a large bus", "a plate"]
 _VERBS = ["sitting on", "standing next to", "riding", "holding", "walking down", "lying on", "looking at"]

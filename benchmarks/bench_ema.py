@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ratios, markdown_table, measure, write_results  # noqa: E402
+from common import add_ratios, markdown_table, measure, write_results
 
 DECAY = 0.9996
 MODELS = {"ViT-B/32": "ViT-B-32", "ViT-L/14": "ViT-L-14"}

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentiles, report_run  # noqa: E402
+from common import percentiles, report_run
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = (

@@ -27,15 +27,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (_sync, add_ratios, peak_memory_bytes, profile_trace, report_run, roofline,  # noqa: E402
+from common import (_sync, add_ratios, peak_memory_bytes, profile_trace, report_run, roofline,
                     run_case_in_subprocess, time_fn)
 
-from degla_fast.profiling import profile_range  # noqa: E402
+from degla_fast.profiling import profile_range
 
 NAME = "bench_loss"
 #: impl -> (backend, DeGLALoss keywords); the CUDA-graph rows replay the same call.

@@ -41,10 +41,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ratios, peak_rss_bytes, percentiles, profile_trace, report_run  # noqa: E402
+from common import add_ratios, peak_rss_bytes, percentiles, profile_trace, report_run
 
-from degla_fast.profiling import PhaseClock, profile_range  # noqa: E402
+from degla_fast.profiling import PhaseClock, profile_range
 
 NAME = "bench_step"
 PHASES = ("data", "forward", "teacher_forward", "loss", "backward", "optimizer", "ema")

@@ -19,10 +19,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentiles, report_run  # noqa: E402
+from common import percentiles, report_run
 
 
 def _train(schedule: list[int | None], steps: int, barrier, results) -> None:

@@ -1,4 +1,4 @@
-"""How far the DeGLA loss and its gradients in bf16 are from the float64 oracle (tests/loss_oracle.py).
+"""How far the DeGLA loss and its gradients in bf16 are from the float64 oracle (benchmarks/loss_oracle.py).
 
 The trainer hands the loss its features in the autocast dtype (bf16 on a GPU); the kernels
 accumulate in fp32. This measures, on the CPU, the error of bf16 features against the float64
@@ -19,16 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-
-from loss_oracle import oracle_terms  # noqa: E402
+from loss_oracle import oracle_terms
 
 WEIGHTS = (0.1, 0.1, 0.005)
 SHAPES = {"demo (degla-tiny)": (64, 4, 128), "ViT-B/32 per GPU": (256, 4, 512)}

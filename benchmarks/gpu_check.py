@@ -846,8 +846,8 @@ def main_parent(args) -> int:
 def _bench_module(name: str):
     """Import the one benchmark this worker runs (a stage imports only what it needs), the EMA
     ones with the parameter shapes from :func:`clip_parameter_shapes` (open_clip is not on a bare
-    GPU machine; the shapes are the same, see the tests)."""
-    sys.path.insert(0, str(BENCH))
+    GPU machine; the shapes are the same, see the tests). A worker is this file run as a script
+    (:meth:`Run.worker`), so benchmarks/ is first on sys.path and the benchmark imports by name."""
     mod = importlib.import_module(name)
     if name in ("bench_ema", "bench_adamw_ema"):
         mod.clip_parameter_shapes = clip_parameter_shapes
@@ -968,7 +968,6 @@ def write_auto_table(results: Path, dry_run: bool) -> Path | None:
 
 def _report(results: Path, out: Path) -> int:
     """report.py's RESULTS.md and plots; without matplotlib the same tables, no plots."""
-    sys.path.insert(0, str(BENCH))
     import report
 
     if importlib.util.find_spec("matplotlib"):

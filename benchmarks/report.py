@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import KNOWN_PEAKS, markdown_table  # noqa: E402
-from degla_fast.io import atomic_path, write_text_atomic  # noqa: E402
+from common import KNOWN_PEAKS, markdown_table
+from degla_fast.io import atomic_path, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 _FIRST = ["name", "model", "B", "K", "D", "dtype", "precision", "student_dtype", "teacher_dtype", "impl"]

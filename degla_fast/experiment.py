@@ -160,11 +160,6 @@ def prepare(settings: Settings, output: Path, progress: bool = False) -> tuple[P
 
 # ---------------------------------------------------------------------------------------------- summary
 
-def _metric_names(per_seed: dict) -> list[str]:
-    first = next(iter(per_seed.values()))[0]
-    return list(first)
-
-
 def summarize(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
     """{variant: [metrics of each seed]} -> {variant: {metric: {"mean", "std", "min", "max", "n"}}};
     ``std`` is the sample standard deviation over seeds (0 for a single seed)."""

@@ -28,11 +28,9 @@ LOCAL_MAX_NEGATIVES = 8
 #: ``_dx_kernel``, gemm_loss's ``_finalize_kernel``).
 PART_BLOCK = 1024
 
-#: Architectures the launchers tell apart: 90 = Hopper and newer (227 KB of shared memory
-#: per block), 80 = everything older (A100's 163 KB; sm_86/89's 99 KB is not covered).
-ARCHS = (80, 90)
-
-#: Shared memory one block may use (bytes, opt-in maximum), by architecture.
+#: Shared memory one block may use (bytes, opt-in maximum), by the architectures the launchers
+#: tell apart (:func:`arch_of`): 90 = Hopper and newer (227 KB), 80 = everything older (A100's
+#: 163 KB; sm_86/89's 99 KB is not covered).
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
 

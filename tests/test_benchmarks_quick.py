@@ -1,15 +1,14 @@
 """CI quick mode of ``benchmarks/``: every ``bench_*.py`` runs with ``quick=True`` and writes its
 JSON, ``report.py`` turns them into RESULTS.md and PNG plots, and ``--profile`` writes a Chrome
 trace with the named ranges. Nothing here looks at a speed."""
+import ast
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"  # on sys.path through pytest.ini
 MODULES = sorted(p.stem for p in BENCH.glob("bench_*.py"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,3 +100,33 @@ def test_profile_writes_chrome_trace(tmp_path, module, args, ranges):
     assert importlib.import_module(module).main(["--profile", str(trace), *args]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert ranges <= {e.get("name") for e in events}
+
+
+def _edits_sys_path(node: ast.AST) -> bool:
+    """``sys.path.insert(...)`` and the like, or an assignment to ``sys.path`` (or a slice of it)."""
+    def is_sys_path(n):
+        return isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name) and n.value.id == "sys"
+
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return is_sys_path(node.func.value)
+    if isinstance(node, (ast.Assign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(is_sys_path(t.value if isinstance(t, ast.Subscript) else t) for t in targets)
+    return False
+
+
+def test_benchmarks_import_nothing_from_tests_and_nothing_edits_sys_path():
+    """A benchmark imports from its own folder (or the package), never from tests/; neither folder
+    edits sys.path: pytest.ini's ``pythonpath`` is the one place benchmarks/ is put on the tests'."""
+    tests = Path(__file__).resolve().parent
+    test_modules = {p.stem for p in tests.glob("*.py")}
+    found = []
+    for path in sorted([*BENCH.glob("*.py"), *tests.glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if _edits_sys_path(node):
+                found.append(f"{path.parent.name}/{path.name}:{node.lineno} edits sys.path")
+            if path.parent == BENCH and isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"benchmarks/{path.name}:{node.lineno} imports {n} from tests/"
+                          for n in names if n.split(".")[0] in test_modules | {"tests"}]
+    assert not found, "\n".join(found)

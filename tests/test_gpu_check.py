@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import gpu_check  # benchmarks/gpu_check.py (pytest.ini puts benchmarks/ on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
 
 
 def _committed_outputs() -> dict[str, str]:

@@ -17,16 +17,13 @@ Triton's interpreter at tiny sizes (B in {3, 17}, D in {16, 40}, 38 of the param
 from __future__ import annotations
 
 import os
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from gpu_check import clip_parameter_spec  # noqa: E402
+from gpu_check import clip_parameter_spec  # benchmarks/gpu_check.py (pytest.ini puts benchmarks/ on sys.path)
 
 DRY_RUN = os.environ.get("DEGLA_GPU_DRY_RUN", "") not in ("", "0")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -159,7 +156,7 @@ def test_loss_matches_float64(backend, flavour, dim, batch, k, with_igc, scale):
 
 
 def test_float64_expectation_matches_the_loop_oracle():
-    """The vectorised expectation above equals tests/loss_oracle.py's per-row loops."""
+    """The vectorised expectation above equals benchmarks/loss_oracle.py's per-row loops."""
     from loss_oracle import oracle_terms
 
     gen = torch.Generator().manual_seed(0)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 STEPS, LOG_EVERY = 6, 3
 #: What the host reads after each step: one tolist() at each log step, nothing in between.

@@ -63,7 +63,6 @@ FT_SIZE = "medium"
 FT_TEXTURE = "solid"
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 EVAL_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
-SPLITS = ("val", "test")
 ZEROSHOT_CLASSES = {
     "shape": SHAPES[5:], "colour": tuple(COLOURS), "size": tuple(SIZES), "texture": TEXTURES,
     "count": ("three", "four", "five"),
