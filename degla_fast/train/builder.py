@@ -23,8 +23,8 @@ from ..ema import release_zero3_module
 from ..errors import DataError
 from ..loss import DeGLALoss
 from . import distributed as dist_utils
-from .checkpoint_map import (Absent, EngineFolder, IfSaved, ModelName, Optimizer, Record, RunConfig, Schedule,
-                             StudentWeights, Teacher, TrainState)
+from .checkpoint_map import (Absent, EngineFolder, IfSaved, ModelName, OptimizerState, Record, RunConfig, Schedule,
+                             StudentWeights, TeacherWeights, TrainState)
 from .checkpointer import Checkpointer, Stateful
 from .config import TrainConfig, to_dict
 from .metrics import MetricsLogger
@@ -142,8 +142,8 @@ def _run_states(parts: StepParts, folder: Path, train_state: TrainState, notes: 
     teacher, engine = parts.teacher, parts.engine
     return {
         "train": train_state,
-        "teacher": Teacher(teacher, train_state, notes) if teacher is not None else Absent(),
-        "optimizer": Optimizer(parts.optimizer, train_state.source) if engine is None else Absent(),
+        "teacher": TeacherWeights(teacher, train_state, notes) if teacher is not None else Absent(),
+        "optimizer": OptimizerState(parts.optimizer, train_state.source) if engine is None else Absent(),
         "deepspeed": EngineFolder(engine, folder, train_state) if engine is not None else Absent(),
         "scheduler": Schedule(parts.scheduler),
         "scaler": IfSaved(parts.scaler) if parts.scaler is not None else Absent(),

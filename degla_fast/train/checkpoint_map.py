@@ -62,7 +62,7 @@ class StudentWeights:
 
     Restore it into the bare model, before any wrapping: a ZeRO-3 engine partitions the
     parameters as it is built, and DDP copies rank 0's to every rank. The builder restores the
-    model's entries (:data:`ModelName`, this one) by themselves, before the engine, the teacher
+    model's entries (:class:`ModelName`, this one) by themselves, before the engine, the teacher
     (a copy of the restored student) and the optimiser exist."""
 
     def __init__(self, student: torch.nn.Module, info: dist_utils.DistInfo, *, gathered: bool, model_name: str,
@@ -128,7 +128,7 @@ class Absent:
         """Nothing: see the class doc."""
 
 
-class Teacher:
+class TeacherWeights:
     """The EMA teacher (a :class:`~degla_fast.ema.Teacher` keeps and filters its own state). A
     checkpoint without one (its run needed none, e.g. K = 0) leaves the teacher as built, a copy
     of the restored student, and says so in one line of ``notes``."""
@@ -162,7 +162,7 @@ class IfSaved:
             self.part.load_state_dict(saved)
 
 
-class Optimizer:
+class OptimizerState:
     """The optimiser, whose parameter groups must match the checkpoint's (``source``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, source: Path | None):
