@@ -1,12 +1,15 @@
 """The checkpoint format, in one place: its name and version, the safe reader, the resolution
 of ``latest``, atomic writes, the newest N kept, RNG states. (What goes into a training
-checkpoint and how a run is restored from one: :class:`degla_fast.train.checkpointer.Checkpointer`.)
+checkpoint, a run's checkpoint map, and how a run is restored from one:
+:class:`degla_fast.train.checkpointer.Checkpointer`, :mod:`degla_fast.train.checkpoint_map`.)
 
 Layout of ``OUTPUT/checkpoints/``::
 
     step_00000100.pt        torch.save dict (format "degla-fast/checkpoint", version 1): model_name,
-                            pretrained, student, teacher, optimizer, scheduler, scaler, step, epoch,
-                            batch (next batch of that epoch), rng (one entry per rank), config
+                            pretrained, student, step, epoch, batch (next batch of that epoch),
+                            rng (one entry per rank), world_size, teacher, optimizer, deepspeed
+                            (the engine folder's name), scheduler, scaler, config (in the map's
+                            order; a part the run lacked is None)
     step_00000100.ds/       DeepSpeed runs only: the engine's own (sharded) checkpoint
     latest                  text: the file name of the newest checkpoint
 

@@ -157,6 +157,27 @@ def test_resume_with_another_k_or_loss_weight_is_allowed_and_says_so_in_one_line
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_resume_says_a_changed_tgc_indexing_and_a_teacher_started_from_the_student_in_one_line_each(synth, tmp_path,
+                                                                                                  capsys):
+    out, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    assert train_main.main(base_args(synth, out, "--max-steps", "2", "--num-negatives", "0")) == 0  # no teacher
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["teacher"] is None
+    capsys.readouterr()
+    assert train_main.main(base_args(synth, out, "--max-steps", "3", "--resume", "latest",
+                                     "--set", "loss.official_tgc_indexing=true")) == 0
+    # (The longer schedule has its own line: the next test.)
+    warnings = [unstamped(line) for line in capsys.readouterr().err.splitlines()
+                if "warning:" in line and "was scheduled for" not in line]
+    assert warnings == [
+        f"warning: resume: {checkpoint} holds no EMA teacher (its loss needed none); the teacher starts from the "
+        "student's weights at step 2",
+        f"warning: resume: {checkpoint} was trained with num_negatives=0, official_tgc_indexing=False; this run "
+        "uses num_negatives=4, official_tgc_indexing=True from step 3 on"], warnings
+    # What the line says: at step 3 the teacher is the student (the distillation term ~0, as at a fresh start).
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert rows[3]["distill"] < 1e-6 and rows[3]["tgc"] > 0
+
+
 def test_a_resume_that_changes_the_schedule_says_what_the_lr_does_and_a_finished_run_says_so(synth, tmp_path,
                                                                                             capsys):
     out = tmp_path / "run"

@@ -3,7 +3,12 @@
 Order matters in a few places, each said where it happens: the same initial weights on every
 rank, the student's weights before any wrapping, the teacher before the fused optimiser (which
 moves it) but after a DeepSpeed engine (a ZeRO-3 teacher is sharded like the engine's student),
-the resume state after everything it restores into.
+the rest of the checkpoint map after everything it restores into.
+
+The checkpoint map (:mod:`.checkpoint_map`) is made here, in the file's order, and handed to the
+checkpointer, which saves and restores it: ``model_name``, ``pretrained``, ``student``; the
+train state (``step``, ``epoch``, ``batch``, ``rng``, ``world_size``, at the file's top level);
+``teacher``, ``optimizer``, ``deepspeed``, ``scheduler``, ``scaler``, ``config``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from ..ema import release_zero3_module
 from ..errors import DataError
 from ..loss import DeGLALoss
 from . import distributed as dist_utils
+from .checkpoint_map import (Absent, EngineFolder, IfSaved, ModelName, OptimizerState, Record, RunConfig, Schedule,
+                             StudentWeights, TeacherWeights, TrainState)
 from .checkpointer import Checkpointer, Stateful
 from .config import TrainConfig, to_dict
 from .metrics import MetricsLogger
@@ -35,8 +42,8 @@ class Run:
     """One training run, ready to step: what :func:`build_run` made and where it starts.
 
     ``parts`` is the one owner of the optimiser, schedule, teacher, DeepSpeed engine and loss
-    scaler (what ``train_step`` touches); ``states`` names what a checkpoint saves and restores
-    (:meth:`Checkpointer.states`)."""
+    scaler (what ``train_step`` touches); ``states`` is the checkpoint map, what a checkpoint
+    saves and restores (:mod:`.checkpoint_map`), ``train_state`` its entry for where the run is."""
 
     config: TrainConfig
     info: dist_utils.DistInfo
@@ -45,10 +52,12 @@ class Run:
     data: Any  # degla_fast.data.TrainData
     parts: StepParts  # what train_step touches: model, loss, optimiser, schedule, teacher, engine, scaler
     checkpointer: Checkpointer
-    states: dict[str, Stateful]  # the checkpoint's named stateful parts
+    states: dict[str, Stateful]  # the checkpoint map: its named entries, in the file's order
+    train_state: TrainState  # the map's step, epoch, batch and RNG (moved by the loop before each save)
     logger: MetricsLogger | None  # rank 0 only
     total_steps: int
     start: tuple[int, int, int] = (0, 0, 0)  # (step, epoch, batch) to continue from
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the resume changed: warning lines
     lock: RunLock | None = None  # the output folder's lock, rank 0 only
     threads: str = ""  # the CPU threads this process uses and why, for the start line (set_threads)
 
@@ -97,21 +106,50 @@ def build_run(config: TrainConfig, info: dist_utils.DistInfo, ds_config: dict | 
     student = bundle.model.to(info.device)
     if config.model.grad_checkpointing:
         student.set_grad_checkpointing(True)
-    checkpointer.restore_weights(student, bundle.name)
+    source = checkpointer.resume_path
+    model_states = {"model_name": ModelName(bundle.name, source), "pretrained": Record(config.model.pretrained),
+                    "student": StudentWeights(student, info, gathered=ds_config is not None,
+                                              model_name=bundle.name, source=source)}
+    # Restored into the bare model, before any wrapping (StudentWeights says why).
+    checkpointer.restore(model_states)
 
     data = _train_data(config, info, bundle)
     total_steps = config.max_steps or config.epochs * len(data)
     parts = _step_parts(student, config, info, ds_config, total_steps)
-    states = checkpointer.states(parts, student, model_name=bundle.name, config=config)
+    train_state, notes = TrainState(info, source), []
+    run_states = _run_states(parts, checkpointer.folder, train_state, notes, config, total_steps=total_steps,
+                             steps_per_epoch=len(data))
+    checkpointer.restore(run_states)
     run = Run(config=config, info=info, model_name=bundle.name, student=student, data=data, parts=parts,
-              checkpointer=checkpointer, states=states, logger=None, total_steps=total_steps, threads=threads)
-    run.start = checkpointer.restore_state(states, config, total_steps=total_steps, steps_per_epoch=len(data))
+              checkpointer=checkpointer, states={**model_states, **run_states}, train_state=train_state,
+              logger=None, total_steps=total_steps, start=train_state.position, notes=notes, threads=threads)
     if not checkpointer.resuming:
         torch.manual_seed(config.seed + info.rank)
     # Written once everything a user can get wrong has been read: a mistake leaves no trace.
     run.lock = write_output(output, config, info, archive)
     _start_logging(run)
     return run
+
+
+def _run_states(parts: StepParts, folder: Path, train_state: TrainState, notes: list[str], config: TrainConfig, *,
+                total_steps: int, steps_per_epoch: int) -> dict[str, Stateful]:
+    """The checkpoint map's entries after the model's, in the order they are restored (and the
+    file's): the train state first (a checkpoint of another world size is refused before any
+    other part is loaded; nothing after it draws random numbers), the teacher before the
+    optimiser or engine (as they always were), the engine before the schedule (which then sets
+    the groups' rate), the config last (its notes say the restored step and rate). A part this
+    run lacks is saved as None (:class:`Absent`): every checkpoint holds every key."""
+    teacher, engine = parts.teacher, parts.engine
+    return {
+        "train": train_state,
+        "teacher": TeacherWeights(teacher, train_state, notes) if teacher is not None else Absent(),
+        "optimizer": OptimizerState(parts.optimizer, train_state.source) if engine is None else Absent(),
+        "deepspeed": EngineFolder(engine, folder, train_state) if engine is not None else Absent(),
+        "scheduler": Schedule(parts.scheduler),
+        "scaler": IfSaved(parts.scaler) if parts.scaler is not None else Absent(),
+        "config": RunConfig(config, parts.scheduler, train_state, notes, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch),
+    }
 
 
 def _train_data(config: TrainConfig, info: dist_utils.DistInfo, bundle):
@@ -143,7 +181,7 @@ def _start_logging(run: Run) -> None:
         except BaseException:
             run.lock.release()
             raise
-    for note in checkpointer.notes:
+    for note in run.notes:
         run.warn(note)
 
 

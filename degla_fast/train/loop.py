@@ -199,7 +199,8 @@ def _maybe_save(trainer: Run, step: int, resume_at: tuple[int, int], force: bool
     checkpoint's path."""
     every = trainer.config.save_every
     if (force or (every and step % every == 0)) and trainer.checkpointer.last_step != step:
-        path = trainer.checkpointer.save(trainer.states, step, *resume_at)
+        trainer.train_state.move_to(step, *resume_at)
+        path = trainer.checkpointer.save(trainer.states)
         if trainer.logger is not None:
             trainer.logger.say(checkpoint_line(step, path))
     return trainer.checkpointer.last_path
