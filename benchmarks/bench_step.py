@@ -129,7 +129,7 @@ class Step:
             torch.cuda.synchronize(self.device)
 
     def __call__(self, phases: bool = True) -> dict:
-        from degla_fast.model import trim_tokens
+        from degla_fast.data.text import trim_tokens
         from degla_fast.train.step import train_step
 
         start = time.perf_counter()

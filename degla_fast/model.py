@@ -25,18 +25,17 @@ from typing import Any, Callable
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP
+from open_clip import CLIP
 
 from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
-from .data.text import trim_tokens  # noqa: F401 - part of this module's token API (pad_tokens, trim_tokens)
+from .compat.open_clip import encode_text_prefix, parse_model_name, trims_exactly
+from .data.text import trim_tokens
 from .errors import ConfigError, DataError, ShapeError, first_line
 from .precision import check_precision
 
 TINY_MODEL = "degla-tiny"
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-# Pooling types that read a position at or before the end-of-text token: trimming is exact.
-_TRIM_SAFE_POOLING = ("argmax", "eos", "first")
 
 open_clip.add_model_config(_CONFIG_DIR)  # degla-tiny, degla-synth: every CLI command knows them
 
@@ -91,7 +90,7 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
     weights cannot be read.
     """
     check_precision(precision)
-    schema, _ = open_clip.factory.parse_model_name(name)
+    schema, _ = parse_model_name(name)
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
         raise ConfigError(f"model: unknown open_clip model {name!r} (e.g. {TINY_MODEL!r}, 'ViT-B-32'; "
                           "see open_clip.list_models())")
@@ -251,20 +250,10 @@ def _encode_text_trimmed(net: CLIP, tokens: torch.Tensor, normalize: bool) -> to
         # Free on the host; on an accelerator it would cost a device sync, and the data
         # pipeline already trims each batch to its longest caption.
         tokens = trim_tokens(tokens)
-    if net.attn_mask is None or net.text_pool_type not in _TRIM_SAFE_POOLING:
+    if not trims_exactly(net):
         # Non-causal towers or last-position pooling see the padding: run them at full length.
         return CLIP.encode_text(net, pad_tokens(tokens, full), normalize=normalize)
-    length = tokens.shape[1]
-    cast_dtype = net.transformer.get_cast_dtype()
-    x = net.token_embedding(tokens).to(cast_dtype) + net.positional_embedding[:length].to(cast_dtype)
-    # open_clip's Transformer takes [N, L, D] whatever its batch_first setting and transposes
-    # internally when it runs sequence-first.
-    x = net.transformer(x, attn_mask=net.attn_mask[:length, :length])
-    x = net.ln_final(x)
-    x = open_clip.transformer.text_global_pool(x, tokens, net.text_pool_type,
-                                               eos_token_id=getattr(net, "text_eos_id", None))
-    if net.text_projection is not None:
-        x = net.text_projection(x) if isinstance(net.text_projection, torch.nn.Linear) else x @ net.text_projection
+    x = encode_text_prefix(net, tokens)
     return F.normalize(x, dim=-1) if normalize else x
 
 

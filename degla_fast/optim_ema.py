@@ -13,7 +13,8 @@ The clamp sits between the update and the lerp so the teacher follows the clampe
 
 :func:`adamw_ema_step_` works on lists of tensors (a model's parameters, or DeepSpeed-style flat
 fp32 partitions: one 1-D tensor each); :class:`AdamWEMA` is a ``torch.optim.Optimizer`` that
-moves an :class:`~degla_fast.ema.EMATeacher` as it steps.
+moves an EMA teacher (a :class:`~degla_fast.ema.ReplicaTeacher`, such as
+:class:`~degla_fast.ema.EMATeacher`) as it steps.
 
 Backends: ``triton`` (one launch per parameter group and teacher dtype,
 ``degla_fast.kernels.adamw_ema``; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), ``torch``
@@ -29,7 +30,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 
 from .backends import check_backend, resolve_backend
-from .ema import EMATeacher, check_decay, ema_update_, torch_lerp_
+from .ema import ReplicaTeacher, check_decay, ema_update_
+from .ema.update import torch_lerp_
 from .errors import ConfigError, ShapeError
 from .plan_cache import PlanCache
 
@@ -218,7 +220,7 @@ def adamw_ema_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
 
 # --- optimiser --------------------------------------------------------------------------------
 
-def _map_to_teacher(groups: list[dict], teacher: EMATeacher) -> dict:
+def _map_to_teacher(groups: list[dict], teacher: ReplicaTeacher) -> dict:
     """{id(student param): (teacher view, copy or None)}: by name when every group carries
     ``param_names`` (``AdamWEMA(model.named_parameters(), ...)``), by position otherwise."""
     names, views, copies = teacher.parameter_views()
@@ -247,7 +249,10 @@ def _map_to_teacher(groups: list[dict], teacher: EMATeacher) -> dict:
 
 
 class AdamWEMA(torch.optim.Optimizer):
-    """``torch.optim.AdamW`` whose step also moves an :class:`EMATeacher` toward the new parameters.
+    """``torch.optim.AdamW`` whose step also moves an EMA teacher toward the new parameters.
+
+    ``teacher``: a :class:`~degla_fast.ema.ReplicaTeacher` (its ``decay`` and per-parameter fp32
+    state views: :class:`~degla_fast.ema.EMATeacher`; a ZeRO-3 sharded teacher has no such views).
 
     ``params``: parameters or groups (as for AdamW; pass ``model.named_parameters()`` or groups
     with ``param_names`` to map them to the teacher by name, otherwise they are mapped by
@@ -269,14 +274,15 @@ class AdamWEMA(torch.optim.Optimizer):
     copy is written by the same pass (triton) or copied after (torch).
     """
 
-    def __init__(self, params: Iterable, teacher: EMATeacher, lr: float = 1e-3,
+    def __init__(self, params: Iterable, teacher: ReplicaTeacher, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  decay: float | None = None, backend: str = "auto", *, clamp_max: float | None = None,
                  amsgrad: bool = False, maximize: bool = False):
         if amsgrad or maximize:
             raise ConfigError("AdamWEMA supports neither amsgrad nor maximize")
-        if not isinstance(teacher, EMATeacher):
-            raise ConfigError(f"AdamWEMA needs an EMATeacher (a full replica); got {type(teacher).__name__}")
+        if not isinstance(teacher, ReplicaTeacher):
+            raise ConfigError(f"AdamWEMA needs a teacher with per-parameter state views (an EMATeacher, a full "
+                              f"replica); got {type(teacher).__name__}")
         decay = teacher.decay if decay is None else decay
         self.backend = check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=float(decay),

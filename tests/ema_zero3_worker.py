@@ -26,10 +26,10 @@ import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_fp32_param
 
-from degla_fast.ema import EMATeacher, ShardedEMATeacher
+from degla_fast.compat.deepspeed import zero_dim_safe_broadcasts
+from degla_fast.ema import EMATeacher, ShardedEMATeacher, Teacher
 from degla_fast.errors import ConfigError
-from degla_fast.teacher import Teacher
-from degla_fast.train.distributed import clamp_logit_scale_deepspeed, wrap_deepspeed, zero_dim_safe_broadcasts
+from degla_fast.train.distributed import clamp_logit_scale_deepspeed, wrap_deepspeed
 
 DECAY = 0.6
 MAX_SCALE = math.log(100.0)

@@ -146,7 +146,7 @@ def _train(model, opt, ema, steps, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("teacher_kwargs", [{}, {"forward_dtype": torch.bfloat16}, {"dtype": torch.bfloat16},
+@pytest.mark.parametrize("teacher_kwargs", [{}, {"forward_dtype": torch.bfloat16},
                                             {"forward_dtype": torch.float16}])
 def test_optimizer_equals_adamw_then_teacher_update(backend, teacher_kwargs):
     torch.manual_seed(0)
@@ -363,7 +363,7 @@ def test_errors_are_value_errors_naming_the_culprit():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_teacher_moves_over_2000_fused_steps(backend):
-    # AdamWEMA with a "bf16 teacher" (dtype=bf16: fp32 state + bf16 forward copy), decay 0.9996:
+    # AdamWEMA with a "bf16 teacher" (fp32 state + bf16 forward copy), decay 0.9996:
     # each EMA step is ~4e-4 * (p - t), below half a bf16 ulp of t. The fp32 state must follow the
     # float64 EMA of the parameters the optimiser produced, and the bf16 copy must track it.
     decay, steps = 0.9996, 2000
@@ -371,7 +371,7 @@ def test_bf16_teacher_moves_over_2000_fused_steps(backend):
     model = torch.nn.Linear(16, 33, bias=False)  # one tensor: the interpreter costs ~6 ms per program
     with torch.no_grad():
         model.weight.copy_(0.5 + torch.rand(model.weight.shape, generator=gen))
-    teacher = EMATeacher(model, decay=decay, backend=backend, dtype=torch.bfloat16)
+    teacher = EMATeacher(model, decay=decay, backend=backend, forward_dtype=torch.bfloat16)
     assert teacher.flat.dtype == torch.float32 and teacher.module.weight.dtype == torch.bfloat16
     opt = AdamWEMA(model.parameters(), teacher, lr=2e-4, weight_decay=0.0, backend=backend)
     grad = torch.randn(model.weight.shape, generator=gen)  # a steady push: p drifts by ~lr a step
@@ -392,3 +392,35 @@ def test_bf16_teacher_moves_over_2000_fused_steps(backend):
     moved = (state.double() - start).abs()
     assert float(moved.min()) > 0.04  # the teacher travelled ~0.08 (the student ~0.4), many bf16 ulps
     assert float((copy_.double() - start).abs().min()) > 0.03  # and so did its bf16 forward weights
+
+
+class _StateOnly:
+    """A teacher that is only what AdamWEMA needs (a ReplicaTeacher): a decay and fp32 state views."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]
+        self.states = [p.detach().clone() for p in model.parameters()]
+
+    def parameter_views(self):
+        return list(self.names), list(self.states), None
+
+
+def test_optimizer_takes_any_replica_teacher_and_refuses_a_sharded_one():
+    from degla_fast.ema import ReplicaTeacher, ShardedEMATeacher
+
+    torch.manual_seed(0)
+    model, twin = _Scaled(1.0), _Scaled(1.0)
+    twin.load_state_dict(model.state_dict())
+    bare, full = _StateOnly(model, DECAY), EMATeacher(twin, decay=DECAY, backend="torch")
+    assert isinstance(bare, ReplicaTeacher) and isinstance(full, ReplicaTeacher)
+    start = [s.clone() for s in bare.states]
+    opts = [AdamWEMA(m.parameters(), t, lr=0.1, backend="torch") for m, t in ((model, bare), (twin, full))]
+    for m, opt in zip((model, twin), opts):
+        m.weight.grad, m.logit_scale.grad = torch.ones_like(m.weight), torch.ones_like(m.logit_scale)
+        opt.step()
+    for state, first, view in zip(bare.states, start, full.parameter_views()[1]):
+        assert not torch.equal(state, first) and torch.equal(state, view)  # moved, as EMATeacher's state
+    assert not hasattr(ShardedEMATeacher, "parameter_views")  # its state is split in the optimiser's layout
+    with pytest.raises(ConfigError, match="per-parameter state views"):
+        AdamWEMA(model.parameters(), object(), backend="torch")

@@ -38,10 +38,10 @@ def test_step_supports_amp_scaling_and_the_fused_step_skips_on_found_inf():
     assert torch_optim.step_supports_amp_scaling(fused)
     assert not torch_optim.step_supports_amp_scaling(torch.optim.SGD([param], lr=0.1))
     param.grad = torch.ones(3)
-    fused.found_inf, fused.grad_scale = torch.ones(()), None  # what optim.skips_on_device relies on
-    fused.step()
+    with torch_optim.found_inf_set(fused, torch.ones(())):  # what optim.skips_on_device relies on
+        fused.step()
     assert torch.equal(param.detach(), torch.ones(3))
-    del fused.found_inf, fused.grad_scale
+    assert not hasattr(fused, "found_inf") and not hasattr(fused, "grad_scale")  # removed, as GradScaler does
     fused.step()
     assert not torch.equal(param.detach(), torch.ones(3))
 

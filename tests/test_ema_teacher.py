@@ -1,12 +1,11 @@
-"""The :class:`~degla_fast.teacher.Teacher` protocol as EMATeacher meets it (ShardedEMATeacher's
+"""The :class:`~degla_fast.ema.Teacher` protocol as EMATeacher meets it (ShardedEMATeacher's
 half is checked on two processes in tests/ema_zero3_worker.py): state_dict is exactly what a
 checkpoint stores, load_state_dict takes it back, close is a no-op."""
 from __future__ import annotations
 
 import torch
 
-from degla_fast.ema import EMATeacher, ShardedEMATeacher
-from degla_fast.teacher import Teacher
+from degla_fast.ema import EMATeacher, ShardedEMATeacher, Teacher
 
 
 class _WithScratch(torch.nn.Module):

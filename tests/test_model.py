@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import Transformer
 
+from degla_fast.data.text import trim_tokens
 from degla_fast.errors import ConfigError, DataError, ShapeError
 from degla_fast.model import (TINY_MODEL, ModelBundle, TrimmedTextCLIP, clip_features, create_model, encode_image,
-                              encode_text, load_model, pad_tokens, trim_tokens)
+                              encode_text, load_model, pad_tokens)
 from degla_fast.precision import autocast, autocast_dtype
 
 CAPTIONS = ["a red circle", "a small blue square to the left of a big green triangle",

@@ -224,3 +224,164 @@ def test_at_most_four_frames_from_the_module_to_a_kernel_launch(backend, monkeyp
     assert depths, "no Triton launch seen"
     deepest = max(depths)
     assert deepest[0] <= MAX_LOSS_FRAMES, f"{deepest[0]} frames: {deepest[1]}"
+
+
+# ---------------------------------------------------------------- the compat boundary
+# DeepSpeed's and open_clip's internals are reached only behind the named, versioned shims of
+# degla_fast/compat/ (and by degla_fast/integrations/, whose job is to patch other trainers).
+# Everywhere else a module may use these libraries' public API only:
+#   - names at the library's top level (``import deepspeed``, ``deepspeed.initialize``,
+#     ``from open_clip import CLIP``, ``open_clip.create_model_and_transforms``, ``CLIP.encode_text``);
+#   - below a submodule, only :data:`PUBLIC_BELOW_TOP`: DeepSpeed's documented ZeRO API
+#     (``deepspeed.zero.GatheredParameters``, the ``deepspeed.utils.safe_get_*`` readers,
+#     ``set_z3_leaf_modules``), which DeepSpeed's docs name by these paths;
+#   - no attribute of :data:`DENIED_ATTRIBUTES` (nor any ``ds_*`` attribute, DeepSpeed's ZeRO-3
+#     parameter bookkeeping), as ``x.attr``, ``getattr(x, "attr")`` or an imported name.
+# Which top-level names are submodules is read from the installed packages' folders (nothing is
+# imported); a library that is not installed has none, and then only imports below its top
+# level (``from deepspeed.runtime... import``), which always name a submodule, are caught.
+
+BOUNDARY = ("degla_fast.compat", "degla_fast.integrations")
+HOSTS = ("deepspeed", "open_clip")
+PUBLIC_BELOW_TOP = {"deepspeed.zero.GatheredParameters", "deepspeed.utils.safe_get_full_fp32_param",
+                    "deepspeed.utils.safe_get_local_fp32_param", "deepspeed.utils.set_z3_leaf_modules"}
+DENIED_ATTRIBUTES = {
+    # DeepSpeed ZeRO-3: the optimiser's flat partitions, the parameters' shards, the offload hooks
+    "fp32_partitioned_groups_flat", "fp16_groups", "partition_numel", "all_gather_coalesced",
+    "DeepSpeedZeRoOffload", "NoopTimer", "ZeroParamStatus",
+    # torch.optim / GradScaler: the skip protocol of fused optimisers
+    "found_inf", "grad_scale",
+    # open_clip: the text tower's inner steps and the model-name parser
+    "attn_mask", "text_pool_type", "text_eos_id", "text_global_pool", "parse_model_name",
+}
+DENIED_PREFIX = "ds_"
+
+
+def _submodules(library: str) -> set[str]:
+    """Top-level names of ``library`` that are modules (``open_clip.factory``), from its folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(library)
+    found = set()
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for entry in Path(folder).iterdir():
+            if entry.suffix == ".py" or (entry.is_dir() and (entry / "__init__.py").exists()):
+                found.add(entry.stem)
+    return found - {"__init__"}
+
+
+SUBMODULES = {library: _submodules(library) for library in HOSTS}
+
+
+def _dotted(node: ast.AST) -> list[str] | None:
+    """``a.b.c`` -> ["a", "b", "c"]; None when the chain does not start at a plain name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
+
+
+def _internal_path(path: str, submodules: dict[str, set[str]]) -> bool:
+    """Whether ``path`` (``open_clip.factory.parse_model_name``) goes through a host library's
+    submodule and is not in :data:`PUBLIC_BELOW_TOP`."""
+    parts = path.split(".")
+    if parts[0] not in HOSTS or len(parts) < 2 or path in PUBLIC_BELOW_TOP:
+        return False
+    return parts[1] in submodules.get(parts[0], set())
+
+
+def _denied_name(name: str) -> bool:
+    return name in DENIED_ATTRIBUTES or name.startswith(DENIED_PREFIX)
+
+
+def _import_reaches(tree: ast.AST, submodules: dict[str, set[str]]) -> tuple[list[tuple[int, str]], dict[str, str]]:
+    """(violations, {local name: host path}) of a module's imports of the host libraries."""
+    found, bound = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                root = alias.name.split(".")[0]
+                if root in HOSTS:
+                    if "." in alias.name and alias.name not in PUBLIC_BELOW_TOP:
+                        found.append((node.lineno, f"import {alias.name}"))
+                    bound[alias.asname or root] = alias.name if alias.asname else root
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            for alias in node.names:
+                path = f"{node.module}.{alias.name}"
+                if _denied_name(alias.name):
+                    found.append((node.lineno, f"from {node.module} import {alias.name}"))
+                elif node.module.split(".")[0] in HOSTS:
+                    if ("." in node.module and path not in PUBLIC_BELOW_TOP) or _internal_path(path, submodules):
+                        found.append((node.lineno, f"from {node.module} import {alias.name}"))
+                    bound[alias.asname or alias.name] = path
+    return found, bound
+
+
+def compat_violations(source: str, submodules: dict[str, set[str]] | None = None) -> list[str]:
+    """``"line: what"`` for each reach into DeepSpeed's or open_clip's internals in ``source``
+    (the rule at the top of this section); the boundary modules are not passed here."""
+    submodules = SUBMODULES if submodules is None else submodules
+    tree = ast.parse(source)
+    found, bound = _import_reaches(tree, submodules)
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if _denied_name(node.attr):
+                found.append((node.lineno, f".{node.attr}"))
+            chain = _dotted(node) if id(node) not in inner else None  # the whole chain, once
+            if chain and chain[0] in bound:
+                path = ".".join([bound[chain[0]], *chain[1:]])
+                if _internal_path(path, submodules):
+                    found.append((node.lineno, path))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+                and _denied_name(node.args[1].value):
+            found.append((node.lineno, f'{node.func.id}(..., "{node.args[1].value}")'))
+    return [f"{line}: {what}" for line, what in sorted(set(found))]
+
+
+def test_compat_rule_reports_each_kind_of_reach():
+    """The checker itself: every kind of violation in a snippet is reported, public API is not."""
+    submodules = {"deepspeed": {"runtime", "utils", "zero", "comm"}, "open_clip": {"factory", "transformer", "model"}}
+    bad = """
+import open_clip
+import deepspeed.runtime.zero
+from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+from deepspeed.utils import groups
+from open_clip import factory
+from open_clip.model import CLIP
+import open_clip as oc
+schema = oc.factory.parse_model_name(name)
+pooled = open_clip.transformer.text_global_pool(x)
+param.ds_tensor.data = shard
+masters = optimizer.fp32_partitioned_groups_flat
+optimizer.found_inf, optimizer.grad_scale = flag, None
+mask = net.attn_mask
+ok = hasattr(param, "ds_id")
+"""
+    reported = compat_violations(bad, submodules)
+    lines = {int(entry.split(":")[0]) for entry in reported}
+    assert lines == set(range(3, 16)) - {8}, reported  # all but the two plain `import open_clip` lines
+    good = """
+import deepspeed
+import open_clip
+from deepspeed.utils import safe_get_full_fp32_param, set_z3_leaf_modules
+from open_clip import CLIP, create_model_and_transforms
+engine, *_ = deepspeed.initialize(model=m, optimizer=o, config=c)
+with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32")
+x = CLIP.encode_text(model, tokens)
+net.transformer(x, attn_mask=mask)
+"""
+    assert compat_violations(good, submodules) == []
+
+
+def test_library_internals_stay_behind_the_compat_boundary():
+    assert {"factory", "transformer", "model"} <= SUBMODULES["open_clip"]  # read from the installed package
+    outside = [f"{path.relative_to(ROOT)}:{entry}" for module, path in MODULES.items()
+               if not module.startswith(BOUNDARY)
+               for entry in compat_violations(path.read_text(encoding="utf-8"))]
+    assert not outside, "DeepSpeed/open_clip internals outside degla_fast/compat/ and integrations/: " \
+        + "; ".join(outside)

@@ -164,3 +164,134 @@ def params_to_release_cache():
             break
         fn = next((c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)), None)
     return fn if fn is not None and hasattr(fn, "cache_clear") else None
+
+
+# ---------------------------------------------------------------- ZeRO-3 partitions
+# What the sharded EMA teacher (degla_fast.ema.sharded) and the trainer's logit_scale clamp read
+# of ZeRO-3's partitioned parameters and optimiser. DeepSpeed converts each parameter in place
+# (``Init._convert_to_deepspeed_param``), adding ``ds_*`` attributes and methods that it
+# documents nowhere; its public readers (``safe_get_local_fp32_param`` and the like) serve one
+# parameter at a time and copy, where the teacher needs the flat partitions as they are.
+
+
+def _ds_attr(obj, name: str, shim: str):
+    """``obj.name``, or the one-line error of shim ``shim`` when DeepSpeed no longer sets it."""
+    value = getattr(obj, name, None)
+    if value is None:
+        raise missing("DeepSpeed", _version(), f"deepspeed.{shim}", f"{type(obj).__name__}.{name}")
+    return value
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter (its shard in ``param.ds_tensor``)."""
+    return hasattr(param, "ds_tensor")
+
+
+def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's shard of a ZeRO-3 parameter (``param.ds_tensor``, flat; padded with zeros on
+    the last ranks): written in place, it is what the next gather reads."""
+    return _ds_attr(param, "ds_tensor", "local_shard")
+
+
+def set_local_shard(param: torch.nn.Parameter, shard: torch.Tensor) -> None:
+    """Make ``shard`` (flat, the shard's size) this rank's partition of ``param``: the next
+    gather reads it. Rebinds ``ds_tensor.data``, as DeepSpeed's own optimiser does to place the
+    partitions in its flat buffers."""
+    local_shard(param).data = shard
+
+
+def shard_numel(param: torch.nn.Parameter) -> int:
+    """How many elements of ``param`` each rank's shard holds (``param.partition_numel()``)."""
+    return _ds_attr(param, "partition_numel", "shard_numel")()
+
+
+def shard_rank(param: torch.nn.Parameter) -> int:
+    """Which slice of the full parameter this rank's shard is (``ds_zero_partition_rank``)."""
+    return _ds_attr(param, "ds_zero_partition_rank", "shard_rank")
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The unpartitioned shape of a ZeRO-3 parameter (``ds_shape``; ``param.shape`` is empty)."""
+    return _ds_attr(param, "ds_shape", "full_shape")
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    """The unpartitioned element count of a ZeRO-3 parameter (``ds_numel``)."""
+    return _ds_attr(param, "ds_numel", "full_numel")
+
+
+def shard_group(param: torch.nn.Parameter):
+    """The process group a ZeRO-3 parameter is partitioned over (``ds_process_group``)."""
+    return _ds_attr(param, "ds_process_group", "shard_group")
+
+
+def master_partitions(optimizer) -> list[torch.Tensor] | None:
+    """A ZeRO-3 optimiser's fp32 master partitions, one flat tensor per parameter group
+    (``DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat``; re-read after a checkpoint
+    load, which may swap them), or None when ``optimizer`` has none (not ZeRO-3)."""
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    return None if masters is None else list(masters)
+
+
+def partitioned_groups(optimizer) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each of a ZeRO-3 optimiser's groups, in the order their shards sit in
+    the group's master partition (``fp16_groups``)."""
+    return [list(group) for group in _ds_attr(optimizer, "fp16_groups", "partitioned_groups")]
+
+
+def offloads_optimizer(optimizer) -> bool:
+    """Whether a ZeRO-3 optimiser keeps its fp32 partitions off the device (cpu/nvme offload)."""
+    return bool(getattr(optimizer, "offload_optimizer", False))
+
+
+def partition_like_engine(engine, module: torch.nn.Module):
+    """Partition ``module`` (unpartitioned, the engine's model's architecture) as ``engine``
+    partitions its own and register the gather/release hooks for its forward, with the engine's
+    ZeRO-3 gather settings. Returns the ``DeepSpeedZeRoOffload`` holding the hooks (its
+    ``destroy()`` removes them).
+
+    ``DeepSpeedZeRoOffload`` is what the engine builds for its own model; DeepSpeed has no public
+    way to partition a second, frozen model with hooks but no optimiser.
+    """
+    try:
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+        from deepspeed.utils.timer import NoopTimer
+    except ImportError as err:
+        raise missing("DeepSpeed", _version(), "deepspeed.partition_like_engine",
+                      f"DeepSpeedZeRoOffload or NoopTimer ({err})") from None
+    _warn_outside_range()
+    return DeepSpeedZeRoOffload(
+        module, timers=NoopTimer(), ds_config=engine.config, overlap_comm=engine.zero_overlap_comm(),
+        prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
+        max_reuse_distance=engine.zero_max_reuse_distance(),
+        max_live_parameters=engine.zero_max_live_parameters(),
+        param_persistence_threshold=engine.zero_param_persistence_threshold(),
+        model_persistence_threshold=engine.zero_model_persistence_threshold(), mpu=engine.mpu)
+
+
+def persisted_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of a partitioned ``module`` that ZeRO-3 keeps gathered between forwards
+    (``ds_persist``: at or below ``stage3_param_persistence_threshold``), in ``ds_id`` order
+    (the same list on every rank)."""
+    persisted = [p for p in module.parameters() if getattr(p, "ds_persist", False)]
+    return sorted(persisted, key=lambda p: _ds_attr(p, "ds_id", "persisted_parameters"))
+
+
+def regather(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Re-gather ``params`` (persisted parameters of ``module``) from their current shards: a
+    prefetch still in flight is waited for, stale gathered copies are dropped, then one
+    coalesced all-gather. A collective: every rank calls it with the same list. What
+    DeepSpeed's own optimiser step does for the student's persisted parameters."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not params:
+        return
+    registry = _ds_attr(module, "ds_inflight_param_registry", "regather")
+    for p in params:  # a prefetch still in flight (overlap_comm on an accelerator)
+        if p in registry:
+            registry.pop(p).wait()
+    available = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    with torch.no_grad():
+        if available:  # drop the stale gathered copies; the shards hold the new values
+            available[0].partition(param_list=available, has_been_updated=False)
+        params[0].all_gather_coalesced(params).wait()

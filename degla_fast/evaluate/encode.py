@@ -101,7 +101,8 @@ class Encoder:
     @torch.no_grad()
     def texts(self, texts: Sequence[str], desc: str = "captions") -> torch.Tensor:
         """Features of ``texts``: float32 [len(texts), D], L2-normalised, on the CPU."""
-        from ..model import encode_text, trim_tokens
+        from ..data.text import trim_tokens
+        from ..model import encode_text
 
         if not texts:
             return torch.empty(0, 0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..ema import release_zero3_module
+from ..compat.deepspeed import release_zero3_module, zero_dim_safe_broadcasts
 from ..errors import DataError
 from ..loss import DeGLALoss
 from . import distributed as dist_utils
@@ -271,5 +271,5 @@ def _make_teacher(student: torch.nn.Module, config: TrainConfig, engine, *, shar
 
         fresh = create_model(config.model.name, None, device="cpu").model  # weights come from the shards
         dist_utils.mark_zero3_leaves(fresh)
-    with dist_utils.zero_dim_safe_broadcasts():
+    with zero_dim_safe_broadcasts():
         return EMATeacher.from_deepspeed(engine, fresh, forward_dtype=forward_dtype, **kwargs)

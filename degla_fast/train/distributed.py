@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import cpu_copy
-from ..compat.deepspeed import local_fp32_fragment
-from ..compat.deepspeed import zero_dim_safe_broadcasts  # noqa: F401 (the trainer's name for it)
+from ..compat.deepspeed import is_partitioned, local_fp32_fragment, local_shard, zero_dim_safe_broadcasts
 from ..errors import ConfigError, DataError
 from ..io import read_config_mapping
 
@@ -213,7 +212,7 @@ def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> Non
     with torch.no_grad():
         # The rank's own piece of the fp32 master copy, clamped in place: no gather and no host
         # read (the value is never compared on the host).
-        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's slice of the flat fp32 partition
+        if is_partitioned(param):  # ZeRO-3: this rank's slice of the flat fp32 partition
             from deepspeed.utils import safe_get_local_fp32_param
 
             master = safe_get_local_fp32_param(param)
@@ -221,14 +220,14 @@ def clamp_logit_scale_deepspeed(student: torch.nn.Module, maximum: float) -> Non
             master = local_fp32_fragment(param)
         if master is not None:
             master.clamp_(max=maximum)
-        # Under ZeRO-3 the local shard is ds_tensor (padding on ranks that hold none: clamping is
+        # Under ZeRO-3 the local shard is its own tensor (padding on ranks that hold none: clamping is
         # harmless), and param.data the gathered copy the forward reads: a persisted parameter
         # (logit_scale is far below stage3_param_persistence_threshold) stays gathered between
         # steps, and the engine's step has just re-gathered it from the unclamped shards, so it
         # is clamped too (an empty placeholder when the parameter is released). The EMA teacher's
         # logit_scale is an average of these clamped values (tests/ema_zero3_worker.py checks both).
-        if hasattr(param, "ds_tensor"):
-            param.ds_tensor.clamp_(max=maximum)
+        if is_partitioned(param):
+            local_shard(param).clamp_(max=maximum)
         param.data.clamp_(max=maximum)
 
 

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import torch
 
 from ..compat.torch_amp import found_inf_flags
+from ..compat.torch_optim import found_inf_set
+from ..ema import Teacher
 from ..loss import LossOutput
 from ..model import clip_features
 from ..profiling import PhaseClock
-from ..teacher import Teacher
 from .optim import MAX_LOGIT_SCALE, skips_on_device
 
 
@@ -135,7 +136,9 @@ def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool) 
     Returns the step's skip flag (the scaler's inf/NaN gradients included) and whether the
     optimiser moved the teacher (AdamWEMA). ``on_device``: ``parts.skip_on_device``, asked once per step."""
     if parts.engine is not None:
-        _step_with_found_inf(parts.optimizer, found_inf, parts.engine.step)
+        # The engine's step goes through this optimiser's step for its partitions: it skips too.
+        with found_inf_set(parts.optimizer, found_inf):
+            parts.engine.step()
         return found_inf, False
     fused, teacher_moved = parts.fused_ema, False
     if parts.scaler is not None:
@@ -150,23 +153,14 @@ def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool) 
         parts.scaler.update()
         # The scaler skips the optimiser step on inf/NaN gradients, then lowers its scale.
         teacher_moved = fused and parts.scaler.get_scale() >= loss_scale
-    elif on_device:
-        _step_with_found_inf(parts.optimizer, found_inf, parts.optimizer.step)
+    elif on_device:  # the fused AdamW skips on found_inf, on the device
+        with found_inf_set(parts.optimizer, found_inf):
+            parts.optimizer.step()
     else:
         parts.optimizer.step()
         teacher_moved = fused
     parts.optimizer.zero_grad(set_to_none=True)
     return found_inf, teacher_moved
-
-
-def _step_with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, step: Callable) -> None:
-    """``step()`` with ``optimizer.found_inf`` set (a fused AdamW skips on it; under DeepSpeed
-    ``step`` is the engine's, whose partitions go through this optimiser's ``step``)."""
-    optimizer.found_inf, optimizer.grad_scale = found_inf, None
-    try:
-        step()
-    finally:
-        del optimizer.found_inf, optimizer.grad_scale
 
 
 def _join_scaler_found_inf(scaler, optimizer, found_inf: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""What the trainer needs of an EMA teacher: :class:`Teacher`.
+"""What the EMA teacher's users need of it: :class:`Teacher` (the trainer and its checkpoint)
+and :class:`ReplicaTeacher` (:class:`~degla_fast.optim_ema.AdamWEMA`, which writes the state).
 
-:class:`~degla_fast.ema.EMATeacher` (a replica) and :class:`~degla_fast.ema.ShardedEMATeacher`
-(ZeRO-3 shards) both satisfy it; the trainer and its checkpoint use nothing else of them.
+:class:`~degla_fast.ema.EMATeacher` (a replica) satisfies both;
+:class:`~degla_fast.ema.ShardedEMATeacher` (ZeRO-3 shards) satisfies :class:`Teacher`: its state
+is split over ranks in the optimiser's layout, with no per-parameter view to write.
 """
 from __future__ import annotations
 
@@ -34,3 +36,16 @@ class Teacher(Protocol):
 
     def close(self) -> None:
         """Release what it holds beyond its tensors (hooks, library caches); a no-op where nothing is."""
+
+
+@runtime_checkable
+class ReplicaTeacher(Protocol):
+    """A teacher whose fp32 EMA state is on this process, one tensor per student parameter:
+    what :class:`~degla_fast.optim_ema.AdamWEMA` needs to move it inside its own step."""
+
+    decay: float
+
+    def parameter_views(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor] | None]:
+        """``(names, states, forwards)`` in parameter order: each parameter's fp32 EMA state
+        (written in place) and, where the forward weights are a separate 16-bit copy, those
+        (else None)."""
