@@ -139,3 +139,46 @@ def test_params_to_release_cache_and_module_stack_are_found(ds):
     parameter_offload.FWD_MODULE_STACK.append(module)
     ds.release_zero3_module(module)
     assert all(m is not module for m in parameter_offload.FWD_MODULE_STACK)
+
+
+def test_zero3_parameter_and_optimizer_internals_are_where_the_shims_read_them(ds):
+    """What the sharded teacher and the logit_scale clamp read through compat.deepspeed: the
+    attributes ZeRO-3 sets on a converted parameter and its optimiser's partitions (a real
+    partitioned engine runs in tests/test_ema_zero3.py)."""
+    from deepspeed.runtime.zero import parameter_offload, partition_parameters, stage3
+
+    converted = inspect.getsource(partition_parameters.Init._convert_to_deepspeed_param)
+    for attr in ("ds_tensor", "ds_shape", "ds_numel", "ds_id", "ds_status", "ds_process_group",
+                 "partition_numel", "all_gather_coalesced", "partition"):
+        assert f"param.{attr} =" in converted, attr
+    assert "param.ds_zero_partition_rank =" in inspect.getsource(partition_parameters)
+    assert "module.ds_inflight_param_registry =" in inspect.getsource(parameter_offload)
+    optimizer = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3)
+    assert "self.fp32_partitioned_groups_flat =" in optimizer and "self.fp16_groups =" in optimizer
+    assert "self.offload_optimizer =" in optimizer
+    offload = inspect.signature(parameter_offload.DeepSpeedZeRoOffload)
+    assert {"timers", "ds_config", "overlap_comm", "param_persistence_threshold", "mpu"} <= set(offload.parameters)
+    param = torch.nn.Parameter(torch.ones(2))
+    assert not ds.is_partitioned(param)
+    with pytest.raises(RuntimeError, match="DeepSpeed .* has no Parameter.ds_tensor"):
+        ds.local_shard(param)  # the one-line error a shim gives when the attribute is gone
+    assert ds.master_partitions(object()) is None and not ds.offloads_optimizer(object())
+
+
+# open_clip
+
+
+def test_open_clip_parser_and_text_tower_are_what_the_shims_repeat():
+    from open_clip import CLIP
+
+    from degla_fast.compat import open_clip as oc
+
+    assert oc.parse_model_name("hf-hub:org/repo") == ("hf-hub", "org/repo")
+    assert oc.parse_model_name("ViT-B-32") == (None, "ViT-B-32")
+    # encode_text_prefix repeats CLIP.encode_text's steps on fewer positions: they must still be these.
+    body = inspect.getsource(CLIP.encode_text)
+    for step in ("self.token_embedding(text)", "self.positional_embedding", "attn_mask=self.attn_mask",
+                 "self.ln_final(x)", "text_global_pool(x, text, self.text_pool_type", "self.text_projection"):
+        assert step in body, step
+    with pytest.raises(RuntimeError, match="open_clip .* has no CLIP.attn_mask"):
+        oc.trims_exactly(torch.nn.Linear(1, 1))

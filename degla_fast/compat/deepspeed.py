@@ -1,4 +1,4 @@
-"""Shims into DeepSpeed internals (ZeRO start-up broadcasts, ZeRO-1/2 fragments, ZeRO-3 caches).
+"""Shims into DeepSpeed internals (ZeRO start-up broadcasts, ZeRO-1/2 fragments, ZeRO-3 partitions and caches).
 
 Written against DeepSpeed 0.16 to 0.19 (checked on 0.19.8; ``setup.py`` bounds the extra to
 ``<0.20``). Nothing here imports DeepSpeed at module level: it is an optional extra.
