@@ -43,9 +43,9 @@ class EMATeacher:
 
     def __init__(self, student_module: torch.nn.Module, decay: float = 0.9996, backend: str = "auto", *,
                  forward_dtype: torch.dtype | None = None):
-        #: ``forward_dtype``: the module's weights' dtype (None: the module's weights are the state).
-        self.decay, self.backend, self.forward_dtype = teacher_settings(decay, backend, forward_dtype)
-        forward_dtype = self.forward_dtype
+        self.decay, self.backend, forward_dtype = teacher_settings(decay, backend, forward_dtype)
+        #: The dtype of the module's weights, a copy of the state (None: the weights are the state).
+        self.forward_dtype = forward_dtype
         params = list(student_module.parameters())
         if any(is_partitioned(p) for p in params):
             raise ConfigError("EMATeacher: the student's parameters are ZeRO-3 partitions; use "
