@@ -56,7 +56,7 @@ def _gbps(row: dict, bytes_moved: int, copy_ms: float | None) -> dict:
 def _bench_list(label: str, shapes: list[torch.Size], device: torch.device, student_dtype: torch.dtype,
                 triton: bool, iters: int) -> list[dict]:
     from degla_fast import EMATeacher
-    from degla_fast.reference import ema_update_loop_
+    from degla_fast.ema.reference import ema_update_loop_
 
     numel = sum(s.numel() for s in shapes)
     fields = {"params": numel, "tensors": len(shapes), "student_dtype": str(student_dtype).replace("torch.", "")}

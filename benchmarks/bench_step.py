@@ -80,7 +80,7 @@ class Step:
                  amp: torch.dtype | None):
         from degla_fast import EMATeacher
         from degla_fast.model import create_model
-        from degla_fast.reference import ema_update_loop_
+        from degla_fast.ema.reference import ema_update_loop_
         from degla_fast.train.optim import build_optimizer, build_scheduler
         from degla_fast import DeGLALoss
         from degla_fast.train.step import StepParts, clamp_logit_scale_

@@ -1,6 +1,6 @@
 """Float64 expectation of the DeGLA loss, written from the method doc with per-sample loops.
 
-Independent of degla_fast.reference (no masks, no full matrices): every term is built row
+Independent of degla_fast.loss.reference (no masks, no full matrices): every term is built row
 by row exactly as section 3 of the method doc states it. The loss tests (tests/test_losses.py,
 tests/test_kernels_gpu.py) check the backends against it and benchmarks/bf16_loss_error.py
 measures bf16's error with it; it sits here, beside the scripts, so that both import it by name

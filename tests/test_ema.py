@@ -10,7 +10,7 @@ import torch
 from degla_fast import EMATeacher, ema_update_
 from degla_fast.errors import ConfigError, ShapeError
 from degla_fast.kernels import ema as kernel
-from degla_fast.reference import ema_update_loop_
+from degla_fast.ema.reference import ema_update_loop_
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1,), (7,), (1023,), (4097,), (6, 3, 5, 5), (2, 3, 7, 11)]

@@ -4,7 +4,7 @@ Loss (``DeGLALoss(backend="gemm")`` and ``backend="triton"``): fp32 with TF32 an
 {64, 512, 768}; B in {32, 256, 1000, 4096}; K in {1, 4}; with and without IGC; values of every
 term and the gradients of image features, text features and logit_scale, each flavour with its
 own tolerance. The float64 expectation is vectorised torch on the same device (section 3 of the
-method doc, written independently of ``degla_fast.reference``; checked against the per-row loop
+method doc, written independently of ``degla_fast.loss.reference``; checked against the per-row loop
 oracle at a small size). EMA (``ema_update_``, ``EMATeacher`` with a bf16 forward copy) and the
 fused AdamW+EMA step (``AdamWEMA``) over ViT-B/32's 302 parameter tensors (151M parameters,
 shapes from ``benchmarks/gpu_check.py``, no open_clip) against float64.

@@ -1,5 +1,6 @@
 """The release's EMA update, a Python loop over parameters: the baseline of the EMA benchmarks
-and an independent check of the fused update in the tests."""
+and an independent check of the fused update in the tests (the loss's own reference is
+:mod:`degla_fast.loss.reference`)."""
 from __future__ import annotations
 
 from typing import Iterable
