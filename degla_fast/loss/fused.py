@@ -35,6 +35,7 @@ counts are printed by :mod:`degla_fast.loss.count`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -84,17 +85,32 @@ def upstream(grad_outs) -> torch.Tensor | None:
     return torch.stack([g.reshape(()) if g is not None else ref.new_zeros(()) for g in grad_outs]).float()
 
 
-def keep(ctx, terms: LossTerms, scale: torch.Tensor, *tensors) -> None:
-    """What both backwards need: the tensors, the terms, the scale's shape and dtype (its
-    gradient's); gradients of unused outputs stay None (no zero tensors made for them)."""
+def keep(ctx, terms: LossTerms, scale: torch.Tensor, launch, outs: tuple, *tensors) -> tuple:
+    """Keep what the backward needs (the tensors, the terms, the forward's ``launch`` plan, the
+    scale's shape and dtype: its gradient's) and return ``outs``; gradients of unused outputs stay
+    None (no zero tensors made for them)."""
     ctx.save_for_backward(*tensors)
-    ctx.terms, ctx.scale_meta = terms, (scale.shape, scale.dtype)
+    ctx.terms, ctx.launch, ctx.scale_meta = terms, launch, (scale.shape, scale.dtype)
     ctx.set_materialize_grads(False)
+    return outs
 
 
-def scale_grad(ctx, dscale: torch.Tensor) -> torch.Tensor:
-    shape, dtype = ctx.scale_meta
-    return dscale.reshape(shape).to(dtype)
+def fused_backward(backward):
+    """The autograd plumbing of a fused Function's backward, around ``backward(ctx, grads) -> (dq,
+    dx, dscale)``: ``grads`` are the kernels' upstream gradients (:func:`upstream`; nothing runs
+    when no output needs one), and the result comes back as the six input gradients, the scale's
+    in its own shape and dtype."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grad_outs):
+        grads = upstream(grad_outs)
+        if grads is None:
+            return None, None, None, None, None, None
+        dq, dx, dscale = backward(ctx, grads)
+        shape, dtype = ctx.scale_meta
+        return dq, dx, dscale.reshape(shape).to(dtype), None, None, None
+
+    return wrapped
 
 
 def local_args(terms: LossTerms, q, x, teacher_q, teacher_x) -> tuple | None:

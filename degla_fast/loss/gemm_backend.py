@@ -9,7 +9,7 @@ from ..kernels import gemm_loss as kernels
 from ..kernels import local_terms
 from ..kernels.loss_terms import finish, new_state
 from ..matmul import addmm_f32, loss_matmuls, mm_f32
-from .fused import LossTerms, keep, local_args, scale_grad, upstream
+from .fused import LossTerms, fused_backward, keep, local_args
 
 #: Column chunks are multiples of this (GEMM tiles, 16-byte aligned rows) except the last.
 CHUNK_ALIGN = 64
@@ -65,18 +65,14 @@ class GemmLoss(torch.autograd.Function):
         tgc, tgc_lse, dist = local_terms.local_forward(*local) if local else (None, None, None)
         outs = finish(state, tgc, dist, terms.weights, num_groups=num_groups, **terms.flags)
         stored = logits if len(chunks) == 1 else None  # one chunk: keep it, skip the recomputation
-        keep(ctx, terms, scale, q, x, s, teacher_q, teacher_x, state["row_m"], state["group_m"], state["col_m"],
-              tgc_lse, stored)
-        ctx.chunks = chunks
-        return outs
+        return keep(ctx, terms, scale, chunks, outs, q, x, s, teacher_q, teacher_x, state["row_m"],
+                    state["group_m"], state["col_m"], tgc_lse, stored)
 
     @staticmethod
-    def backward(ctx, *grad_outs):
-        grads = upstream(grad_outs)
-        if grads is None:
-            return None, None, None, None, None, None
+    @fused_backward
+    def backward(ctx, grads):
         q, x, s, teacher_q, teacher_x, row_lse, group_lse, col_lse, tgc_lse, stored = ctx.saved_tensors
-        terms, chunks = ctx.terms, ctx.chunks
+        terms, chunks = ctx.terms, ctx.launch
         K, R = terms.num_negatives, q.shape[0]
         num_groups = terms.num_groups(x.shape[0])
         state = {"row_m": row_lse, "group_m": group_lse, "col_m": col_lse}
@@ -107,4 +103,4 @@ class GemmLoss(torch.autograd.Function):
         dq, dx, dscale = kernels.finalize(dq_raw, dx_raw, s, grads, parts, q, x, local, num_groups=num_groups,
                                           num_negatives=K, official=terms.official, tgc_scale=terms.tgc_scale,
                                           weights=terms.weights, **terms.flags)
-        return dq, dx, scale_grad(ctx, dscale), None, None, None
+        return dq, dx, dscale
