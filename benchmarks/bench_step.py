@@ -16,6 +16,14 @@ with a device sync at each phase boundary. On a GPU the table has B=256 for ever
 B=1024 for the eager ones (``peak_mem_bytes``: does it fit), each case in its own process,
 measured in this order: eager at B=256, ours at B=1024, the compiled ones (ours first), then the
 other eager ones at B=1024.
+``--synthetic-data``: ``make train``'s fine-tuning step on the CPU (``degla-synth``, B=32, K=4,
+fp32, one thread) with its batch read from a rendered synthetic world (256 fine-tuning scenes) by
+the trainer's own torch pipeline in the training process, as ``make train`` reads it: the data as
+before (every image decoded on every read, each crop seeded with ``torch.manual_seed``), without
+the image cache (the crop seed on the CPU generator only), and as it is now (decoded images kept in
+memory): ``speedup_vs_DeGLA (ours), data as before`` is the ratio, written to
+``bench_step_data.json``. The warm-up is one epoch, so the timed steps read every image from the
+cache, as the fine-tuning's epochs after its first do.
 ``--budget-s S`` (what ``make gpu-check`` gives this benchmark) starts a case only when the
 rest of S covers it and stops one at the end of S: what does not fit is a row that says so.
 
@@ -29,6 +37,7 @@ says nothing about GPU speed.
     python benchmarks/bench_step.py                       # GPU
     python benchmarks/bench_step.py --budget-s 150        # GPU, what fits in 150 s
     python benchmarks/bench_step.py --profile benchmarks/results/trace_step.json --variant "DeGLA (ours)"
+    python benchmarks/bench_step.py --synthetic-data     # CPU: make train's step, data as before vs now
 """
 from __future__ import annotations
 
@@ -49,6 +58,12 @@ NAME = "bench_step"
 PHASES = ("data", "forward", "teacher_forward", "loss", "backward", "optimizer", "ema")
 VARIANTS = ("plain CLIP", "plain CLIP (torch.compile)", "DeGLA as released", "DeGLA (ours)",
             "DeGLA (ours, torch.compile)")
+#: ``--synthetic-data``: how each case reads its batches (:func:`data_batches`)
+DATA_VARIANTS = {"DeGLA (ours), data as before": "before", "DeGLA (ours), data, no image cache": "no cache",
+                 "DeGLA (ours), data": "now"}
+DATA_BASELINE = "DeGLA (ours), data as before"
+#: fine-tuning scenes of the ``--synthetic-data`` world: the warm-up (one epoch at B=32) reads each once
+DATA_IMAGES = 256
 CONTEXT = 77
 SOT, EOT = 49406, 49407
 
@@ -77,7 +92,7 @@ class Step:
     """
 
     def __init__(self, variant: str, *, model_name: str, batch: int, num_negatives: int, device: torch.device,
-                 amp: torch.dtype | None):
+                 amp: torch.dtype | None, data: str | None = None):
         from degla_fast import EMATeacher
         from degla_fast.model import create_model
         from degla_fast.ema.reference import ema_update_loop_
@@ -123,6 +138,7 @@ class Step:
         self.tokens = synthetic_tokens(batch * (1 + self.k), gen)
         if device.type == "cuda":
             self.images, self.tokens = self.images.pin_memory(), self.tokens.pin_memory()
+        self.batches = None if data is None else data_batches(data, variant, self.bundle, batch, self.k)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -134,10 +150,15 @@ class Step:
 
         start = time.perf_counter()
         with profile_range("data"):
-            # The release pads every caption to 77 tokens; ours trims to the batch's longest.
-            tokens = self.tokens if self.released or self.plain else trim_tokens(self.tokens)
-            images = self.images.to(self.device, non_blocking=True)
-            tokens = tokens.to(self.device, non_blocking=True)
+            if self.batches is not None:  # the trainer's pipeline: trimmed tokens, normalised images
+                batch = next(self.batches)
+                images, tokens = batch.images, batch.tokens
+                self.tokens = tokens
+            else:
+                # The release pads every caption to 77 tokens; ours trims to the batch's longest.
+                tokens = self.tokens if self.released or self.plain else trim_tokens(self.tokens)
+                images = self.images.to(self.device, non_blocking=True)
+                tokens = tokens.to(self.device, non_blocking=True)
         if phases:
             self._sync()
         data_ms = (time.perf_counter() - start) * 1e3
@@ -182,6 +203,33 @@ class Step:
 PHASE_OF = {"optim": "optimizer"}
 
 
+def data_batches(folder: str, variant: str, bundle, batch: int, k: int):
+    """Endless batches of the synthetic world in ``folder`` through the trainer's torch pipeline in
+    this process (``make train``'s ``num_workers=0``), read as :data:`DATA_VARIANTS` says. "before"
+    puts ``torch.manual_seed`` back as the crop seed: this case runs in a process of its own."""
+    from degla_fast.data import build_train_data, torch_pipeline
+    from degla_fast.data.loader import IMAGE_CACHE_BYTES
+
+    how = DATA_VARIANTS[variant]
+    if how == "before":
+        torch_pipeline.seed_cpu_rng = torch.manual_seed
+    data = build_train_data(Path(folder) / "train.json", tokenizer=bundle.tokenizer, image_size=bundle.image_size,
+                            mean=bundle.mean, std=bundle.std, batch_size=batch, num_negatives=k, pipeline="torch",
+                            num_workers=0, image_cache_bytes=IMAGE_CACHE_BYTES if how == "now" else 0)
+    epoch = 0
+    while True:
+        data.set_epoch(epoch)
+        yield from data
+        epoch += 1
+
+
+def data_config(folder: str) -> dict:
+    """The ``--synthetic-data`` cases: ``make train``'s fine-tuning step (model, B, K, fp32) on the
+    CPU, the warm-up one epoch of the world in ``folder``."""
+    return {"model": "degla-synth", "B": 32, "K": 4, "device": "cpu", "precision": "fp32",
+            "warmup": DATA_IMAGES // 32, "iters": 10, "data": str(folder)}
+
+
 def config(quick: bool, batch: int | None = None) -> dict:
     """Model, batch and precision of a run: the tiny model on the CPU, ViT-B/32 at B=256 on a GPU
     (``batch`` overrides B, e.g. 1024 to check that it fits)."""
@@ -201,7 +249,7 @@ def build(variant: str, cfg: dict) -> Step:
 
     amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
     return Step(variant, model_name=cfg["model"], batch=cfg["B"], num_negatives=cfg["K"],
-                device=torch.device(cfg["device"]), amp=amp)
+                device=torch.device(cfg["device"]), amp=amp, data=cfg.get("data"))
 
 
 def run_case(case: dict) -> dict:
@@ -308,7 +356,7 @@ def _row_of(variant: str, case: dict) -> dict:
 
 
 def run(quick: bool, batch: int | None = None, *, budget_s: float | None = None, peak_batch: int | None = None,
-        on_row=None, clock=time.monotonic) -> list[dict]:
+        on_row=None, clock=time.monotonic, data: str | None = None) -> list[dict]:
     """One row per case of :func:`stages`, each case in a fresh process; compiled variants only on
     a GPU. On a GPU without ``batch``: every variant at B=256 and the eager ones at B=1024 (peak
     memory; out of memory is a row that says so), in the order of :func:`stages`.
@@ -317,10 +365,12 @@ def run(quick: bool, batch: int | None = None, *, budget_s: float | None = None,
     share): a case starts only when what is left covers what it needs (:data:`CASE_NEED_S`) and
     runs at most until the budget ends; a case not started or stopped is a row whose ``skipped``
     says why, so the table shows what the budget left out. ``on_row(row)`` sees each row as it
-    comes (gpu-check keeps them if it is stopped). ``case_s`` is each case's wall time."""
+    comes (gpu-check keeps them if it is stopped). ``case_s`` is each case's wall time.
+    ``data``: a synthetic world's folder: the :data:`DATA_VARIANTS` cases on it instead."""
     deadline = None if budget_s is None else clock() + budget_s
     rows, took = [], {}
-    for stage, cfg, variants in stages(quick, batch, peak_batch):
+    plan = [("synthetic data", data_config(data), tuple(DATA_VARIANTS))] if data else stages(quick, batch, peak_batch)
+    for stage, cfg, variants in plan:
         gpu = cfg["device"] == "cuda"
         for variant in variants:
             case = {"variant": variant, **cfg}
@@ -355,11 +405,12 @@ def finish_rows(rows: list[dict]) -> list[dict]:
     step within each B, for the rows measured so far (gpu-check keeps them if it is stopped)."""
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (r["B"], order.get(r["impl"], len(order))))  # stable: the table's order
+    add_ratios(rows, DATA_BASELINE, group_by=("B",))
     return add_ratios(rows, "DeGLA as released", group_by=("B",))
 
 
 COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p20_ms", "p50_ms", "p80_ms"] + [f"{p}_ms" for p in PHASES] + [
-    "peak_mem_bytes", "speedup_vs_DeGLA as released", "case_s", "skipped"]
+    "peak_mem_bytes", "speedup_vs_DeGLA as released", f"speedup_vs_{DATA_BASELINE}", "case_s", "skipped"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="DeGLA (ours)", choices=VARIANTS, help="the --profile variant")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds the whole may take: cases that do not fit are rows that say so")
+    parser.add_argument("--synthetic-data", action="store_true",
+                        help="CPU: make train's fine-tuning step with its batch from a synthetic world, the data "
+                             "as before against now (bench_step_data.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.case:
@@ -383,7 +437,22 @@ def main(argv: list[str] | None = None) -> int:
         step = build(args.variant, cfg)
         print(f"wrote {profile_trace(lambda: step(phases=False), args.profile, device=cfg['device'])}")
         return 0
+    if args.synthetic_data:
+        return _synthetic_data_run(args)
     report_run(NAME, run(args.quick, args.batch, budget_s=args.budget_s), COLUMNS, quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def _synthetic_data_run(args) -> int:
+    """``--synthetic-data``: render a small world into a temporary folder, time its cases there."""
+    import tempfile
+
+    from degla_fast.data.synthetic import generate
+
+    with tempfile.TemporaryDirectory(prefix="bench_step_data-") as folder:
+        generate(folder, num_images=DATA_IMAGES, pretrain_images=1, eval_items=1, zeroshot_items=1, progress=False)
+        rows = run(args.quick, budget_s=args.budget_s, data=folder)
+    report_run(NAME + "_data", rows, COLUMNS, quick=args.quick, out_dir=args.out)
     return 0
 
 

@@ -60,6 +60,24 @@ def test_loss_and_step_rows_compare_with_their_baselines(results):
     assert by_impl["DeGLA (ours)"]["text_tokens"] < 77  # trimmed captions
 
 
+@pytest.mark.timeout(300)
+def test_step_on_synthetic_data_compares_with_the_data_as_before(tmp_path, monkeypatch):
+    import bench_step
+    from degla_fast.data.synthetic import generate
+
+    generate(tmp_path / "world", num_images=64, pretrain_images=1, eval_items=1, zeroshot_items=1, progress=False)
+    full = bench_step.data_config
+    # One epoch of warm-up (two batches of 32), one timed step: each case's process runs this config.
+    monkeypatch.setattr(bench_step, "data_config", lambda folder: {**full(folder), "warmup": 2, "iters": 1})
+    rows = bench_step.run(True, data=str(tmp_path / "world"))
+    assert [r["impl"] for r in rows] == list(bench_step.DATA_VARIANTS)
+    for row in rows:
+        assert not row.get("skipped"), row
+        assert row["model"] == "degla-synth" and row["B"] == 32 and row["data_ms"] > 0 and row["text_tokens"] < 77
+        assert row[f"speedup_vs_{bench_step.DATA_BASELINE}"] > 0
+    assert rows[0][f"speedup_vs_{bench_step.DATA_BASELINE}"] == pytest.approx(1.0)
+
+
 def test_report_writes_results_md_and_plots(results, tmp_path):
     import report
 

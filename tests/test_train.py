@@ -509,6 +509,22 @@ def test_fused_ema_gives_the_same_metrics_and_weights_as_adamw_plus_update(synth
     assert opt_b["param_groups"][0]["param_names"] == ["logit_scale"]
 
 
+def test_cached_images_train_as_decoding_every_step_did(synth, tmp_path, monkeypatch):
+    # 8 steps of 8 over 48 images: the second epoch reads its images from the cache. The run to
+    # match is the step as it was: every image decoded on every read, each crop under torch.manual_seed.
+    from degla_fast.data import torch_pipeline
+
+    cached, before = tmp_path / "cached", tmp_path / "before"
+    assert train_main.main(base_args(synth, cached, "--max-steps", "8")) == 0
+    monkeypatch.setattr(torch_pipeline, "seed_cpu_rng", torch.manual_seed)
+    assert train_main.main(base_args(synth, before, "--max-steps", "8", "--set", "data.image_cache_mib=0")) == 0
+    rows_a, rows_b = read_metrics(cached / "metrics.jsonl"), read_metrics(before / "metrics.jsonl")
+    assert [r["step"] for r in rows_a] == list(range(1, 9))
+    assert [{k: r[k] for k in LOSS_KEYS} for r in rows_a] == [{k: r[k] for k in LOSS_KEYS} for r in rows_b]
+    state_a, state_b = _final(cached), _final(before)
+    assert all(torch.equal(v, state_b["student"][k]) for k, v in state_a["student"].items())
+
+
 def test_fused_ema_resume_gives_the_same_metrics_as_a_straight_run(synth, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_main.main(base_args(synth, straight, "--max-steps", "4", "--save-every", "2", "--fused-ema")) == 0

@@ -214,7 +214,7 @@ def read_batch(records, indices, *, seed, epoch, skip_bad_images):
 
 def _decode_error(records, indices, error: Exception) -> DataError:
     """A :class:`DataError` naming the image of ``indices`` that PIL cannot decode either."""
-    from .torch_pipeline import open_image
+    from .image_cache import open_image
 
     for i in indices:
         try:

@@ -10,10 +10,15 @@ import torch
 from ..errors import ConfigError
 from . import PIPELINES, dali
 from .dali import DaliEpochs, dali_available, text_pool
+from .image_cache import ImageCache
 from .sampling import check_negatives, epoch_batches
 from .sources import load_records
 from .text import cached_tokens
 from .torch_pipeline import BatchDataset, normalize, torch_batches, train_transform
+
+#: The default bound of the decoded-image cache: 256 MiB of pixels holds the synthetic world's
+#: 6,000 pre-training scenes (64 x 64: 16 KiB each) or about 1,300 images of 224 x 224.
+IMAGE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -45,7 +50,7 @@ class TrainData:
 
     def __init__(self, records, *, source, tokenizer, image_size, mean, std, batch_size, num_negatives, seed,
                  rank, world_size, num_workers, pipeline, device, skip_bad_images, sample_with_replacement,
-                 trim_text, text_workers=2, token_cache=None):
+                 trim_text, text_workers=2, token_cache=None, image_cache_bytes=0):
         self.records, self.source = records, source
         self.tokenizer, self.image_size, self.mean, self.std = tokenizer, image_size, tuple(mean), tuple(std)
         self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
@@ -56,6 +61,10 @@ class TrainData:
         self.epoch, self.start_batch, self.bad_images = 0, 0, 0
         self.text_workers, self._pool, self._dali = text_workers, None, None
         self.token_cache = token_cache
+        # Images decoded in this process are kept across epochs; DataLoader workers (a fresh set
+        # each epoch) would each fill a copy and drop it at the epoch's end, so they decode.
+        self.image_cache = (ImageCache(image_cache_bytes) if pipeline == "torch" and num_workers == 0
+                            and image_cache_bytes > 0 else None)
         # The torch pipeline's workers ship uint8 crops (a quarter of fp32's bytes through shared
         # memory and PCIe); they are copied from pinned memory without blocking and normalised on
         # the device (:meth:`_on_device`).
@@ -101,7 +110,8 @@ class TrainData:
                     pool=self._pool, token_cache=self.token_cache)
             yield from self._dali.iterate(self.epoch, self.start_batch)
             return
-        dataset = BatchDataset(self.records, batches, transform=self._transform, **common)
+        dataset = BatchDataset(self.records, batches, transform=self._transform, image_cache=self.image_cache,
+                               **common)
         for item in torch_batches(dataset, self.start_batch, self.num_workers, self.device.type == "cuda"):
             yield self._on_device(item.images), self._on_device(item.tokens), item.indices, item.bad
 
@@ -151,7 +161,7 @@ class TrainData:
 def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_negatives, image_root=None, seed=0,
                      rank=0, world_size=1, num_workers=2, pipeline="auto", device="cpu", skip_bad_images=False,
                      sample_with_replacement=False, trim_text=True, text_workers=2, token_cache=True,
-                     **source_options) -> TrainData:
+                     image_cache_bytes=IMAGE_CACHE_BYTES, **source_options) -> TrainData:
     """Training data of a DeGLA ``.json``, a ``.csv``/``.tsv`` or WebDataset shards (``a-{000..009}.tar``).
 
     ``tokenizer``: ``list[str] -> LongTensor[N, context_length]``; ``image_size``/``mean``/``std``: the
@@ -161,7 +171,9 @@ def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_
     else torch). ``text_workers``: processes building token batches ahead for DALI (0: in the loop).
     ``token_cache``: tokenise every caption once per data set into a cache next to the data
     (:func:`.text.cached_tokens`, keyed by the file's hash and the tokenizer; a path puts it there;
-    False or ``DEGLA_TOKEN_CACHE=0``: tokenise each batch). ``source_options`` go to
+    False or ``DEGLA_TOKEN_CACHE=0``: tokenise each batch). ``image_cache_bytes``: the torch pipeline
+    decoding in this process (``num_workers=0``) keeps decoded images up to this many bytes of
+    pixels (:class:`.image_cache.ImageCache`; 0: decode every read). ``source_options`` go to
     :func:`.sources.load_records` (``image_pattern``, ``csv_*``).
     Raises :class:`DataError` on malformed files or records short of negatives.
     """
@@ -198,4 +210,5 @@ def build_train_data(path, *, tokenizer, image_size, mean, std, batch_size, num_
                      std=std, batch_size=batch_size, num_negatives=num_negatives, seed=seed, rank=rank,
                      world_size=world_size, num_workers=num_workers, pipeline=pipeline, device=device,
                      skip_bad_images=skip_bad_images, sample_with_replacement=sample_with_replacement,
-                     trim_text=trim_text, text_workers=text_workers, token_cache=cache)
+                     trim_text=trim_text, text_workers=text_workers, token_cache=cache,
+                     image_cache_bytes=image_cache_bytes)

@@ -12,13 +12,20 @@ import torch
 from ..errors import DataError, from_worker
 from ..stop_signals import held, leave_to_parent
 from .sampling import _rng
-from .sources import Record, image_name, open_rgb_image, read_image_bytes
+from .image_cache import open_image
+from .sources import image_name
 from .text import batch_tokens
 
 
-def open_image(record: Record):
-    """The record's image as an RGB PIL image; raises :class:`DataError` naming the file."""
-    return open_rgb_image(lambda: read_image_bytes(record), image_name(record))
+def seed_cpu_rng(seed: int) -> None:
+    """Seed torch's CPU generator as ``torch.manual_seed`` does, without its cost where CUDA has not
+    started: there ``torch.manual_seed`` queues a lazy seed for CUDA, XPU and MTIA, each recording
+    ``traceback.format_stack()`` (1-2 ms a call at the trainer's depth: 30-60 ms of a CPU step of
+    32 images). Where CUDA has started (a GPU trainer reading in its own process), it seeded the
+    CUDA generators too: kept, so a run draws the same numbers as before."""
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 def train_transform(image_size: int, mean, std, *, uint8: bool = False):
@@ -64,9 +71,10 @@ class BatchDataset(torch.utils.data.Dataset):
     ``skip_bad_images``)."""
 
     def __init__(self, records, batches, *, tokenizer, transform, num_negatives, seed, epoch,
-                 skip_bad_images=False, sample_with_replacement=False, trim_text=True, token_cache=None):
+                 skip_bad_images=False, sample_with_replacement=False, trim_text=True, token_cache=None,
+                 image_cache=None):
         self.records, self.batches, self.tokenizer, self.transform = records, batches, tokenizer, transform
-        self.token_cache = token_cache
+        self.token_cache, self.image_cache = token_cache, image_cache
         self.num_negatives, self.seed, self.epoch = num_negatives, seed, epoch
         self.skip_bad_images, self.with_replacement, self.trim = skip_bad_images, sample_with_replacement, trim_text
 
@@ -77,14 +85,15 @@ class BatchDataset(torch.utils.data.Dataset):
         images, kept, bad = [], [], []
         for i in self.batches[b]:
             try:
-                pil = open_image(self.records[i])
+                record = self.records[i]
+                pil = open_image(record) if self.image_cache is None else self.image_cache.get(i, record)
             except DataError:
                 if not self.skip_bad_images:
                     raise
                 bad.append(image_name(self.records[i]))
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(_rng(self.seed, self.epoch, i, 0xC0B).integers(2**62)))
+                seed_cpu_rng(int(_rng(self.seed, self.epoch, i, 0xC0B).integers(2**62)))
                 images.append(self.transform(pil))
             kept.append(i)
         if self.token_cache is not None:

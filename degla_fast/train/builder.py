@@ -162,7 +162,7 @@ def _train_data(config: TrainConfig, info: dist_utils.DistInfo, bundle):
         image_root=config.data.image_root, seed=config.seed, rank=info.rank, world_size=info.world_size,
         num_workers=config.data.num_workers, pipeline=config.data.pipeline, device=str(info.device),
         skip_bad_images=config.data.skip_bad_images, sample_with_replacement=config.data.sample_with_replacement,
-        trim_text=config.data.trim_text)
+        trim_text=config.data.trim_text, image_cache_bytes=config.data.image_cache_mib * 2**20)
     if len(data) == 0:
         raise DataError(f"data.path: {config.data.path} holds fewer than one batch per process "
                         f"({data.num_samples} samples, batch {config.data.batch_size} x {info.world_size} processes)")

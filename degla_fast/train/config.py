@@ -41,6 +41,8 @@ class DataConfig:
     skip_bad_images: bool = _f(False, "skip unreadable images (counted) instead of stopping with an error")
     sample_with_replacement: bool = _f(False, "pick negatives with replacement when a caption has fewer than K")
     trim_text: bool = _f(True, "trim each token batch to its longest caption (exact for CLIP's text tower)")
+    image_cache_mib: int = _f(256, "with num_workers 0 (torch pipeline), keep decoded images in memory up to this "
+                                   "many MiB of pixels instead of decoding each step (exact); 0 = off", minimum=0)
 
 
 @dataclass

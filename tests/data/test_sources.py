@@ -107,7 +107,7 @@ import sys
 from degla_fast.data.dali import read_batch
 from degla_fast.data import sources
 from degla_fast.data.sources import Record, read_image_bytes
-from degla_fast.data.torch_pipeline import open_image
+from degla_fast.data.image_cache import open_image
 from degla_fast.evaluate.encode import ImageRef, load_image
 path, good = sys.argv[1], sys.argv[2]
 record = Record(path, "c", (), "r")
