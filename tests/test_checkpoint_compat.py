@@ -26,9 +26,9 @@ from degla_fast.train import main as train_main
 from degla_fast.train.metrics import read_metrics
 from test_train import LOSS_KEYS, base_args, synth  # noqa: F401 (synth: the fixture)
 
+import gpu_check  # benchmarks/, on the path by pytest.ini
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
 
 #: The last commit whose trainer wrote checkpoints without the map (degla_fast/train/checkpoint_map.py).
 BEFORE_THE_MAP = "fd64387"
