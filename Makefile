@@ -6,6 +6,9 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# No wheel cache: the CUDA torch build alone is over 5 GB in the venv, and a second copy under
+# ~/.cache/pip is what ran a CI disk out of space once (ENOSPC during the editable install).
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup test test-gpu gpu-check gpu-wheels train bench bench-quick experiment clean
 
