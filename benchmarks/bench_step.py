@@ -18,11 +18,12 @@ measured in this order: eager at B=256, ours at B=1024, the compiled ones (ours 
 other eager ones at B=1024.
 ``--synthetic-data``: ``make train``'s fine-tuning step on the CPU (``degla-synth``, B=32, K=4,
 fp32, one thread) with its batch read from a rendered synthetic world (256 fine-tuning scenes) by
-the trainer's own torch pipeline in the training process, as ``make train`` reads it: the data as
-before (every image decoded on every read, each crop seeded with ``torch.manual_seed``), without
-the image cache (the crop seed on the CPU generator only), and as it is now (decoded images kept in
-memory): ``speedup_vs_DeGLA (ours), data as before`` is the ratio, written to
-``bench_step_data.json``. The warm-up is one epoch, so the timed steps read every image from the
+the trainer's own torch pipeline in the training process, as ``make train`` reads it, each cut
+added to the one before: the step as before (every image decoded on every read, each crop seeded
+with ``torch.manual_seed``, CLIP's 49,408-token vocabulary), the crop seed on the CPU generator only
+(no image cache), decoded images kept in memory (still CLIP's vocabulary), and as it is now
+(degla-synth's 128-id compact vocabulary): ``speedup_vs_DeGLA (ours), data as before`` is the
+ratio, written to ``bench_step_data.json``. The warm-up is one epoch, so the timed steps read every image from the
 cache, as the fine-tuning's epochs after its first do.
 ``--budget-s S`` (what ``make gpu-check`` gives this benchmark) starts a case only when the
 rest of S covers it and stops one at the end of S: what does not fit is a row that says so.
@@ -59,8 +60,11 @@ PHASES = ("data", "forward", "teacher_forward", "loss", "backward", "optimizer",
 VARIANTS = ("plain CLIP", "plain CLIP (torch.compile)", "DeGLA as released", "DeGLA (ours)",
             "DeGLA (ours, torch.compile)")
 #: ``--synthetic-data``: how each case reads its batches (:func:`data_batches`)
-DATA_VARIANTS = {"DeGLA (ours), data as before": "before", "DeGLA (ours), data, no image cache": "no cache",
-                 "DeGLA (ours), data": "now"}
+#: variant -> (how the batches are read, the token vocabulary): each cut added to the one before
+DATA_VARIANTS = {"DeGLA (ours), data as before": ("before", "clip"),
+                 "DeGLA (ours), data, no image cache": ("no cache", "clip"),
+                 "DeGLA (ours), data, CLIP vocabulary": ("now", "clip"),
+                 "DeGLA (ours), data": ("now", "compact")}
 DATA_BASELINE = "DeGLA (ours), data as before"
 #: fine-tuning scenes of the ``--synthetic-data`` world: the warm-up (one epoch at B=32) reads each once
 DATA_IMAGES = 256
@@ -210,7 +214,7 @@ def data_batches(folder: str, variant: str, bundle, batch: int, k: int):
     from degla_fast.data import build_train_data, torch_pipeline
     from degla_fast.data.loader import IMAGE_CACHE_BYTES
 
-    how = DATA_VARIANTS[variant]
+    how = DATA_VARIANTS[variant][0]
     if how == "before":
         torch_pipeline.seed_cpu_rng = torch.manual_seed
     data = build_train_data(Path(folder) / "train.json", tokenizer=bundle.tokenizer, image_size=bundle.image_size,
@@ -243,12 +247,32 @@ def config(quick: bool, batch: int | None = None) -> dict:
     return {**cfg, "B": batch or cfg["B"]}
 
 
+def clip_vocabulary_model(name: str) -> str:
+    """``name`` as it was before its compact vocabulary (degla_fast/vocab.py): its open_clip config
+    with CLIP's 49,408-row token embedding, registered as ``<name>-clip-vocab``, whose tokenizer is
+    open_clip's own."""
+    import copy
+    import tempfile
+
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config(name))
+    cfg["text_cfg"]["vocab_size"] = 49408
+    with tempfile.TemporaryDirectory(prefix="bench_step-vocab-") as folder:
+        (Path(folder) / f"{name}-clip-vocab.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder)  # reads the file now
+    return f"{name}-clip-vocab"
+
+
 def build(variant: str, cfg: dict) -> Step:
     """The :class:`Step` of ``variant`` under run config ``cfg`` (see :func:`config`)."""
     import degla_fast.model  # noqa: F401  (registers the tiny model config with open_clip)
 
     amp = torch.bfloat16 if cfg["precision"] == "bf16" else None
-    return Step(variant, model_name=cfg["model"], batch=cfg["B"], num_negatives=cfg["K"],
+    name = cfg["model"]
+    if DATA_VARIANTS.get(variant, (None, "compact"))[1] == "clip":
+        name = clip_vocabulary_model(name)
+    return Step(variant, model_name=name, batch=cfg["B"], num_negatives=cfg["K"],
                 device=torch.device(cfg["device"]), amp=amp, data=cfg.get("data"))
 
 
@@ -276,6 +300,7 @@ def run_case(case: dict) -> dict:
     # Peak of the whole process (weights, optimiser state, activations), as a user sizes a GPU.
     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     row["peak_mem_gib"] = round(row["peak_mem_bytes"] / 2**30, 2)
+    row["params"] = sum(p.numel() for p in step.model.parameters())
     row["text_tokens"] = int(step.tokens.shape[1] if step.released or step.plain else
                              (step.tokens != 0).any(0).nonzero()[-1] + 1)
     return row
@@ -409,7 +434,7 @@ def finish_rows(rows: list[dict]) -> list[dict]:
     return add_ratios(rows, "DeGLA as released", group_by=("B",))
 
 
-COLUMNS = ["model", "B", "K", "impl", "text_tokens", "p20_ms", "p50_ms", "p80_ms"] + [f"{p}_ms" for p in PHASES] + [
+COLUMNS = ["model", "B", "K", "impl", "params", "text_tokens", "p20_ms", "p50_ms", "p80_ms"] + [f"{p}_ms" for p in PHASES] + [
     "peak_mem_bytes", "speedup_vs_DeGLA as released", f"speedup_vs_{DATA_BASELINE}", "case_s", "skipped"]
 
 

@@ -54,6 +54,11 @@ def is_checkpoint_name(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint file named by :func:`checkpoint_name` (100 for ``step_00000100.pt``)."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def rng_state() -> dict:
     """This process's Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values
     (what the safe loader reads back: no NumPy arrays, no tuples of 625 ints)."""

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .errors import DeglaError
 
-ROWS = (("compositional: swap", "swap"), ("compositional: replace", "replace"), ("compositional: add", "add"),
+ROWS = (("compositional: swap objects", "swap_obj"), ("compositional: swap attributes", "swap_att"),
+        ("compositional: swap", "swap"), ("compositional: replace", "replace"), ("compositional: add", "add"),
         ("compositional: average", "compositional_avg"))
 TRAIN_ROW = ("train set's own hard negatives (pairwise)", "train_pairwise")
 

@@ -44,21 +44,24 @@ VARIANTS = {
     "degla_release": ("(e) DeGLA, release TGC", {"negatives": True, "igc": True, "distill": True, "release_tgc": True}),
 }
 BASELINE = "pretrained"
-COMPOSITIONAL = ("swap", "replace", "add", "compositional_avg")
+COMPOSITIONAL = ("swap_obj", "swap_att", "swap", "replace", "add", "compositional_avg")
 TRAIN_METRIC = "train_pairwise"
 # (name, minuend, subtrahend, metric): the paired differences that carry the paper's claims
 CONTRASTS = (
     ("NegCLIP - start", "negclip", BASELINE, "compositional_avg"),
     ("NegCLIP - start", "negclip", BASELINE, "zeroshot_avg"),
     ("NegCLIP - start", "negclip", BASELINE, TRAIN_METRIC),
+    ("NegCLIP - CLIP loss", "negclip", "clip", "swap"),
     ("NegCLIP - CLIP loss", "negclip", "clip", "compositional_avg"),
     ("NegCLIP - CLIP loss", "negclip", "clip", TRAIN_METRIC),
+    ("+IGC+TGC - NegCLIP", "igc_tgc", "negclip", "swap"),
     ("+IGC+TGC - NegCLIP", "igc_tgc", "negclip", "compositional_avg"),
     ("+IGC+TGC - NegCLIP", "igc_tgc", "negclip", TRAIN_METRIC),
     ("DeGLA - NegCLIP", "degla", "negclip", "compositional_avg"),
     ("DeGLA - NegCLIP", "degla", "negclip", "zeroshot_avg"),
     ("DeGLA - NegCLIP", "degla", "negclip", "swap"),
     ("DeGLA - (+IGC+TGC)", "degla", "igc_tgc", "zeroshot_avg"),
+    ("fixed - release TGC", "degla", "degla_release", "swap"),
     ("fixed - release TGC", "degla", "degla_release", "compositional_avg"),
     ("fixed - release TGC", "degla", "degla_release", "zeroshot_avg"),
 )
@@ -89,6 +92,9 @@ class Settings:
     # chosen on the validation split); K is num_negatives above, set per variant.
     loss: LossSpec = field(default_factory=lambda: LossSpec(distill_weight=0.02))
     ema_decay: float = 0.995
+    # The first seed's fine-tunes keep a checkpoint every this many steps, each scored on the split's
+    # compositional sets: the learning curves (0 = none).
+    curve_every: int = 100
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     split: str = "test"            # "val" while choosing settings, "test" to report
@@ -110,6 +116,8 @@ class Settings:
                      "finetune_steps", "threads", "jobs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.curve_every < 0:
+            raise ConfigError(f"--curve-every: must be >= 0, got {self.curve_every}")
 
     def data_sizes(self) -> dict:
         return {"num_images": self.images, "pretrain_images": self.pretrain_images, "seed": self.data_seed,
@@ -118,7 +126,7 @@ class Settings:
 
 
 QUICK = dict(images=48, pretrain_images=48, eval_items=4, zeroshot_items=2, batch_size=8, pretrain_steps=3,
-             finetune_steps=2, warmup_steps=1, seeds=[0, 1], jobs=1)
+             finetune_steps=2, warmup_steps=1, curve_every=1, seeds=[0, 1], jobs=1)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -131,8 +139,9 @@ def pretrain_fields(settings: Settings, data: Path) -> dict:
             "max_steps": settings.pretrain_steps, "seed": settings.data_seed, "device": settings.device}
 
 
-def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, seed: int) -> dict:
-    """The trainer fields of one fine-tuning run."""
+def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, seed: int, curve: bool = False) -> dict:
+    """The trainer fields of one fine-tuning run (``curve``: it keeps a checkpoint every
+    ``settings.curve_every`` steps for :func:`degla_fast.stages.curve_stage`)."""
     v = VARIANTS[variant][1]
     teacher = {"ema.decay": settings.ema_decay} if v["negatives"] and v["igc"] else {}  # TGC / distillation read it
     return {**teacher, "data.path": str(data / "train.json"), "data.batch_size": settings.batch_size,
@@ -143,7 +152,9 @@ def finetune_fields(settings: Settings, data: Path, start: Path, variant: str, s
             "loss.distill_weight": settings.loss.distill_weight if v["distill"] else 0.0,
             "loss.official_tgc_indexing": v["release_tgc"],
             "optim.lr": settings.finetune_lr, "optim.warmup_steps": min(settings.warmup_steps, settings.finetune_steps - 1),
-            "max_steps": settings.finetune_steps, "seed": seed, "device": settings.device}
+            "max_steps": settings.finetune_steps, "seed": seed, "device": settings.device,
+            **({"save_every": settings.curve_every, "keep_last": settings.finetune_steps // settings.curve_every + 1}
+               if curve and settings.curve_every else {})}
 
 
 def prepare(settings: Settings, output: Path, progress: bool = False) -> tuple[Path, Path, dict]:
@@ -293,6 +304,44 @@ def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None,
     return buffer.getvalue()
 
 
+def curve_table(curves: dict[str, dict[int, dict]], labels: dict[str, str], metric: str = "swap") -> str:
+    """Markdown: one row per evaluated step, one column per variant (``metric`` in %)."""
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = ["| step | " + " | ".join(labels[v] for v in curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for step in steps:
+        cells = [f"{curves[v][step][metric]:.1f}" if step in curves[v] else "" for v in curves]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_chart(curves: dict[str, dict[int, dict]], labels: dict[str, str], chance: float, title: str = "") -> bytes:
+    """PNG bytes: swap, swap_obj and swap_att (%) against fine-tuning steps, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, metric in zip(axes, ("swap", "swap_obj", "swap_att")):
+        for variant, curve in curves.items():
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s][metric] for s in steps], marker="o", markersize=3, label=labels[variant])
+        ax.axhline(chance, color="black", linestyle=":", linewidth=1.2, label="chance")
+        ax.set_title(metric)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (%)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 def run_experiment(settings: Settings, output: str | Path, progress: bool = False) -> dict:
@@ -325,7 +374,7 @@ def _run_experiment(settings: Settings, output: Path, progress: bool, threads: s
     baseline = stages.eval_stage(start, data, settings.split, device=settings.device)
 
     keys = [(v, s) for v in settings.variants for s in settings.seeds]
-    jobs = [(output / "runs" / f"{v}-seed{s}", finetune_fields(settings, data, start, v, s),
+    jobs = [(output / "runs" / f"{v}-seed{s}", finetune_fields(settings, data, start, v, s, curve=s == settings.seeds[0]),
              {**depends, "start": str(start)}, data, settings.split) for v, s in keys]
     log(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
         f"{settings.jobs} at a time)")
@@ -339,6 +388,15 @@ def _run_experiment(settings: Settings, output: Path, progress: bool, threads: s
     results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device,
                                                        done)))
     timings["finetune_s"] = time.perf_counter() - t0
+    curves = {}
+    if settings.curve_every:
+        t0 = time.perf_counter()
+        first = settings.seeds[0]
+        log(f"  learning curves: seed {first}'s checkpoints every {settings.curve_every} steps on {settings.split}")
+        curves = {v: {0: baseline, **stages.curve_stage(output / "runs" / f"{v}-seed{first}", data, settings.split,
+                                                         device=settings.device)}
+                  for v in settings.variants}
+        timings["curves_s"] = time.perf_counter() - t0
 
     log("[3/3] summary")
     per_seed = {BASELINE: [baseline], **{v: [results[v, s] for s in settings.seeds] for v in settings.variants}}
@@ -350,8 +408,13 @@ def _run_experiment(settings: Settings, output: Path, progress: bool, threads: s
     # The loss record holds the weights the variants use (K is the settings' num_negatives).
     record = {**asdict(settings), "loss": {name: getattr(settings.loss, name) for name in LOSS_WEIGHTS}}
     out = {"settings": record, "summary": summary, "per_seed": per_seed, "contrasts": rows,
-           "chance": chance, "timings": timings}
+           "chance": chance, "timings": timings, "curves": curves}
     table, diffs = markdown(summary, labels, chance), contrast_table(rows)
+    if curves:
+        diffs += (f"\n\nLearning curves (seed {settings.seeds[0]}, {settings.split} split, swap %; step 0 is the start "
+                  f"point):\n\n{curve_table(curves, labels)}\n\n![learning curves](curves.png)")
+        write_bytes_atomic(output / "curves.png", curve_chart(curves, labels, chance.get("swap", 50.0),
+                                                             f"seed {settings.seeds[0]}, {settings.split} split"))
     seeds = ", ".join(map(str, settings.seeds))
     head = (f"Synthetic ablation on the **{settings.split}** split: {settings.model}, pre-trained "
             f"{settings.pretrain_steps} steps (lr {settings.pretrain_lr:g}) with the CLIP loss on the broad "
@@ -383,7 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"subset of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--split", default=None, help="val (choosing settings) or test (reporting; default)")
     for name in ("images", "pretrain_images", "eval_items", "zeroshot_items", "batch_size", "num_negatives",
-                 "pretrain_steps", "finetune_steps", "warmup_steps", "threads", "jobs", "data_seed"):
+                 "pretrain_steps", "finetune_steps", "warmup_steps", "curve_every", "threads", "jobs", "data_seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help="CPU threads per process (default: OMP_NUM_THREADS when set, else the cores this "
                                  "process may use divided by --jobs)" if name == "threads" else

@@ -32,6 +32,7 @@ from .compat.open_clip import encode_text_prefix, parse_model_name, trims_exactl
 from .data.text import trim_tokens
 from .errors import ConfigError, DataError, ShapeError, first_line
 from .precision import check_precision
+from .vocab import tokenizer_for
 
 TINY_MODEL = "degla-tiny"
 
@@ -157,7 +158,7 @@ def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision
     size = cfg["size"]
     image_size = int(size if isinstance(size, int) else size[0])
     return ModelBundle(
-        model=model, name=name, pretrained=pretrained, tokenizer=open_clip.get_tokenizer(name),
+        model=model, name=name, pretrained=pretrained, tokenizer=tokenizer_for(name, model),
         preprocess_train=preprocess_train, preprocess_val=preprocess_val, image_size=image_size,
         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), context_length=context_length(model),
         precision=precision)

@@ -81,8 +81,14 @@ def train_config(output: str | Path, fields: dict):
 
 
 def train_stamp(fields: dict, depends: dict | None = None) -> dict:
-    """The stamp of a training stage: its trainer fields and what else it depends on."""
-    return {"stage": "train", "fields": dict(fields), **(depends or {})}
+    """The stamp of a training stage: its trainer fields, what builds its model and what else it
+    depends on."""
+    from . import model  # noqa: F401  (registers the project's model configs with open_clip)
+    from .vocab import model_fingerprint
+
+    name = fields.get("model.name")
+    built = {"model": model_fingerprint(name)} if name else {}
+    return {"stage": "train", "fields": dict(fields), **built, **(depends or {})}
 
 
 def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=log_line, name: str | None = None,
@@ -118,6 +124,26 @@ def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=lo
     return result
 
 
+def curve_stage(run: str | Path, data: str | Path, split: str = "val", *, log=log_line, device: str = "cpu") -> dict:
+    """The learning curve of ``run``: compositional accuracy (:func:`evaluate_compositional`) of each
+    checkpoint it kept, ``{"steps": {step: metrics}}``, cached as the stage ``run/curve-<split>``. A
+    run keeps a curve's checkpoints when it saves every N steps and keeps them all (``save_every``,
+    ``keep_last``)."""
+    from .checkpoint import checkpoint_step, is_checkpoint_name
+
+    run = Path(run)
+    checkpoints = sorted(p for p in (run / "checkpoints").iterdir() if is_checkpoint_name(p.name))
+    stamp = {"stage": "curve", "split": split, "data": str(data),
+             "checkpoints": [[p.name, p.stat().st_mtime_ns] for p in checkpoints]}
+
+    def work() -> dict:
+        return {"steps": {str(checkpoint_step(p)): evaluate_compositional(p, data, split, device=device)
+                          for p in checkpoints}}
+
+    result, _ = run_stage(run / f"curve-{split}", stamp, work, f"{run.name}'s curve on {split}", log)
+    return {int(step): metrics for step, metrics in result["steps"].items()}
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 def split_dir(data: str | Path, split: str) -> Path:
@@ -151,6 +177,22 @@ def train_pairwise(encoder, data: str | Path, records: int = PAIRWISE_RECORDS) -
         image = ImageRef(data / record["image"])
         items += [ChoiceItem(image, (record["original"], negative)) for negative in record["enhanced"]]
     return accuracy(choice_correct(encoder.choice_scores(items, "train negatives")))
+
+
+def evaluate_compositional(checkpoint: str | Path, data: str | Path, split: str = "test", *,
+                           device: str = "cpu") -> dict:
+    """{swap, replace, add, compositional_avg, each subset}: the compositional half of
+    :func:`evaluate` alone (what a learning curve follows; no zero-shot tasks)."""
+    from .evaluate.compositional import evaluate_sugarcrepe
+    from .evaluate.encode import Encoder
+    from .evaluate.metrics import mean
+    from .model import load_model
+
+    folder = split_dir(data, split) / "eval"
+    encoder = Encoder(load_model(None, checkpoint, device=device), device=device, batch_size=256)
+    out = {k: float(v) for k, v in evaluate_sugarcrepe(encoder, folder, folder / "images").metrics.items()}
+    out["compositional_avg"] = float(mean(out[c] for c in ("swap", "replace", "add")))
+    return out
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, device: str = "cpu") -> dict:
