@@ -436,6 +436,116 @@ def _run_experiment(settings: Settings, output: Path, progress: bool, threads: s
     return out
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+
+#: the variants every sweep point is compared with: DeGLA without distillation (its swap is the
+#: target) and NegCLIP (its zero-shot accuracy is the floor)
+SWEEP_REFERENCES = ("negclip", "igc_tgc")
+SWEEP_METRICS = ("swap", "compositional_avg", "zeroshot_avg")
+
+
+def run_sweep(settings: Settings, output: str | Path, weights: list[float], decays: list[float],
+              progress: bool = False) -> dict:
+    """DeGLA at every (distillation weight, EMA decay) of ``weights`` x ``decays`` beside NegCLIP and
+    +IGC+TGC, each for ``settings.seeds`` on ``settings.split`` (choose on ``val``), from the same
+    cached start point as :func:`run_experiment` into the same ``output`` (its runs are reused
+    where their settings match). Writes ``sweep.md``, ``sweep.png`` (swap and zero-shot against the
+    distillation weight, one line per decay) and ``sweep.json``; returns the JSON's dict."""
+    import torch
+
+    from . import stages
+
+    settings.validate()
+    if not weights or not decays or any(not 0 <= w for w in weights) or any(not 0 <= d < 1 for d in decays):
+        raise ConfigError("--sweep-distill / --sweep-decay: weights >= 0 and decays in [0, 1), at least one of each")
+    output = check_output_folder(output, "--output")
+    previous_threads = torch.get_num_threads()
+    threads = set_threads(settings.threads, processes=settings.jobs)
+    try:
+        started = time.perf_counter()
+        log(f"sweep: {threads} per process, {settings.jobs} fine-tuning process(es) at a time")
+        data, start, depends = prepare(settings, output, progress)
+        stamp = {**depends, "start": str(start)}
+        keys, jobs = [], []
+        for seed in settings.seeds:
+            curve = seed == settings.seeds[0]  # the fields run_experiment gives them: its runs are reused
+            for v in SWEEP_REFERENCES:
+                keys.append((v, seed))
+                jobs.append((output / "runs" / f"{v}-seed{seed}", finetune_fields(settings, data, start, v, seed, curve),
+                             stamp, data, settings.split))
+            for d in decays:
+                for w in weights:
+                    point = replace(settings, loss=replace(settings.loss, distill_weight=w), ema_decay=d)
+                    keys.append((f"degla w={w:g} d={d:g}", seed))
+                    jobs.append((output / "runs" / f"degla-w{w:g}-d{d:g}-seed{seed}",
+                                 finetune_fields(point, data, start, "degla", seed), stamp, data, settings.split))
+        log(f"{len(jobs)} fine-tuning runs ({len(weights)} weights x {len(decays)} decays + "
+            f"{len(SWEEP_REFERENCES)} references, x {len(settings.seeds)} seeds)")
+
+        def done(i: int, metrics: dict, seconds: float | None) -> None:
+            took = "reused" if seconds is None else f"{seconds:.0f} s"
+            log(f"  {keys[i][0]} seed {keys[i][1]}: swap {metrics['swap']:.1f}, zero-shot {metrics['zeroshot_avg']:.1f} "
+                f"({took})")
+
+        results = stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device, done)
+    finally:
+        torch.set_num_threads(previous_threads)
+    per_point: dict[str, list[dict]] = {}
+    for (name, _), metrics in zip(keys, results):
+        per_point.setdefault(name, []).append(metrics)
+    summary = summarize(per_point)
+    points = [{"weight": w, "decay": d, "name": f"degla w={w:g} d={d:g}"} for d in decays for w in weights]
+    out = {"settings": {**asdict(settings), "loss": {n: getattr(settings.loss, n) for n in LOSS_WEIGHTS}},
+           "weights": weights, "decays": decays, "points": points, "summary": summary, "per_seed": per_point,
+           "seconds": time.perf_counter() - started}
+    lines = ["| run | " + " | ".join(_label(m) for m in SWEEP_METRICS) + " |", "|---|" + "---:|" * len(SWEEP_METRICS)]
+    for name in [VARIANTS[v][0] for v in SWEEP_REFERENCES] + [p["name"] for p in points]:
+        key = next((v for v in SWEEP_REFERENCES if VARIANTS[v][0] == name), name)
+        lines.append(f"| {name} | " + " | ".join(_mean_std(summary[key][m]) for m in SWEEP_METRICS) + " |")
+    seeds = ", ".join(map(str, settings.seeds))
+    head = (f"DeGLA's distillation weight (w) and EMA decay (d) on the **{settings.split}** split, fine-tuned "
+            f"{settings.finetune_steps} steps, seeds {seeds} (mean ± sample std over seeds), accuracies in %.")
+    write_bytes_atomic(output / "sweep.md", f"{head}\n\n" .encode() + "\n".join(lines).encode() +
+                       b"\n\n![sweep](sweep.png)\n")
+    write_bytes_atomic(output / "sweep.png", sweep_chart(summary, points, weights, decays, head))
+    write_json_atomic(output / "sweep.json", out)
+    print("\n".join(lines))
+    print(f"wrote {output / 'sweep.md'}, {output / 'sweep.png'}, {output / 'sweep.json'} ({out['seconds']:.0f} s)")
+    return out
+
+
+def _mean_std(s: dict) -> str:
+    return f"{s['mean']:.1f}" if s["n"] == 1 else f"{s['mean']:.1f} ± {s['std']:.1f}"
+
+
+def sweep_chart(summary: dict, points: list[dict], weights: list[float], decays: list[float], title: str) -> bytes:
+    """PNG bytes: swap and zero-shot average against the distillation weight, one line per decay,
+    NegCLIP and +IGC+TGC as horizontal lines (the two targets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("swap", "zeroshot_avg")):
+        for d in decays:
+            ys = [summary[p["name"]][metric]["mean"] for w in weights for p in points if p["weight"] == w and p["decay"] == d]
+            ax.plot(weights, ys, marker="o", label=f"DeGLA, decay {d:g}")
+        for v, style in zip(SWEEP_REFERENCES, ("--", ":")):
+            ax.axhline(summary[v][metric]["mean"], color="grey", linestyle=style, label=VARIANTS[v][0])
+        ax.set_xlabel("distillation weight")
+        ax.set_title(_label(metric) + " (%)")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``degla-fast experiment``."""
     defaults = Settings()
@@ -458,6 +568,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
                             help=f"default {getattr(defaults.loss, name)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    parser.add_argument("--sweep-distill", type=float, nargs="+", default=None, metavar="W",
+                        help="instead of the ablation: DeGLA at each of these distillation weights (and each "
+                             "--sweep-decay) beside NegCLIP and +IGC+TGC; writes sweep.md/.png/.json")
+    parser.add_argument("--sweep-decay", type=float, nargs="+", default=None, metavar="D",
+                        help="the EMA decays of --sweep-distill (default: --ema-decay's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -475,5 +590,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     """``degla-fast experiment``: returns 0."""
-    run_experiment(settings_from_args(args), args.output, progress=not args.no_progress)
+    settings = settings_from_args(args)
+    if args.sweep_distill is not None or args.sweep_decay is not None:
+        run_sweep(settings, args.output, args.sweep_distill or [settings.loss.distill_weight],
+                  args.sweep_decay or [settings.ema_decay], progress=not args.no_progress)
+    else:
+        run_experiment(settings, args.output, progress=not args.no_progress)
     return 0

@@ -140,3 +140,29 @@ def test_quick_experiment_writes_table_chart_and_json(tmp_path):
     again = run_experiment(settings, tmp_path)
     assert again["per_seed"] == results["per_seed"]
     assert again["timings"]["finetune_s"] < 30
+
+    # learning curves: the first seed's runs kept a checkpoint every step, each scored; step 0 is the start point
+    curves = results["curves"]
+    assert set(curves) == set(VARIANTS)
+    for curve in saved["curves"].values():
+        assert sorted(map(int, curve)) == [0, 1, 2] and {"swap", "swap_obj", "swap_att"} <= set(curve["1"])
+    assert curves["negclip"][0] == results["per_seed"]["pretrained"][0]
+    assert curves["negclip"][2]["swap"] == results["per_seed"]["negclip"][0]["swap"]  # the last point is the run
+    assert len(list((tmp_path / "runs" / "negclip-seed0" / "checkpoints").glob("step_*.pt"))) == 2
+    assert len(list((tmp_path / "runs" / "negclip-seed1" / "checkpoints").glob("step_*.pt"))) == 1
+    assert "Learning curves" in text and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| swap_obj |" in text and "| NegCLIP - CLIP loss | swap |" in text
+
+    # the sweep from the same folder: the start point and the reference runs are reused, and DeGLA at
+    # distillation weight 0 (the experiment's decay) is +IGC+TGC seed for seed
+    from degla_fast.experiment import run_sweep
+
+    sweep = run_sweep(settings, tmp_path, [0.0, 0.5], [settings.ema_decay])
+    assert sweep["per_seed"]["negclip"] == results["per_seed"]["negclip"]
+    assert sweep["per_seed"]["degla w=0 d=0.995"] == results["per_seed"]["igc_tgc"]
+    assert "| degla w=0.5 d=0.995 |" in (tmp_path / "sweep.md").read_text()
+    config = (tmp_path / "runs" / "degla-w0.5-d0.995-seed1" / "config.yaml").read_text()
+    assert "distill_weight: 0.5" in config and "decay: 0.995" in config
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="sweep-decay"):
+        run_sweep(settings, tmp_path, [0.1], [1.0])
