@@ -32,7 +32,7 @@ from .compat.open_clip import encode_text_prefix, parse_model_name, trims_exactl
 from .data.text import trim_tokens
 from .errors import ConfigError, DataError, ShapeError, first_line
 from .precision import check_precision
-from .vocab import tokenizer_for
+from .vocab import clip_vocabulary_overrides, compact_tokenizer, shrink_token_embedding
 
 TINY_MODEL = "degla-tiny"
 
@@ -100,13 +100,22 @@ def create_model(name: str, pretrained: str | None = None, *, device: str | torc
         if pretrained not in tags:
             raise ConfigError(f"pretrained: {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
                               f"(tags: {', '.join(tags) or 'none'})")
+    # A compact-vocabulary model (degla_fast/vocab.py) is built with CLIP's vocabulary, shrunk, and
+    # only then given its weights, which have the compact rows.
+    compact = compact_tokenizer(name)
+    overrides = clip_vocabulary_overrides(name) if compact else {}
     try:
         with _open_clip_logs(random_init=pretrained is None):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, precision="fp32", device=device)
+                name, pretrained=None if compact else pretrained, precision="fp32", device=device, **overrides)
+            if compact:
+                shrink_token_embedding(model, compact)
+                if pretrained is not None:
+                    open_clip.load_checkpoint(model, pretrained)
     except (RuntimeError, OSError, pickle.UnpicklingError, *_safetensors_error()) as err:
         raise DataError(f"pretrained: cannot load weights {pretrained!r} for {name!r}: {first_line(err)}") from err
-    return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision)
+    return _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision,
+                   compact or open_clip.get_tokenizer(name))
 
 
 def _safetensors_error() -> tuple[type[BaseException], ...]:
@@ -150,7 +159,7 @@ def _open_clip_logs(random_init: bool):
         logging.getLogger(record.name).handle(record)
 
 
-def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision) -> ModelBundle:
+def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision, tokenizer) -> ModelBundle:
     if type(model) is CLIP:
         # Same state, one overridden method: see TrimmedTextCLIP.
         model.__class__ = TrimmedTextCLIP
@@ -158,7 +167,7 @@ def _bundle(model, name, pretrained, preprocess_train, preprocess_val, precision
     size = cfg["size"]
     image_size = int(size if isinstance(size, int) else size[0])
     return ModelBundle(
-        model=model, name=name, pretrained=pretrained, tokenizer=tokenizer_for(name, model),
+        model=model, name=name, pretrained=pretrained, tokenizer=tokenizer,
         preprocess_train=preprocess_train, preprocess_val=preprocess_val, image_size=image_size,
         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), context_length=context_length(model),
         precision=precision)

@@ -9,7 +9,7 @@ import torch
 
 from degla_fast.data import synthetic as S
 from degla_fast.model import create_model
-from degla_fast.vocab import COMPACT_MODELS, CompactTokenizer, model_fingerprint
+from degla_fast.vocab import COMPACT_MODELS, CompactTokenizer, clip_vocabulary_overrides, model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,34 @@ def test_every_word_of_the_world_has_an_id(bundle):
     base = open_clip.get_tokenizer("degla-synth")(texts)
     pairs = set(zip(base.flatten().tolist(), ids.flatten().tolist()))
     assert len({b for b, _ in pairs}) == len({c for _, c in pairs}) == len(pairs)
+
+
+def test_the_compact_model_is_the_full_vocabulary_model_on_the_world():
+    # Same seed: the compact model's weights are the full model's, its token rows those its ids read,
+    # so every world text (and image) gets the full model's features: the same start point, trained faster.
+    torch.manual_seed(3)
+    compact = create_model("degla-synth")
+    torch.manual_seed(3)
+    full = open_clip.create_model("degla-synth", **clip_vocabulary_overrides("degla-synth"))
+    assert full.token_embedding.num_embeddings == 49408 and compact.model.token_embedding.num_embeddings == 128
+    texts = world_texts(seeds=(0,), items=100)
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        a = compact.model.encode_text(compact.tokenizer(texts))
+        b = full.encode_text(open_clip.get_tokenizer("degla-synth")(texts))
+        # (the compact bundle's text path runs trimmed batches: other matmul shapes, so float rounding)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(compact.model.encode_image(images), full.encode_image(images))
+    rest = {k: v for k, v in full.state_dict().items() if k != "token_embedding.weight"}
+    assert all(torch.equal(compact.model.state_dict()[k], v) for k, v in rest.items())
+
+
+def test_a_saved_compact_model_loads(tmp_path, bundle):
+    path = tmp_path / "weights.pt"
+    torch.save(bundle.model.state_dict(), path)
+    again = create_model("degla-synth", str(path))
+    assert torch.equal(again.model.token_embedding.weight, bundle.model.token_embedding.weight)
+    assert isinstance(again.tokenizer, CompactTokenizer)
 
 
 def test_special_ids_and_pooling(bundle):

@@ -78,3 +78,14 @@ def encode_text_prefix(net: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
     if net.text_projection is not None:
         x = net.text_projection(x) if isinstance(net.text_projection, torch.nn.Linear) else x @ net.text_projection
     return x
+
+
+def replace_token_embedding(net: torch.nn.Module, weight: torch.Tensor, eos_id: int) -> None:
+    """Give a CLIP model the token embedding ``weight`` (``[vocab, width]``) and the end-of-text
+    id ``eos_id`` of a new vocabulary: its ``token_embedding`` module, the ``vocab_size`` and
+    ``text_eos_id`` attributes ``CLIP.__init__`` copies from the text tower (the ``eos`` pooling
+    reads the last one)."""
+    _check_text_tower(net)
+    net.token_embedding = torch.nn.Embedding.from_pretrained(weight, freeze=False)
+    net.vocab_size = weight.shape[0]
+    net.text_eos_id = eos_id
