@@ -23,6 +23,7 @@ from .console import log as log_line
 from .io import write_json_atomic
 
 STAGE_FILE = "stage.json"
+STARTED_FILE = "stage-started.json"  # a training stage's stamp, written before it trains
 PAIRWISE_RECORDS = 400  # training records whose hard negatives are probed
 
 
@@ -91,6 +92,24 @@ def train_stamp(fields: dict, depends: dict | None = None) -> dict:
     return {"stage": "train", "fields": dict(fields), **built, **(depends or {})}
 
 
+def set_aside_other_run(folder: Path, stamp: dict, log=log_line) -> None:
+    """Move ``folder`` to ``previous/<name>-<time>`` beside it when it holds a run begun under
+    another stamp (or under one this code cannot know: checkpoints without ``STARTED_FILE``). The
+    trainer resumes what it finds (``resume: latest``): without this, a run of other settings in
+    the folder (other steps, weights) would be resumed instead of the new one trained from its start."""
+    started = folder / STARTED_FILE
+    same = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("stamp") == json.loads(
+        json.dumps(stamp))
+    if same or not (folder / "checkpoints").exists():
+        return
+    target = folder.parent / "previous" / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(target)
+    folder.mkdir()
+    if log:
+        log(f"  {folder.name}: begun with other settings; that run moved to {target}, this one starts afresh")
+
+
 def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log=log_line, name: str | None = None,
                 depends: dict | None = None) -> Path:
     """One ``degla-fast train`` run into ``folder`` with the configuration ``fields`` (dotted
@@ -103,6 +122,8 @@ def train_stage(folder: str | Path, fields: dict, *, progress: bool = False, log
     stamp = train_stamp(fields, depends)
 
     def work() -> dict:
+        set_aside_other_run(folder, stamp, log)
+        write_json_atomic(folder / STARTED_FILE, {"stamp": stamp})
         train(config)  # which writes the run's own config.yaml
         return {"checkpoint": str(folder / "checkpoints")}
 

@@ -166,3 +166,16 @@ def test_quick_experiment_writes_table_chart_and_json(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="sweep-decay"):
         run_sweep(settings, tmp_path, [0.1], [1.0])
+
+    # other fine-tuning settings in the same folder: the old run is set aside and the new one trained
+    # from its start (resuming it would continue the 2-step run to step 3 under another schedule)
+    from dataclasses import replace
+
+    longer = run_experiment(replace(settings, finetune_steps=3, variants=["negclip"], seeds=[0], curve_every=0), tmp_path)
+    assert [p.name.split("-2")[0] for p in (tmp_path / "runs" / "previous").iterdir()] == ["negclip-seed0"]
+    run = tmp_path / "runs" / "negclip-seed0"
+    assert "max_steps: 3" in (run / "config.yaml").read_text()
+    assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == ["step_00000003.pt"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 3
+    assert longer["per_seed"]["pretrained"] == results["per_seed"]["pretrained"]  # the start point kept
