@@ -245,16 +245,37 @@ def contrast_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None, rows: list[dict] | None = None,
-              title: str = "") -> bytes:
-    """PNG bytes: compositional and zero-shot accuracy per model (error bars = std over seeds, none
-    for a model of one seed), chance levels as ticks, and (when given) the paired differences with
-    their 95 % intervals."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig, legend_axes, title: str, ncol: int | None = None, top: float = 1.0) -> bytes:
+    """PNG bytes of ``fig``: the legend of ``legend_axes`` in one row below the plots (at most
+    ``ncol`` entries a row), ``title`` above; the figure is closed."""
+    handles, names = legend_axes.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), ncol or len(names)), fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, top))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None, rows: list[dict] | None = None,
+              title: str = "") -> bytes:
+    """PNG bytes: compositional and zero-shot accuracy per model (error bars = std over seeds, none
+    for a model of one seed), chance levels as ticks, and (when given) the paired differences with
+    their 95 % intervals."""
+    plt = _pyplot()
     metrics_all = list(next(iter(summary.values())))
     comp = [m for m in (*COMPOSITIONAL, TRAIN_METRIC) if m in metrics_all]
     zs = [m for m in metrics_all if m.startswith("zeroshot_")]
@@ -293,15 +314,7 @@ def bar_chart(summary: dict, labels: dict[str, str], chance: dict | None = None,
         ax.set_yticklabels(names, fontsize=7)
         ax.set_title("paired differences, 95 % CI (points)")
         ax.grid(axis="x", alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig, axes[0], title, ncol=7)
 
 
 def curve_table(curves: dict[str, dict[int, dict]], labels: dict[str, str], metric: str = "swap") -> str:
@@ -316,11 +329,7 @@ def curve_table(curves: dict[str, dict[int, dict]], labels: dict[str, str], metr
 
 def curve_chart(curves: dict[str, dict[int, dict]], labels: dict[str, str], chance: float, title: str = "") -> bytes:
     """PNG bytes: swap, swap_obj and swap_att (%) against fine-tuning steps, one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     for ax, metric in zip(axes, ("swap", "swap_obj", "swap_att")):
         for variant, curve in curves.items():
@@ -331,18 +340,20 @@ def curve_chart(curves: dict[str, dict[int, dict]], labels: dict[str, str], chan
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (%)")
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig, axes[0], title)
 
 
 # ---------------------------------------------------------------------------------------------- driver
+
+def _log_run(names: list[str]):
+    """``train_and_evaluate``'s ``on_done``: one line per finished run (``names[i]``), its main metrics."""
+    def done(i: int, metrics: dict, seconds: float | None) -> None:
+        took = "reused" if seconds is None else f"{seconds:.0f} s"
+        log(f"  {names[i]}: swap {metrics['swap']:.1f}, compositional {metrics['compositional_avg']:.1f}, zero-shot "
+            f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({took})")
+
+    return done
+
 
 def run_experiment(settings: Settings, output: str | Path, progress: bool = False) -> dict:
     """Run (or resume) the whole experiment into ``output``; returns the results dict also saved as JSON."""
@@ -379,14 +390,9 @@ def _run_experiment(settings: Settings, output: Path, progress: bool, threads: s
     log(f"[2/3] {len(jobs)} fine-tuning runs ({len(settings.variants)} variants x {len(settings.seeds)} seeds, "
         f"{settings.jobs} at a time)")
 
-    def done(i: int, metrics: dict, seconds: float | None) -> None:
-        took = "reused" if seconds is None else f"{seconds:.0f} s"
-        log(f"  {keys[i][0]}-seed{keys[i][1]}: compositional {metrics['compositional_avg']:.1f}, zero-shot "
-            f"{metrics['zeroshot_avg']:.1f}, train pairwise {metrics[TRAIN_METRIC]:.1f} ({took})")
-
     t0 = time.perf_counter()
     results = dict(zip(keys, stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device,
-                                                       done)))
+                                                       _log_run([f"{v}-seed{s}" for v, s in keys]))))
     timings["finetune_s"] = time.perf_counter() - t0
     curves = {}
     if settings.curve_every:
@@ -482,12 +488,8 @@ def run_sweep(settings: Settings, output: str | Path, weights: list[float], deca
         log(f"{len(jobs)} fine-tuning runs ({len(weights)} weights x {len(decays)} decays + "
             f"{len(SWEEP_REFERENCES)} references, x {len(settings.seeds)} seeds)")
 
-        def done(i: int, metrics: dict, seconds: float | None) -> None:
-            took = "reused" if seconds is None else f"{seconds:.0f} s"
-            log(f"  {keys[i][0]} seed {keys[i][1]}: swap {metrics['swap']:.1f}, zero-shot {metrics['zeroshot_avg']:.1f} "
-                f"({took})")
-
-        results = stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device, done)
+        results = stages.train_and_evaluate(jobs, settings.jobs, torch.get_num_threads(), settings.device,
+                                            _log_run([f"{name} seed {seed}" for name, seed in keys]))
     finally:
         torch.set_num_threads(previous_threads)
     per_point: dict[str, list[dict]] = {}
@@ -521,11 +523,7 @@ def _mean_std(s: dict) -> str:
 def sweep_chart(summary: dict, points: list[dict], weights: list[float], decays: list[float], title: str) -> bytes:
     """PNG bytes: swap and zero-shot average against the distillation weight, one line per decay,
     NegCLIP and +IGC+TGC as horizontal lines (the two targets)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ("swap", "zeroshot_avg")):
         for d in decays:
@@ -536,14 +534,7 @@ def sweep_chart(summary: dict, points: list[dict], weights: list[float], decays:
         ax.set_xlabel("distillation weight")
         ax.set_title(_label(metric) + " (%)")
         ax.grid(alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig, axes[0], title, top=0.95)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
