@@ -99,7 +99,7 @@ def test_loss_weight_flags_set_the_settings_loss_spec():
     add_arguments(parser)
     settings = settings_from_args(parser.parse_args(["--distill-weight", "0.05", "--batch-size", "4"]))
     assert (settings.loss.distill_weight, settings.loss.igc_weight, settings.batch_size) == (0.05, 0.1, 4)
-    assert Settings().loss.distill_weight == 0.02   # the experiment's own default, not the loss's
+    assert Settings().loss.distill_weight == 0.01   # the experiment's own default, not the loss's
     with pytest.raises(ConfigError, match="tgc_weight"):
         settings_from_args(parser.parse_args(["--tgc-weight", "-1"]))
 
