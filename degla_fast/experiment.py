@@ -510,7 +510,7 @@ def run_sweep(settings: Settings, output: str | Path, weights: list[float], deca
             f"{settings.finetune_steps} steps, seeds {seeds} (mean ± sample std over seeds), accuracies in %.")
     write_bytes_atomic(output / "sweep.md", f"{head}\n\n" .encode() + "\n".join(lines).encode() +
                        b"\n\n![sweep](sweep.png)\n")
-    write_bytes_atomic(output / "sweep.png", sweep_chart(summary, points, weights, decays, head))
+    write_bytes_atomic(output / "sweep.png", sweep_chart(summary, points, weights, decays, head.replace("**", "")))
     write_json_atomic(output / "sweep.json", out)
     print("\n".join(lines))
     print(f"wrote {output / 'sweep.md'}, {output / 'sweep.png'}, {output / 'sweep.json'} ({out['seconds']:.0f} s)")
