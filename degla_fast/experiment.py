@@ -61,6 +61,8 @@ CONTRASTS = (
     ("DeGLA - NegCLIP", "degla", "negclip", "zeroshot_avg"),
     ("DeGLA - NegCLIP", "degla", "negclip", "swap"),
     ("DeGLA - (+IGC+TGC)", "degla", "igc_tgc", "zeroshot_avg"),
+    ("DeGLA - (+IGC+TGC)", "degla", "igc_tgc", "swap"),
+    ("DeGLA - (+IGC+TGC)", "degla", "igc_tgc", "compositional_avg"),
     ("fixed - release TGC", "degla", "degla_release", "swap"),
     ("fixed - release TGC", "degla", "degla_release", "compositional_avg"),
     ("fixed - release TGC", "degla", "degla_release", "zeroshot_avg"),
