@@ -251,13 +251,13 @@ def clip_vocabulary_model(name: str) -> str:
     """``name`` as it was before its compact vocabulary (degla_fast/vocab.py): its open_clip config
     with CLIP's 49,408-row token embedding, registered as ``<name>-clip-vocab``, whose tokenizer is
     open_clip's own."""
-    import copy
     import tempfile
 
     import open_clip
 
-    cfg = copy.deepcopy(open_clip.get_model_config(name))
-    cfg["text_cfg"]["vocab_size"] = 49408
+    from degla_fast.vocab import clip_vocabulary_overrides
+
+    cfg = {**open_clip.get_model_config(name), **clip_vocabulary_overrides(name)}
     with tempfile.TemporaryDirectory(prefix="bench_step-vocab-") as folder:
         (Path(folder) / f"{name}-clip-vocab.json").write_text(json.dumps(cfg))
         open_clip.add_model_config(folder)  # reads the file now

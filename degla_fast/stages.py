@@ -27,13 +27,18 @@ STARTED_FILE = "stage-started.json"  # a training stage's stamp, written before 
 PAIRWISE_RECORDS = 400  # training records whose hard negatives are probed
 
 
-def finished(folder: Path, stamp: dict) -> dict | None:
-    """The saved result of ``folder`` when its stamp equals ``stamp``, else None."""
-    path = Path(folder) / STAGE_FILE
+def _saved_with(path: Path, stamp: dict) -> dict | None:
+    """The JSON record at ``path`` when it was written with ``stamp`` (compared as JSON), else None."""
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
-    return saved["result"] if saved.get("stamp") == json.loads(json.dumps(stamp)) else None
+    return saved if saved.get("stamp") == json.loads(json.dumps(stamp)) else None
+
+
+def finished(folder: Path, stamp: dict) -> dict | None:
+    """The saved result of ``folder`` when its stamp equals ``stamp``, else None."""
+    saved = _saved_with(Path(folder) / STAGE_FILE, stamp)
+    return None if saved is None else saved["result"]
 
 
 def run_stage(folder: str | Path, stamp: dict, work: Callable[[], dict], name: str | None = None,
@@ -97,10 +102,7 @@ def set_aside_other_run(folder: Path, stamp: dict, log=log_line) -> None:
     another stamp (or under one this code cannot know: checkpoints without ``STARTED_FILE``). The
     trainer resumes what it finds (``resume: latest``): without this, a run of other settings in
     the folder (other steps, weights) would be resumed instead of the new one trained from its start."""
-    started = folder / STARTED_FILE
-    same = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("stamp") == json.loads(
-        json.dumps(stamp))
-    if same or not (folder / "checkpoints").exists():
+    if _saved_with(folder / STARTED_FILE, stamp) is not None or not (folder / "checkpoints").exists():
         return
     target = folder.parent / "previous" / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,16 +206,12 @@ def evaluate_compositional(checkpoint: str | Path, data: str | Path, split: str 
                            device: str = "cpu") -> dict:
     """{swap, replace, add, compositional_avg, each subset}: the compositional half of
     :func:`evaluate` alone (what a learning curve follows; no zero-shot tasks)."""
-    from .evaluate.compositional import evaluate_sugarcrepe
     from .evaluate.encode import Encoder
-    from .evaluate.metrics import mean
+    from .evaluate.synthetic import compositional_result
     from .model import load_model
 
-    folder = split_dir(data, split) / "eval"
     encoder = Encoder(load_model(None, checkpoint, device=device), device=device, batch_size=256)
-    out = {k: float(v) for k, v in evaluate_sugarcrepe(encoder, folder, folder / "images").metrics.items()}
-    out["compositional_avg"] = float(mean(out[c] for c in ("swap", "replace", "add")))
-    return out
+    return {k: float(v) for k, v in compositional_result(encoder, split_dir(data, split)).metrics.items()}
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, device: str = "cpu") -> dict:

@@ -7,7 +7,7 @@ step. Its config gives ``vocab_size`` 128 instead, and its tokenizer is :class:`
 the same BPE, each id then looked up in a table. The model is built with CLIP's vocabulary and
 then keeps only the rows its ids read (:func:`shrink_token_embedding`): the same random draws as
 the full-vocabulary model, so the same initial weights and the same features for every text of
-the world, and so the same start point, at a sixth of the step's parameter traffic.
+the world, and so the same start point, with an eighth of the parameters to update each step.
 
 The table keeps what the text tower relies on: 0 is padding, 1 the start token, then the BPE ids of
 :data:`WORDS` in increasing order, ``vocab_size - 2`` any other id (unknown) and ``vocab_size - 1``
@@ -31,7 +31,6 @@ WORDS = (
 
 #: model name -> the words of its compact vocabulary (models not listed keep CLIP's vocabulary)
 COMPACT_MODELS = {"degla-synth": WORDS}
-
 
 #: the vocabulary of open_clip's BPE tokenizer (CLIP's token embedding rows)
 CLIP_VOCAB_SIZE = 49408

@@ -37,8 +37,9 @@ def zeroshot_chance(data_dir: str | Path) -> dict[str, float]:
             for t in zeroshot_tasks(data_dir)}
 
 
-def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
-    """All synthetic metrics (per subset, swap / replace / add, compositional_avg, zero-shot) as a Result."""
+def compositional_result(encoder: Encoder, data_dir: str | Path) -> Result:
+    """The compositional half of :func:`synthetic_result` (per subset, swap / replace / add,
+    compositional_avg): what a learning curve follows."""
     data_dir = Path(data_dir)
     if not (data_dir / "eval").is_dir():
         raise DataError(f"{data_dir / 'eval'}: folder not found (expected the output of `degla-fast synth`)")
@@ -48,6 +49,13 @@ def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
         raise DataError(f"{data_dir / 'eval'}: no subset files for {', '.join(missing)}")
     result = Result("synthetic", metrics=dict(comp.metrics), counts=dict(comp.counts), info={"data": str(data_dir)})
     result.metrics["compositional_avg"] = mean(comp.metrics[c] for c in SUGARCREPE_CATEGORIES)
+    return result
+
+
+def synthetic_result(encoder: Encoder, data_dir: str | Path) -> Result:
+    """All synthetic metrics (per subset, swap / replace / add, compositional_avg, zero-shot) as a Result."""
+    data_dir = Path(data_dir)
+    result = compositional_result(encoder, data_dir)
     tasks = zeroshot_tasks(data_dir)
     if not tasks:
         raise DataError(f"{data_dir / 'zeroshot'}: no zero-shot task files (expected the output of `degla-fast synth`)")
