@@ -63,11 +63,14 @@ def run_stage(folder: str | Path, stamp: dict, work: Callable[[], dict], name: s
 # ---------------------------------------------------------------------------------------------- stages
 
 def synth_stage(folder: str | Path, *, progress: bool = False, log=log_line, **sizes) -> Path:
-    """The synthetic world in ``folder`` (:func:`degla_fast.data.synthetic.generate` with ``sizes``)."""
+    """The synthetic world in ``folder`` (:func:`degla_fast.data.synthetic.generate` with ``sizes``),
+    rendered by one process per core this process may use (the files do not depend on it)."""
     from .data.synthetic import VERSION, generate
+    from .threads import available_cores
 
     stamp = {"stage": "synth", "version": VERSION, **sizes}
-    run_stage(folder, stamp, lambda: {"train": str(generate(folder, progress=progress, **sizes))}, "data", log)
+    run_stage(folder, stamp, lambda: {"train": str(generate(folder, progress=progress, workers=available_cores(),
+                                                            **sizes))}, "data", log)
     return Path(folder)
 
 

@@ -215,15 +215,25 @@ def test_images_are_rgb_jpegs_of_the_asked_size(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave nothing behind
 
 
-def test_deterministic_by_seed(tmp_path):
-    def files(out, seed):
-        S.generate(out, num_images=6, seed=seed, eval_items=2, zeroshot_items=1, progress=False)
-        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+def _files(out, seed, workers=1):
+    S.generate(out, num_images=6, seed=seed, eval_items=2, zeroshot_items=1, val_eval_items=3, progress=False,
+               workers=workers)
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
-    first, again, other = files(tmp_path / "a", 5), files(tmp_path / "b", 5), files(tmp_path / "c", 6)
+
+def test_deterministic_by_seed(tmp_path):
+    first, again, other = _files(tmp_path / "a", 5), _files(tmp_path / "b", 5), _files(tmp_path / "c", 6)
     assert first == again
     assert first.keys() == other.keys() and first["train.json"] != other["train.json"]
     assert first["train/000001.jpg"] != other["train/000001.jpg"]
+
+
+def test_rendering_processes_write_the_same_world(tmp_path):
+    # 3 processes over chunks of a few images each: every record lands in its file, in order
+    one, three = _files(tmp_path / "a", 5), _files(tmp_path / "b", 5, workers=3)
+    assert one == three and len(one) > 60
+    with pytest.raises(S.ConfigError, match="workers: must be an integer >= 1"):
+        S.generate(tmp_path / "c", num_images=6, progress=False, workers=0)
 
 
 def _keys_of_eval(split):

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..console import log
+from ..threads import available_cores
 from ..errors import ConfigError
 from ..io import cannot_write, check_output_folder, write_bytes_atomic, write_json_atomic
 
@@ -556,7 +557,7 @@ def _write_image(path: Path, scene: tuple, image_size: int, rng: random.Random, 
 def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, *, eval_items: int = 200,
              zeroshot_items: int = 40, image_size: int = 64, pretrain_images: int | None = None,
              val_eval_items: int | None = None, val_zeroshot_items: int | None = None,
-             progress: bool | None = None) -> Path:
+             progress: bool | None = None, workers: int = 1) -> Path:
     """Render the dataset into ``out_dir`` and return the path of ``train.json`` (fine-tuning).
 
     ``num_images`` fine-tuning scenes; ``pretrain_images`` pre-training scenes (default: as many);
@@ -564,8 +565,10 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
     in the test split (``val_eval_items`` / ``val_zeroshot_items`` in the validation split, default
     the same); square JPEGs of ``image_size`` pixels. ``progress``: a progress bar on stderr
     when stderr is a terminal (False or None: never; True: where there is a terminal; never in a
-    file, where its carriage returns would make one endless line, :mod:`degla_fast.console`). Raises :class:`ConfigError` for counts below 1
-    or an image size below 16.
+    file, where its carriage returns would make one endless line, :mod:`degla_fast.console`).
+    ``workers``: processes rendering images (each image is a pure function of the seed and its
+    own index, so the files are byte for byte the same for any number). Raises
+    :class:`ConfigError` for counts below 1 or an image size below 16.
     """
     from ..console import progress_bar
 
@@ -575,20 +578,21 @@ def generate(out_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, 
     _check_counts((("images", num_images, 1), ("pretrain_images", pretrain_images, 1),
                    ("eval_items", eval_items, 1), ("zeroshot_items", zeroshot_items, 1),
                    ("val_eval_items", val_eval_items, 1), ("val_zeroshot_items", val_zeroshot_items, 1),
-                   ("image_size", image_size, 16)))
+                   ("image_size", image_size, 16), ("workers", workers, 1)))
     out = check_output_folder(out_dir, "--out")
     splits = {"test": (out, eval_items, zeroshot_items), "val": (out / "val", val_eval_items, val_zeroshot_items)}
     _make_folders(out, ["train", "pretrain"] + [str((base / sub).relative_to(out)) for base, _, _ in splits.values()
                                                 for sub in ("eval/images", "zeroshot/images")])
-    per_task = sum(len(c) for c in ZEROSHOT_CLASSES.values())
-    total = num_images + pretrain_images + sum(e * len(EVAL_SUBSETS) + z * per_task for _, e, z in splits.values())
-    bar = progress_bar(total, desc="synth", unit="img", enabled=progress is not False)
-    _write_pretrain(out, seed, pretrain_images, image_size, bar)
-    _write_train(out, seed, num_images, image_size, bar)
-    for split, (base, n_eval, n_zero) in splits.items():
-        _write_eval(base, split, seed, n_eval, image_size, bar)
-        _write_zeroshot(base, split, seed, n_zero, image_size, bar)
+    jobs = _image_jobs(out, num_images, pretrain_images, splits)
+    bar = progress_bar(len(jobs), desc="synth", unit="img", enabled=progress is not False)
+    files: dict[Path, object] = {}  # each JSON file of the world -> its content, in job order
+    for chunk, records in _render(jobs, seed, image_size, workers):
+        for job, record in zip(chunk, records):
+            _file_content(files, out, job, record)
+        bar.update(len(chunk))
     bar.close()
+    for path, content in files.items():
+        write_json_atomic(path, content)
     write_json_atomic(out / "manifest.json", {
         "format": "degla-fast/synthetic", "version": VERSION, "images": num_images, "pretrain_images": pretrain_images,
         "seed": seed, "eval_items": eval_items, "zeroshot_items": zeroshot_items, "val_eval_items": val_eval_items,
@@ -611,60 +615,85 @@ def _make_folders(out: Path, folders: list[str]) -> None:
             raise cannot_write(out / folder, err) from None
 
 
-def _write_pretrain(out: Path, seed: int, count: int, image_size: int, bar) -> None:
-    """``pretrain/`` images and ``pretrain.json`` (image, caption)."""
-    records = []
-    for i in range(count):
+# One image of the world: (kind, base folder, split, subset or task, index in it, file number in
+# the base folder's eval/ or zeroshot/ images); kinds "pretrain", "train", "eval", "zeroshot".
+Job = tuple
+
+
+def _image_jobs(out: Path, num_images: int, pretrain_images: int, splits: dict) -> list[Job]:
+    """Every image of the world, in the order of its files: pre-training, fine-tuning, then each
+    split's compositional subsets and zero-shot tasks (numbered across subsets, across tasks)."""
+    jobs = [("pretrain", str(out), "", "", i, i) for i in range(pretrain_images)]
+    jobs += [("train", str(out), "", "", i, i) for i in range(num_images)]
+    for split, (base, n_eval, n_zero) in splits.items():
+        jobs += [("eval", str(base), split, subset, i, k * n_eval + i)
+                 for k, subset in enumerate(EVAL_SUBSETS) for i in range(n_eval)]
+        number = 0
+        for task, classes in ZEROSHOT_CLASSES.items():
+            jobs += [("zeroshot", str(base), split, task, i, number + i) for i in range(n_zero * len(classes))]
+            number += n_zero * len(classes)
+    return jobs
+
+
+def _render(jobs: list[Job], seed: int, image_size: int, workers: int):
+    """Yield ``(chunk of jobs, their records)`` in job order, rendered by ``workers`` processes
+    (1: in this one). Spawned, not forked: the caller may hold threads (torch's, a trainer's)."""
+    size = max(1, min(256, len(jobs) // (8 * workers) or 1))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    if workers == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            yield chunk, _render_chunk(chunk, seed, image_size)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("spawn")) as pool:
+        yield from zip(chunks, pool.map(_render_chunk, chunks, itertools.repeat(seed), itertools.repeat(image_size)))
+
+
+def _render_chunk(jobs: list[Job], seed: int, image_size: int) -> list[dict]:
+    """Write the images of ``jobs`` and return their records (what their JSON files hold)."""
+    return [_render_one(job, seed, image_size) for job in jobs]
+
+
+def _render_one(job: Job, seed: int, image_size: int) -> dict:
+    kind, base, split, group, i, number = job
+    base = Path(base)
+    if kind == "pretrain":
         scene, caption = pretrain_item(seed, i)
-        _write_image(out / "pretrain" / f"{i:06d}.jpg", scene, image_size,
+        _write_image(base / "pretrain" / f"{i:06d}.jpg", scene, image_size,
                      random.Random(f"{seed}/pixels/pretrain/{i}"), "tinted")
-        records.append({"image": f"pretrain/{i:06d}.jpg", "original": caption.text()})
-        bar.update()
-    write_json_atomic(out / "pretrain.json", records)
-
-
-def _write_train(out: Path, seed: int, count: int, image_size: int, bar) -> None:
-    """``train/`` images and ``train.json`` (image, caption, hard negatives)."""
-    records = []
-    for i in range(count):
+        return {"image": f"pretrain/{i:06d}.jpg", "original": caption.text()}
+    if kind == "train":
         scene, caption, negatives = train_item(seed, i)
-        _write_image(out / "train" / f"{i:06d}.jpg", scene, image_size, random.Random(f"{seed}/pixels/train/{i}"))
-        records.append({"image": f"train/{i:06d}.jpg", "original": caption.text(), "enhanced": negatives})
-        bar.update()
-    write_json_atomic(out / "train.json", records)
+        _write_image(base / "train" / f"{i:06d}.jpg", scene, image_size, random.Random(f"{seed}/pixels/train/{i}"))
+        return {"image": f"train/{i:06d}.jpg", "original": caption.text(), "enhanced": negatives}
+    filename = f"{number:06d}.jpg"
+    if kind == "eval":
+        scene, caption, negative = eval_item(seed, group, i, split)
+        _write_image(base / "eval" / "images" / filename, scene, image_size,
+                     random.Random(f"{seed}/pixels/{split}/eval/{number}"))
+        return {"filename": filename, "caption": caption.text(), "negative_caption": negative}
+    scene, label = zeroshot_item(seed, group, i, split)
+    _write_image(base / "zeroshot" / "images" / filename, scene, image_size,
+                 random.Random(f"{seed}/pixels/{split}/zeroshot/{number}"), "tinted")
+    return {"filename": filename, "label": label}
 
 
-def _write_eval(base: Path, split: str, seed: int, n_eval: int, image_size: int, bar) -> None:
-    """``eval/images`` and one ``eval/<subset>.json`` per compositional subset of ``split``."""
-    number = 0
-    for subset in EVAL_SUBSETS:
-        items = {}
-        for i in range(n_eval):
-            scene, caption, negative = eval_item(seed, subset, i, split)
-            filename = f"{number:06d}.jpg"
-            _write_image(base / "eval" / "images" / filename, scene, image_size,
-                         random.Random(f"{seed}/pixels/{split}/eval/{number}"))
-            items[str(number)] = {"filename": filename, "caption": caption.text(), "negative_caption": negative}
-            number += 1
-            bar.update()
-        write_json_atomic(base / "eval" / f"{subset}.json", items)
+def _file_content(files: dict, out: Path, job: Job, record: dict) -> None:
+    """Add ``record`` of ``job`` to the content of its JSON file in ``files``: ``pretrain.json`` and
+    ``train.json`` (lists of records), ``eval/<subset>.json`` (file number -> item, SugarCrepe's
+    format) and ``zeroshot/<task>.json`` (class names, templates, items)."""
+    kind, base, _, group, _, number = job
+    if kind in ("pretrain", "train"):
+        files.setdefault(out / f"{kind}.json", []).append(record)
+    elif kind == "eval":
+        files.setdefault(Path(base) / "eval" / f"{group}.json", {})[str(number)] = record
+    else:
+        task = files.setdefault(Path(base) / "zeroshot" / f"{group}.json", {
+            "classnames": list(ZEROSHOT_CLASSES[group]), "templates": ZEROSHOT_TEMPLATES[group], "items": []})
+        task["items"].append(record)
 
-
-def _write_zeroshot(base: Path, split: str, seed: int, n_zero: int, image_size: int, bar) -> None:
-    """``zeroshot/images`` and one ``zeroshot/<task>.json`` per zero-shot task of ``split``."""
-    number = 0
-    for task, classes in ZEROSHOT_CLASSES.items():
-        items = []
-        for i in range(n_zero * len(classes)):
-            scene, label = zeroshot_item(seed, task, i, split)
-            filename = f"{number:06d}.jpg"
-            _write_image(base / "zeroshot" / "images" / filename, scene, image_size,
-                         random.Random(f"{seed}/pixels/{split}/zeroshot/{number}"), "tinted")
-            items.append({"filename": filename, "label": label})
-            number += 1
-            bar.update()
-        write_json_atomic(base / "zeroshot" / f"{task}.json",
-                          {"classnames": list(classes), "templates": ZEROSHOT_TEMPLATES[task], "items": items})
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``degla-fast synth``."""
@@ -678,6 +707,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zeroshot-items", type=int, default=40, help="zero-shot images per class, per split "
                                                                        "(default 40)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes rendering images (default: the cores this process may use; the files "
+                             "are the same for any number)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -687,7 +719,8 @@ def run(args: argparse.Namespace) -> int:
         train_json = generate(args.out, args.images, args.seed, eval_items=args.eval_items,
                               zeroshot_items=args.zeroshot_items, image_size=args.image_size,
                               pretrain_images=args.pretrain_images,
-                              progress=False if args.no_progress else None)
+                              progress=False if args.no_progress else None,
+                              workers=available_cores() if args.workers is None else args.workers)
     except OSError as err:  # a full disk, a file where an image folder should be
         raise cannot_write(args.out, err) from None
     root = train_json.parent
