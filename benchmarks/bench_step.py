@@ -22,7 +22,9 @@ the trainer's own torch pipeline in the training process, as ``make train`` read
 added to the one before: the step as before (every image decoded on every read, each crop seeded
 with ``torch.manual_seed``, CLIP's 49,408-token vocabulary), the crop seed on the CPU generator only
 (no image cache), decoded images kept in memory (still CLIP's vocabulary), and as it is now
-(degla-synth's 128-id compact vocabulary): ``speedup_vs_DeGLA (ours), data as before`` is the
+(degla-synth's 128-id compact vocabulary), and with the image tower (the student's, then the
+teacher's forward) on a second thread (the trainer's ``tower_thread``: one thread each, on a
+2-core machine the step then has a core to spare): ``speedup_vs_DeGLA (ours), data as before`` is the
 ratio, written to ``bench_step_data.json``. The warm-up is one epoch, so the timed steps read every image from the
 cache, as the fine-tuning's epochs after its first do.
 ``--budget-s S`` (what ``make gpu-check`` gives this benchmark) starts a case only when the
@@ -47,6 +49,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,7 +67,8 @@ VARIANTS = ("plain CLIP", "plain CLIP (torch.compile)", "DeGLA as released", "De
 DATA_VARIANTS = {"DeGLA (ours), data as before": ("before", "clip"),
                  "DeGLA (ours), data, no image cache": ("no cache", "clip"),
                  "DeGLA (ours), data, CLIP vocabulary": ("now", "clip"),
-                 "DeGLA (ours), data": ("now", "compact")}
+                 "DeGLA (ours), data": ("now", "compact"),
+                 "DeGLA (ours), data, tower threads": ("now", "compact")}
 DATA_BASELINE = "DeGLA (ours), data as before"
 #: fine-tuning scenes of the ``--synthetic-data`` world: the warm-up (one epoch at B=32) reads each once
 DATA_IMAGES = 256
@@ -130,7 +134,10 @@ class Step:
                 model=model, loss_fn=self.loss_fn, optimizer=self.optimizer,
                 scheduler=build_scheduler(self.optimizer, warmup_steps=1, total_steps=10**6),
                 clamp_logit_scale=lambda: clamp_logit_scale_(model), teacher=teacher,
-                autocast_dtype=amp, teacher_autocast_dtype=amp)
+                autocast_dtype=amp, teacher_autocast_dtype=amp,
+                # (the trainer's tower_thread: the image tower, the teacher's too, on a second thread)
+                tower_pool=ThreadPoolExecutor(1, thread_name_prefix="image-tower") if "tower threads" in variant
+                else None)
         if "torch.compile" in variant:
             # As the trainer does (model.compile): each tower in place, the teacher's too.
             for net in [self.model] + ([self.teacher] if self.teacher is not None else []):

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import stages
     from .console import log
-    from .experiment import bar_chart, finetune_fields, pretrain_fields
+    from .experiment import bar_chart, finetune_fields, pretrain_fields, speed_fields
     from .io import write_bytes_atomic, write_text_atomic
     from .threads import set_threads
 
@@ -107,18 +107,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[3/4] fine-tune with NegCLIP and with DeGLA on the narrow distribution, side by side "
             f"({s.finetune_steps} steps, K={s.num_negatives}) -> {out / 'negclip'}, {out / 'degla'}")
         names = {"negclip": "NegCLIP", "degla": "DeGLA"}
-        jobs = [(out / v, finetune_fields(s, data, pre, v, seed), {**depends, "start": str(pre)}, data, "test")
-                for v in names]
+        # DeGLA's run has the teacher's forward on top of NegCLIP's step: it ends last.
+        jobs = [(out / v, {**finetune_fields(s, data, pre, v, seed), **speed_fields(args.jobs, ends_last=v == "degla")},
+                 {**depends, "start": str(pre)}, data, "test") for v in names]
+        # The start point's evaluation is the pool's last job: it takes the core the first
+        # fine-tune to finish frees.
+        jobs.append((pre, None, {}, data, "test"))
+        labels = [(names[v], "finished") for v in names] + [("start point on test", "evaluated")]
 
         def done(i: int, metrics: dict, seconds: float | None) -> None:
-            folder = jobs[i][0]
-            log(f"  {names[folder.name]}: " + (f"reused ({folder})" if seconds is None else
-                                                f"finished ({seconds:.0f} s)"))
+            name, verb = labels[i]
+            log(f"  {name}: " + (f"reused ({jobs[i][0]})" if seconds is None else f"{verb} ({seconds:.0f} s)"))
 
-        finetuned = stages.train_and_evaluate(jobs, args.jobs, torch.get_num_threads(), "cpu", done)
-        log("[4/4] evaluate on the held-out test split")
-        columns = {"start point (CLIP loss)": stages.eval_stage(pre, data, "test"),
-                   **{names[v]: m for v, m in zip(names, finetuned)}}
+        *finetuned, start_point = stages.train_and_evaluate(jobs, args.jobs, torch.get_num_threads(), "cpu", done)
+        log("[4/4] the table: held-out test split")
+        columns = {"start point (CLIP loss)": start_point, **{names[v]: m for v, m in zip(names, finetuned)}}
         chance = stages.chance_levels(data)
     except DeglaError as err:
         print(f"degla-fast demo: error: {err}", file=sys.stderr)

@@ -285,6 +285,36 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return net.encode_text(pad_tokens(tokens, context_length(net)), normalize=True)
 
 
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+
+
+def random_modules(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s modules that draw random numbers in a training forward: dropout with
+    p > 0 (attention dropout included) and open_clip's patch dropout."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, _DROPOUTS):
+            rate = module.p
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            rate = module.dropout
+        else:
+            rate = getattr(module, "prob", 0.0) if type(module).__name__ == "PatchDropout" else 0.0
+        if rate:
+            found.append(name or type(module).__name__)
+    return found
+
+
+def text_side(model: torch.nn.Module, tokens: torch.Tensor):
+    """The text half of :func:`clip_features` on an unwrapped model: ``(text_features [N, D],
+    logit_scale_exp)`` by the ops ``model(images, tokens)`` runs for them; with
+    :func:`encode_image`, the two towers one at a time (``train.tower_thread``)."""
+    net = _unwrap(model)
+    if not isinstance(net, TrimmedTextCLIP):
+        tokens = pad_tokens(tokens, context_length(net))
+    return net.encode_text(tokens, normalize=True), net.logit_scale.exp()
+
+
 def clip_features(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor):
     """One forward of both towers through ``model`` (an open_clip model or a wrapper of one).
 

@@ -89,15 +89,22 @@ def train_config(output: str | Path, fields: dict):
     return load_config(None, {**defaults, **fields, "output": str(output)})
 
 
+# Trainer fields that change how soon a run ends, never its numbers (each sample's augmentation is
+# seeded by its index, whichever process loads it; tower_thread computes every op as one thread
+# does): left out of a stage's stamp, so that setting them reuses finished stages.
+SPEED_FIELDS = ("data.num_workers", "tower_thread")
+
+
 def train_stamp(fields: dict, depends: dict | None = None) -> dict:
-    """The stamp of a training stage: its trainer fields, what builds its model and what else it
-    depends on."""
+    """The stamp of a training stage: its trainer fields but :data:`SPEED_FIELDS`, what builds its
+    model and what else it depends on."""
     from . import model  # noqa: F401  (registers the project's model configs with open_clip)
     from .vocab import model_fingerprint
 
     name = fields.get("model.name")
     built = {"model": model_fingerprint(name)} if name else {}
-    return {"stage": "train", "fields": dict(fields), **built, **(depends or {})}
+    kept = {k: v for k, v in fields.items() if k not in SPEED_FIELDS}
+    return {"stage": "train", "fields": kept, **built, **(depends or {})}
 
 
 def set_aside_other_run(folder: Path, stamp: dict, log=log_line) -> None:
@@ -143,11 +150,21 @@ def eval_stage(run: str | Path, data: str | Path, split: str = "test", *, log=lo
 
     run = Path(run)
     checkpoint = resolve_checkpoint(run)
-    stamp = {"stage": "eval", "split": split, "checkpoint": str(checkpoint), "mtime": checkpoint.stat().st_mtime_ns,
-             "data": str(data)}
-    result, _ = run_stage(run / f"eval-{split}", stamp, lambda: evaluate(checkpoint, data, split, device=device),
-                          f"{run.name} on {split}", log)
+    result, _ = run_stage(run / f"eval-{split}", _eval_stamp(checkpoint, data, split),
+                          lambda: evaluate(checkpoint, data, split, device=device), f"{run.name} on {split}", log)
     return result
+
+
+def _eval_stamp(checkpoint: Path, data: str | Path, split: str) -> dict:
+    return {"stage": "eval", "split": split, "checkpoint": str(checkpoint), "mtime": checkpoint.stat().st_mtime_ns,
+            "data": str(data)}
+
+
+def _evaluated(run: Path, data: Path, split: str) -> bool:
+    """``run``'s newest checkpoint has been evaluated on ``split`` (:func:`eval_stage` would reuse it)."""
+    from .checkpoint import resolve_checkpoint
+
+    return finished(run / f"eval-{split}", _eval_stamp(resolve_checkpoint(run), data, split)) is not None
 
 
 def curve_stage(run: str | Path, data: str | Path, split: str = "val", *, log=log_line, device: str = "cpu") -> dict:
@@ -233,37 +250,53 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", *, d
 # ---------------------------------------------------------------------------------------------- parallel runs
 
 def _train_eval_job(job: tuple) -> tuple[dict, float]:
-    """Worker: :func:`train_stage` then :func:`eval_stage` of one run, in its own process."""
+    """Worker: :func:`train_stage` (unless the job's fields are None) then :func:`eval_stage` of
+    one run, in its own process."""
     import torch
 
     folder, fields, depends, data, split, threads, device = job
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    train_stage(folder, fields, depends=depends, log=None)
+    if fields is not None:
+        train_stage(folder, fields, depends=depends, log=None)
     return eval_stage(folder, data, split, device=device, log=None), time.perf_counter() - start
+
+
+def _pending(job: tuple) -> bool:
+    folder, fields, depends, data, split = job[:5]
+    if fields is None:
+        return not _evaluated(folder, data, split)
+    return finished(folder, train_stamp(fields, depends)) is None
 
 
 def train_and_evaluate(jobs: list[tuple], processes: int = 1, threads: int = 1, device: str = "cpu",
                        on_done: Callable[[int, dict, float], None] | None = None) -> list[dict]:
-    """Train and evaluate several runs, ``processes`` at a time (1: in this process).
+    """Train and evaluate several runs, ``processes`` at a time (1: in this process), in the
+    order given (a process takes the next job as it frees up).
 
-    ``jobs``: (run folder, trainer fields, stamp extras, data folder, split). Returns the metrics of
-    each run in order; ``on_done(index, metrics, seconds)`` is called as each one finishes, with
-    ``seconds`` None for a run that was finished already (reused, as :func:`run_stage` says)."""
+    ``jobs``: (run folder, trainer fields or None to evaluate the run as it is, stamp extras, data
+    folder, split). Returns the metrics of each run in order; ``on_done(index, metrics, seconds)``
+    is called as each one finishes, with ``seconds`` None for a run that was finished already
+    (reused, as :func:`run_stage` says)."""
     full = [(Path(f), fields, depends, Path(data), split, threads, device) for f, fields, depends, data, split in jobs]
     results: list[dict] = [{}] * len(full)
-    pending = [job for job in full if finished(job[0], train_stamp(job[1], job[2])) is None]
+    pending = [job for job in full if _pending(job)]
     if processes > 1 and len(pending) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(min(processes, len(pending)), mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(min(processes, len(pending)), mp_context=mp.get_context("spawn"))
+        try:
             futures = {pool.submit(_train_eval_job, job): i for i, job in enumerate(full) if job in pending}
             for future in as_completed(futures):
                 i = futures[future]
                 results[i], seconds = future.result()
                 if on_done:
                     on_done(i, results[i], seconds)
+        finally:
+            # Every result is in (or one failed): the caller goes on while the workers exit (a
+            # second or two of torch's teardown each); a failure drops the jobs not yet begun.
+            pool.shutdown(wait=False, cancel_futures=True)
     if any(not r for r in results):  # one process, or only finished runs left (no worker start-up)
         import torch
 

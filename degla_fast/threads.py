@@ -60,3 +60,17 @@ def set_threads(requested: int | None = None, processes: int | None = None) -> s
     threads, why = choose_threads(requested, processes)
     torch.set_num_threads(threads)
     return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
+def lowest_cpu_priority() -> None:
+    """Give the calling thread the lowest CPU priority, nice 19 (Linux keeps one per thread): it
+    then runs on a core nothing else wants and yields to any other work, another process's
+    included. A no-op where threads have no priority of their own or it may not be changed."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass

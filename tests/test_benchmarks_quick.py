@@ -76,8 +76,9 @@ def test_step_on_synthetic_data_compares_with_the_data_as_before(tmp_path, monke
         assert row["model"] == "degla-synth" and row["B"] == 32 and row["data_ms"] > 0 and row["text_tokens"] < 77
         assert row[f"speedup_vs_{bench_step.DATA_BASELINE}"] > 0
     assert rows[0][f"speedup_vs_{bench_step.DATA_BASELINE}"] == pytest.approx(1.0)
-    # the cases before the compact vocabulary train CLIP's 49,408-row token embedding, the last one 128 rows
-    assert [r["params"] - rows[-1]["params"] for r in rows] == [(49408 - 128) * 96] * (len(rows) - 1) + [0]
+    # the cases before the compact vocabulary train CLIP's 49,408-row token embedding, the last two 128 rows
+    assert [r["params"] - rows[-1]["params"] for r in rows] == [(49408 - 128) * 96] * (len(rows) - 2) + [0, 0]
+    assert rows[-1]["impl"] == "DeGLA (ours), data, tower threads"
 
 
 def test_report_writes_results_md_and_plots(results, tmp_path):

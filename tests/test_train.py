@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -507,6 +508,54 @@ def test_fused_ema_gives_the_same_metrics_and_weights_as_adamw_plus_update(synth
     # logit_scale has a group of its own, whose clamp_max keeps it <= ln 100 before the teacher moves.
     assert [g["decay"] for g in opt_b["param_groups"]] == [0.9, 0.9, 0.9]
     assert opt_b["param_groups"][0]["param_names"] == ["logit_scale"]
+
+
+@pytest.mark.parametrize("extra, mode", [(["--num-negatives", "0"], "normal"), ([], "idle"), (["--fused-ema"], "normal")],
+                         ids=["clip", "degla-idle", "fused-ema"])
+def test_tower_thread_train_the_same_bits_with_the_image_tower_on_its_thread(synth, tmp_path, monkeypatch, extra,
+                                                                               mode):
+    # The plain CLIP loss (no teacher) and DeGLA (the teacher's forward on the tower's thread too,
+    # the EMA or AdamWEMA after it): losses, student, teacher and optimiser state equal to the bit.
+    from degla_fast.train import step
+
+    threads, image_side = [], step._image_side
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return image_side(*args, **kwargs)
+
+    monkeypatch.setattr(step, "_image_side", spy)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train_main.main(base_args(synth, one, "--max-steps", "4", *extra)) == 0
+    assert not threads
+    assert train_main.main(base_args(synth, two, "--max-steps", "4", "--tower-thread", mode, *extra)) == 0
+    assert len(threads) == 4 and all(name.startswith("image-tower") for name in threads)
+    rows_a, rows_b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [{k: r[k] for k in LOSS_KEYS} for r in rows_a] == [{k: r[k] for k in LOSS_KEYS} for r in rows_b]
+    state_a, state_b = _final(one), _final(two)
+    assert (state_a["teacher"] is None) == (extra == ["--num-negatives", "0"])
+    for part in ("student", "teacher"):
+        for key, value in (state_a[part] or {}).items():
+            assert torch.equal(value, state_b[part][key]), (part, key)
+    for i, s in state_a["optimizer"]["state"].items():
+        assert all(torch.equal(s[k], state_b["optimizer"]["state"][i][k]) for k in ("exp_avg", "exp_avg_sq")), i
+
+
+def test_tower_thread_refuse_what_would_change_the_numbers(synth, tmp_path, capsys):
+    from degla_fast.model import random_modules
+    from degla_fast.train.distributed import DistInfo
+
+    attention = torch.nn.MultiheadAttention(8, 2, dropout=0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0), torch.nn.Dropout(0.1), attention)
+    assert random_modules(model) == ["2", "3"]
+    with pytest.raises(ConfigError, match=r"tower_thread: the model draws random numbers in its forward \(2, 3\)"):
+        builder._tower_pool(model, DistInfo())
+    with pytest.raises(ConfigError, match="tower_thread: CPU runs of one process only .this run: cpu, 2 processes"):
+        builder._tower_pool(torch.nn.Linear(2, 2), DistInfo(world_size=2))
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    assert train_main.main(base_args(synth, tmp_path / "ds", "--tower-thread", "normal", "--deepspeed", str(ds))) == 2
+    assert "degla-fast: error: tower_thread: not available with deepspeed" in capsys.readouterr().err
 
 
 def test_cached_images_train_as_decoding_every_step_did(synth, tmp_path, monkeypatch):

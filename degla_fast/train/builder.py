@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from ..compat.deepspeed import release_zero3_module, zero_dim_safe_broadcasts
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..model import random_modules
 from ..loss import DeGLALoss
 from . import distributed as dist_utils
 from .checkpoint_map import (Absent, EngineFolder, IfSaved, ModelName, OptimizerState, Record, RunConfig, Schedule,
@@ -32,7 +34,7 @@ from .output_folder import check_output, write_output
 from .run_lock import RunLock, holder_error
 from .optim import build_optimizer, build_scheduler
 from ..precision import autocast_dtype
-from ..threads import set_threads
+from ..threads import lowest_cpu_priority, set_threads
 from .optim import MAX_LOGIT_SCALE
 from .step import StepParts, clamp_logit_scale_
 
@@ -75,6 +77,8 @@ class Run:
         if self.lock is not None:
             self.lock.release()
         self.data.close()
+        if self.parts.tower_pool is not None:
+            self.parts.tower_pool.shutdown()
         teacher, engine = self.parts.teacher, self.parts.engine
         if teacher is not None:
             teacher.close()
@@ -215,7 +219,24 @@ def _step_parts(student, config: TrainConfig, info, ds_config, total_steps: int)
         # Phase times cover the device's work only with profile_phases (a device sync at each lap).
         sync=torch.cuda.synchronize if (info.device.type == "cuda" and config.profile_phases) else None,
         optimizer_moves_teacher=config.optim.fused_ema,
-        all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info))
+        all_finite=lambda t: dist_utils.all_true_tensor(torch.isfinite(t), info),
+        tower_pool=_tower_pool(student, info, idle=config.tower_thread == "idle")
+        if config.tower_thread != "none" else None)
+
+
+def _tower_pool(student: torch.nn.Module, info, *, idle: bool = False) -> ThreadPoolExecutor:
+    """The image tower's thread of ``tower_thread`` (``idle``: at the lowest CPU priority), after
+    the checks that keep its step the one-thread step: one CPU process (no engine or DDP between
+    the step and the towers) and a forward that draws no random numbers (two threads would draw
+    them in either order)."""
+    if info.device.type != "cpu" or info.distributed:
+        raise ConfigError(f"tower_thread: CPU runs of one process only (this run: {info.device.type}, "
+                          f"{info.world_size} process{'es' if info.world_size > 1 else ''}); use --tower-thread none")
+    random = random_modules(student)
+    if random:
+        raise ConfigError(f"tower_thread: the model draws random numbers in its forward ({', '.join(random[:3])}); "
+                          f"set its dropout to 0 or use --tower-thread none")
+    return ThreadPoolExecutor(1, thread_name_prefix="image-tower", initializer=lowest_cpu_priority if idle else None)
 
 
 def _teacher_and_optimizer(student, config: TrainConfig, info, ds_config):

@@ -26,6 +26,7 @@ from ..precision import PRECISIONS
 REPORTERS = ("none", "tensorboard", "wandb")
 EMA_DTYPES = ("same", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+TOWER_THREADS = ("none", "normal", "idle")
 
 
 @dataclass
@@ -116,6 +117,13 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads per process (torch's intra-op threads); null = OMP_NUM_THREADS when "
                                    "set, else the cores this process may use divided by the processes on this node "
                                    "(LOCAL_WORLD_SIZE)", minimum=1, flag=True)
+    tower_thread: str = _f("none", "CPU: a second thread for the image tower (the student's, then the teacher's "
+                                   "forward), beside the text tower, forward and backward; every op computes as on "
+                                   "one thread, so the numbers are the same bit for bit, sooner where a core is "
+                                   "spare. normal = at this process's priority; idle = at the lowest (nice 19): it "
+                                   "takes a core only when nothing else wants one (a run beside other runs); none = "
+                                   "one thread. Not with deepspeed, several processes, a GPU or dropout",
+                           TOWER_THREADS, flag=True)
     overwrite: bool = _f(False, "start a new run in an output folder that holds one: its files are moved to "
                                 "OUTPUT/previous/<time>/ first (without it such a folder is refused unless resuming)",
                          flag=True)
@@ -251,6 +259,9 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError(f"optim.beta1/beta2: must be in [0, 1), got {config.optim.beta1}, {config.optim.beta2}")
     if config.optim.min_lr_ratio > 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {config.optim.min_lr_ratio}")
+    if config.tower_thread != "none" and config.deepspeed is not None:
+        raise ConfigError("tower_thread: not available with deepspeed (its engine runs the forward and backward); "
+                          "use --tower-thread none or drop --deepspeed")
     if config.optim.fused_ema:
         if config.deepspeed is not None:
             raise ConfigError("optim.fused_ema: not available with deepspeed (ZeRO steps its own flat partitions, "

@@ -1,14 +1,16 @@
 """One DeGLA training step, and the pieces it needs (loss choice, autocast, timing).
 
-``train_step`` reads as the step's outline in one function (44 lines): student forward
+``train_step`` reads as the step's outline in one function (35 lines): student forward
 on images and ``[positives; negatives]``, teacher forward without grad, the loss, backward,
 optimiser and schedule, ``logit_scale`` clamp, EMA update (or, with ``optim.fused_ema``, an
-optimiser whose step moves the teacher); the backward and the optimiser step (loss scaler,
-clipping, the device-side skip) are two helpers below it. The trainer and
+optimiser whose step moves the teacher); the forwards, the backward and the optimiser step
+(loss scaler, clipping, the device-side skip; the image tower on a thread of its own with
+``tower_thread``) are helpers below it. The trainer and
 ``benchmarks/bench_step.py`` both call it, so what is benchmarked is what trains.
 """
 from __future__ import annotations
 
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,7 +20,7 @@ from ..compat.torch_amp import found_inf_flags
 from ..compat.torch_optim import found_inf_set
 from ..ema import Teacher
 from ..loss import LossOutput
-from ..model import clip_features
+from ..model import clip_features, encode_image, text_side
 from ..profiling import PhaseClock
 from .optim import MAX_LOGIT_SCALE, skips_on_device
 
@@ -36,7 +38,9 @@ class StepParts:
     ``all_finite(loss) -> 0-d bool tensor`` on the device, the same on every rank (an
     all-reduce, never a host read); ``optimizer_moves_teacher``: the optimiser is an
     ``AdamWEMA`` of ``teacher`` (its step is the EMA update); ``sync``: called at each phase
-    lap (e.g. ``torch.cuda.synchronize`` with ``profile_phases``; None: laps are host times)."""
+    lap (e.g. ``torch.cuda.synchronize`` with ``profile_phases``; None: laps are host times);
+    ``tower_pool``: the image tower's thread (``tower_thread``: a plain CPU model, no engine,
+    scaler or DDP), None to run both towers on this thread."""
 
     model: torch.nn.Module
     loss_fn: Callable[..., LossOutput]
@@ -52,6 +56,7 @@ class StepParts:
     sync: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: torch.isfinite(t))
     optimizer_moves_teacher: bool = False
+    tower_pool: Any = None  # config.tower_thread: the image tower's thread (a 1-thread executor), else None
 
     @property
     def fused_ema(self) -> bool:
@@ -87,16 +92,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     flag on the host instead, once per step.
     """
     clock = PhaseClock(parts.sync)
-    device_type = images.device.type
-    with clock.phase("forward"), torch.autocast(device_type, dtype=parts.autocast_dtype,
-                                                enabled=parts.autocast_dtype is not None):
-        image, text, scale = clip_features(parts.model, images, tokens)
-    t_image = t_text = None
-    with clock.phase("teacher_forward"):
-        if parts.teacher is not None:
-            amp = parts.teacher_autocast_dtype
-            with torch.no_grad(), torch.autocast(device_type, dtype=amp, enabled=amp is not None):
-                t_image, t_text, _ = clip_features(parts.teacher.module, images, tokens)
+    image, text, scale, t_image, t_text = _forwards(parts, clock, images, tokens)
     # The features reach the loss in the forward's dtype (bf16 under bf16 autocast; the normalisation
     # may have left them fp32): the kernels read 16-bit features and accumulate in fp32.
     dtype = parts.autocast_dtype or torch.float32
@@ -112,7 +108,7 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
         return StepResult(_detach(out), finite, scale.detach(), clock.times)
     found_inf = (~finite).float()  # 1.0: skip this step (optimiser, schedule correction, EMA)
     with clock.phase("backward"):
-        _backward(parts, out.total)
+        _backward(parts, out.total, (image, text, scale))
     with clock.phase("optimizer", key="optim"):
         found_inf, teacher_moved = _optimizer_step(parts, found_inf, on_device)
         parts.scheduler.step()  # a skipped step is taken back when the host next reads the counters
@@ -124,11 +120,79 @@ def train_step(parts: StepParts, images: torch.Tensor, tokens: torch.Tensor) -> 
     return StepResult(_detach(out), found_inf == 0, scale.detach(), clock.times)
 
 
-def _backward(parts: StepParts, loss: torch.Tensor) -> None:
+def _forwards(parts: StepParts, clock: PhaseClock, images: torch.Tensor, tokens: torch.Tensor):
+    """``(image, text, logit_scale_exp, teacher_image, teacher_text)``: the student's forward (phase
+    "forward") and the teacher's without grad ("teacher_forward"; None, None without a teacher).
+    With ``tower_pool`` all of it is one "forward" phase ("teacher_forward" 0): the image tower's
+    thread runs the student's image forward, then the teacher's, while this thread runs the text side."""
+    device_type = images.device.type
+    student_amp = dict(device_type=device_type, dtype=parts.autocast_dtype, enabled=parts.autocast_dtype is not None)
+    teacher_amp = dict(device_type=device_type, dtype=parts.teacher_autocast_dtype,
+                       enabled=parts.teacher_autocast_dtype is not None)
+    if parts.tower_pool is not None:
+        with clock.phase("forward"):
+            image_side = parts.tower_pool.submit(_image_side, parts, images, student_amp, teacher_amp,
+                                                 torch.is_grad_enabled())
+            with torch.autocast(**student_amp):
+                text, scale = text_side(parts.model, tokens)
+            t_text = None
+            if parts.teacher is not None:
+                with torch.no_grad(), torch.autocast(**teacher_amp):
+                    t_text, _ = text_side(parts.teacher.module, tokens)
+            image, t_image = image_side.result()
+        clock.times["teacher_forward"] = 0.0  # (inside "forward": every phase keeps its key)
+        return image, text, scale, t_image, t_text
+    with clock.phase("forward"), torch.autocast(**student_amp):
+        image, text, scale = clip_features(parts.model, images, tokens)
+    t_image = t_text = None
+    with clock.phase("teacher_forward"):
+        if parts.teacher is not None:
+            with torch.no_grad(), torch.autocast(**teacher_amp):
+                t_image, t_text, _ = clip_features(parts.teacher.module, images, tokens)
+    return image, text, scale, t_image, t_text
+
+
+def _image_side(parts: StepParts, images: torch.Tensor, student_amp: dict, teacher_amp: dict, grad: bool):
+    """The image tower's thread: ``(image features, the teacher's or None)``. Grad mode and
+    autocast are per thread: the caller's are set again here."""
+    with torch.set_grad_enabled(grad), torch.autocast(**student_amp):
+        image = encode_image(parts.model, images)
+    t_image = None
+    if parts.teacher is not None:
+        with torch.no_grad(), torch.autocast(**teacher_amp):
+            t_image = encode_image(parts.teacher.module, images)
+    return image, t_image
+
+
+def _backward(parts: StepParts, loss: torch.Tensor, roots: tuple) -> None:
+    """``loss.backward()`` (through the engine or the loss scaler where there is one); with
+    ``tower_pool`` (neither), :func:`_backward_in_threads` from ``roots`` = (image, text, scale)."""
     if parts.engine is not None:
         parts.engine.backward(loss)
+    elif parts.tower_pool is not None:
+        _backward_in_threads(parts.tower_pool, loss, *roots)
     else:
         (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
+
+
+def _backward_in_threads(pool, loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                         scale: torch.Tensor) -> None:
+    """``loss.backward()`` in disjoint parts: the loss's own graph down to the features and the
+    scale, then the image tower on ``pool``'s thread while this one runs the text tower and the
+    scale. The towers share no node and each one's nodes run in the one-pass order (autograd
+    orders ready nodes by creation), so every gradient is the same bit for bit (tested)."""
+    grads = torch.autograd.grad(loss, (image, text, scale), allow_unused=True)
+    image_done = pool.submit(torch.autograd.backward, image, grads[0]) if grads[0] is not None else None
+    rest = [(root, grad) for root, grad in zip((text, scale), grads[1:]) if grad is not None]
+    try:
+        if rest:
+            torch.autograd.backward([root for root, _ in rest], [grad for _, grad in rest])
+    except BaseException:
+        if image_done is not None:  # the thread finishes its pass before this error goes up
+            wait([image_done])
+        raise
+    if image_done is not None:
+        image_done.result()  # (its error, if any, goes up from here)
 
 
 def _optimizer_step(parts: StepParts, found_inf: torch.Tensor, on_device: bool) -> tuple[torch.Tensor, bool]:
