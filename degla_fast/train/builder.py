@@ -13,17 +13,17 @@ train state (``step``, ``epoch``, ``batch``, ``rng``, ``world_size``, at the fil
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from ..compat.deepspeed import release_zero3_module, zero_dim_safe_broadcasts
 from ..errors import ConfigError, DataError
-from ..model import random_modules
 from ..loss import DeGLALoss
+from ..model import random_modules
 from . import distributed as dist_utils
 from .checkpoint_map import (Absent, EngineFolder, IfSaved, ModelName, OptimizerState, Record, RunConfig, Schedule,
                              StudentWeights, TeacherWeights, TrainState)
