@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import stages
     from .console import log
-    from .experiment import bar_chart, finetune_fields, pretrain_fields, speed_fields
+    from .experiment import bar_chart, finetune_fields, pretrain_fields
     from .io import write_bytes_atomic, write_text_atomic
     from .threads import set_threads
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({s.finetune_steps} steps, K={s.num_negatives}) -> {out / 'negclip'}, {out / 'degla'}")
         names = {"negclip": "NegCLIP", "degla": "DeGLA"}
         # DeGLA's run has the teacher's forward on top of NegCLIP's step: it ends last.
-        jobs = [(out / v, {**finetune_fields(s, data, pre, v, seed), **speed_fields(args.jobs, ends_last=v == "degla")},
+        jobs = [(out / v, {**finetune_fields(s, data, pre, v, seed), **stages.speed_fields(args.jobs, ends_last=v == "degla")},
                  {**depends, "start": str(pre)}, data, "test") for v in names]
         # The start point's evaluation is the pool's last job: it takes the core the first
         # fine-tune to finish frees.

@@ -134,25 +134,11 @@ QUICK = dict(images=48, pretrain_images=48, eval_items=4, zeroshot_items=2, batc
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def speed_fields(processes: int = 1, ends_last: bool = False) -> dict:
-    """Trainer fields that end a run sooner on this machine and change no number
-    (:data:`degla_fast.stages.SPEED_FIELDS`), for one of ``processes`` processes side by side at
-    torch's thread count: where a core is spare, a data-loading worker (decoding and cropping
-    leave the step) and the image tower on a thread of its own (``tower_thread: normal``); where
-    none is, the run that ``ends_last`` gets that thread at the lowest priority (``idle``): it takes
-    the cores the other runs leave as they end."""
-    import torch
-
-    from .threads import available_cores
-
-    spare = available_cores() - processes * torch.get_num_threads()
-    towers = "normal" if spare >= torch.get_num_threads() else "idle" if ends_last else "none"
-    return {"data.num_workers": int(spare >= 1), "tower_thread": towers}
-
-
 def pretrain_fields(settings: Settings, data: Path) -> dict:
     """The trainer fields of the start point: the CLIP loss on the pre-training distribution (one
-    process: the spare cores go to :func:`speed_fields`)."""
+    process: the spare cores go to :func:`degla_fast.stages.speed_fields`)."""
+    from .stages import speed_fields
+
     return {"data.path": str(data / "pretrain.json"), "data.batch_size": settings.batch_size,
             "model.name": settings.model, "model.pretrained": "none", "loss.num_negatives": 0,
             "optim.lr": settings.pretrain_lr, "optim.warmup_steps": min(50, settings.pretrain_steps - 1),

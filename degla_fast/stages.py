@@ -95,6 +95,22 @@ def train_config(output: str | Path, fields: dict):
 SPEED_FIELDS = ("data.num_workers", "tower_thread")
 
 
+def speed_fields(processes: int = 1, ends_last: bool = False) -> dict:
+    """Values of :data:`SPEED_FIELDS` that end a run sooner on this machine, for one of
+    ``processes`` processes side by side at torch's thread count: where a core is spare, a
+    data-loading worker (decoding and cropping leave the step) and the image tower on a thread of
+    its own (``tower_thread: normal``); where none is, the run that ``ends_last`` gets that thread
+    at the lowest priority (``idle``): it takes the cores the other runs leave as they end."""
+    import torch
+
+    from .threads import available_cores
+
+    threads = torch.get_num_threads()
+    spare = available_cores() - processes * threads
+    towers = "normal" if spare >= threads else "idle" if ends_last else "none"
+    return {"data.num_workers": int(spare >= 1), "tower_thread": towers}
+
+
 def train_stamp(fields: dict, depends: dict | None = None) -> dict:
     """The stamp of a training stage: its trainer fields but :data:`SPEED_FIELDS`, what builds its
     model and what else it depends on."""
