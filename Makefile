@@ -20,6 +20,9 @@ setup: $(STAMP)
 # ($(VENV)/keep-torch.txt) instead of constraints.txt, whose CPU-CI pins apply only where torch is
 # absent (a fresh clone on CI). The DALI extra follows torch.version.cuda: 12.x -> dali-cuda120
 # (drivers >= 525), else dali (cuda130, drivers >= 580; its CPU pipeline runs anywhere).
+# Last, what every command needs is imported once: a broken install (a CUDA library torch cannot
+# load) fails here and not minutes into a run, and the first cold read of torch's libraries from
+# disk (7-11 s on a fresh clone) is not the first `make train`'s.
 KEEP_TORCH := $(VENV)/keep-torch.txt
 $(STAMP): setup.py constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $$($(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages) $(VENV)
@@ -31,6 +34,7 @@ $(STAMP): setup.py constraints.txt
 	else pins=constraints.txt; fi; \
 	dali=$$($(PYTHON) -c "import torch; print('dali-cuda120' if (torch.version.cuda or '').startswith('12.') else 'dali')" 2>/dev/null || echo dali); \
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -c $$pins -e ".[test,$$dali]"
+	@$(PYTHON) -c "import torch, open_clip, degla_fast, degla_fast.model; print(f'setup: torch {torch.__version__} (CUDA {torch.version.cuda}, GPU {\"yes\" if torch.cuda.is_available() else \"no\"}), open_clip {open_clip.__version__}, degla-fast {degla_fast.__version__} import')"
 	touch $@
 
 # Triton kernels run through the interpreter on the CPU (TRITON_INTERPRET=1) in tests,
