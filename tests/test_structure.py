@@ -385,3 +385,9 @@ def test_library_internals_stay_behind_the_compat_boundary():
                for entry in compat_violations(path.read_text(encoding="utf-8"))]
     assert not outside, "DeepSpeed/open_clip internals outside degla_fast/compat/ and integrations/: " \
         + "; ".join(outside)
+
+
+def test_a_passing_tests_tmp_path_is_deleted_as_it_ends(pytestconfig):
+    """The trainer tests write 0.1-0.7 GB of checkpoints each: with pytest's default retention the
+    suite held 11.9 GB under /tmp by its end, which ran a CI disk out of space (pytest.ini)."""
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
